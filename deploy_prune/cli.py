@@ -1,0 +1,244 @@
+"""The ``deploy-prune`` command line: a thin Typer shell over library functions.
+
+Every command parses options, calls one library function, and prints. ``UserError``s become a
+single ``error: ...`` line on stderr with exit code 2 (3 for an unreachable budget).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from deploy_prune import __version__
+from deploy_prune.errors import UserError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Prune vision models to a latency budget measured on the target device.",
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _errors(fn: F) -> F:
+    """Turn UserError into one clear line and the error's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# Options shared by several verbs.
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="registered model name or path/to/file.py:factory")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="digits | fashion-mnist | imagefolder:PATH | cifar10:PATH | synthetic[:CxHxW]")]
+DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="directory of the dataset files (fashion-mnist)")]
+ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="resize inputs to SIZE x SIZE")]
+TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="allow loading a pickled model (runs code from the file)")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="seed for splits, init and shuffling")]
+
+
+def _data_options(data_dir: str | None, image_size: int | None, seed: int, **kw: Any) -> Any:
+    from deploy_prune.data import DataOptions
+
+    return DataOptions(data_dir=data_dir, image_size=image_size, seed=seed, **kw)
+
+
+@app.command()
+@_errors
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory to write")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="registered name or path/to/file.py:factory [default: tiny-cnn, or the one recorded in --weights]")] = None,
+    data: DataOpt = "digits",
+    data_dir: DataDirOpt = None,
+    image_size: ImageSizeOpt = None,
+    epochs: Annotated[int, typer.Option(help="training epochs")] = 10,
+    batch_size: Annotated[int, typer.Option(help="batch size per process")] = 128,
+    lr: Annotated[float, typer.Option(help="peak learning rate (cosine schedule)")] = 0.05,
+    optimizer: Annotated[str, typer.Option(help="sgd | adamw")] = "sgd",
+    weight_decay: Annotated[float, typer.Option(help="weight decay")] = 5e-4,
+    val_fraction: Annotated[float | None, typer.Option(help="share of the training data held out for validation")] = None,
+    train_limit: Annotated[int | None, typer.Option(help="use only N training samples (quick runs)")] = None,
+    weights: Annotated[str | None, typer.Option(help="start from this checkpoint or run directory")] = None,
+    trust_checkpoint: TrustOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from OUT/checkpoints/last.pt")] = False,
+    seed: SeedOpt = 0,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Train a model and write OUT/model.pt, OUT/metrics.json and per-epoch checkpoints."""
+    from deploy_prune.train import train_model
+
+    metrics = train_model(
+        out=out, model_spec=model, data_spec=data,
+        data_options=_data_options(data_dir, image_size, seed, val_fraction=val_fraction, train_limit=train_limit),
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        weights=weights, trust=trust_checkpoint, resume=resume, seed=seed, progress=progress,
+    )
+    if metrics.get("rank", 0) == 0:
+        console.print(f"val accuracy {metrics['val_accuracy']:.4f} after {metrics['epochs']} epochs "
+                      f"({metrics['train_seconds']:.1f} s) -> {out}/model.pt, {out}/metrics.json")
+
+
+@app.command()
+@_errors
+def export(
+    weights: Annotated[str, typer.Argument(help="checkpoint file or run directory")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="ONNX file to write (default: RUN/model.onnx)")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="architecture, if the checkpoint does not record it")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="dataset for real parity samples (default: the training data)")] = None,
+    data_dir: DataDirOpt = None,
+    input_shape: Annotated[str | None, typer.Option(help="C,H,W when the checkpoint does not record it")] = None,
+    batch: Annotated[int, typer.Option(help="static batch size of the exported graph")] = 1,
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 18,
+    trust_checkpoint: TrustOpt = False,
+) -> None:
+    """Export to ONNX, check it with onnx.checker, and compare outputs with torch."""
+    from deploy_prune.export import export_run
+
+    rec = export_run(weights, out=out, model_spec=model, data_spec=data, data_dir=data_dir, input_shape=input_shape,
+                     batch=batch, opset=opset, trust=trust_checkpoint)
+    status = "[green]ok[/]" if rec["parity_ok"] else "[red]OVER TOLERANCE[/]"
+    console.print(f"wrote {rec['onnx']} (opset {rec['opset']}, input {rec['input_shape']}); parity max |diff| "
+                  f"{rec['max_abs_diff']:.2e} over {rec['parity_samples']} samples {status}")
+    if not rec["parity_ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_errors
+def benchmark(
+    onnx_models: Annotated[list[Path], typer.Argument(help="ONNX model(s) to time")],
+    target: Annotated[list[str], typer.Option("--target", "-t", help="target name or YAML path (repeatable)")] = ["cpu-ort"],  # noqa: B006
+    json_out: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="also write the JSON results to this file")] = None,
+    warmup: Annotated[int | None, typer.Option(help="override the target's warm-up runs")] = None,
+    repeats: Annotated[int | None, typer.Option(help="override the target's timed runs")] = None,
+    rounds: Annotated[int | None, typer.Option(help="override the target's interleaved rounds")] = None,
+    min_time: Annotated[float | None, typer.Option(help="override the minimum seconds timed per model")] = None,
+) -> None:
+    """Measure ONNX latency on one or more targets: median, p90, spread; interleaved."""
+    from deploy_prune.config import Protocol, load_target
+    from deploy_prune.io import write_json
+    from deploy_prune.latency.benchmark import benchmark as run_benchmark
+
+    targets = [load_target(t) for t in target]
+    base = targets[0].protocol
+    proto = Protocol(
+        warmup=base.warmup if warmup is None else warmup, repeats=base.repeats if repeats is None else repeats,
+        rounds=base.rounds if rounds is None else rounds, min_time_s=base.min_time_s if min_time is None else min_time,
+    )
+    models = {p.stem if len(onnx_models) == 1 else str(p): p for p in onnx_models}
+    with _progress_bar(not json_out) as bar:
+        task = bar.add_task("measuring", total=proto.rounds)
+        res = run_benchmark(models, targets, proto, on_round=lambda r: bar.update(task, completed=r))
+    if out is not None:
+        write_json(out, res)
+    if json_out:
+        sys.stdout.write(json.dumps(res, indent=2) + "\n")
+        return
+    table = Table(title=f"latency, batch {res['results'][0]['input_shape'][0]} (ms)")
+    for col in ("model", "target", "threads", "median", "p90", "IQR", "round CV", "runs"):
+        table.add_column(col, justify="left" if col in ("model", "target") else "right", no_wrap=True)
+    for r in res["results"]:
+        s = r["latency_ms"]
+        table.add_row(Path(r["model"]).name, r["target"], str(r["threads"]), f"{s['median']:.3f}", f"{s['p90']:.3f}",
+                      f"{s['iqr']:.3f}", f"{100 * s['round_cv']:.1f}%", str(s["n"]))
+    console.print(table)
+    console.print(f"device: {res['results'][0]['device']}; {res['results'][0]['backend']} "
+                  f"{next(iter(res['results'][0]['backend_versions'].values()), '')}")
+
+
+@app.command()
+@_errors
+def targets() -> None:
+    """List the targets found on the lookup path."""
+    from deploy_prune.config import list_targets, load_target
+
+    table = Table(title="targets")
+    for col in ("name", "backend", "device", "threads", "description", "file"):
+        table.add_column(col)
+    for name, path in list_targets().items():
+        t = load_target(str(path))
+        table.add_row(name, t.backend, t.device, str(t.threads or "all"), t.description, str(path))
+    console.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the registered models."""
+    from deploy_prune.models import MODELS
+
+    table = Table(title="models (also: --model path/to/file.py:factory)")
+    table.add_column("name")
+    table.add_column("description")
+    for name in MODELS.names():
+        table.add_row(name, MODELS.help(name))
+    console.print(table)
+
+
+@app.command()
+@_errors
+def doctor(json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False) -> None:
+    """Versions, which backends can run here, which datasets and targets are found."""
+    from deploy_prune.doctor import doctor_report
+
+    rep = doctor_report()
+    if json_out:
+        sys.stdout.write(json.dumps(rep, indent=2) + "\n")
+        return
+    console.print(f"deploy-prune {rep['deploy_prune']}  python {rep['python']}  torch {rep['torch']}  "
+                  f"CUDA: {rep['cuda']}")
+    console.print(f"CPU: {rep['cpu']} ({rep['cpu_count']} cores)")
+    console.print("packages: " + ", ".join(f"{k} {v or '[red]missing[/]'}" for k, v in rep["packages"].items()))
+    table = Table(title="backends")
+    for col in ("backend", "usable", "detail", "versions"):
+        table.add_column(col)
+    for name, b in rep["backends"].items():
+        table.add_row(name, "[green]yes[/]" if b["available"] else "[red]no[/]", b["detail"],
+                      ", ".join(f"{k} {v}" for k, v in b["versions"].items()))
+    console.print(table)
+    table = Table(title="datasets")
+    table.add_column("dataset")
+    table.add_column("where")
+    for name, where in rep["datasets"].items():
+        table.add_row(name, where)
+    console.print(table)
+    console.print("targets: " + ", ".join(rep["targets"]))
+
+
+def _progress_bar(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled, console=err_console)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        console.print(f"deploy-prune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True, help="print the version")] = False,
+) -> None:
+    """Prune vision models to a latency budget measured on the target device."""
+
+
+if __name__ == "__main__":
+    app()

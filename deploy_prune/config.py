@@ -1,0 +1,139 @@
+"""Targets: YAML files naming a backend, device, threads and the measurement protocol.
+
+Lookup order for ``--target NAME``: a path to a ``.yaml`` file; ``$DEPLOY_PRUNE_TARGETS``
+(colon-separated directories); ``./targets``; the ``targets/`` folder shipped beside the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deploy_prune.errors import UserError
+
+PACKAGE_TARGETS = Path(__file__).resolve().parent.parent / "targets"
+
+
+@dataclass
+class Protocol:
+    """How latency is measured: warm-up runs, then ``repeats`` timed runs split over ``rounds``.
+
+    Rounds interleave the variants being compared (A B C A B C ...) so that drift in machine
+    load hits all of them alike; each round re-warms briefly after the others ran.
+
+    Fast models are repeated beyond ``repeats`` until each variant has been timed for at least
+    ``min_time_s`` in total, so that sub-millisecond medians rest on enough samples.
+    """
+
+    warmup: int = 50
+    repeats: int = 300
+    rounds: int = 5
+    min_time_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or self.repeats < 1 or self.rounds < 1 or self.repeats < self.rounds or self.min_time_s < 0:
+            raise UserError(
+                f"bad measurement protocol (warmup={self.warmup}, repeats={self.repeats}, rounds={self.rounds}, "
+                f"min_time_s={self.min_time_s}); need warmup >= 0, repeats >= rounds >= 1, min_time_s >= 0"
+            )
+
+
+@dataclass
+class Target:
+    """Where and how a model is measured."""
+
+    name: str
+    backend: str
+    device: str = "cpu"
+    precision: str = "fp32"
+    threads: int = 0  # 0 = every core this process may use
+    batch: int = 1
+    input_shape: list[int] | None = None  # C,H,W; None = the model's own
+    channel_multiple: int = 1
+    description: str = ""
+    protocol: Protocol = field(default_factory=Protocol)
+    agent: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific settings
+    source: str = ""
+
+    def resolved_threads(self) -> int:
+        if self.threads > 0:
+            return self.threads
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["threads_resolved"] = self.resolved_threads()
+        return d
+
+
+_TARGET_KEYS = {f.name for f in dataclasses.fields(Target)} - {"protocol", "source"}
+_PROTOCOL_KEYS = {"warmup", "repeats", "rounds", "min_time_s"}
+
+
+def target_dirs() -> list[Path]:
+    dirs = [Path(p) for p in os.environ.get("DEPLOY_PRUNE_TARGETS", "").split(":") if p]
+    dirs += [Path.cwd() / "targets", PACKAGE_TARGETS]
+    seen, out = set(), []
+    for d in dirs:
+        r = d.resolve()
+        if r not in seen and d.is_dir():
+            seen.add(r)
+            out.append(d)
+    return out
+
+
+def list_targets() -> dict[str, Path]:
+    """Every target name found on the lookup path (first one wins)."""
+    found: dict[str, Path] = {}
+    for d in target_dirs():
+        for f in sorted(d.glob("*.yaml")):
+            found.setdefault(f.stem, f)
+    return found
+
+
+def load_target(name_or_path: str) -> Target:
+    """Load and validate a target; errors name the file, the key and the fix."""
+    p = Path(name_or_path)
+    if not (p.suffix in (".yaml", ".yml") and p.is_file()):
+        targets = list_targets()
+        if name_or_path not in targets:
+            valid = ", ".join(sorted(targets)) or "(none found)"
+            raise UserError(f"unknown target {name_or_path!r}; valid targets: {valid} (or a path to a .yaml file)")
+        p = targets[name_or_path]
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"target file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return target_from_dict(raw, source=str(p))
+
+
+def target_from_dict(raw: Any, source: str = "<dict>") -> Target:
+    if not isinstance(raw, dict):
+        raise UserError(f"target {source!r} must be a YAML mapping")
+    unknown = set(raw) - _TARGET_KEYS - _PROTOCOL_KEYS
+    if unknown:
+        raise UserError(f"target {source!r}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(_TARGET_KEYS | _PROTOCOL_KEYS)}")
+    for key in ("name", "backend"):
+        if key not in raw:
+            raise UserError(f"target {source!r} lacks the required key {key!r}")
+    fields = {k: v for k, v in raw.items() if k in _TARGET_KEYS}
+    types = {"threads": int, "batch": int, "channel_multiple": int}
+    for k, t in types.items():
+        if k in fields and not isinstance(fields[k], t):
+            raise UserError(f"target {source!r}: {k} must be an integer, got {fields[k]!r}")
+    if fields.get("batch", 1) < 1 or fields.get("channel_multiple", 1) < 1 or fields.get("threads", 0) < 0:
+        raise UserError(f"target {source!r}: batch and channel_multiple must be >= 1, threads >= 0")
+    proto = {k: raw[k] for k in _PROTOCOL_KEYS if k in raw}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in proto.values()):
+        raise UserError(f"target {source!r}: warmup, repeats, rounds and min_time_s must be numbers")
+    proto = {k: (v if k == "min_time_s" else int(v)) for k, v in proto.items()}
+    return Target(**fields, protocol=Protocol(**proto), source=source)

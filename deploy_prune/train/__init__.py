@@ -1,0 +1,233 @@
+"""Fine-tuning / training loop with per-epoch checkpoints, resume, and DDP under torchrun.
+
+The loop knows nothing about pruning: methods hook in through ``after_step`` callbacks
+(e.g. to re-apply masks) and an optional ``loss_fn`` (e.g. knowledge distillation).
+Under ``torchrun --nproc-per-node N`` it uses DistributedDataParallel with the gloo backend
+(CPU) or nccl (CUDA); rank 0 writes checkpoints and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from deploy_prune.data import DataBundle, make_loader
+from deploy_prune.errors import UserError
+from deploy_prune.io import ensure_dir, provenance, write_json
+from deploy_prune.models.checkpoint import _unwrap, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    seed: int = 0
+    eval_batch_size: int = 512
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world_size), initialising the process group when run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, device: str = "cpu") -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy on ``ds``."""
+    was_training = model.training
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    for x, y in make_loader(ds, batch_size):
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        total += y.numel()
+    model.train(was_training)
+    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": total}
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise UserError(f"unknown optimizer {cfg.optimizer!r}; valid: sgd, adamw")
+
+
+def fit(
+    model: nn.Module,
+    data: DataBundle,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    meta: dict[str, Any],
+    *,
+    resume: bool = False,
+    loss_fn: LossFn | None = None,
+    after_step: Sequence[Callable[[nn.Module], None]] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``model`` on ``data.train``; write ``checkpoints/last.pt`` every epoch, then
+    ``model.pt`` and ``metrics.json`` in ``out_dir``. Returns the metrics dict.
+    """
+    if cfg.epochs < 0:
+        raise UserError(f"--epochs must be >= 0, got {cfg.epochs}")
+    rank, world = _distributed()
+    out = Path(out_dir)
+    if rank == 0:
+        ensure_dir(out / "checkpoints")
+    last = out / "checkpoints" / "last.pt"
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("DEPLOY_PRUNE_DEVICE", "cpu") == "cuda" else "cpu"
+    model.to(device)
+    torch.manual_seed(cfg.seed)
+    opt = _make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
+    start_epoch, history, train_seconds = 0, [], 0.0
+    if resume:
+        if not last.is_file():
+            raise UserError(f"nothing to resume: {str(last)!r} does not exist; run without --resume")
+        ck = load_checkpoint(last)
+        _unwrap(model).load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start_epoch, history, train_seconds = ck["epoch"], list(ck["history"]), float(ck["train_seconds"])
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    sampler = DistributedSampler(data.train, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
+    criterion = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing))
+
+    bar = _progress(progress and rank == 0)
+    with bar:
+        steps = math.ceil(len(data.train) / (cfg.batch_size * world))  # type: ignore[arg-type]
+        task = bar.add_task("train", total=(cfg.epochs - start_epoch) * steps)
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, sampler=sampler)
+            model.train()
+            loss_sum, n = 0.0, 0
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                loss = criterion(model, x, y)
+                if not torch.isfinite(loss):
+                    raise UserError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for cb in after_step:
+                    cb(_unwrap(model))
+                loss_sum += loss.item() * y.numel()
+                n += y.numel()
+                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / n:.3f}")
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+            train_seconds += time.perf_counter() - t0
+            ev = evaluate(_unwrap(model), data.val, cfg.eval_batch_size, device)
+            history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), "val_accuracy": ev["accuracy"],
+                            "val_loss": ev["loss"], "lr": lr, "seconds": time.perf_counter() - t0})
+            if rank == 0:
+                save_checkpoint(last, model, meta, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                epoch=epoch + 1, history=history, train_seconds=train_seconds)
+    final = evaluate(_unwrap(model), data.val, cfg.eval_batch_size, device)
+    metrics: dict[str, Any] = {
+        "val_accuracy": final["accuracy"], "val_loss": final["loss"], "val_size": final["n"],
+        "epochs": cfg.epochs, "train_seconds": round(train_seconds, 3), "world_size": world,
+        "config": asdict(cfg), "history": history,
+    }
+    if data.test is not None:
+        metrics["test_accuracy"] = evaluate(_unwrap(model), data.test, cfg.eval_batch_size, device)["accuracy"]
+    if rank == 0:
+        save_checkpoint(out / "model.pt", model, {**meta, "metrics": {k: metrics[k] for k in ("val_accuracy", "epochs")}})
+        metrics["provenance"] = provenance(threads=torch.get_num_threads())
+        write_json(out / "metrics.json", metrics)
+    if world > 1:
+        dist.barrier()
+    return metrics
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        disable=not enabled, transient=False,
+    )
+
+
+def train_model(
+    out: str | Path,
+    model_spec: str | None,
+    data_spec: str,
+    data_options: Any,
+    *,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    optimizer: str = "sgd",
+    weight_decay: float = 5e-4,
+    weights: str | None = None,
+    trust: bool = False,
+    resume: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``deploy-prune train``: build or load a model, check it fits the data, and ``fit`` it."""
+    from deploy_prune.data import load_data
+    from deploy_prune.models import check_runs_on
+    from deploy_prune.models.checkpoint import load_model
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # share the cores between the processes instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    data = load_data(data_spec, data_options)
+    if resume and model_spec is None and weights is None:
+        last = Path(out) / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise UserError(f"nothing to resume: {str(last)!r} does not exist; run without --resume")
+        model_spec = load_checkpoint(last)["model"]["spec"]
+    if weights is not None:
+        model, _ = load_model(weights, model_spec, num_classes=data.num_classes, in_channels=data.in_channels, trust=trust)
+        spec = model_spec or _ckpt_spec(weights, trust) or "unknown"
+    else:
+        spec = model_spec or "tiny-cnn"
+        torch.manual_seed(seed)
+        model, _ = load_model(None, spec, num_classes=data.num_classes, in_channels=data.in_channels)
+    check_runs_on(model, data.input_shape, data.num_classes)
+    meta = {
+        "model": {"spec": spec, "num_classes": data.num_classes, "in_channels": data.in_channels},
+        "input_shape": list(data.input_shape),
+        "data": data.describe(),
+    }
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                      weight_decay=weight_decay, seed=seed)
+    metrics = fit(model, data, cfg, out, meta, resume=resume, progress=progress)
+    metrics["rank"] = dist.get_rank() if dist.is_initialized() else 0
+    return metrics
+
+
+def _ckpt_spec(weights: str, trust: bool) -> str | None:
+    ck = load_checkpoint(weights, trust=trust)
+    return ck.get("model", {}).get("spec") if isinstance(ck, dict) else None

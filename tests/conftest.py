@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny trained run on digits, reused by export/benchmark tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deploy_prune.config import Protocol, Target
+from deploy_prune.data import DataOptions
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-cnn trained for 3 epochs on 600 digits: a real run directory."""
+    from deploy_prune.train import train_model
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train_model(out, "tiny-cnn", "digits", DataOptions(train_limit=600), epochs=3, batch_size=32, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_run: Path) -> Path:
+    from deploy_prune.export import export_run
+
+    export_run(tiny_run)
+    return tiny_run / "model.onnx"
+
+
+@pytest.fixture
+def quick_target() -> Target:
+    """ONNX Runtime, 1 thread, a protocol short enough for unit tests."""
+    return Target(name="quick", backend="onnxruntime", threads=1,
+                  protocol=Protocol(warmup=2, repeats=10, rounds=2, min_time_s=0.0))

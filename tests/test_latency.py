@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploy_prune.config import Protocol, Target, load_target, target_from_dict
+from deploy_prune.errors import UserError
+from deploy_prune.io import write_text
+from deploy_prune.latency.benchmark import benchmark
+from deploy_prune.latency.timing import measure, summarize
+
+
+def test_summarize_known_sample() -> None:
+    s = summarize([[1.0, 2.0, 3.0, 4.0, 5.0], [6.0, 7.0, 8.0, 9.0, 10.0]])
+    assert s.median == 5.5 and s.n == 10 and s.rounds == 2
+    assert s.round_medians == [3.0, 8.0]
+    assert s.p90 == pytest.approx(9.1) and s.iqr == pytest.approx(4.5)
+    assert s.mad == 2.5
+
+
+def test_measure_interleaves_variants() -> None:
+    calls: list[str] = []
+
+    def timer(name: str):  # noqa: ANN202
+        return lambda: calls.append(name) or 1.0
+
+    proto = Protocol(warmup=0, repeats=4, rounds=2, min_time_s=0.0)
+    stats = measure({"a": timer("a"), "b": timer("b")}, proto)
+    timed = calls[2:]  # after one estimate run each
+    assert timed == ["a", "a", "b", "b", "a", "a", "b", "b"]
+    assert stats["a"].n == 4 and stats["a"].median == 1.0
+
+
+def test_min_time_extends_fast_variants() -> None:
+    proto = Protocol(warmup=1, repeats=2, rounds=1, min_time_s=0.05)
+    stats = measure({"fast": lambda: 0.001}, proto)
+    assert stats["fast"].n >= 50_000 * 0.05 / 0.05 - 1  # 50 ms / 0.001 ms per run
+
+
+def test_shipped_targets_parse() -> None:
+    for name in ("cpu-ort", "cpu-ort-1t"):
+        t = load_target(name)
+        assert t.backend == "onnxruntime" and t.protocol.repeats >= 100
+    assert load_target("cpu-ort-1t").resolved_threads() == 1
+
+
+def test_bad_targets(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="valid targets: .*cpu-ort"):
+        load_target("jetson-xavier-nx-9000")
+    with pytest.raises(UserError, match="unknown key"):
+        target_from_dict({"name": "x", "backend": "onnxruntime", "thread": 2})
+    write_text(tmp_path / "bad.yaml", "name: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_target(str(tmp_path / "bad.yaml"))
+    with pytest.raises(UserError, match="bad measurement protocol"):
+        target_from_dict({"name": "x", "backend": "onnxruntime", "repeats": 2, "rounds": 5})
+
+
+def test_benchmark_real_onnxruntime(tiny_onnx: Path, quick_target: Target) -> None:
+    res = benchmark({"tiny": tiny_onnx}, [quick_target])
+    row = res["results"][0]
+    s = row["latency_ms"]
+    assert 0 < s["min"] <= s["median"] <= s["p90"] <= s["max"]
+    assert s["n"] >= 10 and row["threads"] == 1 and row["input_shape"] == [1, 1, 32, 32]
+    assert row["backend_versions"]["onnxruntime"]
+    assert res["provenance"]["cpu"] and res["provenance"]["date"]
+
+
+def test_benchmark_unknown_backend(tiny_onnx: Path) -> None:
+    with pytest.raises(UserError, match="unknown backend"):
+        benchmark({"tiny": tiny_onnx}, [Target(name="x", backend="coreml")])
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    from deploy_prune.io import atomic_write
+
+    def boom(p: Path) -> None:
+        p.write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(tmp_path / "out.json", boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_input_shape_override(tiny_onnx: Path, quick_target: Target) -> None:
+    from deploy_prune.latency.benchmark import input_for
+
+    quick_target.input_shape = [1, 32, 32]
+    quick_target.batch = 2
+    assert input_for(tiny_onnx, quick_target).shape == (2, 1, 32, 32)
+    assert input_for(tiny_onnx, Target(name="t", backend="onnxruntime")).dtype == np.float32
