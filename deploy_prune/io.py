@@ -28,7 +28,7 @@ def ensure_dir(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object]) -> Path:
     """Write via ``writer(tmp_path)`` then rename over ``path``, so readers never see half a file."""
     dest = Path(path)
     ensure_dir(dest.parent)

@@ -20,4 +20,5 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     # each process saw half of the 256 samples: 4 steps of 32, not 8
+    assert metrics["steps_per_epoch"] == 4
     assert (out / "model.pt").is_file()

@@ -143,7 +143,7 @@ def _digits(arg: str, opts: DataOptions) -> DataBundle:
 
 @DATASETS.register("fashion-mnist", "Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist, or --data-dir)")
 def _fashion(arg: str, opts: DataOptions) -> DataBundle:
-    root = Path(arg or opts.data_dir or os.environ.get("DEPLOY_PRUNE_FASHION_MNIST", FASHION_MNIST_DIR))
+    root = Path(arg or opts.data_dir or os.environ.get("DEPLOY_PRUNE_FASHION_MNIST") or FASHION_MNIST_DIR)
     if not root.is_dir():
         raise UserError(
             f"Fashion-MNIST not found at {str(root)!r}; run 'make data' (apt-get install dataset-fashion-mnist) "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,11 @@ def input_for(onnx_path: str | Path, target: Target) -> np.ndarray:
         shape = [target.batch, *target.input_shape]
     if not all(isinstance(d, int) and d > 0 for d in shape):
         raise UserError(f"{str(onnx_path)!r} has dynamic input dims {shape}; set input_shape in the target YAML")
-    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    return np.random.default_rng(0).standard_normal([int(d) for d in shape], dtype=np.float32)
 
 
 def benchmark(
-    models: dict[str, str | Path],
+    models: Mapping[str, str | Path],
     targets: list[Target],
     protocol: Protocol | None = None,
     on_round: Any = None,
@@ -38,7 +39,7 @@ def benchmark(
     """
     if not models or not targets:
         raise UserError("benchmark needs at least one model and one target")
-    for label, path in models.items():
+    for path in models.values():
         if not Path(path).is_file():
             raise UserError(f"ONNX model {str(path)!r} not found")
     proto = protocol or targets[0].protocol
@@ -57,5 +58,5 @@ def benchmark(
             })
     stats = measure(timers, proto, on_round=on_round)
     for row in rows:
-        row["latency_ms"] = stats[row.pop("key")].as_dict()
+        row["latency_ms"] = stats[str(row.pop("key"))].as_dict()
     return {"protocol": proto.__dict__, "results": rows, "provenance": provenance()}

@@ -51,8 +51,8 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
             if mod.in_channels == in_channels:
                 return model
             new = nn.Conv2d(
-                in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                mod.dilation, mod.groups, mod.bias is not None,
+                in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,  # type: ignore[arg-type]
+                mod.dilation, mod.groups, mod.bias is not None,  # type: ignore[arg-type]
             )
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(parent, name.rsplit(".", 1)[-1], new)

@@ -115,7 +115,7 @@ def fit(
         start_epoch, history, train_seconds = ck["epoch"], list(ck["history"]), float(ck["train_seconds"])
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model)
-    sampler = DistributedSampler(data.train, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
+    sampler: DistributedSampler | None = DistributedSampler(data.train, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
     criterion = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing))
 
     bar = _progress(progress and rank == 0)
@@ -154,7 +154,7 @@ def fit(
     final = evaluate(_unwrap(model), data.val, cfg.eval_batch_size, device)
     metrics: dict[str, Any] = {
         "val_accuracy": final["accuracy"], "val_loss": final["loss"], "val_size": final["n"],
-        "epochs": cfg.epochs, "train_seconds": round(train_seconds, 3), "world_size": world,
+        "epochs": cfg.epochs, "train_seconds": round(train_seconds, 3), "world_size": world, "steps_per_epoch": steps,
         "config": asdict(cfg), "history": history,
     }
     if data.test is not None:
