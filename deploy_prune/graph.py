@@ -1,0 +1,264 @@
+"""Which channels hang together: prunable groups on torch-pruning's ``DependencyGraph``.
+
+A *group* is a set of coupled channels that must be removed together: a conv's output
+channels with its BatchNorm and every layer that consumes them, including all convs tied
+by residual additions (one group per ResNet stage), concatenations and depthwise convs.
+Each group is named after its root layer (the first conv/linear of the group in module
+order), which stays the same after pruning, so plans and reports can refer to it.
+
+The model's output layer and user-listed layers (``ignore``) are never pruned.
+
+FLOPs here are multiply-accumulates (MACs) of conv and linear layers, the convention of the
+pruning literature (ResNet-56 = 125 M "FLOPs"); torch-pruning's counter computes the totals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from deploy_prune.errors import UserError
+
+PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class LayerInfo:
+    """Shape and cost of one conv or linear layer, as seen in a forward pass."""
+
+    name: str
+    kind: str  # conv | linear
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    groups: int
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    flops: int  # MACs
+    params: int
+
+
+@dataclass
+class GroupInfo:
+    """One prunable group: its channel count, the layers it touches and what they cost."""
+
+    name: str
+    channels: int
+    out_layers: list[str] = field(default_factory=list)  # lose output channels
+    in_layers: list[str] = field(default_factory=list)  # lose input channels
+    norm_layers: list[str] = field(default_factory=list)
+    flops: int = 0  # MACs of every conv/linear the group touches
+    params: int = 0
+    in_hw: tuple[int, int] = (1, 1)  # input spatial size of the root layer
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def round_channels(keep: float, total: int, multiple: int = 1) -> int:
+    """Round a keep count to the target's channel multiple, within [multiple, total].
+
+    When ``total`` itself is not a multiple of ``multiple``, keeping all channels is allowed.
+    """
+    multiple = max(1, multiple)
+    if keep >= total:
+        return total
+    k = int(round(keep / multiple)) * multiple
+    return int(min(total, max(multiple, k, 1)))
+
+
+def layer_table(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo]:
+    """Per conv/linear layer: channels, kernel, stride, spatial sizes, MACs and params."""
+    names = {m: n for n, m in model.named_modules()}
+    table: dict[str, LayerInfo] = {}
+
+    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        x = inp[0]
+        name = names[mod]
+        params = sum(p.numel() for p in mod.parameters(recurse=False))
+        if isinstance(mod, nn.Conv2d):
+            oh, ow = out.shape[-2:]
+            kh, kw = mod.kernel_size
+            macs = oh * ow * mod.out_channels * (mod.in_channels // mod.groups) * kh * kw
+            table[name] = LayerInfo(name, "conv", mod.in_channels, mod.out_channels, (kh, kw),
+                                    tuple(mod.stride), mod.groups, tuple(x.shape[-2:]), (oh, ow), macs, params)  # type: ignore[arg-type]
+        elif isinstance(mod, nn.Linear):
+            rows = x.numel() // x.shape[-1] // x.shape[0]
+            table[name] = LayerInfo(name, "linear", mod.in_features, mod.out_features, (1, 1), (1, 1), 1,
+                                    (1, 1), (1, 1), rows * mod.in_features * mod.out_features, params)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE)]
+    try:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            model(example)
+        model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    return table
+
+
+def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """The conv/linear layer(s) producing the model output: the last one run in a forward pass."""
+    order: list[nn.Module] = []
+    handles = [m.register_forward_hook(lambda m, i, o: order.append(m)) for m in model.modules() if isinstance(m, PRUNABLE)]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order[-1:]
+
+
+class ModelGraph:
+    """The prunable groups of a model, and the operations that shrink them.
+
+    Rebuilds torch-pruning's dependency graph after every pruning step, since group indices
+    refer to the current shapes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: Sequence[int],
+        ignore: Iterable[str] = (),
+        channel_multiple: int = 1,
+    ) -> None:
+        self.model = model
+        self.example = torch.randn(1, *input_shape)
+        self.channel_multiple = max(1, channel_multiple)
+        modules = dict(model.named_modules())
+        self.ignore_names = list(ignore)
+        missing = [n for n in self.ignore_names if n not in modules]
+        if missing:
+            sample = ", ".join(n for n, m in list(modules.items()) if isinstance(m, PRUNABLE))[:200]
+            raise UserError(f"--ignore names no layer: {', '.join(missing)}; layer names look like: {sample}")
+        self._ignored = [modules[n] for n in self.ignore_names] + output_layers(model, self.example)
+        self._build()
+
+    # -- construction -------------------------------------------------------------------------
+    def _build(self) -> None:
+        self.names = {m: n for n, m in self.model.named_modules()}
+        order = {n: i for i, n in enumerate(self.names.values())}
+        self.model.eval()
+        try:
+            self.dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example, verbose=False)
+        except Exception as e:
+            raise UserError(
+                f"torch-pruning cannot trace this model ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                "add the offending layers to --ignore"
+            ) from None
+        self.layers = layer_table(self.model, self.example)
+        self._groups: dict[str, Any] = {}
+        self._info: dict[str, GroupInfo] = {}
+        for g in self.dg.get_all_groups(ignored_layers=self._ignored, root_module_types=PRUNABLE):
+            root = g[0].dep.target.module
+            name = self.names.get(root)
+            if name is None:
+                continue
+            info = GroupInfo(name, len(g[0].idxs))
+            for item in g:
+                mod, fn = item.dep.target.module, item.dep.handler
+                lname = self.names.get(mod)
+                if lname is None:
+                    continue
+                out = getattr(fn, "__name__", "") in ("prune_out_channels",)
+                if isinstance(mod, PRUNABLE):
+                    (info.out_layers if out else info.in_layers).append(lname)
+                elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+                    info.norm_layers.append(lname)
+            # Name the group by its first out-layer in definition order (torch-pruning's root
+            # depends on its traversal); indexing still follows torch-pruning's root.
+            if info.out_layers:
+                info.name = name = min(info.out_layers, key=order.__getitem__)
+            touched = set(info.out_layers) | set(info.in_layers)
+            info.flops = sum(self.layers[n].flops for n in touched if n in self.layers)
+            info.params = sum(self.layers[n].params for n in touched if n in self.layers)
+            if name in self.layers:
+                info.in_hw = self.layers[name].in_hw
+            if info.channels > 1:
+                self._groups[name] = g
+                self._info[name] = info
+
+    # -- queries ------------------------------------------------------------------------------
+    def groups(self) -> list[GroupInfo]:
+        return list(self._info.values())
+
+    def group(self, name: str) -> Any:
+        """The torch-pruning ``Group`` object (for importance criteria)."""
+        if name not in self._groups:
+            raise UserError(f"no prunable group {name!r}; groups: {', '.join(self._groups)}")
+        return self._groups[name]
+
+    def flops_params(self) -> tuple[int, int]:
+        macs, params = tp.utils.count_ops_and_params(self.model, self.example)
+        return int(macs), int(params)
+
+    # -- edits --------------------------------------------------------------------------------
+    def prune(self, remove: Mapping[str, Sequence[int]]) -> None:
+        """Remove the given channel indices from each named group, then check the model still runs."""
+        for name, idxs in remove.items():
+            if not idxs:
+                continue
+            n = self._info[name].channels if name in self._info else None
+            if n is None:
+                raise UserError(f"no prunable group {name!r}")
+            if len(set(idxs)) >= n:
+                raise UserError(f"cannot remove all {n} channels of group {name!r}")
+        # Collect torch-pruning groups first: pruning one group does not change another's
+        # indices (groups are disjoint), but the objects must come from the same graph.
+        plans = [self.dg.get_pruning_group(self._groups[n][0].dep.target.module, self._groups[n][0].dep.handler,
+                                           sorted(set(int(i) for i in idxs)))
+                 for n, idxs in remove.items() if idxs]
+        for plan in plans:
+            if self.dg.check_pruning_group(plan):
+                plan.prune()
+        self._check_runs()
+        self._build()
+
+    def prune_by_scores(self, keep: Mapping[str, int], scores: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Keep the ``keep[name]`` highest-scoring channels of each group (rounded to the channel
+        multiple); returns the channel counts actually kept."""
+        remove, kept = {}, {}
+        for name, k in keep.items():
+            total = self._info[name].channels
+            k = round_channels(k, total, self.channel_multiple)
+            s = scores[name]
+            if s.numel() != total:
+                raise ValueError(f"scores for {name} have {s.numel()} entries, group has {total} channels")
+            order = torch.argsort(s, descending=False, stable=True)  # lowest first
+            remove[name] = order[: total - k].tolist()
+            kept[name] = k
+        self.prune(remove)
+        return kept
+
+    def _check_runs(self) -> None:
+        """A forward pass after pruning; on failure name the module where it broke."""
+        last: list[str] = []
+        handles = [m.register_forward_pre_hook(lambda m, i, n=n: last.append(n)) for n, m in self.model.named_modules() if n]
+        try:
+            with torch.no_grad():
+                self.model.eval()(self.example)
+        except Exception as e:
+            where = last[-1] if last else "?"
+            raise UserError(f"the pruned model fails in module {where!r} ({type(e).__name__}); add it to --ignore") from None
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def keep_ratio_plan(graph: ModelGraph, ratio: float) -> dict[str, int]:
+    """Uniform plan: keep ``ratio`` of every group's channels (at least one)."""
+    if not 0.0 < ratio <= 1.0:
+        raise UserError(f"keep ratio must be in (0, 1], got {ratio}")
+    return {g.name: max(1, math.floor(g.channels * ratio + 0.5)) for g in graph.groups()}
