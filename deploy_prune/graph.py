@@ -201,8 +201,33 @@ class ModelGraph:
         return self._groups[name]
 
     def flops_params(self) -> tuple[int, int]:
-        macs, params = tp.utils.count_ops_and_params(self.model, self.example)
-        return int(macs), int(params)
+        """(MACs of conv + linear layers, all parameters) of the model as it is now."""
+        return sum(li.flops for li in self.layers.values()), sum(p.numel() for p in self.model.parameters())
+
+    def predict_flops(self, keep: Mapping[str, int]) -> int:
+        """MACs after keeping ``keep[group]`` channels per group, computed from the layer table.
+
+        A layer's MACs scale with its kept output share times its kept input share; a
+        depthwise conv (groups == in == out) scales with one share only.
+        """
+        out_share: dict[str, float] = {}
+        in_share: dict[str, float] = {}
+        for g in self.groups():
+            if g.name not in keep:
+                continue
+            r = round_channels(keep[g.name], g.channels, self.channel_multiple) / g.channels
+            for n in g.out_layers:
+                out_share[n] = r
+            for n in g.in_layers:
+                in_share[n] = r
+        total = 0.0
+        for n, li in self.layers.items():
+            o, i = out_share.get(n, 1.0), in_share.get(n, 1.0)
+            depthwise = li.groups > 1 and li.groups == li.in_channels == li.out_channels
+            # torch-pruning lists a depthwise conv among its group's out-layers only; its
+            # inputs shrink with its outputs.
+            total += li.flops * ((o if n in out_share else i) if depthwise else o * i)
+        return int(round(total))
 
     # -- edits --------------------------------------------------------------------------------
     def prune(self, remove: Mapping[str, Sequence[int]]) -> None:

@@ -17,7 +17,7 @@ is written here.
 | l1, l2 | weights | sum of |w| (l1) or w**2 (l2) over the channel's weights |
 | bn-scale | weights | |gamma| of the channel's BatchNorm (network slimming) |
 | taylor | data+labels | first-order Taylor |g*w|, summed over weights, accumulated over batches |
-| hessian | data+labels | OBD saliency 1/2 h w**2 with diag(H) from Hutchinson's estimator |
+| hessian | data+labels | OBD saliency 1/2 |h| w**2 with diag(H) from Hutchinson's estimator |
 | fstat | data+labels | ANOVA F-statistic of the channel's pooled activation vs the labels |
 | chi2 | data+labels | chi-squared statistic of the binned pooled activation vs the labels |
 | snip | data+labels | connection sensitivity |g*w| on one batch |
@@ -148,8 +148,9 @@ def _hessian(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch], seed
     """diag(H) ~ E_v[v * (H v)] with Rademacher v (Hutchinson 1990; as in HAWQ/PyHessian).
 
     ``probes`` Rademacher vectors per batch (2, our choice: the estimate is averaged over
-    batches as well). Negative curvature estimates are kept: OBD's saliency assumes a
-    positive diagonal, and clipping would bias; the noise averages out over probes.
+    batches as well). OBD derives its saliency at a minimum, where diag(H) >= 0; the
+    estimate is noisy and can be negative elsewhere, so we use |diag(H)| (our choice), which
+    keeps a zero weight at zero saliency and a sharp direction expensive to prune.
     """
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -168,7 +169,7 @@ def _hessian(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch], seed
             n += 1
     # torch-pruning's OBD importance reads diag(H) from .grad and sums w**2 * h per channel.
     for p, d in zip(params, diag):
-        p.grad = d / max(n, 1)
+        p.grad = (d / max(n, 1)).abs()
     imp = tp.importance.GroupHessianImportance(group_reduction="mean", normalizer=None)
     return {k: 0.5 * v for k, v in _by_tp(graph, imp).items()}
 
