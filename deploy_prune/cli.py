@@ -162,6 +162,58 @@ def benchmark(
                   f"{next(iter(res['results'][0]['backend_versions'].values()), '')}")
 
 
+def _parse_floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+@app.command()
+@_errors
+def sensitivity(
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory for sensitivity.json and sensitivity.png")],
+    weights: Annotated[str, typer.Option(help="checkpoint file or run directory")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="architecture, if the checkpoint does not record it")] = None,
+    data: DataOpt = "digits",
+    data_dir: DataDirOpt = None,
+    image_size: ImageSizeOpt = None,
+    criterion: Annotated[str, typer.Option(help="importance criterion ranking the channels")] = "taylor",
+    ratios: Annotated[str, typer.Option(help="shares of a group's channels to remove, each in (0, 1)")] = "0.1,0.3,0.5,0.7,0.9",
+    target: Annotated[str | None, typer.Option("--target", "-t", help="target (channel multiple; latency saved once profiled)")] = None,
+    ignore: Annotated[str, typer.Option(help="comma-separated layer names never to prune")] = "",
+    val_samples: Annotated[int, typer.Option(help="size of the fixed validation subset")] = 1000,
+    score_batches: Annotated[int, typer.Option(help="training batches used by the criterion")] = 8,
+    workers: Annotated[int, typer.Option(help="processes to split the evaluation over")] = 1,
+    trust_checkpoint: TrustOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Prune each group alone at several ratios and record the accuracy drop (no fine-tuning)."""
+    from deploy_prune.config import load_target
+    from deploy_prune.data import load_data
+    from deploy_prune.models import check_runs_on
+    from deploy_prune.models.checkpoint import load_model
+    from deploy_prune.sensitivity import SensitivityConfig, sensitivity_run
+
+    cfg = SensitivityConfig(criterion=criterion, ratios=_parse_floats(ratios, "--ratios"), val_samples=val_samples,
+                            score_batches=score_batches, workers=workers, seed=seed)
+    multiple = load_target(target).channel_multiple if target else 1
+    bundle = load_data(data, _data_options(data_dir, image_size, seed))
+    net, meta = load_model(weights, model, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
+                           trust=trust_checkpoint)
+    check_runs_on(net, bundle.input_shape, bundle.num_classes)
+    with _progress_bar(True) as bar:
+        task = bar.add_task(f"sensitivity ({criterion})", total=None)
+        res = sensitivity_run(out, net, bundle, cfg, ignore=[s for s in ignore.split(",") if s],
+                              channel_multiple=multiple, meta=meta.get("model", {}),
+                              on_job=lambda i, n: bar.update(task, completed=i, total=n))
+    worst = max(res["groups"], key=lambda g: g["entries"][len(g["entries"]) // 2]["accuracy_drop"])
+    console.print(f"baseline accuracy {res['baseline_accuracy']:.4f} on {res['val_subset']} validation samples; "
+                  f"{len(res['groups'])} groups x {len(cfg.ratios)} ratios in {res['seconds']['total']:.1f} s; "
+                  f"most sensitive: {worst['name']}")
+    console.print(f"wrote {out}/sensitivity.json and {out}/sensitivity.png")
+
+
 @app.command()
 @_errors
 def targets() -> None:

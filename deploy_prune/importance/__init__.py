@@ -164,11 +164,11 @@ def _hessian(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch], seed
         for _ in range(probes):
             vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype).mul_(2).sub_(1) for p in params]
             hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
-            for d, v, hv in zip(diag, vs, hvs):
+            for d, v, hv in zip(diag, vs, hvs, strict=True):
                 d.add_(v * hv)
             n += 1
     # torch-pruning's OBD importance reads diag(H) from .grad and sums w**2 * h per channel.
-    for p, d in zip(params, diag):
+    for p, d in zip(params, diag, strict=True):
         p.grad = (d / max(n, 1)).abs()
     imp = tp.importance.GroupHessianImportance(group_reduction="mean", normalizer=None)
     return {k: 0.5 * v for k, v in _by_tp(graph, imp).items()}
@@ -216,9 +216,9 @@ def _screen(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch], stat:
 
 def f_statistic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """One-way ANOVA F of each column of ``x`` against class labels ``y`` (scikit-learn)."""
-    from sklearn.feature_selection import f_classif
-
     import warnings
+
+    from sklearn.feature_selection import f_classif
 
     with warnings.catch_warnings():  # constant (e.g. dead) channels give 0/0: scored 0
         warnings.simplefilter("ignore")

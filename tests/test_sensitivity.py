@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deploy_prune.cli import app
+from deploy_prune.data import DataOptions, load_data
+from deploy_prune.errors import UserError
+from deploy_prune.models.checkpoint import load_model
+from deploy_prune.sensitivity import SensitivityConfig, fingerprint, load_sensitivity, run_sensitivity
+
+runner = CliRunner()
+
+
+def test_sensitivity_json_heatmap_and_workers_agree(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sens"
+    r = runner.invoke(app, ["sensitivity", "--weights", str(tiny_run), "--data", "digits", "--criterion", "l1",
+                            "--ratios", "0.25,0.75", "--val-samples", "200", "--score-batches", "2",
+                            "--workers", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "sensitivity.json").read_text())
+    assert (out / "sensitivity.png").stat().st_size > 1000
+    assert res["val_subset"] == 200 and len(res["groups"]) == 4
+    for g in res["groups"]:
+        assert [e["ratio"] for e in g["entries"]] == [0.25, 0.75]
+        small, big = g["entries"]
+        assert big["kept_channels"] < small["kept_channels"] < g["channels"]
+        assert big["flops_saved"] > small["flops_saved"] > 0
+        assert small["latency_saved_ms"] is None  # no latency profile yet
+    mean_drop = [sum(g["entries"][i]["accuracy_drop"] for g in res["groups"]) for i in (0, 1)]
+    assert mean_drop[1] > mean_drop[0]  # removing more channels hurts more
+
+    # one process gives the same numbers as two
+    model, _ = load_model(tiny_run)
+    data = load_data("digits", DataOptions())
+    cfg = SensitivityConfig(criterion="l1", ratios=(0.25, 0.75), val_samples=200, score_batches=2)
+    single = run_sensitivity(model, data, cfg)
+    assert [e["accuracy"] for g in single["groups"] for e in g["entries"]] == \
+        [e["accuracy"] for g in res["groups"] for e in g["entries"]]
+    assert single["fingerprint"] == res["fingerprint"]
+    assert load_sensitivity(out / "sensitivity.json", res["fingerprint"])["baseline_accuracy"] == res["baseline_accuracy"]
+    with pytest.raises(UserError, match="other weights or settings"):
+        load_sensitivity(out / "sensitivity.json", fingerprint(model, SensitivityConfig(criterion="l2"), "digits", [], 1))
+
+
+def test_sensitivity_bad_input(tiny_run: Path, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["sensitivity", "--weights", str(tiny_run), "--ratios", "0.5,1.2", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "in (0, 1)" in r.output
+    r = runner.invoke(app, ["sensitivity", "--weights", str(tiny_run), "--criterion", "oracle", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "taylor" in r.output
+    r = runner.invoke(app, ["sensitivity", "--weights", str(tiny_run), "--ignore", "nope", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "--ignore names no layer" in r.output
+    assert not (tmp_path / "sensitivity.json").exists()
