@@ -135,7 +135,8 @@ class ModelGraph:
         channel_multiple: int = 1,
     ) -> None:
         self.model = model
-        self.example = torch.randn(1, *input_shape)
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        self.example = torch.randn(1, *input_shape, device=device)
         self.channel_multiple = max(1, channel_multiple)
         modules = dict(model.named_modules())
         self.ignore_names = list(ignore)

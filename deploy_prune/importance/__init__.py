@@ -72,8 +72,10 @@ def score_groups(
     if crit.needs_data and not batches:
         raise UserError(f"criterion {criterion!r} needs data with labels (gradients or activations); pass --data")
     was_training = model.training
+    device = next(model.parameters()).device
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
     try:
-        scores = crit.fn(model, graph, batches, seed)
+        scores = {k: v.cpu() for k, v in crit.fn(model, graph, batches, seed).items()}
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)
@@ -162,7 +164,7 @@ def _hessian(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch], seed
         loss = F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         for _ in range(probes):
-            vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype).mul_(2).sub_(1) for p in params]
+            vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.device, p.dtype).mul_(2).sub_(1) for p in params]
             hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
             for d, v, hv in zip(diag, vs, hvs, strict=True):
                 d.add_(v * hv)
@@ -196,7 +198,7 @@ def _pooled_activations(model: nn.Module, graph: ModelGraph, batches: Sequence[B
     finally:
         for h in handles:
             h.remove()
-    return {n: torch.cat(v).numpy() for n, v in feats.items()}, torch.cat(labels).numpy()
+    return {n: torch.cat(v).cpu().numpy() for n, v in feats.items()}, torch.cat(labels).cpu().numpy()
 
 
 def _screen(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch], stat: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Scores:
