@@ -29,7 +29,7 @@ from deploy_prune.graph import ModelGraph
 from deploy_prune.importance import CRITERIA, score_groups
 from deploy_prune.io import provenance, write_json, write_text
 from deploy_prune.models.checkpoint import load_model
-from deploy_prune.train import TrainConfig, evaluate, fit
+from deploy_prune.train import TrainConfig, evaluate, fit, recalibrate_bn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--score-batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--bn-batches", type=int, default=20, help="training batches for BN recalibration")
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--finetune-lr", type=float, default=0.01)
     ap.add_argument("--train-limit", type=int, default=None, help="fine-tune on N samples (quick runs)")
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     base.to(device)
     base_acc = evaluate(base, data.val, device=device)["accuracy"]
     print(f"baseline val accuracy {base_acc:.4f} ({len(data.val)} samples) on {device}", flush=True)
+    bn_batches = [b for i, b in zip(range(args.bn_batches), make_loader(data.train, args.batch_size, shuffle=True, seed=1), strict=False)]
     batches = [b for i, b in zip(range(args.score_batches), make_loader(data.train, args.batch_size, shuffle=True, seed=0), strict=False)]
     runs = [(c, 0) for c in args.criteria.split(",") if c != "random"]
     if "random" in args.criteria.split(","):
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         graph.prune_by_scores(plan, scores)
         flops, params = graph.flops_params()
         acc_oneshot = evaluate(model, data.val, device=device)["accuracy"]
+        acc_bn = evaluate(recalibrate_bn(model, bn_batches), data.val, device=device)["accuracy"]
         t1 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             fit(model, data, TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=seed), tmp, meta,
@@ -79,45 +82,53 @@ def main(argv: list[str] | None = None) -> int:
         t_ft = time.perf_counter() - t1
         acc_ft = evaluate(model, data.val, device=device)["accuracy"]
         rows.append({"criterion": crit, "seed": seed, "keep_share": share, "flops": flops, "flops_ratio": flops / flops0,
-                     "params_ratio": params / params0, "accuracy_oneshot": acc_oneshot, "accuracy_finetuned": acc_ft,
+                     "params_ratio": params / params0, "accuracy_oneshot": acc_oneshot, "accuracy_bn_recalibrated": acc_bn, "accuracy_finetuned": acc_ft,
                      "score_seconds": round(t_score, 2), "finetune_seconds": round(t_ft, 2)})
-        print(f"{crit:10s} seed {seed}: one-shot {acc_oneshot:.4f}  fine-tuned {acc_ft:.4f}  "
+        print(f"{crit:10s} seed {seed}: one-shot {acc_oneshot:.4f}  BN-recal {acc_bn:.4f}  fine-tuned {acc_ft:.4f}  "
               f"(FLOPs {flops / flops0:.3f}, score {t_score:.1f}s)", flush=True)
 
     rnd = [r for r in rows if r["criterion"] == "random"]
     summary = {}
-    for key in ("accuracy_oneshot", "accuracy_finetuned"):
+    for key in ("accuracy_oneshot", "accuracy_bn_recalibrated", "accuracy_finetuned"):
         vals = [r[key] for r in rnd]
         summary[key] = {"random_mean": statistics.fmean(vals) if vals else None,
                         "random_std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
     named = [r for r in rows if r["criterion"] != "random"]
     best = max(named, key=lambda r: r["accuracy_finetuned"]) if named else None
+    best_bn = max(named, key=lambda r: r["accuracy_bn_recalibrated"]) if named else None
     result = {"benchmark": "criteria_oneshot", "weights": str(args.weights), "data": args.data,
               "flops_ratio": args.flops_ratio, "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr,
               "train_limit": args.train_limit, "device": device, "baseline_accuracy": base_acc, "rows": rows,
-              "random": summary, "winner": best["criterion"] if best else None, "provenance": provenance()}
+              "random": summary, "winner": best["criterion"] if best else None,
+              "winner_bn_recalibrated": best_bn["criterion"] if best_bn else None, "provenance": provenance()}
     write_json(args.out.with_suffix(".json"), result)
 
     lines = ["# One-shot pruning by criterion", "",
              f"Model `{meta.get('model', {}).get('spec', '?')}` from `{args.weights}`, data `{args.data}` "
              f"(val {len(data.val)} samples), baseline val accuracy **{100 * base_acc:.2f} %**.",
              f"Every criterion prunes to {args.flops_ratio:.0%} of the FLOPs in one shot (uniform keep share per group), "
-             f"then {args.finetune_epochs} epoch(s) of fine-tuning at lr {args.finetune_lr}"
+             f"measured raw, after re-estimating BN statistics on {args.bn_batches} training batches (no weight update), and after "
+             f"{args.finetune_epochs} epoch(s) of fine-tuning at lr {args.finetune_lr}"
              + (f" on {args.train_limit} training samples" if args.train_limit else "") + f"; device {device}.", "",
-             "| criterion | FLOPs kept | one-shot acc. | after fine-tuning | vs random (fine-tuned) | scoring s |",
-             "|---|---|---|---|---|---|"]
+             "| criterion | FLOPs kept | one-shot | one-shot + BN recal. | vs random (BN recal.) | fine-tuned | vs random (fine-tuned) | scoring s |",
+             "|---|---|---|---|---|---|---|---|"]
     rm = summary["accuracy_finetuned"]["random_mean"]
+    rb = summary["accuracy_bn_recalibrated"]["random_mean"]
     for r in sorted(rows, key=lambda r: -r["accuracy_finetuned"]):
         name = r["criterion"] + (f" (seed {r['seed']})" if r["criterion"] == "random" else "")
         delta = f"{100 * (r['accuracy_finetuned'] - rm):+.2f} pp" if rm is not None else "-"
+        dbn = f"{100 * (r['accuracy_bn_recalibrated'] - rb):+.2f} pp" if rb is not None else "-"
         lines.append(f"| {name} | {r['flops_ratio']:.3f} | {100 * r['accuracy_oneshot']:.2f} % | "
+                     f"{100 * r['accuracy_bn_recalibrated']:.2f} % | {dbn} | "
                      f"{100 * r['accuracy_finetuned']:.2f} % | {delta} | {r['score_seconds']:.1f} |")
     if rnd:
         lines += ["", f"random over {len(rnd)} seeds: one-shot {100 * summary['accuracy_oneshot']['random_mean']:.2f} "
-                  f"± {100 * summary['accuracy_oneshot']['random_std']:.2f} %, fine-tuned "
+                  f"± {100 * summary['accuracy_oneshot']['random_std']:.2f} %, BN-recalibrated {100 * rb:.2f} "
+                  f"± {100 * summary['accuracy_bn_recalibrated']['random_std']:.2f} %, fine-tuned "
                   f"{100 * rm:.2f} ± {100 * summary['accuracy_finetuned']['random_std']:.2f} %."]
     prov = result["provenance"]
-    lines += ["", f"Winner after fine-tuning: **{result['winner']}**.", "",
+    lines += ["", f"Best after BN recalibration: **{result['winner_bn_recalibrated']}**; "
+              f"best after fine-tuning: **{result['winner']}**.", "",
               f"{prov['date']}; deploy-prune {prov['tool_version']} ({prov['git_commit']}); torch {prov['torch']}; {prov['cpu']}.", ""]
     write_text(args.out.with_suffix(".md"), "\n".join(lines))
     print("\n".join(lines))

@@ -231,3 +231,27 @@ def train_model(
 def _ckpt_spec(weights: str, trust: bool) -> str | None:
     ck = load_checkpoint(weights, trust=trust)
     return ck.get("model", {}).get("spec") if isinstance(ck, dict) else None
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+    """Re-estimate BatchNorm running statistics on a few training batches, no weight update.
+
+    Pruning changes the distribution every downstream BN sees, so its stored statistics are
+    stale and a pruned model can score near chance before fine-tuning. Re-estimating them
+    ("adaptive BN", EagleEye, Li et al. 2020) makes one-shot accuracy a meaningful signal.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model
+    saved = [m.momentum for m in bns]
+    device = next(model.parameters()).device
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    model.train()
+    for x, _ in batches:
+        model(x.to(device))
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+    return model.eval()
