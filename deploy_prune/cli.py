@@ -216,6 +216,53 @@ def sensitivity(
 
 @app.command()
 @_errors
+def profile(
+    target: Annotated[str, typer.Option("--target", "-t", help="target name or YAML path")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="registered model or path/to/file.py:factory")] = None,
+    weights: Annotated[str | None, typer.Option(help="checkpoint or run directory (architecture and input size)")] = None,
+    input_size: Annotated[str | None, typer.Option(help="C,H,W (default: checkpoint's, target's, else 3x224x224 torchvision / 3x32x32)")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="classes of the output layer (default 10, or the checkpoint's)")] = None,
+    grid: Annotated[int | None, typer.Option("--grid", help="channel step of the grid (default: about 8 points per dimension)")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="profiles directory")] = Path("profiles"),
+    validate: Annotated[int, typer.Option(help="measure N random pruned variants end to end against the prediction")] = 0,
+    ignore: Annotated[str, typer.Option(help="comma-separated layer names never to prune")] = "",
+    seed: SeedOpt = 0,
+    trust_checkpoint: TrustOpt = False,
+) -> None:
+    """Measure per-layer latency on the target and store the lookup table under profiles/."""
+    from deploy_prune.config import load_target
+    from deploy_prune.latency.profile import ProfileSpec, resolve_model, run_profile
+
+    tgt = load_target(target)
+    if validate < 0:
+        raise UserError(f"--validate must be >= 0, got {validate}")
+    if grid is not None and grid < 1:
+        raise UserError(f"--grid must be a positive channel step, got {grid}")
+    net, name, shape = resolve_model(model, weights, input_size, num_classes, tgt, trust_checkpoint)
+    spec = ProfileSpec(net, name, shape, tgt, step=grid, ignore=[s for s in ignore.split(",") if s])
+    with _progress_bar(True, eta=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        path, prof = run_profile(spec, out, validate=validate, seed=seed, progress=progress)
+    cal = prof["calibration"]
+    console.print(f"{prof['configs_total']} configurations ({prof['configs_measured']} measured, {prof['configs_resumed']} resumed) "
+                  f"in {prof['profile_seconds']:.1f} s; full model {prof['full_model']['latency_ms']['median']:.3f} ms measured, "
+                  f"layer sum {prof['full_model']['layer_sum_ms']:.3f} ms; calibration a={cal['a']:.3f} b={cal['b']:.3f} ms")
+    if "validation" in prof:
+        for kind in ("raw", "calibrated"):
+            v = prof["validation"][kind]
+            console.print(f"validation ({kind}, {v['n_variants']} variants): median |error| {v['median_abs_error_pct']:.1f} %, "
+                          f"{100 * v['within_10pct_share']:.0f} % within ±10 %, Spearman {v['spearman']:.3f}")
+    console.print(f"wrote {path}")
+
+
+@app.command()
+@_errors
 def targets() -> None:
     """List the targets found on the lookup path."""
     from deploy_prune.config import list_targets, load_target
@@ -272,11 +319,39 @@ def doctor(json_out: Annotated[bool, typer.Option("--json", help="print as JSON"
     console.print("targets: " + ", ".join(rep["targets"]))
 
 
-def _progress_bar(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+agent_app = typer.Typer(no_args_is_help=True, help="Run the remote profiling agent on a device.")
+app.add_typer(agent_app, name="agent")
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not enabled, console=err_console)
+
+@agent_app.command("serve")
+@_errors
+def agent_serve(
+    backend: Annotated[str, typer.Option(help="backend that times the models sent to this agent")] = "onnxruntime",
+    host: Annotated[str, typer.Option(help="address to listen on (keep 127.0.0.1 and tunnel over SSH across networks)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8765,
+    token_env: Annotated[str, typer.Option("--token-env", help="environment variable holding the shared token")] = "DEPLOY_PRUNE_AGENT_TOKEN",
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="largest request accepted, in MiB")] = 256.0,
+) -> None:
+    """Serve GET /info and POST /time so that profile/benchmark/compress can measure on this device."""
+    from deploy_prune.agent import serve
+
+    serve(backend=backend, host=host, port=port, token_env=token_env, max_body_mb=max_body_mb)
+
+
+def _progress_bar(enabled: bool, eta: bool = False) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    if eta:
+        cols.append(TimeRemainingColumn())
+    return Progress(*cols, disable=not enabled, console=err_console)
 
 
 def version_callback(value: bool) -> None:

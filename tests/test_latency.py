@@ -85,10 +85,15 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_input_shape_override(tiny_onnx: Path, quick_target: Target) -> None:
-    from deploy_prune.latency.benchmark import input_for
+def test_feed_resolves_dynamic_dims_from_target(quick_target: Target) -> None:
+    from deploy_prune.latency.measure import feed_for
+
+    class Dyn:
+        inputs = [("x", ["N", "C", "H", "W"])]
 
     quick_target.input_shape = [1, 32, 32]
     quick_target.batch = 2
-    assert input_for(tiny_onnx, quick_target).shape == (2, 1, 32, 32)
-    assert input_for(tiny_onnx, Target(name="t", backend="onnxruntime")).dtype == np.float32
+    feed = feed_for(Dyn(), quick_target)  # type: ignore[arg-type]
+    assert feed["x"].shape == (2, 1, 32, 32) and feed["x"].dtype == np.float32
+    with pytest.raises(UserError, match="input_shape"):
+        feed_for(Dyn(), Target(name="t", backend="onnxruntime"))  # type: ignore[arg-type]

@@ -1,8 +1,9 @@
 """Inference backends behind one protocol, registered by name.
 
-A backend loads an ONNX model into a ``Session`` for a ``Target``; a session runs a feed and
-times one run in milliseconds (wall clock by default; GPU backends override with device
-events). Timing statistics are computed by ``deploy_prune.latency`` for every backend alike.
+A backend loads an ONNX model into a ``Session`` for a ``Target``; a session runs a feed (input
+name -> array) and times one run in milliseconds (wall clock by default; GPU backends override
+with device events). Timing statistics are computed by ``deploy_prune.latency`` for every
+backend alike, locally or inside the remote agent.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 from deploy_prune.registry import Registry
 
+Feed = dict[str, np.ndarray]
+
 
 class Session(Protocol):
-    input_name: str
-    input_shape: list[int]
+    inputs: list[tuple[str, list[int | str]]]  # name and shape (ints, or names of dynamic dims)
 
-    def run(self, x: np.ndarray) -> np.ndarray: ...
+    def run(self, feed: Feed) -> list[np.ndarray]: ...
 
-    def time_once(self, x: np.ndarray) -> float: ...
+    def time_once(self, feed: Feed) -> float: ...
 
 
 class Backend(Protocol):

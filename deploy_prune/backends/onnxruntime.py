@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy_prune.backends import BACKENDS
+from deploy_prune.backends import BACKENDS, Feed
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 from deploy_prune.io import cpu_model
@@ -17,15 +17,14 @@ from deploy_prune.io import cpu_model
 class OrtSession:
     def __init__(self, sess: object) -> None:
         self.sess = sess
-        inp = sess.get_inputs()[0]  # type: ignore[attr-defined]
-        self.input_name: str = inp.name
-        self.input_shape: list[int] = [d if isinstance(d, int) else 1 for d in inp.shape]
+        self.inputs: list[tuple[str, list[int | str]]] = [
+            (i.name, [d if isinstance(d, int) else str(d) for d in i.shape]) for i in sess.get_inputs()  # type: ignore[attr-defined]
+        ]
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.sess.run(None, {self.input_name: x})[0]  # type: ignore[attr-defined]
+    def run(self, feed: Feed) -> list[np.ndarray]:
+        return self.sess.run(None, feed)  # type: ignore[attr-defined,no-any-return]
 
-    def time_once(self, x: np.ndarray) -> float:
-        feed = {self.input_name: x}
+    def time_once(self, feed: Feed) -> float:
         t0 = time.perf_counter_ns()
         self.sess.run(None, feed)  # type: ignore[attr-defined]
         return (time.perf_counter_ns() - t0) / 1e6

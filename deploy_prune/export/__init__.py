@@ -20,6 +20,29 @@ from deploy_prune.io import atomic_write, write_json
 DEFAULT_OPSET = 18  # torch's dynamo exporter emits 18 natively; >= 17 as required
 
 
+def to_onnx(model: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """torch's dynamo exporter (with its graph optimiser: BN folded into convs), in memory."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            model.eval(), (example,), dynamo=True, opset_version=opset,
+            input_names=["input"], output_names=["logits"], verbose=False,
+        )
+    if prog is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    return prog.model_proto
+
+
+def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...] | list[int], batch: int = 1, opset: int = DEFAULT_OPSET) -> bytes:
+    """The model as ONNX bytes for latency measurement (same exporter as ``export_onnx``; no
+    parity check, since only the graph's shapes matter for timing)."""
+    model = model.eval().cpu()
+    try:
+        return to_onnx(model, torch.zeros(batch, *input_shape), opset).SerializeToString()
+    except Exception as e:
+        raise UserError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
 def export_onnx(
     model: nn.Module,
     input_shape: tuple[int, ...] | list[int],
@@ -45,15 +68,7 @@ def export_onnx(
     out = Path(out)
 
     def write(tmp: Path) -> None:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(
-                model, (example,), dynamo=True, opset_version=opset,
-                input_names=["input"], output_names=["logits"], verbose=False,
-            )
-        if prog is None:
-            raise RuntimeError("torch.onnx.export returned no program")
-        proto = prog.model_proto
+        proto = to_onnx(model, example, opset)
         for k, v in {"deploy_prune_version": __version__, **(metadata or {})}.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = str(k), str(v)

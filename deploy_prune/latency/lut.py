@@ -1,0 +1,395 @@
+"""Latency lookup tables: per-layer configurations, their standalone ONNX graphs, and prediction.
+
+A *layer* is one conv or linear module of the model, with what the backend fuses into it in
+the exported graph: BatchNorm is folded by the exporter, and the activation (Relu, Clip, ...)
+and a residual Add that follow it are fused by ONNX Runtime/OpenVINO/TensorRT, so a layer's
+standalone graph is ``Conv [+ Add] [+ activation]`` at the layer's real input size and batch.
+
+Pruning changes only a layer's input and output channel counts. A *configuration* is a layer
+at given counts; the LUT holds one measured entry per configuration on a grid of counts per
+layer (``channel_grid``), and ``predict`` interpolates bilinearly between grid points. Layers
+with identical shapes share entries.
+
+Prediction = sum of the layers' interpolated entries + the constant *remainder* (the part of
+the measured whole-model latency the entries do not account for: pooling, reshapes, layout
+reorders, the session's fixed cost, minus the standalone graphs' own boundary overheads).
+That "raw" prediction is exact at full width by construction; a linear *calibration*
+``measured ~ a * layer_sum + b`` fitted on whole-model measurements of a few pruned variants
+corrects how the layer sum scales (``profile`` fits it; both figures are always reported).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from deploy_prune.errors import UserError
+
+SCHEMA_VERSION = 1
+OPSET = 18
+ACTIVATIONS = ("Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "LeakyRelu", "Tanh", "Elu", "Selu")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything about a layer except its channel counts."""
+
+    op: str  # conv | linear
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1  # fixed group count; ignored when depthwise (groups = channels)
+    depthwise: bool = False
+    in_hw: tuple[int, int] = (1, 1)
+    batch: int = 1
+    residual: bool = False  # an Add of a same-shaped tensor is fused after the op
+    act: str = ""  # activation op type, "" for none; Clip carries its bounds in act_args
+    act_args: tuple[float, ...] = ()
+
+    def key(self, cin: int, cout: int) -> str:
+        """A stable, readable id of the configuration (also the LUT entry key)."""
+        f = self
+        return (f"{f.op}|k{f.kernel[0]}x{f.kernel[1]}|s{f.stride[0]}x{f.stride[1]}|p{f.padding[0]}x{f.padding[1]}"
+                f"|d{f.dilation[0]}x{f.dilation[1]}|g{'dw' if f.depthwise else f.groups}|{f.in_hw[0]}x{f.in_hw[1]}"
+                f"|b{f.batch}|{'res' if f.residual else 'nores'}|{f.act or 'none'}{list(f.act_args) if f.act_args else ''}"
+                f"|{cin}x{cout}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> Family:
+        tup = {k: tuple(v) for k, v in d.items() if isinstance(v, list)}
+        return Family(**{**d, **tup})
+
+    def out_hw(self) -> tuple[int, int]:
+        if self.op == "linear":
+            return (1, 1)
+        return tuple(  # type: ignore[return-value]
+            (self.in_hw[i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel[i] - 1) - 1) // self.stride[i] + 1
+            for i in range(2)
+        )
+
+
+@dataclass
+class LayerSpec:
+    """One prunable-or-not layer of the model as the LUT sees it."""
+
+    name: str
+    family: Family
+    cin: int  # full width
+    cout: int
+    prunable_in: bool
+    prunable_out: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family.as_dict(), "cin": self.cin, "cout": self.cout,
+                "prunable_in": self.prunable_in, "prunable_out": self.prunable_out}
+
+
+# ---------------------------------------------------------------------------------------------
+# Which layers a model has, and what the exported graph fuses into each
+# ---------------------------------------------------------------------------------------------
+def execution_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, torch.Size]]:
+    """Conv2d/Linear modules in the order a forward pass runs them, with their input shapes."""
+    names = {m: n for n, m in model.named_modules()}
+    order: list[tuple[str, nn.Module, torch.Size]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, i: order.append((names[m], m, i[0].shape)))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def fused_patterns(proto: onnx.ModelProto, order: list[tuple[str, nn.Module, torch.Size]]) -> dict[str, tuple[bool, str, tuple[float, ...]]]:
+    """(residual, activation, activation args) per module name, read off the exported graph.
+
+    ONNX Conv/Gemm nodes appear in execution order, so the k-th one is the k-th module of
+    ``order``; the weight shapes are checked, and on any mismatch (an exporter that reorders,
+    a module called twice) every layer falls back to a plain op. An Add fed by two convs is
+    attributed to the later one (the branch that finishes the block), as backends fuse it there.
+    """
+    g = proto.graph
+    inits = {i.name: tuple(i.dims) for i in g.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    consts.update({i.name: numpy_helper.to_array(i) for i in g.initializer if np.prod(i.dims) == 1})
+    nodes = [n for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    plain: dict[str, tuple[bool, str, tuple[float, ...]]] = {name: (False, "", ()) for name, _, _ in order}
+    if len(nodes) != len(order):
+        return plain
+    for node, (_, mod, _) in zip(nodes, order, strict=True):
+        w = inits.get(node.input[1])
+        want = tuple(mod.weight.shape)  # type: ignore[arg-type]
+        if w is None or (w != want and w[::-1] != want):
+            return plain
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    producer: dict[str, int] = {}
+    for i, n in enumerate(g.node):
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+        for y in n.output:
+            producer[y] = i
+
+    def act_of(out: str) -> tuple[str, tuple[float, ...]]:
+        cons = consumers.get(out, [])
+        if len(cons) != 1 or cons[0].op_type not in ACTIVATIONS:
+            return "", ()
+        a = cons[0]
+        args: tuple[float, ...] = ()
+        if a.op_type == "Clip":
+            args = tuple(float(consts[x]) if x in consts else float("nan") for x in a.input[1:3])
+            if any(math.isnan(v) for v in args):
+                return "", ()
+        elif a.op_type in ("LeakyRelu", "HardSigmoid", "Elu"):
+            args = tuple(float(at.f) for at in a.attribute if at.type == onnx.AttributeProto.FLOAT)
+        return a.op_type, args
+
+    out: dict[str, tuple[bool, str, tuple[float, ...]]] = {}
+    for node, (name, _, _) in zip(nodes, order, strict=True):
+        y = node.output[0]
+        cons = consumers.get(y, [])
+        adds = [c for c in cons if c.op_type == "Add"]
+        residual = False
+        act, args = act_of(y)
+        if len(cons) == 1 and adds:
+            add = adds[0]
+            feeders = [producer.get(x, -1) for x in add.input]
+            mine = producer[y]
+            if mine == max(feeders):  # the later branch: the Add (and what follows it) fuses here
+                residual = True
+                act, args = act_of(add.output[0])
+        out[name] = (residual, act, args)
+    return out
+
+
+def _dims(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def layer_specs(
+    model: nn.Module, input_shape: tuple[int, ...] | list[int], batch: int, proto: onnx.ModelProto | None,
+    prunable: Mapping[str, tuple[bool, bool]],
+) -> list[LayerSpec]:
+    """The LUT's view of every conv/linear layer (``prunable``: name -> (in, out) prunable)."""
+    example = torch.zeros(batch, *input_shape)
+    order = execution_order(model, example)
+    patterns = fused_patterns(proto, order) if proto is not None else {}
+    specs: dict[str, LayerSpec] = {}
+    for name, mod, shape in order:
+        if name in specs:
+            continue
+        residual, act, args = patterns.get(name, (False, "", ()))
+        p_in, p_out = prunable.get(name, (False, False))
+        if isinstance(mod, nn.Conv2d):
+            if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+                raise UserError(f"layer {name!r}: padding {mod.padding!r}/{mod.padding_mode} is not supported by the profiler; "
+                                "use numeric zero padding or add the layer to --ignore")
+            dw = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+            fam = Family("conv", _dims(mod.kernel_size), _dims(mod.stride), _dims(mod.padding), _dims(mod.dilation),
+                         1 if dw else mod.groups, dw, (int(shape[-2]), int(shape[-1])), batch, residual, act, args)
+            specs[name] = LayerSpec(name, fam, mod.in_channels, mod.out_channels, p_in or (dw and p_out), p_out)
+        else:
+            rows = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+            fam = Family("linear", in_hw=(rows, 1), batch=batch, residual=residual, act=act, act_args=args)
+            specs[name] = LayerSpec(name, fam, int(mod.in_features), int(mod.out_features), p_in, p_out)  # type: ignore[arg-type]
+    return list(specs.values())
+
+
+def current_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(in, out) channels of every conv/linear module as the model is now."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = (m.in_channels, m.out_channels)
+        elif isinstance(m, nn.Linear):
+            out[name] = (m.in_features, m.out_features)
+    return out
+
+
+def structure_signature(specs: list[LayerSpec]) -> str:
+    """Hash of everything but channel counts: the same for a model and all its pruned variants."""
+    text = json.dumps([[s.name, s.family.as_dict()] for s in specs], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def model_fingerprint(name: str, specs: list[LayerSpec], input_shape: list[int] | tuple[int, ...], batch: int) -> str:
+    """File-name-safe id of the unpruned model at its input size and batch."""
+    text = json.dumps([[s.name, s.family.as_dict(), s.cin, s.cout] for s in specs], sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name.split(":")[-1])[:40] or "model"
+    return f"{safe}-{'x'.join(str(d) for d in input_shape)}-b{batch}-{digest}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids and standalone graphs
+# ---------------------------------------------------------------------------------------------
+def channel_grid(full: int, prunable: bool, multiple: int = 1, step: int | None = None, max_points: int = 8) -> list[int]:
+    """Channel counts at which a dimension is measured.
+
+    Every count (multiple of the target's ``channel_multiple``) when that gives at most
+    ``max_points`` values; otherwise ``step`` (default: the multiple of ``channel_multiple``
+    that gives about ``max_points`` values; 8 is our choice, see ``benchmarks/lut_fidelity.py``
+    for the accuracy it buys). The full width is always included.
+    """
+    if not prunable or full <= 1:
+        return [full]
+    m = max(1, multiple)
+    if step is None:
+        step = m * max(1, math.ceil(full / m / max_points))
+    step = m * max(1, math.ceil(step / m))
+    pts = set(range(step, full, step)) | {min(m, full), full}
+    return sorted(p for p in pts if 1 <= p <= full)
+
+
+def layer_configs(spec: LayerSpec, multiple: int = 1, step: int | None = None, max_points: int = 8) -> list[tuple[int, int]]:
+    """The (cin, cout) grid of a layer; depthwise convs have cin == cout."""
+    if spec.family.depthwise:
+        return [(c, c) for c in channel_grid(spec.cout, spec.prunable_out, multiple, step, max_points)]
+    g = spec.family.groups
+    cins = [c for c in channel_grid(spec.cin, spec.prunable_in, max(multiple, g), step, max_points) if c % g == 0]
+    couts = [c for c in channel_grid(spec.cout, spec.prunable_out, max(multiple, g), step, max_points) if c % g == 0]
+    return [(ci, co) for ci in cins for co in couts]
+
+
+def _act_nodes(f: Family, x: str, y: str, inits: list[TensorProto]) -> list[onnx.NodeProto]:
+    if not f.act:
+        return [helper.make_node("Identity", [x], [y])]
+    if f.act == "Clip":
+        inits += [numpy_helper.from_array(np.array(f.act_args[0], np.float32), "clip_min"),
+                  numpy_helper.from_array(np.array(f.act_args[1], np.float32), "clip_max")]
+        return [helper.make_node("Clip", [x, "clip_min", "clip_max"], [y])]
+    attrs: dict[str, float] = {}
+    if f.act in ("LeakyRelu", "Elu") and f.act_args:
+        attrs = {"alpha": f.act_args[0]}
+    elif f.act == "HardSigmoid" and len(f.act_args) == 2:
+        attrs = {"alpha": f.act_args[0], "beta": f.act_args[1]}
+    return [helper.make_node(f.act, [x], [y], **attrs)]  # type: ignore[arg-type]
+
+
+def layer_graph(f: Family, cin: int, cout: int, seed: int = 0) -> bytes:
+    """A standalone ONNX model of one layer configuration, as the backend runs it in the model."""
+    rng = np.random.default_rng(seed)
+    b = f.batch
+    inputs = []
+    inits: list[TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    if f.op == "conv":
+        groups = cin if f.depthwise else f.groups
+        kh, kw = f.kernel
+        w = rng.standard_normal((cout, cin // groups, kh, kw), dtype=np.float32) * 0.05
+        inits += [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(cout, np.float32), "B")]
+        inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [b, cin, *f.in_hw]))
+        ph, pw = f.padding
+        nodes.append(helper.make_node("Conv", ["x", "W", "B"], ["y0"], kernel_shape=[kh, kw], strides=list(f.stride),
+                                      pads=[ph, pw, ph, pw], dilations=list(f.dilation), group=groups))
+        out_shape = [b, cout, *f.out_hw()]
+    else:
+        rows = f.in_hw[0]
+        w = rng.standard_normal((cout, cin), dtype=np.float32) * 0.05
+        inits += [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(cout, np.float32), "B")]
+        if rows == 1:
+            inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [b, cin]))
+            nodes.append(helper.make_node("Gemm", ["x", "W", "B"], ["y0"], transB=1))
+            out_shape = [b, cout]
+        else:
+            inits[0] = numpy_helper.from_array(np.ascontiguousarray(w.T), "W")
+            inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [b, rows, cin]))
+            nodes += [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "B"], ["y0"])]
+            out_shape = [b, rows, cout]
+    last = "y0"
+    if f.residual:
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, out_shape))
+        nodes.append(helper.make_node("Add", [last, "r"], ["y1"]))
+        last = "y1"
+    nodes += _act_nodes(f, last, "y", inits)
+    graph = helper.make_graph(nodes, "layer", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="deploy-prune")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+# ---------------------------------------------------------------------------------------------
+def _bracket(grid: list[int], v: int) -> tuple[int, int, float]:
+    """Indices of the grid points around ``v`` and the weight of the upper one."""
+    if v >= grid[-1]:
+        return len(grid) - 1, len(grid) - 1, 0.0
+    if v <= grid[0]:
+        if len(grid) == 1:
+            return 0, 0, 0.0
+        return 0, 1, (v - grid[0]) / (grid[1] - grid[0])  # linear extrapolation below the grid
+    j = bisect.bisect_left(grid, v)
+    if grid[j] == v:
+        return j, j, 0.0
+    return j - 1, j, (v - grid[j - 1]) / (grid[j] - grid[j - 1])
+
+
+def layer_ms(profile: Mapping[str, Any], name: str, cin: int, cout: int) -> float:
+    """Interpolated latency of layer ``name`` at (cin, cout) channels from the profile's grid."""
+    lay = profile["layers"][name]
+    fam = Family.from_dict(lay["family"])
+    if cin > lay["cin"] or cout > lay["cout"]:
+        raise UserError(f"layer {name!r} has {cin}x{cout} channels, more than the {lay['cin']}x{lay['cout']} "
+                        "the profile was made for; profile this model instead")
+    entries = profile["entries"]
+
+    def val(ci: int, co: int) -> float:
+        return float(entries[fam.key(ci, co)]["median_ms"])
+
+    gout = lay["grid_out"]
+    if fam.depthwise:
+        i0, i1, t = _bracket(gout, cout)
+        return (1 - t) * val(gout[i0], gout[i0]) + t * val(gout[i1], gout[i1])
+    gin = lay["grid_in"]
+    a0, a1, ta = _bracket(gin, cin)
+    b0, b1, tb = _bracket(gout, cout)
+    return ((1 - ta) * (1 - tb) * val(gin[a0], gout[b0]) + ta * (1 - tb) * val(gin[a1], gout[b0])
+            + (1 - ta) * tb * val(gin[a0], gout[b1]) + ta * tb * val(gin[a1], gout[b1]))
+
+
+def predict(model: nn.Module, profile: Mapping[str, Any], measure_missing: Any = None) -> dict[str, Any]:
+    """Predicted latency of ``model`` (any pruned variant of the profiled model), in ms.
+
+    Returns ``raw_ms`` (layer sum + remainder), ``calibrated_ms`` (the profile's linear
+    calibration applied to the layer sum; equal to raw when the profile has none),
+    ``layer_sum_ms`` and ``per_layer``. A conv/linear layer the profile lacks is measured on
+    the spot by ``measure_missing(name, module)`` when given, else it is a clear error.
+    """
+    widths = current_widths(model)
+    known = profile["layers"]
+    per_layer: dict[str, float] = {}
+    missing = [n for n in widths if n not in known]
+    if missing and measure_missing is None:
+        raise UserError(f"the profile has no entry for layer(s) {', '.join(missing[:5])}; it was made for another "
+                        "model: run deploy-prune profile for this one")
+    for name, (cin, cout) in widths.items():
+        per_layer[name] = layer_ms(profile, name, cin, cout) if name in known else float(measure_missing(name, model))
+    gone = [n for n in known if n not in widths]
+    if gone:
+        raise UserError(f"layer(s) {', '.join(gone[:5])} of the profile are not in this model; profile it again")
+    s = sum(per_layer.values())
+    cal = profile.get("calibration") or {}
+    return {
+        "layer_sum_ms": s, "raw_ms": s + float(profile.get("remainder_ms", 0.0)),
+        "calibrated_ms": float(cal["a"]) * s + float(cal["b"]) if cal else s + float(profile.get("remainder_ms", 0.0)),
+        "per_layer": per_layer, "measured_on_the_spot": missing,
+    }

@@ -1,0 +1,392 @@
+"""``deploy-prune profile``: measure a model's per-layer latency LUT on a target.
+
+Steps: (1) list the model's layers and the configurations pruning can reach
+(``lut.layer_configs``), (2) time each distinct configuration's standalone graph, in chunks
+interleaved round by round, saving after every chunk so an interrupted profile resumes,
+(3) time the full model and a few uniformly pruned variants end to end, giving the constant
+remainder and the linear calibration, (4) optionally validate on random pruned variants.
+
+The profile is written atomically to ``profiles/<target>/<model-fingerprint>.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from deploy_prune import __version__
+from deploy_prune.config import Protocol, Target
+from deploy_prune.errors import UserError
+from deploy_prune.export import onnx_bytes, to_onnx
+from deploy_prune.graph import ModelGraph, round_channels
+from deploy_prune.io import ensure_dir, provenance, read_json, write_json
+from deploy_prune.latency import lut
+from deploy_prune.latency.measure import Measurer, measurer_for
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+CHUNK = 48  # configurations timed together (interleaved); also the resume granularity
+
+
+def layer_protocol(p: Protocol) -> Protocol:
+    """The protocol for single-layer entries, derived from the target's whole-model one.
+
+    A layer runs in microseconds to a few milliseconds and there are hundreds of them, so each
+    gets a tenth of the warm-up and repeats and 1/40 of the minimum time (50 ms for the
+    default 2 s), over at most 3 interleaved rounds (our choice: it keeps ResNet-20's profile
+    under a minute while the round-to-round CV of an entry stays at a few percent).
+    """
+    rounds = min(p.rounds, 3)
+    return Protocol(warmup=max(2, p.warmup // 10), repeats=max(rounds, p.repeats // 10), rounds=rounds,
+                    min_time_s=p.min_time_s / 40)
+
+
+def profile_path(out_dir: str | Path, target: Target, fingerprint: str) -> Path:
+    return Path(out_dir) / target.name / f"{fingerprint}.json"
+
+
+def prunable_dims(graph: ModelGraph) -> dict[str, tuple[bool, bool]]:
+    """Per layer: can pruning change its (input, output) channels?"""
+    out: dict[str, list[bool]] = {}
+    for g in graph.groups():
+        for n in g.out_layers:
+            out.setdefault(n, [False, False])[1] = True
+        for n in g.in_layers:
+            out.setdefault(n, [False, False])[0] = True
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+@dataclass
+class ProfileSpec:
+    """What to profile: the unpruned model, how it is fed, and the grid."""
+
+    model: nn.Module
+    name: str  # model spec, for the file name
+    input_shape: tuple[int, ...]
+    target: Target
+    step: int | None = None
+    max_points: int = 8
+    ignore: Sequence[str] = ()
+
+
+def describe(spec: ProfileSpec) -> tuple[ModelGraph, list[lut.LayerSpec], str]:
+    graph = ModelGraph(spec.model, spec.input_shape, ignore=spec.ignore, channel_multiple=spec.target.channel_multiple)
+    proto = to_onnx(spec.model, _zeros(spec.target.batch, spec.input_shape))
+    specs = lut.layer_specs(spec.model, spec.input_shape, spec.target.batch, proto, prunable_dims(graph))
+    fp = lut.model_fingerprint(spec.name, specs, spec.input_shape, spec.target.batch)
+    return graph, specs, fp
+
+
+def _zeros(batch: int, shape: Sequence[int]) -> Any:
+    import torch
+
+    return torch.zeros(batch, *shape)
+
+
+def plan_variant(graph: ModelGraph, shares: Mapping[str, float]) -> dict[str, int]:
+    """Channel counts per group for keep shares, rounded to the target's channel multiple."""
+    return {g.name: round_channels(g.channels * shares.get(g.name, 1.0), g.channels, graph.channel_multiple)
+            for g in graph.groups()}
+
+
+def pruned_copy(model: nn.Module, input_shape: Sequence[int], plan: Mapping[str, int], ignore: Sequence[str] = (),
+                multiple: int = 1) -> nn.Module:
+    """A copy of ``model`` keeping ``plan[group]`` channels (the first ones: which channels go does
+    not change latency)."""
+    m = copy.deepcopy(model)
+    g = ModelGraph(m, input_shape, ignore=ignore, channel_multiple=multiple)
+    g.prune({info.name: list(range(plan[info.name], info.channels)) for info in g.groups()
+             if plan.get(info.name, info.channels) < info.channels})
+    return m
+
+
+def random_shares(graph: ModelGraph, rng: np.random.Generator, uniform: bool, lo: float = 0.2, hi: float = 1.0) -> dict[str, float]:
+    if uniform:
+        r = float(rng.uniform(lo, hi))
+        return {g.name: r for g in graph.groups()}
+    return {g.name: float(rng.uniform(lo, hi)) for g in graph.groups()}
+
+
+def check_profile(prof: Mapping[str, Any], target: Target, fingerprint: str | None, info: Mapping[str, Any] | None,
+                  force: bool = False) -> list[str]:
+    """Reasons ``prof`` does not belong to this target/model/tool; raises unless ``force``."""
+    why = []
+    if prof.get("schema") != lut.SCHEMA_VERSION:
+        why.append(f"schema {prof.get('schema')} (this tool reads {lut.SCHEMA_VERSION})")
+    if prof.get("target", {}).get("name") != target.name:
+        why.append(f"target {prof.get('target', {}).get('name')!r}, not {target.name!r}")
+    if fingerprint is not None and prof.get("fingerprint") != fingerprint:
+        why.append(f"model {prof.get('fingerprint')!r}, not {fingerprint!r}")
+    if prof.get("provenance", {}).get("tool_version") != __version__:
+        why.append(f"deploy-prune {prof.get('provenance', {}).get('tool_version')}, not {__version__}")
+    if info is not None and prof.get("measurer", {}).get("backend_versions") != info.get("backend_versions"):
+        why.append(f"backend {prof.get('measurer', {}).get('backend_versions')}, not {info.get('backend_versions')}")
+    if why and not force:
+        raise UserError(f"the profile was made for {'; '.join(why)}: re-run deploy-prune profile, or pass --force to use it anyway")
+    return why
+
+
+def load_profile(path: str | Path, target: Target | None = None, fingerprint: str | None = None,
+                 info: Mapping[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
+    """Read a profile and check it belongs to ``target`` and the model ``fingerprint``."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"no profile at {str(p)!r}; create it with deploy-prune profile --target ... --model ...")
+    prof = read_json(p)
+    if not isinstance(prof, dict) or "entries" not in prof:
+        raise UserError(f"{str(p)!r} is not a deploy-prune profile")
+    if target is not None:
+        prof["compat_warnings"] = check_profile(prof, target, fingerprint, info, force)
+    return prof
+
+
+# ---------------------------------------------------------------------------------------------
+def run_profile(
+    spec: ProfileSpec,
+    out_dir: str | Path = "profiles",
+    validate: int = 0,
+    calibrate: Sequence[float] = (0.75, 0.5, 0.3),
+    seed: int = 0,
+    progress: Progress | None = None,
+    measurer: Measurer | None = None,
+    force: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """Profile ``spec.model`` on ``spec.target``; returns the profile path and its content."""
+    t_start = time.perf_counter()
+    target = spec.target
+    m = measurer or measurer_for(target)
+    info = m.info()
+    graph, specs, fp = describe(spec)
+    path = profile_path(out_dir, target, fp)
+    partial = path.with_suffix(".partial.json")
+    ensure_dir(path.parent)
+
+    configs: dict[str, tuple[lut.Family, int, int]] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for s in specs:
+        pairs = lut.layer_configs(s, target.channel_multiple, spec.step, spec.max_points)
+        d = s.as_dict()
+        d["grid_in"] = sorted({ci for ci, _ in pairs})
+        d["grid_out"] = sorted({co for _, co in pairs})
+        layers[s.name] = d
+        for ci, co in pairs:
+            configs.setdefault(s.family.key(ci, co), (s.family, ci, co))
+
+    header = {
+        "schema": lut.SCHEMA_VERSION, "fingerprint": fp, "structure": lut.structure_signature(specs),
+        "model": {"name": spec.name, "input_shape": list(spec.input_shape), "batch": target.batch},
+        "target": target.as_dict(), "measurer": info,
+        "protocol": {"layer": layer_protocol(target.protocol).__dict__, "model": target.protocol.__dict__},
+        "grid": {"step": spec.step, "max_points": spec.max_points, "channel_multiple": target.channel_multiple},
+        "layers": layers,
+    }
+    entries: dict[str, Any] = {}
+    if partial.is_file():  # resume what an interrupted run measured under the same conditions
+        old = read_json(partial)
+        same = all(old.get(k) == header[k] for k in ("schema", "fingerprint", "measurer", "protocol", "grid")) \
+            and old.get("target", {}).get("name") == target.name and old.get("tool_version") == __version__
+        if same or force:
+            entries = {k: v for k, v in old.get("entries", {}).items() if k in configs}
+    todo = [k for k in configs if k not in entries]
+    resumed = len(configs) - len(todo)
+    lp = layer_protocol(target.protocol)
+    done = resumed
+    if progress:
+        progress("layers", done, len(configs))
+    # Sort by family so that a chunk holds similar layers (their interleaving is what matters).
+    todo.sort(key=lambda k: k.rsplit("|", 1)[0])
+    for i in range(0, len(todo), CHUNK):
+        chunk = todo[i:i + CHUNK]
+        models = {k: lut.layer_graph(*configs[k]) for k in chunk}
+        stats = m.time(models, lp)
+        for k in chunk:
+            st = stats[k]
+            entries[k] = {"config": {**configs[k][0].as_dict(), "cin": configs[k][1], "cout": configs[k][2]},
+                          "median_ms": st.median, "p90_ms": st.p90, "iqr_ms": st.iqr, "n": st.n, "round_cv": st.round_cv}
+        write_json(partial, {**header, "tool_version": __version__, "entries": entries})
+        done += len(chunk)
+        if progress:
+            progress("layers", done, len(configs))
+    t_layers = time.perf_counter() - t_start
+
+    prof: dict[str, Any] = {**header, "entries": entries, "configs_measured": len(todo), "configs_resumed": resumed,
+                            "configs_total": len(configs)}
+    # Whole-model measurements: full width (the remainder) and uniform variants (calibration).
+    t0 = time.perf_counter()
+    variants = {"full": spec.model}
+    for r in calibrate:
+        variants[f"uniform-{r:g}"] = pruned_copy(spec.model, spec.input_shape, plan_variant(graph, {g.name: r for g in graph.groups()}),
+                                                 spec.ignore, target.channel_multiple)
+    measured, predicted = measure_variants(m, variants, spec.input_shape, target, prof, progress, "calibration")
+    s_full = predicted["full"]["layer_sum_ms"]
+    prof["remainder_ms"] = measured["full"]["median"] - s_full
+    xs = np.array([predicted[k]["layer_sum_ms"] for k in variants])
+    ys = np.array([measured[k]["median"] for k in variants])
+    a, b = np.polyfit(xs, ys, 1) if len(xs) >= 2 else (1.0, prof["remainder_ms"])
+    prof["full_model"] = {"latency_ms": measured["full"], "layer_sum_ms": s_full}
+    prof["calibration"] = {
+        "a": float(a), "b": float(b), "fit": "measured_ms = a * layer_sum_ms + b (least squares)",
+        "points": [{"variant": k, "layer_sum_ms": float(x), "measured_ms": float(y)} for k, x, y in zip(variants, xs, ys, strict=True)],
+    }
+    t_cal = time.perf_counter() - t0
+    prof["stage_seconds"] = {"layers": round(t_layers, 2), "calibration": round(t_cal, 2)}
+    prof["provenance"] = provenance(target=target.name, backend=info.get("backend"), backend_versions=info.get("backend_versions"),
+                                    device=info.get("device"), threads=info.get("threads"), where=info.get("where"))
+    if validate:
+        t0 = time.perf_counter()
+        prof["validation"] = validate_profile(spec, prof, graph, m, validate, seed, progress)
+        prof["stage_seconds"]["validation"] = round(time.perf_counter() - t0, 2)
+        plot_validation(prof["validation"], path.with_suffix(".validation.png"), f"{spec.name} on {target.name}")
+    prof["profile_seconds"] = round(time.perf_counter() - t_start, 2)
+    write_json(path, prof)
+    partial.unlink(missing_ok=True)
+    return path, prof
+
+
+def measure_variants(
+    m: Measurer, variants: Mapping[str, nn.Module], input_shape: Sequence[int], target: Target, prof: Mapping[str, Any],
+    progress: Progress | None = None, stage: str = "variants",
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Export every variant, measure them interleaved with the target protocol, and predict each."""
+    blobs = {}
+    for i, (k, model) in enumerate(variants.items()):
+        if progress:
+            progress(f"{stage}: export", i, len(variants))
+        blobs[k] = onnx_bytes(model, tuple(input_shape), target.batch)
+    if progress:
+        progress(f"{stage}: export", len(variants), len(variants))
+        progress(f"{stage}: measure", 0, 1)
+    stats = m.time(blobs, target.protocol)
+    if progress:
+        progress(f"{stage}: measure", 1, 1)
+    predicted = {k: lut.predict(model, prof) for k, model in variants.items()}
+    return {k: v.as_dict() for k, v in stats.items()}, predicted
+
+
+def fidelity(pred: Sequence[float], meas: Sequence[float]) -> dict[str, Any]:
+    """Agreement of predicted and measured latencies."""
+    from scipy.stats import spearmanr
+
+    p, y = np.asarray(pred, float), np.asarray(meas, float)
+    err = 100.0 * (p - y) / y
+    rho = float(spearmanr(p, y).statistic) if len(p) > 2 else float("nan")
+    return {"median_abs_error_pct": float(np.median(np.abs(err))), "within_10pct_share": float(np.mean(np.abs(err) <= 10.0)),
+            "max_abs_error_pct": float(np.max(np.abs(err))), "mean_error_pct": float(np.mean(err)), "spearman": rho,
+            "n_variants": len(p)}
+
+
+def validate_profile(spec: ProfileSpec, prof: Mapping[str, Any], graph: ModelGraph, m: Measurer, n: int, seed: int = 0,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Prune ``n`` random variants (half one share for all groups, half a share per group, in
+    [0.2, 1.0]), measure each end to end and compare with the raw and calibrated predictions.
+
+    The calibration was fitted on the uniform variants of ``profile``, not on these, so the
+    calibrated figures are out of sample.
+    """
+    rng = np.random.default_rng(seed + 1)
+    variants: dict[str, nn.Module] = {}
+    kinds = {}
+    for i in range(n):
+        uniform = i % 2 == 0
+        plan = plan_variant(graph, random_shares(graph, rng, uniform))
+        key = f"v{i:02d}-{'uniform' if uniform else 'mixed'}"
+        variants[key] = pruned_copy(spec.model, spec.input_shape, plan, spec.ignore, spec.target.channel_multiple)
+        kinds[key] = plan
+        if progress:
+            progress("validation: prune", i + 1, n)
+    measured, predicted = measure_variants(m, variants, spec.input_shape, spec.target, prof, progress, "validation")
+    rows = [{"variant": k, "measured_ms": measured[k]["median"], "measured_p90_ms": measured[k]["p90"],
+             "round_cv": measured[k]["round_cv"], "raw_ms": predicted[k]["raw_ms"], "calibrated_ms": predicted[k]["calibrated_ms"],
+             "keep": kinds[k]} for k in variants]
+    meas = [r["measured_ms"] for r in rows]
+    return {"raw": fidelity([r["raw_ms"] for r in rows], meas),
+            "calibrated": fidelity([r["calibrated_ms"] for r in rows], meas),
+            "n_variants": n, "seed": seed, "variants": rows}
+
+
+def plot_validation(val: Mapping[str, Any], path: Path, title: str) -> Path:
+    """Predicted-vs-measured scatter (raw and calibrated) with the ±10 % band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deploy_prune.io import atomic_write
+
+    rows = val["variants"]
+    y = np.array([r["measured_ms"] for r in rows])
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    lo, hi = float(y.min()) * 0.8, float(y.max()) * 1.2
+    xs = np.linspace(lo, hi, 10)
+    ax.plot(xs, xs, "k-", lw=1, label="exact")
+    ax.fill_between(xs, xs * 0.9, xs * 1.1, color="0.9", label="±10 %")
+    for key, mark in (("raw", "o"), ("calibrated", "x")):
+        f = val[key]
+        ax.scatter(y, [r[f"{key}_ms"] for r in rows], marker=mark,
+                   label=f"{key}: median |err| {f['median_abs_error_pct']:.1f} %, ρ {f['spearman']:.3f}")
+    ax.set_xlabel("measured median (ms)")
+    ax.set_ylabel("predicted (ms)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+TORCHVISION_INPUT = (3, 224, 224)
+CIFAR_INPUT = (3, 32, 32)
+
+
+def parse_input_size(text: str) -> tuple[int, ...]:
+    """``C,H,W`` / ``CxHxW``, or one number ``S`` for ``3,S,S``."""
+    try:
+        vals = tuple(int(v) for v in text.replace("x", ",").split(","))
+        if len(vals) == 1:
+            vals = (3, vals[0], vals[0])
+        assert len(vals) == 3 and min(vals) > 0
+    except (ValueError, AssertionError):
+        raise UserError(f"bad --input-size {text!r}; use C,H,W such as 3,224,224 (or one number for 3xSxS)") from None
+    return vals
+
+
+def resolve_model(
+    model_spec: str | None, weights: str | None, input_size: str | None, num_classes: int | None, target: Target,
+    trust: bool = False,
+) -> tuple[nn.Module, str, tuple[int, ...]]:
+    """The model to profile, its name and its C,H,W input, from the CLI's options.
+
+    Input size: ``--input-size``, else the checkpoint's recorded shape, else the target's
+    ``input_shape``, else 3x224x224 for torchvision models and 3x32x32 for the others.
+    """
+    from deploy_prune.models import MODELS, is_user_model
+    from deploy_prune.models.checkpoint import load_model
+
+    if model_spec is None and weights is None:
+        raise UserError("profile needs --model NAME (or --weights CHECKPOINT)")
+    meta: dict[str, Any] = {}
+    shape: tuple[int, ...] | None = parse_input_size(input_size) if input_size else None
+    if weights is not None:
+        model, meta = load_model(weights, model_spec, num_classes=num_classes, trust=trust)
+        shape = shape or (tuple(meta["input_shape"]) if "input_shape" in meta else None)
+    if shape is None:
+        torchvision_like = model_spec in ("resnet18", "resnet50", "vgg16", "mobilenet_v2", "mobilenet_v3_large")
+        shape = tuple(target.input_shape) if target.input_shape else (TORCHVISION_INPUT if torchvision_like else CIFAR_INPUT)
+    if weights is None:
+        from deploy_prune.models import build_model
+
+        assert model_spec is not None
+        model = build_model(model_spec, num_classes or 10, shape[0])
+    name = model_spec or meta.get("model", {}).get("spec", "model")
+    if not is_user_model(name) and name not in MODELS.names():
+        name = "model"
+    from deploy_prune.models import check_runs_on
+
+    check_runs_on(model, shape)
+    return model, name, shape

@@ -1,0 +1,195 @@
+"""Latency LUTs: configurations, standalone graphs, profiling with resume, prediction, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from deploy_prune.cli import app
+from deploy_prune.config import Protocol, Target
+from deploy_prune.errors import UserError
+from deploy_prune.latency import lut
+from deploy_prune.latency.measure import LocalMeasurer
+from deploy_prune.latency.profile import (
+    ProfileSpec,
+    check_profile,
+    describe,
+    layer_protocol,
+    load_profile,
+    plan_variant,
+    pruned_copy,
+    run_profile,
+)
+from deploy_prune.models import build_model
+
+SHAPE = (1, 16, 16)
+
+
+@pytest.fixture
+def fast_target() -> Target:
+    return Target(name="fast", backend="onnxruntime", threads=1, channel_multiple=8,
+                  protocol=Protocol(warmup=2, repeats=6, rounds=2, min_time_s=0.0))
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("tiny-cnn", 10, 1)
+
+
+def test_channel_grid_honours_multiple_and_includes_full_width() -> None:
+    assert lut.channel_grid(16, True, 8) == [8, 16]
+    assert lut.channel_grid(20, True, 8) == [8, 16, 20]  # full width even off the multiple
+    assert lut.channel_grid(6, True, 1) == [1, 2, 3, 4, 5, 6]  # small: every count
+    g = lut.channel_grid(512, True, 8)
+    assert g[0] == 8 and g[-1] == 512 and all(c % 8 == 0 for c in g) and len(g) <= 9
+    assert lut.channel_grid(64, True, 1, step=16) == [1, 16, 32, 48, 64]
+    assert lut.channel_grid(3, False) == [3]
+
+
+def test_layer_specs_see_fused_activation_and_residual_add() -> None:
+    model = build_model("resnet20", 10, 1)
+    spec = ProfileSpec(model, "resnet20", (1, 32, 32), Target(name="t", backend="onnxruntime"))
+    _, specs, fp = describe(spec)
+    by = {s.name: s for s in specs}
+    assert by["conv1"].family.act == "Relu" and not by["conv1"].family.residual
+    assert not by["conv1"].prunable_in and by["conv1"].prunable_out  # the image channel is fixed
+    assert by["layer1.0.conv2"].family.residual and by["layer1.0.conv2"].family.act == "Relu"
+    assert by["layer1.0.conv1"].family.act == "Relu" and not by["layer1.0.conv1"].family.residual
+    assert by["fc"].family.op == "linear" and not by["fc"].prunable_out
+    assert by["layer2.0.conv1"].family.stride == (2, 2) and by["layer3.1.conv1"].family.in_hw == (8, 8)
+    assert fp.startswith("resnet20-1x32x32-b1-")
+
+
+def test_layer_graph_matches_torch_shapes() -> None:
+    fam = lut.Family("conv", (3, 3), (2, 2), (1, 1), (1, 1), 1, False, (15, 15), 2, True, "Clip", (0.0, 6.0))
+    sess = ort.InferenceSession(lut.layer_graph(fam, 8, 24), providers=["CPUExecutionProvider"])
+    x = np.ones((2, 8, 15, 15), np.float32)
+    r = np.full((2, 24, 8, 8), 100.0, np.float32)
+    y = sess.run(None, {"x": x, "r": r})[0]
+    assert y.shape == (2, 24, 8, 8) and float(y.max()) == 6.0  # the residual add, then the Clip
+    dw = lut.Family("conv", (3, 3), (1, 1), (1, 1), (1, 1), 1, True, (8, 8), 1)
+    sess = ort.InferenceSession(lut.layer_graph(dw, 16, 16), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": np.ones((1, 16, 8, 8), np.float32)})[0].shape == (1, 16, 8, 8)
+
+
+def test_bilinear_interpolation_is_exact_on_grid_and_between() -> None:
+    fam = lut.Family("conv", in_hw=(4, 4))
+    gin, gout = [8, 16], [8, 16, 24]
+    entries = {fam.key(ci, co): {"median_ms": ci * 0.1 + co * 0.01} for ci in gin for co in gout}
+    prof = {"layers": {"c": {"family": fam.as_dict(), "cin": 16, "cout": 24, "grid_in": gin, "grid_out": gout}}, "entries": entries}
+    assert lut.layer_ms(prof, "c", 16, 24) == pytest.approx(1.84)
+    assert lut.layer_ms(prof, "c", 12, 20) == pytest.approx(1.2 + 0.2)  # linear in each dimension
+    with pytest.raises(UserError, match="more than"):
+        lut.layer_ms(prof, "c", 16, 32)
+
+
+def test_layer_protocol_is_lighter_than_the_model_protocol() -> None:
+    p = layer_protocol(Protocol())
+    assert p.rounds <= 3 and p.min_time_s < Protocol().min_time_s and p.repeats < Protocol().repeats
+
+
+def test_profile_predicts_and_resumes_after_a_crash(tmp_path: Path, fast_target: Target) -> None:
+    model = tiny()
+    spec = ProfileSpec(model, "tiny-cnn", SHAPE, fast_target)
+    real = LocalMeasurer(fast_target)
+
+    class Crashing:
+        """Measures the first chunk, then dies like a killed process."""
+
+        target, shapes, calls = fast_target, real.shapes, 0
+
+        def info(self) -> dict[str, Any]:
+            return real.info()
+
+        def time(self, models: Any, protocol: Any = None, on_round: Any = None) -> Any:
+            self.calls += 1
+            if self.calls > 1:
+                raise KeyboardInterrupt
+            return real.time(models, protocol)
+
+    import deploy_prune.latency.profile as prof_mod
+
+    old_chunk = prof_mod.CHUNK
+    prof_mod.CHUNK = 4
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_profile(spec, tmp_path, measurer=Crashing())
+    finally:
+        prof_mod.CHUNK = old_chunk
+    partial = list((tmp_path / "fast").glob("*.partial.json"))
+    assert len(partial) == 1 and len(json.loads(partial[0].read_text())["entries"]) == 4
+    assert not list((tmp_path / "fast").glob("*[0-9a-f].json"))  # no final profile from a crashed run
+
+    path, prof = run_profile(spec, tmp_path, validate=4)
+    assert prof["configs_resumed"] == 4 and prof["configs_measured"] == prof["configs_total"] - 4
+    assert not partial[0].exists() and path.is_file() and path.with_suffix(".validation.png").is_file()
+    assert prof["provenance"]["backend_versions"]["onnxruntime"] and prof["measurer"]["threads"] == 1
+    # Raw prediction at full width is the measured latency by construction.
+    pred = lut.predict(model, prof)
+    assert pred["raw_ms"] == pytest.approx(prof["full_model"]["latency_ms"]["median"], rel=1e-6)
+    # A pruned variant predicts lower: the layer entries shrink with the channels.
+    _, _, _ = describe(spec)
+    graph = describe(spec)[0]
+    small = pruned_copy(model, SHAPE, plan_variant(graph, {g.name: 0.5 for g in graph.groups()}), multiple=8)
+    assert lut.predict(small, prof)["layer_sum_ms"] < pred["layer_sum_ms"]
+    v = prof["validation"]
+    assert v["n_variants"] == 4 and set(v["raw"]) >= {"median_abs_error_pct", "within_10pct_share", "spearman"}
+    assert all(r["measured_ms"] > 0 and r["raw_ms"] > 0 for r in v["variants"])
+
+
+@pytest.fixture(scope="module")
+def small_profile(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    target = Target(name="fast", backend="onnxruntime", threads=1, channel_multiple=8,
+                    protocol=Protocol(warmup=1, repeats=4, rounds=2, min_time_s=0.0))
+    return run_profile(ProfileSpec(tiny(), "tiny-cnn", SHAPE, target), tmp_path_factory.mktemp("prof"), calibrate=(0.5,))
+
+
+def test_profile_is_refused_for_another_target_model_or_backend(small_profile: tuple[Path, dict[str, Any]],
+                                                                 fast_target: Target) -> None:
+    path, prof = small_profile
+    fp = prof["fingerprint"]
+    assert load_profile(path, fast_target, fp)["fingerprint"] == fp
+    other = Target(name="other", backend="onnxruntime")
+    with pytest.raises(UserError, match="target 'fast', not 'other'.*--force"):
+        load_profile(path, other, fp)
+    with pytest.raises(UserError, match="model"):
+        load_profile(path, fast_target, "resnet20-3x32x32-b1-0000000000")
+    with pytest.raises(UserError, match="backend"):
+        check_profile(prof, fast_target, fp, {"backend_versions": {"onnxruntime": "0.0.1"}})
+    assert check_profile(prof, other, fp, None, force=True)  # forced: reasons returned, no error
+    with pytest.raises(UserError, match="no profile"):
+        load_profile(path.with_name("nope.json"), fast_target, fp)
+
+
+def test_missing_layer_is_measured_on_the_spot_or_refused(small_profile: tuple[Path, dict[str, Any]]) -> None:
+    _, prof = small_profile
+    model = tiny()
+    model.extra = nn.Linear(4, 4)  # a layer the profile never saw
+    with pytest.raises(UserError, match="no entry for layer.*extra"):
+        lut.predict(model, prof)
+    got = lut.predict(model, prof, measure_missing=lambda name, m: 0.5)
+    assert got["measured_on_the_spot"] == ["extra"] and got["per_layer"]["extra"] == 0.5
+
+
+def test_cli_profile_and_bad_input(tmp_path: Path) -> None:
+    target = tmp_path / "fast.yaml"
+    target.write_text("name: fast\nbackend: onnxruntime\nthreads: 1\nchannel_multiple: 8\nwarmup: 1\nrepeats: 4\n"
+                      "rounds: 2\nmin_time_s: 0.0\n")
+    runner = CliRunner()
+    r = runner.invoke(app, ["profile", "--target", str(target), "--model", "tiny-cnn", "--input-size", "1,16,16",
+                            "--out", str(tmp_path / "profiles")])
+    assert r.exit_code == 0, r.output
+    files = list((tmp_path / "profiles" / "fast").glob("tiny-cnn-1x16x16-b1-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["schema"] == lut.SCHEMA_VERSION
+    r = runner.invoke(app, ["profile", "--target", "no-such-target", "--model", "tiny-cnn"])
+    assert r.exit_code == 2 and "unknown target" in r.output
+    r = runner.invoke(app, ["profile", "--target", str(target), "--model", "tiny-cnn", "--input-size", "1,x,16"])
+    assert r.exit_code == 2 and "--input-size" in r.output
