@@ -185,6 +185,8 @@ def sensitivity(
     val_samples: Annotated[int, typer.Option(help="size of the fixed validation subset")] = 1000,
     score_batches: Annotated[int, typer.Option(help="training batches used by the criterion")] = 8,
     workers: Annotated[int, typer.Option(help="processes to split the evaluation over")] = 1,
+    profiles: Annotated[Path, typer.Option(help="profiles directory (latency saved, with --target)")] = Path("profiles"),
+    force: Annotated[bool, typer.Option("--force", help="use a profile made for another tool/backend version")] = False,
     trust_checkpoint: TrustOpt = False,
     seed: SeedOpt = 0,
 ) -> None:
@@ -197,15 +199,26 @@ def sensitivity(
 
     cfg = SensitivityConfig(criterion=criterion, ratios=_parse_floats(ratios, "--ratios"), val_samples=val_samples,
                             score_batches=score_batches, workers=workers, seed=seed)
-    multiple = load_target(target).channel_multiple if target else 1
+    tgt = load_target(target) if target else None
+    multiple = tgt.channel_multiple if tgt else 1
     bundle = load_data(data, _data_options(data_dir, image_size, seed))
     net, meta = load_model(weights, model, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
                            trust=trust_checkpoint)
     check_runs_on(net, bundle.input_shape, bundle.num_classes)
+    lut_profile = None
+    if tgt is not None:
+        from deploy_prune.latency.profile import find_profile
+
+        spec = model or meta.get("model", {}).get("spec", "model")
+        ign = [s for s in ignore.split(",") if s]
+        lut_profile = find_profile(net, spec, bundle.input_shape, tgt, profiles, ign, force)
+        if lut_profile is None:
+            console.print(f"no latency profile of this model for target {tgt.name!r} under {profiles}/: latency_saved_ms "
+                          f"stays empty (run deploy-prune profile --target {tgt.name} --weights {weights} first)")
     with _progress_bar(True) as bar:
         task = bar.add_task(f"sensitivity ({criterion})", total=None)
         res = sensitivity_run(out, net, bundle, cfg, ignore=[s for s in ignore.split(",") if s],
-                              channel_multiple=multiple, meta=meta.get("model", {}),
+                              channel_multiple=multiple, meta=meta.get("model", {}), profile=lut_profile,
                               on_job=lambda i, n: bar.update(task, completed=i, total=n))
     worst = max(res["groups"], key=lambda g: g["entries"][len(g["entries"]) // 2]["accuracy_drop"])
     console.print(f"baseline accuracy {res['baseline_accuracy']:.4f} on {res['val_subset']} validation samples; "

@@ -29,6 +29,7 @@ from deploy_prune.errors import UserError
 from deploy_prune.graph import ModelGraph, round_channels
 from deploy_prune.importance import CRITERIA, score_groups
 from deploy_prune.io import atomic_write, provenance, read_json, write_json
+from deploy_prune.latency import lut
 
 SCHEMA_VERSION = 1
 
@@ -77,9 +78,12 @@ def _job(job: tuple[str, float]) -> dict[str, Any]:
     graph.prune_by_scores({name: keep}, {name: s["scores"][name]})
     acc = _accuracy(model, s["x"], s["y"])
     flops, params = graph.flops_params()
+    saved = None
+    if s.get("profile") is not None:  # LUT prediction (calibrated) of the model pruned at this group alone
+        saved = s["lat0"] - lut.predict(model, s["profile"])["calibrated_ms"]
     return {"group": name, "ratio": ratio, "kept_channels": keep, "channels": graph_channels, "accuracy": acc,
             "accuracy_drop": s["baseline"] - acc, "flops_saved": s["flops0"] - flops,
-            "params_saved": s["params0"] - params, "latency_saved_ms": None}
+            "params_saved": s["params0"] - params, "latency_saved_ms": saved}
 
 
 def _init_forked() -> None:
@@ -95,8 +99,10 @@ def run_sensitivity(
     channel_multiple: int = 1,
     on_job: Callable[[int, int], None] | None = None,
     meta: dict[str, Any] | None = None,
+    profile: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Score channels, then prune each group alone at each ratio and record the accuracy drop."""
+    """Score channels, then prune each group alone at each ratio and record the accuracy drop,
+    and, given the target's latency ``profile`` of this model, the predicted latency saved."""
     t0 = time.perf_counter()
     input_shape = data.input_shape
     graph = ModelGraph(model, input_shape, ignore, channel_multiple)
@@ -114,9 +120,10 @@ def run_sensitivity(
     t_score = time.perf_counter() - t_score
     flops0, params0 = graph.flops_params()
     baseline = _accuracy(model, x, y)
+    lat0 = lut.predict(model, profile)["calibrated_ms"] if profile else None
     _STATE.clear()
     _STATE.update(model=model, input_shape=input_shape, ignore=list(ignore), channel_multiple=channel_multiple,
-                  scores=scores, x=x, y=y, baseline=baseline, flops0=flops0, params0=params0)
+                  scores=scores, x=x, y=y, baseline=baseline, flops0=flops0, params0=params0, profile=profile, lat0=lat0)
     jobs = [(g.name, r) for g in graph.groups() for r in cfg.ratios]
     results: list[dict[str, Any]] = []
     try:
@@ -145,6 +152,8 @@ def run_sensitivity(
         "fingerprint": fingerprint(model, cfg, data.name, ignore, channel_multiple),
         "baseline_accuracy": baseline,
         "val_subset": n,
+        "latency_profile": {"fingerprint": profile["fingerprint"], "target": profile["target"]["name"],
+                            "baseline_predicted_ms": lat0} if profile else None,
         "flops": flops0,
         "params": params0,
         "groups": groups,

@@ -193,3 +193,21 @@ def test_cli_profile_and_bad_input(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "unknown target" in r.output
     r = runner.invoke(app, ["profile", "--target", str(target), "--model", "tiny-cnn", "--input-size", "1,x,16"])
     assert r.exit_code == 2 and "--input-size" in r.output
+
+
+def test_sensitivity_reports_latency_saved_from_the_profile(small_profile: tuple[Path, dict[str, Any]]) -> None:
+    from deploy_prune.data import DataOptions, load_data
+    from deploy_prune.sensitivity import SensitivityConfig, run_sensitivity
+
+    _, prof = small_profile
+    data = load_data("digits", DataOptions(image_size=16, train_limit=200, val_limit=100))
+    res = run_sensitivity(tiny(), data, SensitivityConfig(criterion="l1", ratios=(0.25, 0.75), val_samples=100, score_batches=1),
+                          channel_multiple=8, profile=prof)
+    assert res["latency_profile"]["baseline_predicted_ms"] > 0
+    for g in res["groups"]:
+        saved = [e["latency_saved_ms"] for e in g["entries"]]
+        assert all(s is not None for s in saved)
+    # Pruning every group harder saves more in total.
+    lo = sum(g["entries"][0]["latency_saved_ms"] for g in res["groups"])
+    hi = sum(g["entries"][1]["latency_saved_ms"] for g in res["groups"])
+    assert hi > lo

@@ -146,6 +146,16 @@ def load_profile(path: str | Path, target: Target | None = None, fingerprint: st
     return prof
 
 
+def find_profile(model: nn.Module, name: str, input_shape: Sequence[int], target: Target, profiles: str | Path = "profiles",
+                 ignore: Sequence[str] = (), force: bool = False) -> dict[str, Any] | None:
+    """The target's profile of this (unpruned) model, checked; None when there is none yet."""
+    _, _, fp = describe(ProfileSpec(model, name, tuple(input_shape), target, ignore=ignore))
+    path = profile_path(profiles, target, fp)
+    if not path.is_file():
+        return None
+    return load_profile(path, target, fp, measurer_for(target).info(), force=force)
+
+
 # ---------------------------------------------------------------------------------------------
 def run_profile(
     spec: ProfileSpec,
