@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             last = [0.0]
 
-            def progress(stage: str, done: int, total: int, case: str = case) -> None:
+            def progress(stage: str, done: int, total: int, case: str = case, tname: str = tname, t0: float = t0,
+                         last: list[float] = last) -> None:
                 if time.perf_counter() - last[0] > 20 or done == total:
                     print(f"  [{tname} {case}] {stage} {done}/{total} ({time.perf_counter() - t0:.0f} s)", flush=True)
                     last[0] = time.perf_counter()

@@ -501,26 +501,41 @@ class AgentMeasurer:
         if a["backend"] != self.target.backend:
             raise UserError(f"agent at {self.url} serves backend {a['backend']!r}, but {self.where} asks for "
                             f"{self.target.backend!r}; start the agent with --backend {self.target.backend}")
-        encoded: dict[str, str] = {}
-        for key, src in models.items():
-            encoded[key] = base64.b64encode(_model_bytes(src)).decode("ascii")
-        body = json.dumps({
-            "target": self._payload_target(),
-            "protocol": {k: getattr(proto, k) for k in _PROTOCOL_FIELDS},
-            "models": encoded,
-        }).encode("utf-8")
+        encoded = {key: base64.b64encode(_model_bytes(src)).decode("ascii") for key, src in models.items()}
         limit = a.get("max_body_mb")
-        if isinstance(limit, (int, float)) and len(body) > limit * _MIB:
-            raise UserError(f"request to agent at {self.url} is too large ({len(body) / _MIB:.1f} MiB; the agent accepts "
-                            f"at most {limit:g} MiB); restart the agent with a larger --max-body-mb")
-        answer = self._call("POST", "/time", body, read_timeout=self.timeout_s)
+        budget = int(limit * _MIB) - 64 * 1024 if isinstance(limit, (int, float)) else None
+        # Models that do not fit one request under the agent's limit go in several; each
+        # request is interleaved within itself (a profile chunk rarely needs splitting).
+        batches: list[dict[str, str]] = [{}]
+        size = 0
+        for key, text in encoded.items():
+            if budget is not None and len(text) + 1024 > budget:
+                raise UserError(f"request to agent at {self.url} is too large (model {key!r} is {len(text) / _MIB:.1f} MiB "
+                                f"encoded; the agent accepts at most {limit:g} MiB); restart the agent with a larger --max-body-mb")
+            if budget is not None and batches[-1] and size + len(text) + 1024 > budget:
+                batches.append({})
+                size = 0
+            batches[-1][key] = text
+            size += len(text) + len(key) + 8
+        stats: dict[str, Stats] = {}
+        shapes: dict[str, list[int]] = {}
         names = [f.name for f in dataclasses.fields(Stats)]
-        try:
-            stats = {key: Stats(**{n: answer["stats"][key][n] for n in names}) for key in models}
-            shapes = {key: [int(d) for d in answer["shapes"][key]] for key in models}
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"agent at {self.url} sent incomplete timings (missing {_first_line(e)}); "
-                            "is it a deploy-prune agent of a matching version?") from None
+        for batch in batches:
+            body = json.dumps({
+                "target": self._payload_target(),
+                "protocol": {k: getattr(proto, k) for k in _PROTOCOL_FIELDS},
+                "models": batch,
+            }).encode("utf-8")
+            if budget is not None and isinstance(limit, (int, float)) and len(body) > limit * _MIB:
+                raise UserError(f"request to agent at {self.url} is too large ({len(body) / _MIB:.1f} MiB; the agent accepts "
+                                f"at most {limit:g} MiB); restart the agent with a larger --max-body-mb")
+            answer = self._call("POST", "/time", body, read_timeout=self.timeout_s)
+            try:
+                stats.update({key: Stats(**{n: answer["stats"][key][n] for n in names}) for key in batch})
+                shapes.update({key: [int(d) for d in answer["shapes"][key]] for key in batch})
+            except (KeyError, TypeError, ValueError) as e:
+                raise UserError(f"agent at {self.url} sent incomplete timings (missing {_first_line(e)}); "
+                                "is it a deploy-prune agent of a matching version?") from None
         self.shapes.update(shapes)
         if on_round is not None:
             on_round(proto.rounds)

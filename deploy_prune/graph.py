@@ -120,6 +120,34 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     return order[-1:]
 
 
+def _graph_breakers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Modules whose output leaves the autograd graph although their input is in it (a NumPy
+    round trip, ``.detach()``, a non-tensor output): torch-pruning traces through autograd."""
+    found: list[str] = []
+
+    def check(name: str) -> Any:
+        def hook(m: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+            fed = any(isinstance(t, torch.Tensor) and t.requires_grad for t in inp)
+            if fed and not (isinstance(out, torch.Tensor) and out.requires_grad) and not list(m.children()):
+                found.append(name)
+        return hook
+
+    stack: list[str] = []
+    hooks = [h for n, m in model.named_modules() if n for h in (
+        m.register_forward_pre_hook(lambda m, i, n=n: stack.append(n)),
+        m.register_forward_hook(lambda m, i, o: stack.pop() if stack else None),
+        m.register_forward_hook(check(n)))]
+    try:
+        with torch.enable_grad():
+            model(example.clone().requires_grad_(True))
+    except Exception:  # with gradients on, the forward itself fails: the innermost open module
+        return stack[-1:]
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
 class ModelGraph:
     """The prunable groups of a model, and the operations that shrink them.
 
@@ -152,13 +180,31 @@ class ModelGraph:
         self.names = {m: n for n, m in self.model.named_modules()}
         order = {n: i for i, n in enumerate(self.names.values())}
         self.model.eval()
+        # Modules entered but not yet left during tracing: on failure, the innermost names the culprit.
+        stack: list[str] = []
+        hooks = [h for n, m in self.model.named_modules() if n for h in (
+            m.register_forward_pre_hook(lambda m, i, n=n: stack.append(n)),
+            m.register_forward_hook(lambda m, i, o: stack.pop() if stack else None))]
+        before = {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in self.model.modules()}
         try:
             self.dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example, verbose=False)
         except Exception as e:
+            for m, (post, pre) in before.items():  # a failed trace leaves torch-pruning's hooks behind
+                for k in set(m._forward_hooks) - post:
+                    del m._forward_hooks[k]
+                for k in set(m._forward_pre_hooks) - pre:
+                    del m._forward_pre_hooks[k]
+            # Tracing runs a forward with gradients and walks the autograd graph it leaves; a
+            # forward of our own with gradients on finds the module that breaks either.
+            stack = _graph_breakers(self.model, self.example)[:1] or stack
+            where = f" in module {stack[-1]!r}" if stack else ""
             raise UserError(
-                f"torch-pruning cannot trace this model ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                "add the offending layers to --ignore"
+                f"torch-pruning cannot trace this model{where} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                f"add {stack[-1] if stack else 'the offending layers'} to --ignore or make it traceable"
             ) from None
+        finally:
+            for h in hooks:
+                h.remove()
         self.layers = layer_table(self.model, self.example)
         self._groups: dict[str, Any] = {}
         self._info: dict[str, GroupInfo] = {}

@@ -261,3 +261,42 @@ def test_log_has_one_line_per_request_and_no_token(agent: Agent, token: str) -> 
     assert f"serving onnxruntime on http://127.0.0.1:{agent.port} (token from ${TOKEN_ENV})" in text
     assert "GET /info 200" in text and "GET /info 401" in text
     assert TOKEN not in text and "wrong-token" not in text
+
+
+def test_profile_through_the_agent_matches_local(agent: Agent, token: str, tmp_path: Path) -> None:
+    """The same LUT profiled through the agent and locally: same configurations, and timings
+    that agree within noise (entries correlate; the whole model within a factor of 2)."""
+    import numpy as np
+    import torch
+    from scipy.stats import spearmanr
+
+    from deploy_prune.latency.profile import ProfileSpec, run_profile
+    from deploy_prune.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny-cnn", 10, 1)
+    remote_t = _target(agent.url)
+    remote_t.channel_multiple = 8
+    local_t = Target(name="remote", backend="onnxruntime", threads=1, channel_multiple=8, protocol=remote_t.protocol)
+    _, remote = run_profile(ProfileSpec(model, "tiny-cnn", (1, 16, 16), remote_t), tmp_path / "r", calibrate=(0.5,))
+    _, local = run_profile(ProfileSpec(model, "tiny-cnn", (1, 16, 16), local_t), tmp_path / "l", calibrate=(0.5,))
+    assert remote["measurer"]["where"] == agent.url and local["measurer"]["where"] == "local"
+    assert remote["fingerprint"] == local["fingerprint"] and set(remote["entries"]) == set(local["entries"])
+    keys = sorted(local["entries"])
+    r = np.array([remote["entries"][k]["median_ms"] for k in keys])
+    lo = np.array([local["entries"][k]["median_ms"] for k in keys])
+    assert spearmanr(r, lo).statistic > 0.5, list(zip(keys, r, lo, strict=True))
+    ratio = remote["full_model"]["latency_ms"]["median"] / local["full_model"]["latency_ms"]["median"]
+    assert 0.5 < ratio < 2.0
+
+
+def test_models_over_the_limit_together_go_in_several_requests(agent: Agent, token: str) -> None:
+    from deploy_prune.latency import lut
+
+    fam = lut.Family("conv", (3, 3), (1, 1), (1, 1), (1, 1), 1, False, (4, 4))
+    models = {f"m{i}": lut.layer_graph(fam, 96, 128, seed=i) for i in range(2)}  # ~0.6 MiB encoded each
+    before = agent.log.read_text().count("POST /time 200")
+    stats = AgentMeasurer(_target(agent.url)).time(models, FAST)
+    time.sleep(0.2)
+    assert set(stats) == {"m0", "m1"} and all(s.n >= 20 for s in stats.values())
+    assert agent.log.read_text().count("POST /time 200") - before == 2

@@ -128,7 +128,6 @@ def test_untraceable_model_is_a_user_error_suggesting_ignore() -> None:
     assert "cannot trace" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="graph.py does not name the failing module yet; remove this mark once it does")
 def test_untraceable_model_error_names_the_module() -> None:
     with pytest.raises(UserError, match="'squash'"):
         ModelGraph(_Untraceable(), (3, 8, 8))

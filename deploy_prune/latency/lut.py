@@ -10,6 +10,10 @@ at given counts; the LUT holds one measured entry per configuration on a grid of
 layer (``channel_grid``), and ``predict`` interpolates bilinearly between grid points. Layers
 with identical shapes share entries.
 
+Each entry stores the measured median and ``net_ms``, the median minus the backend's fixed cost
+of one run (``overhead_graph``, timed in the same interleaved chunk), which a layer inside a
+whole model does not pay. Prediction uses ``net_ms``.
+
 Prediction = sum of the layers' interpolated entries + the constant *remainder* (the part of
 the measured whole-model latency the entries do not account for: pooling, reshapes, layout
 reorders, the session's fixed cost, minus the standalone graphs' own boundary overheads).
@@ -326,6 +330,18 @@ def layer_graph(f: Family, cin: int, cout: int, seed: int = 0) -> bytes:
     return model.SerializeToString()
 
 
+def overhead_graph() -> bytes:
+    """A graph that computes nothing (Identity on one float): its latency is the backend's fixed
+    cost of one run (feeding, dispatch, fetching), which every one-layer graph pays but a
+    layer inside a whole model does not."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", OPSET)], producer_name="deploy-prune")
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
 # ---------------------------------------------------------------------------------------------
 # Prediction
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +369,8 @@ def layer_ms(profile: Mapping[str, Any], name: str, cin: int, cout: int) -> floa
     entries = profile["entries"]
 
     def val(ci: int, co: int) -> float:
-        return float(entries[fam.key(ci, co)]["median_ms"])
+        e = entries[fam.key(ci, co)]
+        return float(e.get("net_ms", e["median_ms"]))
 
     gout = lay["grid_out"]
     if fam.depthwise:

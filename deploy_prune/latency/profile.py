@@ -32,6 +32,7 @@ from deploy_prune.latency.measure import Measurer, measurer_for
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 CHUNK = 48  # configurations timed together (interleaved); also the resume granularity
+OVERHEAD = "__overhead__"
 
 
 def layer_protocol(p: Protocol) -> Protocol:
@@ -214,11 +215,14 @@ def run_profile(
     for i in range(0, len(todo), CHUNK):
         chunk = todo[i:i + CHUNK]
         models = {k: lut.layer_graph(*configs[k]) for k in chunk}
+        models[OVERHEAD] = lut.overhead_graph()  # the fixed cost of a run, under this chunk's conditions
         stats = m.time(models, lp)
+        ovh = stats[OVERHEAD].median
         for k in chunk:
             st = stats[k]
             entries[k] = {"config": {**configs[k][0].as_dict(), "cin": configs[k][1], "cout": configs[k][2]},
-                          "median_ms": st.median, "p90_ms": st.p90, "iqr_ms": st.iqr, "n": st.n, "round_cv": st.round_cv}
+                          "median_ms": st.median, "net_ms": max(st.median - ovh, 0.0), "overhead_ms": ovh,
+                          "p90_ms": st.p90, "iqr_ms": st.iqr, "n": st.n, "round_cv": st.round_cv}
         write_json(partial, {**header, "tool_version": __version__, "entries": entries})
         done += len(chunk)
         if progress:
