@@ -120,6 +120,12 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     return order[-1:]
 
 
+def _pop(stack: list[str]) -> None:
+    """Forward hook body: a hook must return None, or its value replaces the module's output."""
+    if stack:
+        stack.pop()
+
+
 def _graph_breakers(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Modules whose output leaves the autograd graph although their input is in it (a NumPy
     round trip, ``.detach()``, a non-tensor output): torch-pruning traces through autograd."""
@@ -135,7 +141,7 @@ def _graph_breakers(model: nn.Module, example: torch.Tensor) -> list[str]:
     stack: list[str] = []
     hooks = [h for n, m in model.named_modules() if n for h in (
         m.register_forward_pre_hook(lambda m, i, n=n: stack.append(n)),
-        m.register_forward_hook(lambda m, i, o: stack.pop() if stack else None),
+        m.register_forward_hook(lambda m, i, o: _pop(stack)),
         m.register_forward_hook(check(n)))]
     try:
         with torch.enable_grad():
@@ -184,7 +190,7 @@ class ModelGraph:
         stack: list[str] = []
         hooks = [h for n, m in self.model.named_modules() if n for h in (
             m.register_forward_pre_hook(lambda m, i, n=n: stack.append(n)),
-            m.register_forward_hook(lambda m, i, o: stack.pop() if stack else None))]
+            m.register_forward_hook(lambda m, i, o: _pop(stack)))]
         before = {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in self.model.modules()}
         try:
             self.dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example, verbose=False)
