@@ -267,7 +267,7 @@ def profile(
                   f"in {prof['profile_seconds']:.1f} s; full model {prof['full_model']['latency_ms']['median']:.3f} ms measured, "
                   f"layer sum {prof['full_model']['layer_sum_ms']:.3f} ms; calibration a={cal['a']:.3f} b={cal['b']:.3f} ms")
     if "validation" in prof:
-        for kind in ("raw", "calibrated"):
+        for kind in ("raw", "calibrated", "calibrated_same_session"):
             v = prof["validation"][kind]
             console.print(f"validation ({kind}, {v['n_variants']} variants): median |error| {v['median_abs_error_pct']:.1f} %, "
                           f"{100 * v['within_10pct_share']:.0f} % within ±10 %, Spearman {v['spearman']:.3f}")

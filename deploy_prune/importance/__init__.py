@@ -17,7 +17,7 @@ is written here.
 | l1, l2 | weights | sum of |w| (l1) or w**2 (l2) over the channel's weights |
 | bn-scale | weights | |gamma| of the channel's BatchNorm (network slimming) |
 | taylor | data+labels | first-order Taylor estimate of removing the channel, |sum of g*w| over its weights, accumulated over batches |
-| hessian | data+labels | OBD saliency 1/2 |h| w**2 with diag(H) from Hutchinson's estimator |
+| hessian | data+labels | OBD saliency 1/2 h w**2, diag(H) from Hutchinson's estimator on W H W with low-rank deflation |
 | fstat | data+labels | ANOVA F-statistic of the channel's pooled activation vs the labels |
 | chi2 | data+labels | chi-squared statistic of the binned pooled activation vs the labels |
 | snip | data+labels | connection sensitivity |g*w| on one batch |
@@ -151,35 +151,96 @@ def _snip(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch], seed: i
     return _by_tp(graph, tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None))
 
 
-@register("hessian", True, "OBD saliency 1/2 h w**2, diag(H) by Hutchinson's estimator")
-def _hessian(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch], seed: int, probes: int = 2) -> Scores:
-    """diag(H) ~ E_v[v * (H v)] with Rademacher v (Hutchinson 1990; as in HAWQ/PyHessian).
+@register("hessian", True, "OBD saliency 1/2 h w**2, diag(H) by Hutchinson's estimator (low-rank deflated)")
+def _hessian(
+    model: nn.Module, graph: ModelGraph, batches: Sequence[Batch], seed: int,
+    probes: int = 20, rank: int = 20, hessian_batches: int = 1,
+) -> Scores:
+    """Optimal Brain Damage (LeCun et al. 1990): removing weight i costs 1/2 h_ii w_i**2; a
+    channel costs the sum over its weights, reduced over the group's members as everywhere.
 
-    ``probes`` Rademacher vectors per batch (2, our choice: the estimate is averaged over
-    batches as well). OBD derives its saliency at a minimum, where diag(H) >= 0; the
-    estimate is noisy and can be negative elsewhere, so we use |diag(H)| (our choice), which
-    keeps a zero weight at zero saliency and a sharp direction expensive to prune.
+    diag(H) is estimated by Hutchinson's estimator, E_v[v * (A v)] = diag(A) for Rademacher v,
+    with two variance reductions that keep it unbiased:
+
+    * It is applied to A = W H W (W = diag(w)), whose diagonal is h_ii w_i**2, the OBD
+      saliency itself; Rademacher probes on A are probes v*w on H. Per probe this cut the
+      variance of the channel sums about 2.5x against estimating diag(H) and multiplying
+      by w**2 afterwards.
+    * Low-rank deflation (Diag++, Baston & Nakatsukasa 2022): ``rank`` Hessian-vector products
+      on Rademacher probes sketch A's dominant eigenspace Q, diag(Q Q^T A) is computed from
+      ``rank`` more products, and Hutchinson's estimator with ``probes`` probes covers only
+      the remainder (I - Q Q^T) A. On ResNet-20 / Fashion-MNIST the top ~10 eigenvalues of A
+      hold nearly all of its squared Frobenius norm (the diagonal at most ~5 %), and that mass is
+      exactly the estimator's noise, so deflation removes most of it.
+
+    Costs ``2 * rank + probes`` Hessian-vector products on the mean loss over the first
+    ``hessian_batches`` batches (each product runs once per batch), and 2 * rank * (number of
+    parameters) floats of memory. The model is in eval mode (BN on its running statistics,
+    the deployed function). The channel estimate, unbiased, can be negative (noise, or
+    curvature away from a minimum); it is clamped at 0: by OBD such a channel costs nothing.
+
+    Why (measured on ``runs/r20-fmnist``, 50 % FLOPs, uniform keep share, accuracy after BN
+    recalibration, CPU; random: 51.7 +- 7.7 %; the previous version, plain Hutchinson with 2
+    probes on each of 8 batches and |h| per weight: 52.9 %):
+
+    * Plain Hutchinson does not resolve diag(H) at any affordable probe count: with 256
+      probes (8 batches x 32) the median per-weight |mean| / standard error was 0.68 and 47 %
+      of the estimates were negative. |h| per weight then measures the noise, i.e. a Hessian
+      row norm, not h_ii: stable across probe draws but a different criterion (51-62 % in 10 runs).
+      Summed per channel before |.|, 256 probes still left the within-group spread of channel
+      scores no larger than their noise (split-half within-group rank correlation ~0.18).
+      Training mode (batch statistics) was no better.
+    * Reference: deflated estimate on all 8 batches (1024 samples, rank 20, 20 probes, 480
+      batch products, ~13 min on one CPU thread): 73.9 %.
+    * Within-group rank correlation with that reference, at about 60 batch products (the
+      defaults: 107 s on one CPU thread for ResNet-20): one batch, rank 20, 20 probes 0.64-0.75 (three
+      runs; 64.9 %, 66.4 %, 60.8 %); one batch, rank 10, 20 probes 0.67 (64.8 %); two
+      batches, rank 10, 10 probes 0.57; four batches, rank 5, 5 probes 0.41; deflation with
+      each product on a different batch 0.49; no deflation, 60 probes on one batch 0.34.
+      Probes and rank matter more than samples at this budget, hence the defaults: one
+      batch, rank 20, 20 probes. Pass more ``hessian_batches`` where products are cheap (GPU).
     """
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
+    sizes = [p.numel() for p in params]
+    w = torch.cat([p.detach().reshape(-1) for p in params])
     gen = torch.Generator().manual_seed(seed)
-    diag = [torch.zeros_like(p) for p in params]
-    n = 0
-    for x, y in batches:
-        model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        for _ in range(probes):
-            vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.device, p.dtype).mul_(2).sub_(1) for p in params]
-            hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
-            for d, v, hv in zip(diag, vs, hvs, strict=True):
-                d.add_(v * hv)
-            n += 1
+    grads = []
+    for x, y in batches[: max(1, hessian_batches)]:
+        g = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True, allow_unused=True)
+        grads.append([(gi, p) for gi, p in zip(g, params, strict=True) if gi is not None and gi.requires_grad])
+
+    def whw(v: torch.Tensor) -> torch.Tensor:
+        """(W H W) v for the mean loss over the batches."""
+        u = dict(zip(params, (v * w).split(sizes), strict=True))
+        out = torch.zeros_like(w)
+        for g in grads:
+            hv = torch.autograd.grad([gi for gi, _ in g], params, grad_outputs=[u[p].view_as(p) for _, p in g],
+                                     retain_graph=True, allow_unused=True)
+            out += torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, params, strict=True)])
+        return out * w / len(grads)
+
+    def rademacher() -> torch.Tensor:
+        return torch.randint(0, 2, w.shape, generator=gen).to(w.device, w.dtype).mul_(2).sub_(1)
+
+    sal = torch.zeros_like(w)  # estimate of h_ii * w_i**2
+    q = None
+    if rank > 0:
+        q = torch.linalg.qr(torch.stack([whw(rademacher()) for _ in range(min(rank, w.numel()))], 1))[0]
+        for j in range(q.shape[1]):
+            sal += q[:, j] * whw(q[:, j])
+    for _ in range(probes):
+        v = rademacher()
+        a = whw(v)
+        if q is not None:
+            a -= q @ (q.T @ a)
+        sal += v * a / probes
     # torch-pruning's OBD importance reads diag(H) from .grad and sums w**2 * h per channel.
-    for p, d in zip(params, diag, strict=True):
-        p.grad = (d / max(n, 1)).abs()
+    for p, s in zip(params, sal.split(sizes), strict=True):
+        w2 = p.detach() ** 2
+        p.grad = torch.where(w2 > 0, s.view_as(p) / w2.clamp(min=torch.finfo(w2.dtype).tiny), torch.zeros_like(w2))
     imp = tp.importance.GroupHessianImportance(group_reduction="mean", normalizer=None)
-    return {k: 0.5 * v for k, v in _by_tp(graph, imp).items()}
+    return {k: (0.5 * v).clamp(min=0) for k, v in _by_tp(graph, imp).items()}
 
 
 def _pooled_activations(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch]) -> tuple[dict[str, np.ndarray], np.ndarray]:

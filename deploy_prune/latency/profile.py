@@ -233,21 +233,13 @@ def run_profile(
                             "configs_total": len(configs)}
     # Whole-model measurements: full width (the remainder) and uniform variants (calibration).
     t0 = time.perf_counter()
-    variants = {"full": spec.model}
-    for r in calibrate:
-        variants[f"uniform-{r:g}"] = pruned_copy(spec.model, spec.input_shape, plan_variant(graph, {g.name: r for g in graph.groups()}),
-                                                 spec.ignore, target.channel_multiple)
+    variants = calibration_variants(spec, graph, calibrate)
     measured, predicted = measure_variants(m, variants, spec.input_shape, target, prof, progress, "calibration")
     s_full = predicted["full"]["layer_sum_ms"]
     prof["remainder_ms"] = measured["full"]["median"] - s_full
-    xs = np.array([predicted[k]["layer_sum_ms"] for k in variants])
-    ys = np.array([measured[k]["median"] for k in variants])
-    a, b = np.polyfit(xs, ys, 1) if len(xs) >= 2 else (1.0, prof["remainder_ms"])
     prof["full_model"] = {"latency_ms": measured["full"], "layer_sum_ms": s_full}
-    prof["calibration"] = {
-        "a": float(a), "b": float(b), "fit": "measured_ms = a * layer_sum_ms + b (least squares)",
-        "points": [{"variant": k, "layer_sum_ms": float(x), "measured_ms": float(y)} for k, x, y in zip(variants, xs, ys, strict=True)],
-    }
+    prof["calibration"] = fit_calibration(measured, predicted, list(variants))
+    prof["calibration"]["shares"] = list(calibrate)
     t_cal = time.perf_counter() - t0
     prof["stage_seconds"] = {"layers": round(t_layers, 2), "calibration": round(t_cal, 2)}
     prof["provenance"] = provenance(target=target.name, backend=info.get("backend"), backend_versions=info.get("backend_versions"),
@@ -261,6 +253,25 @@ def run_profile(
     write_json(path, prof)
     partial.unlink(missing_ok=True)
     return path, prof
+
+
+def calibration_variants(spec: ProfileSpec, graph: ModelGraph, shares: Sequence[float]) -> dict[str, nn.Module]:
+    """The full model and one uniformly pruned copy per keep share."""
+    variants = {"full": spec.model}
+    for r in shares:
+        variants[f"uniform-{r:g}"] = pruned_copy(spec.model, spec.input_shape, plan_variant(graph, {g.name: r for g in graph.groups()}),
+                                                 spec.ignore, spec.target.channel_multiple)
+    return variants
+
+
+def fit_calibration(measured: Mapping[str, Mapping[str, Any]], predicted: Mapping[str, Mapping[str, Any]],
+                    keys: Sequence[str]) -> dict[str, Any]:
+    """``measured ~ a * layer_sum + b`` by least squares over the ``keys`` variants."""
+    xs = np.array([predicted[k]["layer_sum_ms"] for k in keys])
+    ys = np.array([measured[k]["median"] for k in keys])
+    a, b = np.polyfit(xs, ys, 1) if len(xs) >= 2 else (float(ys[0] / xs[0]), 0.0)
+    return {"a": float(a), "b": float(b), "fit": "measured_ms = a * layer_sum_ms + b (least squares)",
+            "points": [{"variant": k, "layer_sum_ms": float(x), "measured_ms": float(y)} for k, x, y in zip(keys, xs, ys, strict=True)]}
 
 
 def measure_variants(
@@ -300,11 +311,15 @@ def validate_profile(spec: ProfileSpec, prof: Mapping[str, Any], graph: ModelGra
     """Prune ``n`` random variants (half one share for all groups, half a share per group, in
     [0.2, 1.0]), measure each end to end and compare with the raw and calibrated predictions.
 
-    The calibration was fitted on the uniform variants of ``profile``, not on these, so the
-    calibrated figures are out of sample.
+    The calibration was fitted on the uniform variants of the profile, not on these, so the
+    calibrated figures are out of sample. The calibration variants are measured again here,
+    interleaved with the random ones, and the calibration refitted on them: on a shared machine
+    the load drifts between profiling and validation, and ``calibrated_same_session`` separates
+    the table's accuracy from that drift (``drift`` = full model now / at profile time).
     """
     rng = np.random.default_rng(seed + 1)
-    variants: dict[str, nn.Module] = {}
+    cal = calibration_variants(spec, graph, prof.get("calibration", {}).get("shares", (0.75, 0.5, 0.3)))
+    variants: dict[str, nn.Module] = {f"cal:{k}": v for k, v in cal.items()}
     kinds = {}
     for i in range(n):
         uniform = i % 2 == 0
@@ -315,12 +330,16 @@ def validate_profile(spec: ProfileSpec, prof: Mapping[str, Any], graph: ModelGra
         if progress:
             progress("validation: prune", i + 1, n)
     measured, predicted = measure_variants(m, variants, spec.input_shape, spec.target, prof, progress, "validation")
+    refit = fit_calibration(measured, predicted, [f"cal:{k}" for k in cal])
     rows = [{"variant": k, "measured_ms": measured[k]["median"], "measured_p90_ms": measured[k]["p90"],
              "round_cv": measured[k]["round_cv"], "raw_ms": predicted[k]["raw_ms"], "calibrated_ms": predicted[k]["calibrated_ms"],
-             "keep": kinds[k]} for k in variants]
+             "calibrated_same_session_ms": refit["a"] * predicted[k]["layer_sum_ms"] + refit["b"], "keep": kinds[k]}
+            for k in variants if k in kinds]
     meas = [r["measured_ms"] for r in rows]
     return {"raw": fidelity([r["raw_ms"] for r in rows], meas),
             "calibrated": fidelity([r["calibrated_ms"] for r in rows], meas),
+            "calibrated_same_session": fidelity([r["calibrated_same_session_ms"] for r in rows], meas),
+            "refit_calibration": refit, "drift": measured["cal:full"]["median"] / prof["full_model"]["latency_ms"]["median"],
             "n_variants": n, "seed": seed, "variants": rows}
 
 
@@ -340,7 +359,9 @@ def plot_validation(val: Mapping[str, Any], path: Path, title: str) -> Path:
     xs = np.linspace(lo, hi, 10)
     ax.plot(xs, xs, "k-", lw=1, label="exact")
     ax.fill_between(xs, xs * 0.9, xs * 1.1, color="0.9", label="±10 %")
-    for key, mark in (("raw", "o"), ("calibrated", "x")):
+    for key, mark in (("raw", "o"), ("calibrated", "x"), ("calibrated_same_session", "+")):
+        if key not in val:
+            continue
         f = val[key]
         ax.scatter(y, [r[f"{key}_ms"] for r in rows], marker=mark,
                    label=f"{key}: median |err| {f['median_abs_error_pct']:.1f} %, ρ {f['spearman']:.3f}")
