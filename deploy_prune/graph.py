@@ -107,17 +107,24 @@ def layer_table(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo]
     return table
 
 
-def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """The conv/linear layer(s) producing the model output: the last one run in a forward pass."""
-    order: list[nn.Module] = []
-    handles = [m.register_forward_hook(lambda m, i, o: order.append(m)) for m in model.modules() if isinstance(m, PRUNABLE)]
+def execution_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, torch.Size]]:
+    """Conv2d/Linear modules in the order a forward pass runs them, with their input shapes."""
+    names = {m: n for n, m in model.named_modules()}
+    order: list[tuple[str, nn.Module, torch.Size]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, i: order.append((names[m], m, i[0].shape)))
+             for m in model.modules() if isinstance(m, PRUNABLE)]
     try:
         with torch.no_grad():
             model.eval()(example)
     finally:
-        for h in handles:
+        for h in hooks:
             h.remove()
-    return order[-1:]
+    return order
+
+
+def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """The conv/linear layer(s) producing the model output: the last one run in a forward pass."""
+    return [m for _, m, _ in execution_order(model, example)[-1:]]
 
 
 def _pop(stack: list[str]) -> None:
@@ -186,11 +193,6 @@ class ModelGraph:
         self.names = {m: n for n, m in self.model.named_modules()}
         order = {n: i for i, n in enumerate(self.names.values())}
         self.model.eval()
-        # Modules entered but not yet left during tracing: on failure, the innermost names the culprit.
-        stack: list[str] = []
-        hooks = [h for n, m in self.model.named_modules() if n for h in (
-            m.register_forward_pre_hook(lambda m, i, n=n: stack.append(n)),
-            m.register_forward_hook(lambda m, i, o: _pop(stack)))]
         before = {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in self.model.modules()}
         try:
             self.dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example, verbose=False)
@@ -202,15 +204,12 @@ class ModelGraph:
                     del m._forward_pre_hooks[k]
             # Tracing runs a forward with gradients and walks the autograd graph it leaves; a
             # forward of our own with gradients on finds the module that breaks either.
-            stack = _graph_breakers(self.model, self.example)[:1] or stack
-            where = f" in module {stack[-1]!r}" if stack else ""
+            culprit = _graph_breakers(self.model, self.example)[:1]
+            where = f" in module {culprit[0]!r}" if culprit else ""
             raise UserError(
                 f"torch-pruning cannot trace this model{where} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                f"add {stack[-1] if stack else 'the offending layers'} to --ignore or make it traceable"
+                f"add {culprit[0] if culprit else 'the offending layers'} to --ignore or make it traceable"
             ) from None
-        finally:
-            for h in hooks:
-                h.remove()
         self.layers = layer_table(self.model, self.example)
         self._groups: dict[str, Any] = {}
         self._info: dict[str, GroupInfo] = {}

@@ -39,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from deploy_prune.errors import UserError
+from deploy_prune.graph import execution_order
 
 SCHEMA_VERSION = 1
 OPSET = 18
@@ -106,21 +107,6 @@ class LayerSpec:
 # ---------------------------------------------------------------------------------------------
 # Which layers a model has, and what the exported graph fuses into each
 # ---------------------------------------------------------------------------------------------
-def execution_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, torch.Size]]:
-    """Conv2d/Linear modules in the order a forward pass runs them, with their input shapes."""
-    names = {m: n for n, m in model.named_modules()}
-    order: list[tuple[str, nn.Module, torch.Size]] = []
-    hooks = [m.register_forward_pre_hook(lambda m, i: order.append((names[m], m, i[0].shape)))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return order
-
-
 def fused_patterns(proto: onnx.ModelProto, order: list[tuple[str, nn.Module, torch.Size]]) -> dict[str, tuple[bool, str, tuple[float, ...]]]:
     """(residual, activation, activation args) per module name, read off the exported graph.
 

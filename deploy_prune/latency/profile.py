@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from deploy_prune import __version__
@@ -78,16 +79,10 @@ class ProfileSpec:
 
 def describe(spec: ProfileSpec) -> tuple[ModelGraph, list[lut.LayerSpec], str]:
     graph = ModelGraph(spec.model, spec.input_shape, ignore=spec.ignore, channel_multiple=spec.target.channel_multiple)
-    proto = to_onnx(spec.model, _zeros(spec.target.batch, spec.input_shape))
+    proto = to_onnx(spec.model, torch.zeros(spec.target.batch, *spec.input_shape))
     specs = lut.layer_specs(spec.model, spec.input_shape, spec.target.batch, proto, prunable_dims(graph))
     fp = lut.model_fingerprint(spec.name, specs, spec.input_shape, spec.target.batch)
     return graph, specs, fp
-
-
-def _zeros(batch: int, shape: Sequence[int]) -> Any:
-    import torch
-
-    return torch.zeros(batch, *shape)
 
 
 def plan_variant(graph: ModelGraph, shares: Mapping[str, float]) -> dict[str, int]:
