@@ -20,16 +20,15 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/deploy-prune train --model tiny-cnn --data digits --epochs 15 --out $(RUN)
-	$(BIN)/deploy-prune export $(RUN) --out $(RUN)/model.onnx
-	$(BIN)/deploy-prune benchmark $(RUN)/model.onnx --target cpu-ort --out $(RUN)/latency.json
+	$(BIN)/deploy-prune train --model tiny-cnn --data digits --epochs 15 --out $(RUN)/base
+	$(BIN)/deploy-prune compress --weights $(RUN)/base --data digits --target cpu-ort-1t --latency-ratio 0.5 \
+	    --epochs 10 --lr 0.05 --step-fraction 1 --profiles $(RUN)/profiles --out $(RUN)/compressed
 	@echo
 	@echo "demo outputs in $(RUN)/:"
-	@echo "  model.pt          trained checkpoint (loads with weights_only=True)"
-	@echo "  metrics.json      validation accuracy, per-epoch history, training time"
-	@echo "  checkpoints/      per-epoch checkpoint for --resume"
-	@echo "  model.onnx(.json) exported model and its parity check against torch"
-	@echo "  latency.json      latency on cpu-ort: median, p90, spread, provenance"
+	@echo "  base/                  the trained tiny CNN (model.pt, metrics.json, checkpoints/)"
+	@echo "  profiles/cpu-ort-1t/   its latency lookup table, measured here"
+	@echo "  compressed/            model.onnx, model.pt, model.pt2, report.json/.md/.html, plots, sensitivity.json"
+	@echo "  check it in CI with:   $(BIN)/deploy-prune gate $(RUN)/compressed/report.json --max-accuracy-drop 0.03"
 
 test: $(STAMP)
 	$(BIN)/pytest -m "not slow" -q

@@ -276,6 +276,142 @@ def profile(
 
 @app.command()
 @_errors
+def compress(
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory (model.onnx, model.pt, report.*, checkpoints/)")],
+    weights: Annotated[str, typer.Option(help="trained checkpoint or run directory to compress")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="architecture, if the checkpoint does not record it")] = None,
+    data: DataOpt = "digits",
+    data_dir: DataDirOpt = None,
+    image_size: ImageSizeOpt = None,
+    target: Annotated[str, typer.Option("--target", "-t", help="target name or YAML path where latency is measured")] = "cpu-ort-1t",
+    latency_ms: Annotated[float | None, typer.Option("--latency-ms", help="budget: median latency on the target, in ms")] = None,
+    latency_ratio: Annotated[float | None, typer.Option("--latency-ratio", help="budget: share of the measured baseline latency")] = None,
+    flops_ratio: Annotated[float | None, typer.Option("--flops-ratio", help="budget: share of the baseline FLOPs (MACs)")] = None,
+    params_ratio: Annotated[float | None, typer.Option("--params-ratio", help="budget: share of the baseline parameters")] = None,
+    keep_ratio: Annotated[float, typer.Option("--keep-ratio", help="with no other budget: share of channels kept")] = 0.5,
+    method: Annotated[str, typer.Option(help="compression method (deploy-prune methods)")] = "deeplsp",
+    criterion: Annotated[str, typer.Option(help="importance criterion ranking channels")] = "taylor",
+    amount: Annotated[str, typer.Option(help="unstructured share of remaining weights masked, or 'adaptive'")] = "0.05",
+    tolerance: Annotated[float, typer.Option(help="--amount adaptive: accuracy drop allowed per layer (0.005 = 0.5 points)")] = 0.005,
+    steps: Annotated[int | None, typer.Option(help="structured pruning steps (default: the method's)")] = None,
+    step_fraction: Annotated[float, typer.Option(help="share of an epoch of fine-tuning after each step")] = 0.25,
+    epochs: Annotated[int, typer.Option(help="final fine-tuning epochs")] = 3,
+    kd: Annotated[bool, typer.Option("--kd/--no-kd", help="distil from the unpruned model during fine-tuning")] = True,
+    lr: Annotated[float, typer.Option(help="fine-tuning learning rate (cosine schedule)")] = 0.01,
+    batch_size: Annotated[int, typer.Option(help="fine-tuning batch size")] = 128,
+    sensitivity: Annotated[str | None, typer.Option(help="reuse this sensitivity.json (or its run directory)")] = None,
+    ignore: Annotated[str, typer.Option(help="comma-separated layer names never to prune")] = "",
+    workers: Annotated[int, typer.Option(help="processes for the sensitivity analysis")] = 1,
+    profiles: Annotated[Path, typer.Option(help="profiles directory (the LUT is made there when missing)")] = Path("profiles"),
+    force: Annotated[bool, typer.Option("--force", help="use a profile made for another tool/backend version")] = False,
+    train_limit: Annotated[int | None, typer.Option(help="use only N training samples (quick runs)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from OUT/checkpoints")] = False,
+    trust_checkpoint: TrustOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Prune to a budget measured on the target, fine-tune, export, and report."""
+    from deploy_prune.compress import CompressConfig
+    from deploy_prune.compress import compress as run_compress
+
+    cfg = CompressConfig(
+        out=out, weights=weights, model=model, data=data,
+        data_options=_data_options(data_dir, image_size, seed, train_limit=train_limit), target=target,
+        latency_ms=latency_ms, latency_ratio=latency_ratio, flops_ratio=flops_ratio, params_ratio=params_ratio,
+        keep_ratio=keep_ratio, method=method, criterion=criterion, amount=amount, tolerance=tolerance, steps=steps,
+        step_fraction=step_fraction, epochs=epochs, kd=kd, lr=lr, batch_size=batch_size, sensitivity=sensitivity,
+        ignore=[s for s in ignore.split(",") if s], workers=workers, profiles=profiles, force_profile=force,
+        trust=trust_checkpoint, resume=resume, seed=seed,
+    )
+    try:
+        rep = run_compress(cfg, progress=lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: the last finished stage is kept in {out}/checkpoints; "
+                          f"run the same command with --resume to continue")
+        raise typer.Exit(130) from None
+    _print_compress_table(rep)
+    if not rep["met_budget"]:
+        raise typer.Exit(1)
+
+
+def _print_compress_table(rep: dict[str, Any]) -> None:
+    b, f = rep["baseline"], rep["final"]
+    from rich import box
+
+    table = Table(title=f"{rep['model']['spec']} on {rep['target']['name']}: {rep['method']['name']}", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), pad_edge=False)
+    for col in ("", "acc %", "median ms", "p90 ms", "pred ms", "MFLOPs", "params k", "zeros %"):
+        table.add_column(col, justify="right", no_wrap=True)
+
+    def row(name: str, r: dict[str, Any]) -> None:
+        lat = r.get("latency_ms") or {}
+        pred = r.get("predicted_latency_ms")
+        table.add_row(name, f"{100 * r['accuracy']:.2f}", f"{lat.get('median', float('nan')):.3f}",
+                      f"{lat.get('p90', float('nan')):.3f}", "-" if pred is None else f"{pred:.3f}",
+                      f"{r['flops'] / 1e6:.2f}", f"{r['params'] / 1e3:.1f}", f"{100 * r.get('sparsity', 0):.1f}")
+
+    row("baseline", b)
+    row("final", f)
+    console.print(table)
+    status = "[green]MET[/]" if rep["met_budget"] else "[bold red]NOT MET[/]"
+    console.print(f"budget {rep['budget']['kind']} = {rep['budget']['value']}: {status} ({rep['budget_note']})", highlight=False)
+    for note in rep["notes"]:
+        console.print(f"note: {note}", highlight=False)
+    console.print(f"wrote {rep['run_dir']}/: model.onnx, model.pt, model.pt2, report.json, report.md, report.html")
+
+
+@app.command("report")
+@_errors
+def report_cmd(run_dir: Annotated[Path, typer.Argument(help="compress run directory (or its report.json)")]) -> None:
+    """Regenerate report.md, report.html and the plots from a run's report.json."""
+    from deploy_prune.report import write_reports
+
+    paths = write_reports(run_dir)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@app.command()
+@_errors
+def gate(
+    report: Annotated[Path, typer.Argument(help="report.json of a compress run (or its directory)")],
+    max_latency_ms: Annotated[float | None, typer.Option("--max-latency-ms", help="fail above this median latency (ms)")] = None,
+    min_accuracy: Annotated[float | None, typer.Option("--min-accuracy", help="fail below this accuracy (fraction, 0.9 = 90 %)")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option("--max-accuracy-drop", help="fail if baseline - final accuracy exceeds this (fraction)")] = None,
+    remeasure: Annotated[bool, typer.Option("--remeasure", help="measure model.onnx again on --target instead of trusting the report")] = False,
+    target: Annotated[str | None, typer.Option("--target", "-t", help="target to re-measure on (with --remeasure)")] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="write JUnit XML here for CI systems")] = None,
+) -> None:
+    """Exit 0 when every check holds, 1 when any fails (one line per check); for CI."""
+    from deploy_prune.report.gate import format_result, run_gate
+
+    if remeasure and not target:
+        raise UserError("--remeasure needs --target T (where to measure model.onnx)")
+    if target and not remeasure:
+        raise UserError("--target is only used with --remeasure; add --remeasure or drop --target")
+    res = run_gate(report, max_latency_ms=max_latency_ms, min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop,
+                   remeasure_target=target if remeasure else None, junit=junit)
+    for line in format_result(res):
+        console.print(line, highlight=False)
+    if not res.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered compression methods and importance criteria."""
+    from deploy_prune.importance import CRITERIA
+    from deploy_prune.methods import METHODS
+
+    for title, reg in (("methods (--method)", METHODS), ("criteria (--criterion)", CRITERIA)):
+        table = Table(title=title)
+        table.add_column("name")
+        table.add_column("description")
+        for name in reg.names():
+            table.add_row(name, reg.help(name))
+        console.print(table)
+
+
+@app.command()
+@_errors
 def targets() -> None:
     """List the targets found on the lookup path."""
     from deploy_prune.config import list_targets, load_target

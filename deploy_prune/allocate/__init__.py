@@ -1,13 +1,33 @@
 """Turning a budget into per-group channel counts.
 
-So far: ``uniform_for_flops``, one keep share for every group, solved so the predicted FLOPs
-meet the budget. Latency-knapsack (DeepLSP) and differentiable (DF) allocators follow.
+- ``uniform_for_flops``: one keep share for every group, solved so the FLOPs meet the budget.
+- ``allocate``: the latency knapsack of DeepLSP (and HALP-style hardware-aware pruning): per
+  group, pick one channel count among the target's allowed widths so that the retained value
+  is largest while the cost of the plan stays within the budget.
+
+Costs come from a ``CostModel``: predicted latency from the target's LUT, FLOPs, parameters or
+channels. Each one prices a single conv/linear layer at (cin, cout) channels; a plan's total
+is the sum over layers (then the LUT's calibration ``a * sum + b`` for latency).
+
+A layer's cost depends on two groups at once (its input channels belong to one, its outputs
+to another), so the knapsack is not separable. As hardware-aware pruning does, each group is
+priced with every other group held at its current width (first order), the multiple-choice
+knapsack is solved exactly by dynamic programming on that, and an outer bisection on the
+knapsack's capacity makes the *exact* cost of the chosen plan (every layer at its planned
+widths) meet the budget. DeepLSP takes a few such steps with fine-tuning between them, so each
+step's first-order error stays small.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
 from deploy_prune.errors import BudgetUnreachable, UserError
-from deploy_prune.graph import ModelGraph
+from deploy_prune.graph import LayerInfo, ModelGraph, round_channels
 
 
 def uniform_plan(graph: ModelGraph, keep_share: float) -> dict[str, int]:
@@ -36,3 +56,221 @@ def uniform_for_flops(graph: ModelGraph, flops_ratio: float, tol: float = 1e-3) 
         else:
             hi = mid
     return uniform_plan(graph, lo), lo
+
+
+# ---------------------------------------------------------------------------------------------
+# Costs
+# ---------------------------------------------------------------------------------------------
+def _depthwise(li: LayerInfo) -> bool:
+    return li.groups > 1 and li.groups == li.in_channels == li.out_channels
+
+
+def plan_widths(graph: ModelGraph, plan: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """(cin, cout) of every conv/linear layer once each group keeps ``plan[group]`` channels.
+
+    A depthwise conv keeps as many inputs as outputs (torch-pruning lists it among its group's
+    out-layers only).
+    """
+    widths = {n: (li.in_channels, li.out_channels) for n, li in graph.layers.items()}
+    for g in graph.groups():
+        k = plan.get(g.name, g.channels)
+        for n in g.out_layers:
+            cin, _ = widths[n]
+            widths[n] = (k, k) if _depthwise(graph.layers[n]) else (cin, k)
+        for n in g.in_layers:
+            if not _depthwise(graph.layers[n]):
+                widths[n] = (k, widths[n][1])
+    return widths
+
+
+@dataclass
+class CostModel:
+    """Prices a layer at (cin, cout); ``a * sum + b`` is the plan's total (``unit`` names it)."""
+
+    kind: str  # latency | flops | params | channels
+    layer_cost: Callable[[LayerInfo, int, int], float]
+    unit: str
+    a: float = 1.0
+    b: float = 0.0
+
+    def total(self, graph: ModelGraph, plan: Mapping[str, int]) -> float:
+        if self.kind == "channels":
+            return float(sum(plan.get(g.name, g.channels) for g in graph.groups()))
+        widths = plan_widths(graph, plan)
+        return self.a * sum(self.layer_cost(graph.layers[n], ci, co) for n, (ci, co) in widths.items()) + self.b
+
+
+def latency_cost(profile: Mapping) -> CostModel:
+    """Predicted latency (ms) from a LUT profile, with the profile's calibration."""
+    from deploy_prune.latency.lut import layer_ms
+
+    cal = profile.get("calibration") or {}
+    a, b = float(cal.get("a", 1.0)), float(cal.get("b", profile.get("remainder_ms", 0.0)))
+    if a <= 0:  # a degenerate fit (noise): fall back to the raw sum + remainder
+        a, b = 1.0, float(profile.get("remainder_ms", 0.0))
+    return CostModel("latency", lambda li, ci, co: layer_ms(profile, li.name, ci, co), "ms", a, b)
+
+
+def _scaled(attr: str) -> Callable[[LayerInfo, int, int], float]:
+    def cost(li: LayerInfo, ci: int, co: int) -> float:
+        full = getattr(li, attr)
+        if _depthwise(li):
+            return full * co / li.out_channels
+        return full * (ci / li.in_channels) * (co / li.out_channels)
+    return cost
+
+
+def flops_cost() -> CostModel:
+    return CostModel("flops", _scaled("flops"), "MACs")
+
+
+def params_cost() -> CostModel:
+    return CostModel("params", _scaled("params"), "params")
+
+
+def channels_cost() -> CostModel:
+    return CostModel("channels", lambda li, ci, co: 0.0, "channels")
+
+
+# ---------------------------------------------------------------------------------------------
+# The knapsack
+# ---------------------------------------------------------------------------------------------
+def allowed_keeps(channels: int, multiple: int, floor: int = 1) -> list[int]:
+    """Every width a group may keep: multiples of the target's channel multiple (at least
+    ``floor``), and the full width."""
+    m = max(1, multiple)
+    keeps = {round_channels(k, channels, m) for k in range(m, channels + 1, m)} | {channels}
+    return sorted(k for k in keeps if k >= min(floor, channels))
+
+
+def group_costs(graph: ModelGraph, cost: CostModel, plan: Mapping[str, int], name: str, keeps: Sequence[int]) -> list[float]:
+    """Cost of the layers group ``name`` touches at each keep, every other group as in ``plan``."""
+    g = next(x for x in graph.groups() if x.name == name)
+    touched = set(g.out_layers) | set(g.in_layers)
+    if cost.kind == "channels":
+        return [float(k) for k in keeps]
+    out = []
+    for k in keeps:
+        widths = plan_widths(graph, {**plan, name: k})
+        out.append(cost.a * sum(cost.layer_cost(graph.layers[n], *widths[n]) for n in touched if n in widths))
+    return out
+
+
+def solve_mckp(values: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], capacity: float,
+               resolution: int = 4000) -> list[int] | None:
+    """Multiple-choice knapsack: one option per item, maximise the value, total cost <= capacity.
+
+    Exact dynamic programming over costs discretised to ``capacity / resolution`` (rounded up,
+    so a returned choice never exceeds the capacity). Returns the chosen option per item, or
+    None when even the cheapest options do not fit.
+    """
+    base = sum(min(c) for c in costs)
+    room = capacity - base
+    if room < -1e-12:
+        return None
+    unit = room / resolution if room > 0 else 1.0
+    R = resolution if room > 0 else 0
+    dp = np.zeros(R + 1)
+    choice = []
+    for val, cst in zip(values, costs, strict=True):
+        cmin = min(cst)
+        units = [math.ceil((c - cmin) / unit - 1e-9) if room > 0 else (0 if c - cmin <= 1e-12 else R + 1) for c in cst]
+        new = np.full(R + 1, -np.inf)
+        arg = np.full(R + 1, -1, dtype=np.int64)
+        for j, (v, u) in enumerate(zip(val, units, strict=True)):
+            if u > R:
+                continue
+            cand = np.full(R + 1, -np.inf)
+            cand[u:] = dp[: R + 1 - u] + v
+            better = cand > new
+            new[better], arg[better] = cand[better], j
+        dp = new
+        choice.append(arg)
+    r = int(np.argmax(dp))
+    if not np.isfinite(dp[r]):
+        return None
+    picks = []
+    for i in range(len(values) - 1, -1, -1):
+        j = int(choice[i][r])
+        picks.append(j)
+        cmin = min(costs[i])
+        r -= math.ceil((costs[i][j] - cmin) / unit - 1e-9) if room > 0 else 0
+    return picks[::-1]
+
+
+def allocate(
+    graph: ModelGraph,
+    value: Callable[[str, int], float],
+    cost: CostModel,
+    budget: float,
+    *,
+    floor: int = 1,
+    iters: int = 30,
+) -> tuple[dict[str, int], float]:
+    """Channel counts per group that maximise ``sum value(group, keep)`` with the plan's exact
+    cost <= ``budget``. Returns (plan, exact cost). Raises ``BudgetUnreachable`` when the
+    narrowest allowed widths already cost more than the budget.
+    """
+    groups = graph.groups()
+    current = {g.name: g.channels for g in groups}
+    full_cost = cost.total(graph, current)
+    if full_cost <= budget:
+        return current, full_cost
+    keeps = {g.name: allowed_keeps(g.channels, graph.channel_multiple, floor) for g in groups}
+    narrow = {n: ks[0] for n, ks in keeps.items()}
+    min_cost = cost.total(graph, narrow)
+    if min_cost > budget:
+        raise BudgetUnreachable(f"the narrowest allowed widths cost {min_cost:.4g} {cost.unit}, over the budget "
+                                f"{budget:.4g} {cost.unit}; the lowest reachable is {min_cost:.4g} {cost.unit}")
+    names = [g.name for g in groups]
+    vals = [[value(n, k) for k in keeps[n]] for n in names]
+    csts = [group_costs(graph, cost, current, n, keeps[n]) for n in names]
+    # First-order capacity: the budget minus what no group's choice changes.
+    fixed = full_cost - sum(c[-1] for c in csts)
+
+    def solve(cap: float) -> tuple[dict[str, int], float] | None:
+        picks = solve_mckp(vals, csts, cap - fixed)
+        if picks is None:
+            return None
+        plan = {n: keeps[n][j] for n, j in zip(names, picks, strict=True)}
+        return plan, cost.total(graph, plan)
+
+    def worth(plan: Mapping[str, int]) -> float:
+        return sum(value(n, k) for n, k in plan.items())
+
+    # Bisection on the capacity between one that fits exactly (lo) and one that does not (hi).
+    best = (narrow, min_cost)
+    lo, hi = fixed + sum(min(c) for c in csts), full_cost
+    first = solve(budget)
+    if first is not None and first[1] <= budget:
+        best, lo = first, budget
+    else:
+        hi = budget  # first order was optimistic: shrink the capacity
+    for _ in range(iters):
+        if hi - lo <= 1e-4 * abs(budget):
+            break
+        mid = (lo + hi) / 2
+        got = solve(mid)
+        if got is not None and got[1] <= budget:
+            if worth(got[0]) >= worth(best[0]):
+                best = got
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def weighted_retained_value(scores: Mapping[str, np.ndarray | Sequence[float]], weights: Mapping[str, float]) -> Callable[[str, int], float]:
+    """DeepLSP's value of keeping ``k`` channels of a group: ``-w * (1 - R(k))``, the group's
+    sensitivity weight ``w`` times the share of its importance lost, where ``R(k)`` is the share
+    of the group's total score held by its ``k`` best channels."""
+    shares: dict[str, np.ndarray] = {}
+    for n, s in scores.items():
+        a = np.sort(np.clip(np.asarray(s, dtype=np.float64), 0, None))[::-1]
+        tot = a.sum()
+        shares[n] = np.concatenate([[0.0], np.cumsum(a) / tot]) if tot > 0 else np.linspace(0, 1, len(a) + 1)
+
+    def value(name: str, k: int) -> float:
+        return -weights.get(name, 1.0) * (1.0 - float(shares[name][k]))
+
+    return value

@@ -4,6 +4,9 @@ A checkpoint is a plain dict of tensors and primitives, so loading it never runs
 code. It records how to rebuild the model (registry spec, classes, input channels) and the
 input shape and normalisation the model was trained with. A whole pickled ``nn.Module`` is
 loaded only when the user passes ``--trust-checkpoint``.
+
+A pruned model (``compress`` output) also records ``pruned: {widths, ignore}``: the
+registered architecture is built, cut to those per-group widths, then its weights loaded.
 """
 
 from __future__ import annotations
@@ -94,6 +97,10 @@ def load_model(
             raise UserError(f"{str(weights)!r} is a bare state dict; name the architecture with --model and --data")
         spec, nc, ic = model_spec, num_classes, in_channels
     model = build_model(spec, nc, ic)
+    if meta.get("pruned"):  # a compress result: cut the architecture to its widths first
+        from deploy_prune.transforms import rebuild_pruned
+
+        rebuild_pruned(model, meta["pruned"], meta["input_shape"])
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -255,3 +255,23 @@ def recalibrate_bn(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     return model.eval()
+
+
+def distillation_loss(teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.5) -> LossFn:
+    """Knowledge distillation (Hinton et al. 2015): ``(1 - alpha) * CE(student, y) + alpha * T^2 *
+    KL(teacher_T || student_T)``, with both soft distributions at temperature ``T``.
+
+    T = 4 and alpha = 0.5 are common defaults for CIFAR-scale classifiers; the teacher (the
+    unpruned model) runs in eval mode without gradients.
+    """
+    teacher.eval()
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        with torch.no_grad():
+            t = teacher.to(x.device)(x)
+        kd = F.kl_div(F.log_softmax(out / temperature, 1), F.log_softmax(t / temperature, 1),
+                      reduction="batchmean", log_target=True)
+        return (1 - alpha) * F.cross_entropy(out, y) + alpha * temperature**2 * kd
+
+    return loss

@@ -1,0 +1,600 @@
+"""``deploy-prune compress``: prune a trained model until its latency, *measured on the target*,
+meets a budget, then fine-tune, export and report.
+
+``compress(cfg)`` reads top to bottom:
+
+1. **baseline**: accuracy, FLOPs, params; the model exported and measured on the target; the
+   target's latency profile (LUT) of this model, made on the spot when missing.
+2. **budget**: ``--latency-ms`` / ``--latency-ratio`` (of the measured baseline) become a budget
+   in *predicted* ms on the LUT; ``--flops-ratio`` / ``--params-ratio`` / ``--keep-ratio``
+   budget MACs, parameters or channels (exact, so no measuring loop is needed for them).
+3. **method setup** (DeepLSP: the sensitivity analysis on real validation data).
+4. **closed loop on the plan**: the method plans widths for the predicted budget; that
+   architecture is exported and measured (latency does not depend on weight values, so no
+   training is needed to know it); the predicted budget is corrected by measured/predicted
+   until the measurement lands within ``slack`` under the budget.
+5. **structured pruning** in ``steps`` steps (geometric schedule of budgets), each followed by
+   a short fine-tuning.
+6. **verification**: the pruned model is measured; over budget, the predicted budget is
+   tightened by the measured/predicted ratio and the model pruned further.
+7. **final fine-tuning** (knowledge distillation from the unpruned model by default) with the
+   method's unstructured masks held.
+8. **export and final measurement**, re-measured before the budget is declared met; reports.
+
+Each stage ends with a checkpoint (``checkpoints/state.pt``), so ``--resume`` continues an
+interrupted run; the final fine-tuning checkpoints every epoch too.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from deploy_prune.allocate import CostModel, channels_cost, flops_cost, latency_cost, params_cost
+from deploy_prune.config import Target, load_target
+from deploy_prune.data import DataBundle, DataOptions, load_data, make_loader
+from deploy_prune.errors import BudgetUnreachable, UserError
+from deploy_prune.export import export_onnx, onnx_bytes
+from deploy_prune.graph import ModelGraph
+from deploy_prune.io import atomic_write, ensure_dir, provenance, write_json
+from deploy_prune.latency.measure import Measurer, measurer_for
+from deploy_prune.methods import Method, get_method
+from deploy_prune.models import check_runs_on
+from deploy_prune.models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from deploy_prune.train import TrainConfig, distillation_loss, evaluate, fit
+from deploy_prune.transforms import Masks, apply_masks, group_widths, prune_to_widths, sparsity
+
+SCHEMA_VERSION = 1
+BUDGET_KINDS = ("latency_ms", "latency_ratio", "flops_ratio", "params_ratio", "keep_ratio")
+UNSTRUCTURED_NOTE = ("Unstructured zeros (magnitude masks) do not lower dense latency on {backend}: it runs every "
+                     "weight, zero or not. They shrink the compressed file and help only on sparse-aware runtimes.")
+
+
+@dataclass
+class CompressConfig:
+    """Everything ``compress`` needs; the CLI fills it from flags."""
+
+    out: Path
+    weights: str
+    model: str | None = None
+    data: str = "digits"
+    data_options: DataOptions = field(default_factory=DataOptions)
+    target: str = "cpu-ort-1t"
+    latency_ms: float | None = None
+    latency_ratio: float | None = None
+    flops_ratio: float | None = None
+    params_ratio: float | None = None
+    keep_ratio: float = 0.5
+    method: str = "deeplsp"
+    criterion: str = "taylor"
+    amount: float | str = 0.05
+    tolerance: float = 0.005  # adaptive amount: accuracy drop allowed per layer (0.005 = half a point)
+    steps: int | None = None  # None: the method's default
+    step_fraction: float = 0.25  # share of an epoch of fine-tuning after each structured step
+    epochs: int = 3
+    kd: bool = True
+    lr: float = 0.01
+    batch_size: int = 128
+    slack: float = 0.1  # aim for a measured latency within this share under the budget
+    max_loops: int = 5
+    sensitivity: str | None = None  # a sensitivity.json (or its run dir) to reuse
+    sensitivity_samples: int = 1000
+    score_batches: int = 8
+    workers: int = 1
+    ignore: list[str] = field(default_factory=list)
+    profiles: Path = Path("profiles")
+    force_profile: bool = False
+    trust: bool = False
+    resume: bool = False
+    seed: int = 0
+
+    def budget_kind(self) -> tuple[str, float]:
+        given = {k: v for k, v in (("latency_ms", self.latency_ms), ("latency_ratio", self.latency_ratio),
+                                   ("flops_ratio", self.flops_ratio), ("params_ratio", self.params_ratio)) if v is not None}
+        if len(given) > 1:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise UserError(f"conflicting budgets {flags}: give one of --latency-ms, --latency-ratio, --flops-ratio, --params-ratio")
+        kind, value = next(iter(given.items())) if given else ("keep_ratio", self.keep_ratio)
+        if value <= 0:
+            raise UserError(f"--{kind.replace('_', '-')} must be > 0, got {value}: nothing can run in no time")
+        if kind != "latency_ms" and value >= 1:
+            raise UserError(f"--{kind.replace('_', '-')} {value} keeps the whole model: nothing to do (give a share below 1)")
+        return kind, float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: model, data, target and what has happened so far
+# ---------------------------------------------------------------------------------------------
+class Run:
+    """State of one compress run, shared by the pipeline and the method."""
+
+    def __init__(self, cfg: CompressConfig, progress: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.out = ensure_dir(cfg.out)
+        self.say = progress or (lambda msg: None)
+        self.target: Target = load_target(cfg.target)
+        self.data: DataBundle = load_data(cfg.data, cfg.data_options)
+        self.model, meta = load_model(cfg.weights, cfg.model, num_classes=self.data.num_classes,
+                                      in_channels=self.data.in_channels, trust=cfg.trust)
+        check_runs_on(self.model, self.data.input_shape, self.data.num_classes)
+        if meta.get("pruned"):
+            raise UserError(f"{cfg.weights!r} is already a compress result; compress its original weights instead")
+        self.spec = cfg.model or meta.get("model", {}).get("spec")
+        if not self.spec:
+            raise UserError("the checkpoint does not record its architecture; pass --model")
+        self.meta: dict[str, Any] = {"model": {"spec": self.spec, "num_classes": self.data.num_classes, "in_channels": self.data.in_channels},
+                     "input_shape": list(self.data.input_shape), "data": self.data.describe()}
+        self.teacher = copy.deepcopy(self.model).eval()
+        self.measurer: Measurer = measurer_for(self.target)
+        self.graph = ModelGraph(self.model, self.data.input_shape, cfg.ignore, self.target.channel_multiple)
+        self.baseline_widths = group_widths(self.graph)
+        self.cost: CostModel = flops_cost()
+        self.profile: dict[str, Any] | None = None
+        self.masks: Masks = {}
+        self.report: dict[str, Any] = {"steps": [], "stage_seconds": {}, "notes": []}
+        self.done: list[str] = []
+        self.state: dict[str, Any] = {}
+        self._baseline_onnx: bytes | None = None
+        self._batches: list[Any] | None = None
+        self._subset: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- data helpers used by methods --------------------------------------------------------
+    def score_batches(self) -> list[Any]:
+        """The same few training batches for every criterion call (seeded)."""
+        if self._batches is None:
+            it = make_loader(self.data.train, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed)
+            self._batches = [b for _, b in zip(range(self.cfg.score_batches), it, strict=False)]
+        return self._batches
+
+    def subset_accuracy(self, model: nn.Module) -> float:
+        """Accuracy on the fixed validation subset the sensitivity analysis uses."""
+        if self._subset is None:
+            n = min(self.cfg.sensitivity_samples, len(self.data.val))  # type: ignore[arg-type]
+            xs, ys = zip(*(self.data.val[i] for i in range(n)), strict=True)
+            self._subset = torch.stack(xs), torch.as_tensor(ys)
+        x, y = self._subset
+        model.eval()
+        with torch.no_grad():
+            return float(sum(int((model(x[i:i + 256]).argmax(1) == y[i:i + 256]).sum()) for i in range(0, len(x), 256)) / len(x))
+
+    def sensitivity(self, criterion: str) -> dict[str, Any]:
+        """The sensitivity analysis of the unpruned model: ``--sensitivity`` or the run's own
+        sensitivity.json when they match these weights and data, else computed now."""
+        from deploy_prune.sensitivity import SensitivityConfig, fingerprint, load_sensitivity, sensitivity_run
+
+        t0 = time.perf_counter()
+        for cand in [self.cfg.sensitivity, self.out / "sensitivity.json"]:
+            if cand is None:
+                continue
+            p = Path(cand)
+            p = p / "sensitivity.json" if p.is_dir() else p
+            if not p.is_file():
+                if cand == self.cfg.sensitivity:
+                    raise UserError(f"--sensitivity {str(cand)!r}: no sensitivity.json there; run deploy-prune sensitivity first")
+                continue
+            res = load_sensitivity(p)
+            c = res["config"]
+            scfg = SensitivityConfig(**{**c, "ratios": tuple(c["ratios"])})
+            fp = fingerprint(self.teacher, scfg, self.data.name, self.cfg.ignore, self.target.channel_multiple)
+            if res["fingerprint"] == fp:
+                self.say(f"sensitivity: reusing {p}")
+                self.report["sensitivity"] = {"path": str(p), "reused": True, "criterion": c["criterion"]}
+                return res
+            if cand == self.cfg.sensitivity:
+                raise UserError(f"--sensitivity {str(p)!r} was computed for other weights, data or --ignore; rerun sensitivity")
+        self.say("sensitivity: pruning each group alone on the validation subset")
+        scfg = SensitivityConfig(criterion=criterion, val_samples=self.cfg.sensitivity_samples,
+                                 score_batches=self.cfg.score_batches, batch_size=self.cfg.batch_size,
+                                 workers=self.cfg.workers, seed=self.cfg.seed)
+        res = sensitivity_run(self.out, copy.deepcopy(self.teacher), self.data, scfg, ignore=self.cfg.ignore,
+                              channel_multiple=self.target.channel_multiple, meta=self.meta["model"], profile=self.profile)
+        self.report["sensitivity"] = {"path": str(self.out / "sensitivity.json"), "reused": False, "criterion": criterion}
+        self.report["stage_seconds"]["sensitivity"] = round(time.perf_counter() - t0, 2)
+        return res
+
+    # -- measurement ------------------------------------------------------------------------
+    def onnx(self, model: nn.Module) -> bytes:
+        return onnx_bytes(copy.deepcopy(model).cpu(), self.data.input_shape, self.target.batch)
+
+    def measure(self, model: nn.Module) -> dict[str, Any]:
+        """Measure ``model`` on the target, interleaved with the unpruned baseline."""
+        t0 = time.perf_counter()
+        if self._baseline_onnx is None:
+            self._baseline_onnx = self.onnx(self.teacher)
+        cand = self.onnx(model)
+        self._add_seconds("export", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        stats = self.measurer.time({"baseline": self._baseline_onnx, "candidate": cand})
+        self._add_seconds("measure", time.perf_counter() - t0)
+        return {"candidate": stats["candidate"].as_dict(), "baseline": stats["baseline"].as_dict()}
+
+    def predicted_ms(self, model: nn.Module | None = None) -> float | None:
+        if self.profile is None:
+            return None
+        from deploy_prune.latency.lut import predict
+
+        return float(predict(model or self.model, self.profile)["calibrated_ms"])
+
+    def _add_seconds(self, stage: str, s: float) -> None:
+        self.report["stage_seconds"][stage] = round(self.report["stage_seconds"].get(stage, 0.0) + s, 2)
+
+    # -- fine-tuning --------------------------------------------------------------------------
+    def finetune(self, epochs: float, tag: str, resume: bool = False) -> float:
+        """Fine-tune the current model (KD from the unpruned one by default), holding the masks.
+        A fractional epoch trains once on that share of the training set. Returns val accuracy."""
+        if epochs <= 0:
+            return float(evaluate(self.model, self.data.val)["accuracy"])
+        t0 = time.perf_counter()
+        data = self.data
+        whole = max(1, math.floor(epochs))
+        if epochs < 1:
+            n = max(self.cfg.batch_size, int(len(data.train) * epochs))  # type: ignore[arg-type]
+            g = torch.Generator().manual_seed(self.cfg.seed + len(self.report["steps"]))
+            data = replace(data, train=Subset(data.train, torch.randperm(len(data.train), generator=g)[:n].tolist()))  # type: ignore[arg-type]
+        cfg = TrainConfig(epochs=whole, batch_size=self.cfg.batch_size, lr=self.cfg.lr, seed=self.cfg.seed)
+        loss = distillation_loss(self.teacher) if self.cfg.kd else None
+        masks = self.masks
+        try:
+            m = fit(self.model, data, cfg, self.out / "finetune" / tag, self.meta_pruned(), resume=resume, loss_fn=loss,
+                    after_step=[lambda mod: apply_masks(mod, masks)] if masks else [], progress=False)
+        except UserError as e:
+            raise UserError(f"{e}; the last good checkpoint is kept in {self.out}/checkpoints (resume with --resume "
+                            "and a lower --lr)") from None
+        self._add_seconds("finetune", time.perf_counter() - t0)
+        return float(m["val_accuracy"])
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def meta_pruned(self) -> dict[str, Any]:
+        return {**self.meta, "pruned": {"widths": group_widths(self.graph), "ignore": list(self.cfg.ignore)}}
+
+    def checkpoint(self, stage: str) -> None:
+        self.done.append(stage)
+        save_checkpoint(self.out / "checkpoints" / "state.pt", self.model, self.meta_pruned(),
+                        masks={k: v.cpu() for k, v in self.masks.items()}, done=list(self.done),
+                        report=json.dumps(self.report), run_state=json.dumps(self.state))
+
+    def restore(self) -> None:
+        """Continue from ``checkpoints/state.pt``: rebuild the pruned architecture, load weights."""
+        path = self.out / "checkpoints" / "state.pt"
+        if not path.is_file():
+            raise UserError(f"nothing to resume: {str(path)!r} does not exist; run without --resume")
+        ck = load_checkpoint(path)
+        widths = ck["pruned"]["widths"]
+        prune_to_widths(self.model, self.data.input_shape, widths, self.cfg.ignore)
+        self.model.load_state_dict(ck["state_dict"])
+        self.graph = ModelGraph(self.model, self.data.input_shape, self.cfg.ignore, self.target.channel_multiple)
+        self.masks = dict(ck.get("masks", {}))
+        self.done = list(ck["done"])
+        self.report = json.loads(ck["report"])
+        self.state = json.loads(ck["run_state"])
+        self.say(f"resuming after stage {self.done[-1]!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+def _model_figures(run: Run, model: nn.Module, accuracy: float | None, latency: dict[str, Any] | None) -> dict[str, Any]:
+    g = ModelGraph(model, run.data.input_shape, run.cfg.ignore, run.target.channel_multiple)
+    flops, params = g.flops_params()
+    return {"accuracy": accuracy, "latency_ms": latency, "predicted_latency_ms": run.predicted_ms(model),
+            "flops": flops, "params": params, "sparsity": round(sparsity(model), 6)}
+
+
+def _step(run: Run, stage: str, model: nn.Module | None = None, **rec: Any) -> None:
+    """Record one step; figures are the current model's, or ``model``'s (a planned candidate)."""
+    g = run.graph if model is None else ModelGraph(model, run.data.input_shape, run.cfg.ignore, run.target.channel_multiple)
+    flops, params = g.flops_params()
+    run.report["steps"].append({"step": len(run.report["steps"]) + 1, "stage": stage, "flops": flops, "params": params,
+                                "predicted_latency_ms": run.predicted_ms(model), "widths": group_widths(g), **rec})
+
+
+def _ensure_profile(run: Run) -> None:
+    """The target's LUT of this model: found under ``profiles/``, or measured now."""
+    from deploy_prune.latency.profile import ProfileSpec, find_profile, run_profile
+
+    t0 = time.perf_counter()
+    prof = find_profile(run.teacher, run.spec, run.data.input_shape, run.target, run.cfg.profiles, run.cfg.ignore,
+                        run.cfg.force_profile)
+    if prof is None:
+        run.say(f"no latency profile of {run.spec} for {run.target.name} under {run.cfg.profiles}/: profiling now")
+        _, prof = run_profile(ProfileSpec(copy.deepcopy(run.teacher), run.spec, tuple(run.data.input_shape), run.target,
+                                          ignore=run.cfg.ignore), run.cfg.profiles, seed=run.cfg.seed)
+    run.profile = prof
+    run.report["profile"] = {"fingerprint": prof["fingerprint"], "calibration": prof.get("calibration"),
+                             "validation": {k: v for k, v in (prof.get("validation") or {}).items() if k == "calibrated"}}
+    run._add_seconds("profile", time.perf_counter() - t0)
+
+
+def _baseline(run: Run) -> None:
+    t0 = time.perf_counter()
+    run.say("baseline: accuracy and latency of the unpruned model")
+    acc = float(evaluate(run.model, run.data.val)["accuracy"])
+    _ensure_profile(run)
+    meas = run.measure(run.model)
+    run.report["baseline"] = _model_figures(run, run.model, acc, meas["candidate"])
+    run._add_seconds("baseline", time.perf_counter() - t0)
+
+
+def _budget(run: Run) -> dict[str, Any]:
+    """The user's budget, and the same budget in the cost model's units."""
+    kind, value = run.cfg.budget_kind()
+    base = run.report["baseline"]
+    graph = run.graph
+    if kind in ("latency_ms", "latency_ratio"):
+        base_ms = base["latency_ms"]["median"]
+        ms = value if kind == "latency_ms" else value * base_ms
+        if ms >= base_ms:
+            raise UserError(f"the budget {ms:.3f} ms is not below the unpruned model's measured {base_ms:.3f} ms on "
+                            f"{run.target.name}: nothing to do")
+        run.cost = latency_cost(run.profile or {})
+        # Predicted ms for the budget: scale by the model's own predicted/measured ratio.
+        predicted = ms * run.cost.total(graph, group_widths(graph)) / base_ms
+        return {"kind": kind, "value": value, "latency_ms": ms, "cost_budget": predicted, "measured": True}
+    if kind == "flops_ratio":
+        run.cost = flops_cost()
+    elif kind == "params_ratio":
+        run.cost = params_cost()
+    else:
+        run.cost = channels_cost()
+    full = run.cost.total(graph, group_widths(graph))
+    return {"kind": kind, "value": value, "latency_ms": None, "cost_budget": value * full, "measured": False}
+
+
+def _over(run: Run, meas: dict[str, Any], budget: dict[str, Any]) -> float:
+    """Measured latency / budget (> 1: over), as ``_pooled_over`` computes it for one measurement."""
+    return _pooled_over([meas], budget)[0]
+
+
+def _unreachable(run: Run, method: Method, budget: dict[str, Any]) -> BudgetUnreachable:
+    """Measure the narrowest allowed widths and say what latency is reachable."""
+    from deploy_prune.allocate import allowed_keeps
+
+    narrow = copy.deepcopy(run.teacher)
+    plan = {g.name: allowed_keeps(g.channels, run.target.channel_multiple)[0] for g in run.graph.groups()}
+    prune_to_widths(narrow, run.data.input_shape, {**group_widths(ModelGraph(copy.deepcopy(run.teacher), run.data.input_shape,
+                                                                                  run.cfg.ignore)), **plan}, run.cfg.ignore)
+    meas = run.measure(narrow)
+    low = meas["candidate"]["median"]
+    return BudgetUnreachable(f"the budget {budget['latency_ms']:.3f} ms cannot be met on {run.target.name}: even the "
+                             f"narrowest allowed widths measure {low:.3f} ms (lowest reachable); raise the budget")
+
+
+def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float:
+    """Correct the predicted budget until the planned architecture, measured, lands within
+    ``slack`` under the real budget. Returns the corrected predicted budget."""
+    pred = budget["cost_budget"]
+    aim = 1.0 - run.cfg.slack / 2
+    for i in range(run.cfg.max_loops):
+        try:
+            plan = method.plan(run, pred)
+        except BudgetUnreachable:
+            raise _unreachable(run, method, budget) from None
+        cand = copy.deepcopy(run.model)
+        prune_to_widths(cand, run.data.input_shape, plan, run.cfg.ignore)
+        meas = run.measure(cand)
+        r = _over(run, meas, budget)
+        p = run.predicted_ms(cand)
+        _step(run, "plan", cand, candidate=True, measured_latency_ms=meas["candidate"],
+              baseline_same_session_ms=meas["baseline"]["median"], cost_budget=pred, accuracy=None)
+        run.say(f"plan {i + 1}: predicted {p:.3f} ms, measured {meas['candidate']['median']:.3f} ms "
+                f"({100 * r:.0f} % of the budget)")
+        if 1.0 - run.cfg.slack <= r <= 1.0:
+            break
+        pred *= aim / r
+    return pred
+
+
+def _structured(run: Run, method: Method, budget: dict[str, Any]) -> None:
+    steps = run.cfg.steps or method.default_steps
+    start = run.cost.total(run.graph, group_widths(run.graph))
+    goal = run.state["cost_budget"]
+    for i in range(1, steps + 1):
+        stage = f"step-{i}"
+        if stage in run.done:
+            continue
+        t0 = time.perf_counter()
+        b = start * (goal / start) ** (i / steps)  # geometric: equal relative cuts per step
+        method.prune(run, b)
+        t_prune = time.perf_counter() - t0
+        run._add_seconds("structured", t_prune)
+        acc = run.finetune(run.cfg.step_fraction, stage) if i < steps or budget["measured"] else None
+        meas = run.measure(run.model)
+        run.state["last_measurement"] = meas
+        _step(run, "structured", cost_budget=b, accuracy=acc, measured_latency_ms=meas["candidate"],
+              baseline_same_session_ms=meas["baseline"]["median"], seconds=round(time.perf_counter() - t0, 2))
+        run.say(f"step {i}/{steps}: {run.cost.kind} {run.cost.total(run.graph, group_widths(run.graph)):.4g} "
+                f"{run.cost.unit}" + (f", accuracy {acc:.4f}" if acc is not None else ""))
+        run.checkpoint(stage)
+
+
+def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
+    """Measure the pruned architecture; while over budget, tighten the predicted budget by the
+    measured/predicted ratio and prune further."""
+    for i in range(run.cfg.max_loops):
+        stage = f"verify-{i + 1}"
+        if stage in run.done:
+            continue
+        # The last structured step was just measured; later rounds measure the further-pruned model.
+        meas = run.state.pop("last_measurement", None) or run.measure(run.model)
+        r = _over(run, meas, budget)
+        if i > 0:
+            _step(run, "closed-loop", measured_latency_ms=meas["candidate"], accuracy=run.state.get("loop_accuracy"),
+                  baseline_same_session_ms=meas["baseline"]["median"])
+        run.say(f"verify {i + 1}: measured {meas['candidate']['median']:.3f} ms ({100 * r:.0f} % of the budget)")
+        if r <= 1.0:
+            run.checkpoint(stage)
+            return
+        pred = run.cost.total(run.graph, group_widths(run.graph))
+        run.state["cost_budget"] = pred * (1.0 - run.cfg.slack / 2) / r
+        try:
+            method.prune(run, run.state["cost_budget"])
+        except BudgetUnreachable:
+            raise _unreachable(run, method, budget) from None
+        run.state["loop_accuracy"] = run.finetune(run.cfg.step_fraction, stage)
+        run.checkpoint(stage)
+    run.report["notes"].append(f"the closed loop stopped after {run.cfg.max_loops} tightenings still over budget")
+
+
+def _pooled_over(meas: list[dict[str, Any]], budget: dict[str, Any]) -> tuple[float, float]:
+    """(measured / budget, the figure compared) pooled over several measurements: the median of
+    the per-round medians (paired with the baseline's rounds for a ratio budget, so that drift
+    of the machine within a measurement cancels)."""
+    import numpy as np
+
+    cand = [v for m in meas for v in m["candidate"]["round_medians"]]
+    if budget["kind"] == "latency_ratio":
+        base = [v for m in meas for v in m["baseline"]["round_medians"]]
+        r = float(np.median(np.divide(cand, base)))
+        return r / budget["value"], r
+    ms = float(np.median(cand))
+    return ms / budget["latency_ms"], ms
+
+
+def _final_measure(run: Run, budget: dict[str, Any]) -> tuple[dict[str, Any], bool, str]:
+    """Measure the exported model twice; the budget is met when the pooled figure is within it."""
+    meas = run.measure(run.model)
+    if not budget["measured"]:
+        got = run.cost.total(run.graph, group_widths(run.graph))
+        met = got <= budget["cost_budget"] * (1 + 1e-9)
+        return meas, met, f"{run.cost.kind} {got:.4g} {'<=' if met else '>'} budget {budget['cost_budget']:.4g} {run.cost.unit}"
+    again = run.measure(run.model)
+    r, fig = _pooled_over([meas, again], budget)
+    ms = f"measured {meas['candidate']['median']:.3f} ms, re-measured {again['candidate']['median']:.3f} ms"
+    if budget["kind"] == "latency_ratio":
+        verdict = f"{ms}; pooled ratio to the baseline {fig:.3f} {'<=' if r <= 1 else '>'} budget {budget['value']:.3f}"
+    else:
+        verdict = f"{ms}; pooled median {fig:.3f} ms {'<=' if r <= 1 else '>'} budget {budget['latency_ms']:.3f} ms"
+    if r > 1.0:
+        verdict += f" ({100 * r:.0f} % of it): the model is returned anyway, NOT meeting the budget"
+    return again, r <= 1.0, verdict
+
+
+def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the whole pipeline; returns the report (also written to ``OUT/report.json``)."""
+    t_start = time.perf_counter()
+    cfg.budget_kind()  # conflicting or empty budgets fail before anything loads
+    run = Run(cfg, progress)
+    method = get_method(cfg.method, criterion=cfg.criterion, amount=cfg.amount, tolerance=cfg.tolerance)
+    if cfg.resume:
+        run.restore()
+    # 1-2. baseline and budget
+    if "baseline" not in run.done:
+        _baseline(run)
+        run.state["budget"] = _budget(run)
+        run.state["cost_budget"] = run.state["budget"]["cost_budget"]
+        run.checkpoint("baseline")
+    else:
+        _ensure_profile(run)
+        _budget(run)  # sets the cost model again
+    budget = run.state["budget"]
+    # 3. method setup
+    method.setup(run)
+    # 4. closed loop on the plan (latency budgets only)
+    if budget["measured"] and "plan" not in run.done:
+        t0 = time.perf_counter()
+        run.state["cost_budget"] = _plan_closed_loop(run, method, budget)
+        run._add_seconds("plan", time.perf_counter() - t0)
+        run.checkpoint("plan")
+    # 5. structured steps
+    try:
+        _structured(run, method, budget)
+    except BudgetUnreachable:
+        if budget["measured"]:
+            raise _unreachable(run, method, budget) from None
+        raise
+    # 6. verification
+    if budget["measured"]:
+        _verify(run, method, budget)
+    # 7. final fine-tuning with the unstructured masks
+    if "finetune" not in run.done:
+        run.masks = method.masks(run)
+        apply_masks(run.model, run.masks)
+        resume = (run.out / "finetune" / "final" / "checkpoints" / "last.pt").is_file() and cfg.resume
+        run.say(f"fine-tuning {cfg.epochs} epoch(s){' with distillation' if cfg.kd else ''}")
+        acc = run.finetune(cfg.epochs, "final", resume=resume)
+        _step(run, "finetune", accuracy=acc, sparsity=round(sparsity(run.model), 6))
+        run.checkpoint("finetune")
+    # 8. export, final measurement, report
+    return _finish(run, method, budget, t_start)
+
+
+def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) -> dict[str, Any]:
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    meta = run.meta_pruned()
+    save_checkpoint(run.out / "model.pt", run.model, meta)
+    _save_program(run)
+    exp = export_onnx(run.model, run.data.input_shape, run.out / "model.onnx", batch=run.target.batch,
+                      parity_inputs=torch.stack([run.data.val[i][0] for i in range(min(8, len(run.data.val)))]))  # type: ignore[arg-type]
+    run._add_seconds("export", time.perf_counter() - t0)
+    meas, met, why = _final_measure(run, budget)
+    acc = float(evaluate(run.model, run.data.val)["accuracy"])
+    final = _model_figures(run, run.model, acc, meas["candidate"])
+    if run.masks and final["sparsity"] > 0:
+        run.report["notes"].append(UNSTRUCTURED_NOTE.format(backend=run.target.backend))
+    if not exp.get("parity_ok", True):
+        run.report["notes"].append(f"ONNX parity over tolerance: max |diff| {exp['max_abs_diff']:.2e}")
+    run.report["stage_seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+    rep = {
+        "schema_version": SCHEMA_VERSION,
+        "run_dir": str(run.out),
+        "model": {**run.meta["model"], "input_shape": run.meta["input_shape"]},
+        "data": run.meta["data"],
+        "target": run.target.as_dict(),
+        "measurer": run.measurer.info(),
+        "budget": {"kind": budget["kind"], "value": budget["value"], "latency_ms": budget["latency_ms"],
+                   "cost_model": run.cost.kind, "cost_budget": run.state["cost_budget"]},
+        "method": {"name": method.name, "settings": {**method.settings(), **_run_settings(cfg, method)}},
+        "baseline": run.report["baseline"],
+        "final": {**final, "baseline_same_session_ms": meas["baseline"]["median"]},
+        "met_budget": met,
+        "budget_note": why,
+        "steps": run.report["steps"],
+        "layers": [{"group": n, "channels_before": c, "channels_after": group_widths(run.graph).get(n, c)}
+                   for n, c in run.baseline_widths.items()],
+        "stage_seconds": run.report["stage_seconds"],
+        "notes": run.report["notes"],
+        "sensitivity": run.report.get("sensitivity"),
+        "profile": run.report.get("profile"),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "data_options"},
+        "provenance": provenance(threads=torch.get_num_threads(), target=run.target.name),
+    }
+    write_json(run.out / "report.json", rep)
+    run.checkpoint("done")
+    try:
+        from deploy_prune.report import write_reports
+
+        write_reports(run.out)
+    except ImportError:  # reports are optional extras; report.json is the truth
+        pass
+    return rep
+
+
+def _run_settings(cfg: CompressConfig, method: Method) -> dict[str, Any]:
+    return {"steps": cfg.steps or method.default_steps, "step_fraction": cfg.step_fraction, "epochs": cfg.epochs,
+            "kd": cfg.kd, "lr": cfg.lr, "batch_size": cfg.batch_size, "slack": cfg.slack, "seed": cfg.seed}
+
+
+def _save_program(run: Run) -> None:
+    """``model.pt2``: the pruned model as a ``torch.export`` program, loadable with
+    ``torch.export.load`` without deploy-prune or the model's code."""
+    example = torch.zeros(run.target.batch, *run.data.input_shape)
+    try:
+        ep = torch.export.export(copy.deepcopy(run.model).eval().cpu(), (example,))
+    except Exception as e:  # a model torch.export cannot capture still has model.pt and model.onnx
+        run.report["notes"].append(f"model.pt2 not written: torch.export failed ({type(e).__name__})")
+        return
+    buf = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer; the temp file has neither
+    torch.export.save(ep, buf)
+    atomic_write(run.out / "model.pt2", lambda p: p.write_bytes(buf.getvalue()))

@@ -1,0 +1,54 @@
+"""Compression recipes registered by name; ``compress`` drives whichever one the user picks.
+
+A method answers three questions for the pipeline in ``deploy_prune/compress.py``:
+
+- ``setup(run)``: anything it needs before pruning (DeepLSP: the sensitivity analysis);
+- ``plan(run, budget)``: the per-group widths it would cut the *current* model to for a cost
+  budget (in the run's cost units: predicted ms, MACs, params or channels), without editing;
+- ``prune(run, budget)``: one structured step to that budget (edits ``run.model``);
+- ``masks(run)``: unstructured masks to hold during the final fine-tuning (may be empty).
+
+The pipeline owns everything else (budgets, steps and their fine-tuning, the measured closed
+loop, the final fine-tuning, export and reports), so methods are compared on equal terms.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from deploy_prune.registry import Registry
+from deploy_prune.transforms import Masks
+
+if TYPE_CHECKING:
+    from deploy_prune.compress import Run
+
+
+class Method(Protocol):
+    name: str
+    default_steps: int
+
+    def settings(self) -> dict[str, Any]: ...
+
+    def setup(self, run: Run) -> None: ...
+
+    def plan(self, run: Run, budget: float) -> dict[str, int]: ...
+
+    def prune(self, run: Run, budget: float) -> None: ...
+
+    def masks(self, run: Run) -> Masks: ...
+
+
+METHODS: Registry[type] = Registry("method")
+
+
+def get_method(name: str, **settings: Any) -> Method:
+    """Instantiate a registered method with the settings it accepts (others are ignored)."""
+    import inspect
+
+    cls = METHODS.get(name)
+    accepted = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in settings.items() if k in accepted})  # type: ignore[no-any-return]
+
+
+# Register the built-in methods.
+from deploy_prune.methods import deeplsp, uniform  # noqa: E402,F401

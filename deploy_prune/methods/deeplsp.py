@@ -1,0 +1,129 @@
+"""DeepLSP: latency- and sensitivity-aware hybrid (structured + unstructured) pruning.
+
+From the Pruning Pathways README (seed 002): "structured + unstructured pruning guided by
+layer sensitivity and latency", with ``keep_ratio`` (default 0.5) and ``amount`` (default
+0.05, or adaptive). The README gives no equations; our choices, each stated:
+
+- **Sensitivity from real data.** The seed's DeepLSP fed dummy inputs; we run
+  ``deploy_prune.sensitivity`` on the validation subset: each group pruned alone at several
+  ratios, accuracy drop measured (reused from ``sensitivity.json`` when given).
+- **Value of keeping k channels of group g** = ``-w_g * (1 - R_g(k))``: ``R_g(k)`` is the share
+  of the group's importance (criterion of choice, re-scored on the current model at every step)
+  held by its k best channels, and ``w_g`` the group's sensitivity scale, fitted by least squares
+  so that ``w_g * (1 - R_g(k))`` matches the measured accuracy drops of that group. The
+  criterion gives the shape at every width, the measurement gives the scale in accuracy points.
+  ``w_g`` is floored at a tenth of the median so no group is treated as free.
+- **Structured allocation** = the latency knapsack of ``allocate.allocate``: per group one
+  allowed width (multiples of the target's ``channel_multiple``), maximum total value within
+  the LUT-predicted latency (or FLOPs / params / channels for other budgets).
+- **Unstructured part**: magnitude masks of ``amount`` of the remaining weights in every
+  conv/linear layer (the output layer included), or ``adaptive``: per layer, the largest share
+  in a ladder whose accuracy drop, that layer alone masked, stays within ``tolerance`` on the
+  validation subset. The masks are held during the final fine-tuning.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from deploy_prune.allocate import allocate, weighted_retained_value
+from deploy_prune.errors import UserError
+from deploy_prune.importance import score_groups
+from deploy_prune.methods import METHODS
+from deploy_prune.transforms import Masks, apply_masks, magnitude_masks, weight_layers
+
+if TYPE_CHECKING:
+    from deploy_prune.compress import Run
+
+ADAPTIVE_LADDER = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def sensitivity_weights(sens: dict[str, Any], scores: dict[str, Any], floor_share: float = 0.1) -> dict[str, float]:
+    """Per group, the least-squares scale ``w`` with ``drop(k) ~ w * (1 - R(k))`` over the measured ratios."""
+    value = weighted_retained_value(scores, {})  # w = 1: value(k) = -(1 - R(k))
+    w: dict[str, float] = {}
+    for g in sens["groups"]:
+        if g["name"] not in scores:
+            continue
+        x = np.array([-value(g["name"], e["kept_channels"]) for e in g["entries"]])
+        d = np.array([max(0.0, e["accuracy_drop"]) for e in g["entries"]])
+        w[g["name"]] = float((x @ d) / (x @ x)) if x @ x > 0 else 0.0
+    pos = [v for v in w.values() if v > 0]
+    floor = floor_share * float(np.median(pos)) if pos else 1.0
+    return {k: max(v, floor) for k, v in w.items()}
+
+
+@METHODS.register("deeplsp", "latency knapsack weighted by measured sensitivity + unstructured magnitude masks")
+class DeepLSP:
+    name = "deeplsp"
+    default_steps = 3
+
+    def __init__(self, criterion: str = "taylor", amount: float | str = 0.05, tolerance: float = 0.005) -> None:
+        if isinstance(amount, str) and amount != "adaptive":
+            try:
+                amount = float(amount)
+            except ValueError:
+                raise UserError(f"--amount must be a share in [0, 1) or 'adaptive', got {amount!r}") from None
+        if isinstance(amount, float) and not 0.0 <= amount < 1.0:
+            raise UserError(f"--amount must be a share in [0, 1) or 'adaptive', got {amount}")
+        self.criterion, self.amount, self.tolerance = criterion, amount, tolerance
+        self.weights: dict[str, float] = {}
+        self.chosen_amounts: dict[str, float] = {}
+
+    def settings(self) -> dict[str, Any]:
+        return {"criterion": self.criterion, "amount": self.amount, "tolerance": self.tolerance,
+                "sensitivity_weights": {k: round(v, 6) for k, v in self.weights.items()},
+                "adaptive_amounts": self.chosen_amounts or None}
+
+    def setup(self, run: Run) -> None:
+        import copy
+
+        from deploy_prune.graph import ModelGraph
+
+        sens = run.sensitivity(self.criterion)
+        # The sensitivity was measured on the unpruned model: fit its weights with that model's
+        # scores (also when a resumed run's model is already pruned).
+        base = copy.deepcopy(run.teacher)
+        graph = ModelGraph(base, run.data.input_shape, run.cfg.ignore, run.target.channel_multiple)
+        self.weights = sensitivity_weights(sens, self._scores(run, base, graph))
+
+    def _scores(self, run: Run, model: Any = None, graph: Any = None) -> dict[str, Any]:
+        return {k: v.numpy() for k, v in score_groups(model or run.model, graph or run.graph, self.criterion,
+                                                       run.score_batches(), seed=run.cfg.seed).items()}
+
+    def plan(self, run: Run, budget: float, scores: dict[str, Any] | None = None) -> dict[str, int]:
+        value = weighted_retained_value(scores or self._scores(run), self.weights)
+        plan, _ = allocate(run.graph, value, run.cost, budget)
+        return plan
+
+    def prune(self, run: Run, budget: float) -> None:
+        import torch
+
+        scores = self._scores(run)
+        plan = self.plan(run, budget, scores)
+        run.graph.prune_by_scores(plan, {k: torch.as_tensor(v) for k, v in scores.items()})
+
+    def masks(self, run: Run) -> Masks:
+        if self.amount == "adaptive":
+            return self._adaptive(run)
+        return magnitude_masks(run.model, float(self.amount))
+
+    def _adaptive(self, run: Run) -> Masks:
+        """Per layer, the largest share of the ladder within ``tolerance`` of accuracy drop, alone."""
+        import copy
+
+        base = run.subset_accuracy(run.model)
+        amounts: dict[str, float] = {}
+        for name in weight_layers(run.model):
+            best = 0.0
+            for a in ADAPTIVE_LADDER:
+                trial = copy.deepcopy(run.model)
+                apply_masks(trial, magnitude_masks(trial, {name: a}))
+                if base - run.subset_accuracy(trial) > self.tolerance:
+                    break
+                best = a
+            amounts[name] = best
+        self.chosen_amounts = amounts
+        return magnitude_masks(run.model, amounts)

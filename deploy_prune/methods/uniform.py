@@ -1,0 +1,62 @@
+"""Uniform L1 channel pruning: the baseline every latency-aware method must beat.
+
+The same keep share in every group, channels ranked by torch-pruning's group L1 magnitude
+importance (what its ``MagnitudePruner`` uses), rounded to the target's channel multiple. The
+share is the largest whose cost meets the budget, so uniform pruning reaches the same
+*measured* latency as any other method through the same closed loop.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from deploy_prune.errors import BudgetUnreachable
+from deploy_prune.graph import round_channels
+from deploy_prune.importance import score_groups
+from deploy_prune.methods import METHODS
+from deploy_prune.transforms import Masks
+
+if TYPE_CHECKING:
+    from deploy_prune.compress import Run
+
+
+@METHODS.register("uniform", "one keep share in every group, L1 magnitude ranking (torch-pruning's MagnitudePruner)")
+class Uniform:
+    name = "uniform"
+    default_steps = 1
+
+    def __init__(self, criterion: str = "l1") -> None:
+        self.criterion = criterion
+
+    def settings(self) -> dict[str, Any]:
+        return {"criterion": self.criterion, "allocation": "uniform share, bisection on the budget"}
+
+    def setup(self, run: Run) -> None:
+        pass
+
+    def _share_plan(self, run: Run, share: float) -> dict[str, int]:
+        m = run.graph.channel_multiple
+        return {g.name: round_channels(g.channels * share, g.channels, m) for g in run.graph.groups()}
+
+    def plan(self, run: Run, budget: float) -> dict[str, int]:
+        graph, cost = run.graph, run.cost
+        lo_plan = self._share_plan(run, 0.0)
+        if cost.total(graph, lo_plan) > budget:
+            raise BudgetUnreachable(f"the narrowest uniform widths cost {cost.total(graph, lo_plan):.4g} {cost.unit}, "
+                                    f"over the budget {budget:.4g} {cost.unit}")
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            if cost.total(graph, self._share_plan(run, mid)) <= budget:
+                lo = mid
+            else:
+                hi = mid
+        return self._share_plan(run, lo)
+
+    def prune(self, run: Run, budget: float) -> None:
+        plan = self.plan(run, budget)
+        scores = score_groups(run.model, run.graph, self.criterion, run.score_batches(), seed=run.cfg.seed)
+        run.graph.prune_by_scores(plan, scores)
+
+    def masks(self, run: Run) -> Masks:
+        return {}

@@ -1,0 +1,88 @@
+"""Physical edits of a model: channel removal to given widths, and unstructured weight masks.
+
+Choosing *how much* to remove is ``allocate``'s job and *which* channels the criteria's; this
+module only performs the edit and records it, so a pruned model can be rebuilt from its
+registered architecture, its per-group widths and its state dict (``rebuild_pruned``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from deploy_prune.graph import PRUNABLE, ModelGraph
+
+
+def group_widths(graph: ModelGraph) -> dict[str, int]:
+    """Channels each prunable group has now, by group name (stable across pruning)."""
+    return {g.name: g.channels for g in graph.groups()}
+
+
+def prune_to_widths(model: nn.Module, input_shape: Sequence[int], widths: Mapping[str, int],
+                    ignore: Sequence[str] = ()) -> nn.Module:
+    """Cut each group of ``model`` (in place) down to ``widths[group]`` channels, keeping the first
+    ones: for rebuilding a pruned architecture before loading its state dict, and for latency
+    candidates (which channels go does not change latency)."""
+    g = ModelGraph(model, input_shape, ignore=ignore)
+    unknown = set(widths) - {i.name for i in g.groups()}
+    if unknown:
+        raise ValueError(f"no prunable group(s) {sorted(unknown)} in this model")
+    g.prune({i.name: list(range(widths[i.name], i.channels)) for i in g.groups()
+             if widths.get(i.name, i.channels) < i.channels})
+    return model
+
+
+def rebuild_pruned(model: nn.Module, pruned: Mapping[str, object], input_shape: Sequence[int]) -> nn.Module:
+    """Apply a checkpoint's ``pruned`` record ({"widths": ..., "ignore": ...}) to a freshly built model."""
+    return prune_to_widths(model, input_shape, pruned["widths"], pruned.get("ignore", ()))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# Unstructured masks
+# ---------------------------------------------------------------------------------------------
+Masks = dict[str, torch.Tensor]
+
+
+def weight_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.Module]:
+    skip = set(skip)
+    return {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in skip}
+
+
+def magnitude_masks(model: nn.Module, amount: float | Mapping[str, float], skip: Iterable[str] = ()) -> Masks:
+    """Per layer, a mask zeroing the ``amount`` share of its smallest-magnitude weights.
+
+    Layer-wise rather than global: the share is the same in every layer (or given per layer by
+    a mapping, for the adaptive mode), so no layer is emptied. Weights already zero count
+    towards the share, which keeps repeated masking idempotent.
+    """
+    masks: Masks = {}
+    for name, mod in weight_layers(model, skip).items():
+        a = amount.get(name, 0.0) if isinstance(amount, Mapping) else amount
+        w: torch.Tensor = mod.weight.detach()  # type: ignore[assignment,operator]
+        k = int(a * w.numel())
+        if k <= 0:
+            continue
+        thresh = w.abs().flatten().kthvalue(k).values
+        masks[name] = w.abs() > thresh
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Masks) -> None:
+    """Zero the masked weights (after every optimiser step during fine-tuning, and before export)."""
+    mods = dict(model.named_modules())
+    for name, m in masks.items():
+        w = mods[name].weight
+        w.mul_(m.to(w.device, w.dtype))
+
+
+def sparsity(model: nn.Module) -> float:
+    """Share of zero weights over all conv/linear weights."""
+    tot = zeros = 0
+    for m in weight_layers(model).values():
+        w: torch.Tensor = m.weight  # type: ignore[assignment]
+        tot += w.numel()
+        zeros += int((w == 0).sum())
+    return zeros / max(tot, 1)

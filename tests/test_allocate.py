@@ -1,0 +1,115 @@
+"""The knapsack allocator, cost models, masks and rebuilding pruned models."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deploy_prune.allocate import (
+    allocate,
+    allowed_keeps,
+    channels_cost,
+    flops_cost,
+    plan_widths,
+    solve_mckp,
+    weighted_retained_value,
+)
+from deploy_prune.errors import BudgetUnreachable
+from deploy_prune.graph import ModelGraph
+from deploy_prune.models import build_model
+from deploy_prune.train import distillation_loss
+from deploy_prune.transforms import apply_masks, magnitude_masks, prune_to_widths, sparsity
+
+
+def test_mckp_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n_items, n_opts = 4, 3
+        vals = rng.uniform(0, 1, (n_items, n_opts)).tolist()
+        costs = rng.uniform(0, 1, (n_items, n_opts)).tolist()
+        cap = float(rng.uniform(1.0, 2.5))
+        best = -np.inf
+        for combo in itertools.product(range(n_opts), repeat=n_items):
+            c = sum(costs[i][j] for i, j in enumerate(combo))
+            if c <= cap:
+                best = max(best, sum(vals[i][j] for i, j in enumerate(combo)))
+        picks = solve_mckp(vals, costs, cap, resolution=20000)
+        if best == -np.inf:
+            assert picks is None
+            continue
+        assert picks is not None
+        assert sum(costs[i][j] for i, j in enumerate(picks)) <= cap + 1e-9
+        # discretisation (costs rounded up) may lose a hair of value, never feasibility
+        assert sum(vals[i][j] for i, j in enumerate(picks)) >= best - 0.05
+
+
+def test_mckp_infeasible() -> None:
+    assert solve_mckp([[1.0, 2.0]], [[3.0, 4.0]], 2.0) is None
+
+
+def test_allowed_keeps_honour_the_multiple() -> None:
+    assert allowed_keeps(64, 8) == [8, 16, 24, 32, 40, 48, 56, 64]
+    assert allowed_keeps(20, 8) == [8, 16, 20]
+    assert allowed_keeps(5, 1) == [1, 2, 3, 4, 5]
+
+
+def test_allocate_meets_the_flops_budget_and_spends_it_where_value_is_low() -> None:
+    model = build_model("tiny-cnn", 10, 1)
+    graph = ModelGraph(model, (1, 32, 32), channel_multiple=8)
+    cost = flops_cost()
+    full = cost.total(graph, {g.name: g.channels for g in graph.groups()})
+    assert full == pytest.approx(graph.flops_params()[0], rel=1e-6)
+    scores = {g.name: np.ones(g.channels) for g in graph.groups()}
+    precious = "features.6"
+    weights = {g.name: (100.0 if g.name == precious else 1.0) for g in graph.groups()}
+    plan, got = allocate(graph, weighted_retained_value(scores, weights), cost, 0.5 * full)
+    assert got <= 0.5 * full
+    assert got == pytest.approx(cost.total(graph, plan))
+    assert plan[precious] == 32  # the heavily weighted group keeps every channel
+    assert all(k % 8 == 0 for k in plan.values())
+    # The plan's FLOPs are what the graph predicts and what pruning produces.
+    assert graph.predict_flops(plan) == pytest.approx(got, rel=1e-6)
+    prune_to_widths(model, (1, 32, 32), plan)
+    assert ModelGraph(model, (1, 32, 32)).flops_params()[0] == pytest.approx(got, rel=1e-6)
+
+
+def test_allocate_unreachable_says_the_lowest_cost() -> None:
+    graph = ModelGraph(build_model("tiny-cnn", 10, 1), (1, 32, 32), channel_multiple=8)
+    value = weighted_retained_value({g.name: np.ones(g.channels) for g in graph.groups()}, {})
+    with pytest.raises(BudgetUnreachable, match="lowest reachable"):
+        allocate(graph, value, channels_cost(), 3)
+
+
+def test_plan_widths_keep_depthwise_in_step() -> None:
+    model = build_model("mobilenet_v2", 10, 3)
+    graph = ModelGraph(model, (3, 32, 32), channel_multiple=8)
+    g = next(g for g in graph.groups() if any(graph.layers[n].groups > 1 for n in g.out_layers))
+    widths = plan_widths(graph, {g.name: 8})
+    dw = next(n for n in g.out_layers if graph.layers[n].groups > 1)
+    assert widths[dw] == (8, 8)
+
+
+def test_magnitude_masks_and_sparsity() -> None:
+    model = build_model("tiny-cnn", 10, 1)
+    masks = magnitude_masks(model, 0.3)
+    apply_masks(model, masks)
+    assert sparsity(model) == pytest.approx(0.3, abs=0.01)
+    assert magnitude_masks(model, 0.3).keys() == masks.keys()  # idempotent on already-zero weights
+    apply_masks(model, magnitude_masks(model, 0.3))
+    assert sparsity(model) == pytest.approx(0.3, abs=0.01)
+
+
+def test_distillation_loss_reduces_to_cross_entropy() -> None:
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(4, 3), nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    ce = nn.functional.cross_entropy(student(x), y)
+    assert distillation_loss(teacher, alpha=0.0)(student, x, y).item() == pytest.approx(ce.item())
+    # A student identical to its teacher pays no distillation term.
+    twin = nn.Linear(4, 3)
+    twin.load_state_dict(student.state_dict())
+    assert distillation_loss(twin, alpha=1.0)(student, x, y).item() == pytest.approx(0.0, abs=1e-6)

@@ -1,0 +1,156 @@
+"""compress end to end on the tiny CNN: budgets, closed loop, run directory, resume, gate, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deploy_prune.cli import app
+from deploy_prune.compress import CompressConfig, compress
+from deploy_prune.data import DataOptions, load_data
+from deploy_prune.errors import UserError
+from deploy_prune.models.checkpoint import load_model
+from deploy_prune.train import evaluate
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def target_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ONNX Runtime on one thread, channels in 8s, a protocol short enough for tests."""
+    p = tmp_path_factory.mktemp("targets") / "quick8.yaml"
+    p.write_text("name: quick8\nbackend: onnxruntime\nthreads: 1\nchannel_multiple: 8\n"
+                 "warmup: 3\nrepeats: 30\nrounds: 3\nmin_time_s: 0.05\n")
+    return p
+
+
+def _cfg(tiny_run: Path, out: Path, target: Path, **kw: object) -> CompressConfig:
+    base = dict(out=out, weights=str(tiny_run), data="digits", data_options=DataOptions(train_limit=300),
+                target=str(target), epochs=1, step_fraction=0.5, sensitivity_samples=200, score_batches=2,
+                batch_size=64, profiles=out.parent / "profiles")
+    base.update(kw)
+    return CompressConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def flops_run(tiny_run: Path, target_yaml: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("compress") / "flops"
+    return out, compress(_cfg(tiny_run, out, target_yaml, flops_ratio=0.5, amount=0.2))
+
+
+def test_flops_budget_run_directory_and_report(flops_run: tuple[Path, dict]) -> None:
+    out, rep = flops_run
+    for f in ("model.onnx", "model.pt", "model.pt2", "report.json", "report.md", "report.html", "sensitivity.json",
+              "checkpoints/state.pt"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(rep))
+    assert rep["budget"]["kind"] == "flops_ratio" and rep["met_budget"] is True
+    assert rep["final"]["flops"] <= 0.5 * rep["baseline"]["flops"]
+    for key in ("accuracy", "latency_ms", "predicted_latency_ms", "flops", "params"):
+        assert rep["baseline"][key] is not None and rep["final"][key] is not None, key
+    assert {"median", "p90"} <= set(rep["final"]["latency_ms"])
+    assert rep["final"]["sparsity"] == pytest.approx(0.2, abs=0.02)
+    assert any("do not lower dense latency" in n for n in rep["notes"])
+    assert [s["stage"] for s in rep["steps"]].count("structured") == 3  # DeepLSP's default steps
+    widths = {la["group"]: la["channels_after"] for la in rep["layers"]}
+    assert all(w % 8 == 0 for w in widths.values())
+    assert rep["provenance"]["tool_version"] and rep["stage_seconds"]["total"] > 0
+
+
+def test_model_pt_and_pt2_load_and_agree(flops_run: tuple[Path, dict]) -> None:
+    out, rep = flops_run
+    model, meta = load_model(out / "model.pt")
+    assert meta["pruned"]["widths"]
+    data = load_data("digits", DataOptions(train_limit=300))
+    assert evaluate(model, data.val)["accuracy"] == pytest.approx(rep["final"]["accuracy"])
+    prog = torch.export.load(str(out / "model.pt2")).module()
+    x = torch.stack([data.val[i][0] for i in range(1)])
+    torch.testing.assert_close(prog(x), model.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_gate_on_the_report(flops_run: tuple[Path, dict], tmp_path: Path) -> None:
+    out, rep = flops_run
+    ok = runner.invoke(app, ["gate", str(out / "report.json"), "--min-accuracy", "0.01", "--junit", str(tmp_path / "g.xml")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "g.xml").is_file()
+    bad = runner.invoke(app, ["gate", str(out), "--min-accuracy", "0.999999"])
+    assert bad.exit_code == 1 and "FAIL" in bad.output
+    assert runner.invoke(app, ["gate", str(out), "--remeasure"]).exit_code == 2
+
+
+def test_report_command_regenerates(flops_run: tuple[Path, dict]) -> None:
+    out, _ = flops_run
+    (out / "report.md").unlink()
+    res = runner.invoke(app, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "budget" in (out / "report.md").read_text().lower()
+
+
+def test_latency_budget_closed_loop_through_the_cli(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lat"
+    res = runner.invoke(app, ["compress", "--weights", str(tiny_run), "--data", "digits", "--target", str(target_yaml),
+                              "--latency-ratio", "0.6", "--method", "uniform", "--epochs", "1", "--train-limit", "300",
+                              "--profiles", str(tmp_path / "profiles"), "--out", str(out)])
+    rep = json.loads((out / "report.json").read_text())
+    # Exit 0 exactly when the re-measured latency met the budget; 1 (and said so) otherwise.
+    assert res.exit_code == (0 if rep["met_budget"] else 1), res.output
+    assert ("MET" in res.output) and (rep["met_budget"] or "NOT MET" in res.output)
+    stages = [s["stage"] for s in rep["steps"]]
+    assert stages[0] == "plan" and "structured" in stages and stages[-1] == "finetune"
+    assert all(s["measured_latency_ms"] for s in rep["steps"] if s["stage"] in ("plan", "structured"))
+    assert rep["budget"]["latency_ms"] == pytest.approx(0.6 * rep["baseline"]["latency_ms"]["median"])
+    assert rep["final"]["predicted_latency_ms"] < rep["baseline"]["predicted_latency_ms"]
+    assert rep["method"]["name"] == "uniform"
+    assert (tmp_path / "profiles" / "quick8").is_dir()  # the missing LUT was made on the spot
+
+
+def test_interrupted_run_resumes(tiny_run: Path, target_yaml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import deploy_prune.compress as C
+
+    out = tmp_path / "res"
+    cfg = _cfg(tiny_run, out, target_yaml, params_ratio=0.5, amount=0.0, steps=2)
+    real = C.Run.finetune
+
+    def interrupt(self: C.Run, epochs: float, tag: str, resume: bool = False) -> float:
+        if tag == "final":
+            raise KeyboardInterrupt
+        return real(self, epochs, tag, resume)
+
+    monkeypatch.setattr(C.Run, "finetune", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        compress(cfg)
+    monkeypatch.setattr(C.Run, "finetune", real)
+    with pytest.raises(UserError, match="nothing to resume"):
+        compress(_cfg(tiny_run, tmp_path / "empty", target_yaml, params_ratio=0.5, resume=True))
+    cfg.resume = True
+    rep = compress(cfg)
+    stages = [s["stage"] for s in rep["steps"]]
+    assert stages.count("structured") == 2 and stages[-1] == "finetune"  # steps not redone
+    assert rep["final"]["params"] <= 0.5 * rep["baseline"]["params"]
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--latency-ms", "1", "--flops-ratio", "0.5"], 2, "conflicting budgets"),
+    (["--latency-ratio", "0"], 2, "must be > 0"),
+    (["--flops-ratio", "1.5"], 2, "nothing to do"),
+    (["--latency-ms", "1000"], 2, "nothing to do"),
+    (["--latency-ms", "0.000001"], 3, "lowest reachable"),
+    (["--flops-ratio", "0.5", "--amount", "lots"], 2, "--amount"),
+    (["--flops-ratio", "0.5", "--method", "nope"], 2, "unknown method"),
+])
+def test_bad_input(tiny_run: Path, target_yaml: Path, tmp_path: Path, args: list[str], code: int, message: str) -> None:
+    res = runner.invoke(app, ["compress", "--weights", str(tiny_run), "--data", "digits", "--target", str(target_yaml),
+                              "--epochs", "0", "--train-limit", "200", "--profiles", str(tmp_path / "p"),
+                              "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == code, res.output
+    assert message in " ".join(res.output.split())
+
+
+def test_weights_that_do_not_fit(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["compress", "--weights", str(tiny_run), "--model", "resnet20", "--data", "digits",
+                              "--target", str(target_yaml), "--flops-ratio", "0.5", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "does not fit" in res.output
