@@ -320,10 +320,10 @@ def _baseline(run: Run) -> None:
     t0 = time.perf_counter()
     run.say("baseline: accuracy and latency of the unpruned model")
     acc = float(evaluate(run.model, run.data.val)["accuracy"])
+    run._add_seconds("evaluate", time.perf_counter() - t0)  # stages are disjoint: profile/export/measure apart
     _ensure_profile(run)
     meas = run.measure(run.model)
     run.report["baseline"] = _model_figures(run, run.model, acc, meas["candidate"])
-    run._add_seconds("baseline", time.perf_counter() - t0)
 
 
 def _budget(run: Run) -> dict[str, Any]:
@@ -361,9 +361,8 @@ def _unreachable(run: Run, method: Method, budget: dict[str, Any]) -> BudgetUnre
     from deploy_prune.allocate import allowed_keeps
 
     narrow = copy.deepcopy(run.teacher)
-    plan = {g.name: allowed_keeps(g.channels, run.target.channel_multiple)[0] for g in run.graph.groups()}
-    prune_to_widths(narrow, run.data.input_shape, {**group_widths(ModelGraph(copy.deepcopy(run.teacher), run.data.input_shape,
-                                                                                  run.cfg.ignore)), **plan}, run.cfg.ignore)
+    plan = {g: allowed_keeps(c, run.target.channel_multiple)[0] for g, c in run.baseline_widths.items()}
+    prune_to_widths(narrow, run.data.input_shape, plan, run.cfg.ignore)
     meas = run.measure(narrow)
     low = meas["candidate"]["median"]
     return BudgetUnreachable(f"the budget {budget['latency_ms']:.3f} ms cannot be met on {run.target.name}: even the "
@@ -485,6 +484,18 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None)
     t_start = time.perf_counter()
     cfg.budget_kind()  # conflicting or empty budgets fail before anything loads
     run = Run(cfg, progress)
+    try:
+        return _pipeline(run, t_start)
+    except UserError as e:
+        state = run.out / "checkpoints" / "state.pt"
+        if isinstance(e, BudgetUnreachable) or not state.is_file() or "--resume" in str(e):
+            raise
+        # e.g. the agent became unreachable mid-run: what was done is kept
+        raise type(e)(f"{e} (stages done so far are kept in {state}; fix this and rerun with --resume)") from None
+
+
+def _pipeline(run: Run, t_start: float) -> dict[str, Any]:
+    cfg = run.cfg
     method = get_method(cfg.method, criterion=cfg.criterion, amount=cfg.amount, tolerance=cfg.tolerance)
     if cfg.resume:
         run.restore()
@@ -502,9 +513,11 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None)
     method.setup(run)
     # 4. closed loop on the plan (latency budgets only)
     if budget["measured"] and "plan" not in run.done:
-        t0 = time.perf_counter()
+        t0, sec = time.perf_counter(), run.report["stage_seconds"]
+        io_before = sec.get("export", 0.0) + sec.get("measure", 0.0)
         run.state["cost_budget"] = _plan_closed_loop(run, method, budget)
-        run._add_seconds("plan", time.perf_counter() - t0)
+        io_spent = sec.get("export", 0.0) + sec.get("measure", 0.0) - io_before
+        run._add_seconds("plan", time.perf_counter() - t0 - io_spent)  # planning only; its measurements count apart
         run.checkpoint("plan")
     # 5. structured steps
     try:
@@ -539,7 +552,9 @@ def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) ->
                       parity_inputs=torch.stack([run.data.val[i][0] for i in range(min(8, len(run.data.val)))]))  # type: ignore[arg-type]
     run._add_seconds("export", time.perf_counter() - t0)
     meas, met, why = _final_measure(run, budget)
+    t0 = time.perf_counter()
     acc = float(evaluate(run.model, run.data.val)["accuracy"])
+    run._add_seconds("evaluate", time.perf_counter() - t0)
     final = _model_figures(run, run.model, acc, meas["candidate"])
     if run.masks and final["sparsity"] > 0:
         run.report["notes"].append(UNSTRUCTURED_NOTE.format(backend=run.target.backend))

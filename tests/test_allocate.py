@@ -113,3 +113,21 @@ def test_distillation_loss_reduces_to_cross_entropy() -> None:
     twin = nn.Linear(4, 3)
     twin.load_state_dict(student.state_dict())
     assert distillation_loss(twin, alpha=1.0)(student, x, y).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sensitivity_fit_recovers_scale_and_steepness() -> None:
+    from deploy_prune.methods.deeplsp import sensitivity_weights
+
+    n = 32
+    scores = {"a": np.ones(n), "b": np.ones(n)}
+    kept = [28, 24, 16, 8, 4]
+    # group a: drop = 0.5 * lost^3 (steep); group b: drop = 0.1 * lost (gentle)
+    sens = {"groups": [
+        {"name": "a", "entries": [{"kept_channels": k, "accuracy_drop": 0.5 * (1 - k / n) ** 3} for k in kept]},
+        {"name": "b", "entries": [{"kept_channels": k, "accuracy_drop": 0.1 * (1 - k / n)} for k in kept]},
+    ]}
+    w, p = sensitivity_weights(sens, scores)
+    assert p == {"a": 3.0, "b": 1.0}
+    assert w["a"] == pytest.approx(0.5) and w["b"] == pytest.approx(0.1)
+    value = weighted_retained_value(scores, w, p)
+    assert value("a", 16) == pytest.approx(-0.5 * 0.5**3)

@@ -154,3 +154,10 @@ def test_weights_that_do_not_fit(tiny_run: Path, target_yaml: Path, tmp_path: Pa
     res = runner.invoke(app, ["compress", "--weights", str(tiny_run), "--model", "resnet20", "--data", "digits",
                               "--target", str(target_yaml), "--flops-ratio", "0.5", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "does not fit" in res.output
+
+
+def test_diverging_finetune_stops_and_keeps_the_checkpoint(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    with pytest.raises(UserError, match="diverged.*checkpoint.*--resume"):
+        compress(_cfg(tiny_run, out, target_yaml, keep_ratio=0.5, lr=1e30, steps=1, amount=0.0))
+    assert (out / "checkpoints" / "state.pt").is_file()

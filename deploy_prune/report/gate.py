@@ -109,7 +109,7 @@ def run_gate(
     median = _num(lat.get("median")) if isinstance(lat, Mapping) else _num(lat)
     p90 = _num(lat.get("p90")) if isinstance(lat, Mapping) else None
     where = f"measured on {report_target}"
-    fix = "the report has no measured final latency; rerun compress with a measuring target or pass --remeasure TARGET"
+    fix = "the report has no measured final latency; rerun compress with a measuring target or pass --remeasure --target T"
     if remeasure_target is not None:
         stats = remeasure(path.parent, remeasure_target)
         result.remeasured = stats
