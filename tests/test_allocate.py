@@ -126,8 +126,10 @@ def test_sensitivity_fit_recovers_scale_and_steepness() -> None:
         {"name": "a", "entries": [{"kept_channels": k, "accuracy_drop": 0.5 * (1 - k / n) ** 3} for k in kept]},
         {"name": "b", "entries": [{"kept_channels": k, "accuracy_drop": 0.1 * (1 - k / n)} for k in kept]},
     ]}
-    w, p = sensitivity_weights(sens, scores)
+    w, p = sensitivity_weights(sens, scores, powers=(1.0, 2.0, 3.0))
     assert p == {"a": 3.0, "b": 1.0}
     assert w["a"] == pytest.approx(0.5) and w["b"] == pytest.approx(0.1)
     value = weighted_retained_value(scores, w, p)
     assert value("a", 16) == pytest.approx(-0.5 * 0.5**3)
+    w1, p1 = sensitivity_weights(sens, scores)  # the default: linear in the lost share
+    assert set(p1.values()) == {1.0} and w1["a"] > w1["b"]

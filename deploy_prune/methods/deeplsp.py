@@ -7,14 +7,13 @@ layer sensitivity and latency", with ``keep_ratio`` (default 0.5) and ``amount``
 - **Sensitivity from real data.** The seed's DeepLSP fed dummy inputs; we run
   ``deploy_prune.sensitivity`` on the validation subset: each group pruned alone at several
   ratios, accuracy drop measured (reused from ``sensitivity.json`` when given).
-- **Value of keeping k channels of group g** = ``-w_g * (1 - R_g(k)) ** p_g``: ``R_g(k)`` is the
-  share of the group's importance (criterion of choice, re-scored on the current model at every
-  step) held by its k best channels; ``w_g`` and ``p_g`` (from 1 to 4) are fitted by least squares
+- **Value of keeping k channels of group g** = ``-w_g * (1 - R_g(k))``: ``R_g(k)`` is the share
+  of the group's importance (criterion of choice, re-scored on the current model at every step)
+  held by its k best channels, and ``w_g`` the group's sensitivity scale, fitted by least squares
   so that the value matches the measured accuracy drops of that group. The criterion gives the
-  order and shape at every width, the measurement the scale in accuracy points and the
-  steepness. ``w_g`` is floored at a tenth of the median so no group is treated as free. (A first
-  version used p = 1; on ResNet-20 it emptied low-sensitivity groups to 8 channels and lost to
-  uniform pruning after fine-tuning: benchmarks/results/compress_vs_uniform.md.)
+  order and shape at every width, the measurement the scale in accuracy points. ``w_g`` is
+  floored at a tenth of the median so no group is treated as free. (A steepness exponent
+  ``(1 - R)^p`` fitted per group was tried and lost after fine-tuning: see ``POWERS``.)
 - **Structured allocation** = the latency knapsack of ``allocate.allocate``: per group one
   allowed width (multiples of the target's ``channel_multiple``), maximum total value within
   the LUT-predicted latency (or FLOPs / params / channels for other budgets).
@@ -42,18 +41,17 @@ if TYPE_CHECKING:
 ADAPTIVE_LADDER = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-POWERS = (1.0, 1.5, 2.0, 3.0, 4.0)
+# Steepness exponents tried by the fit. Only p = 1 by default: a fit over (1, 1.5, 2, 3, 4)
+# matched the measured one-shot curves better but lost 0.35-1.1 points after fine-tuning on
+# ResNet-20 / Fashion-MNIST at all three budgets (benchmarks/results/compress_vs_uniform_power.md
+# vs compress_vs_uniform_linear.md; one seed each, so weak evidence either way).
+POWERS: tuple[float, ...] = (1.0,)
 
 
-def sensitivity_weights(sens: dict[str, Any], scores: dict[str, Any], floor_share: float = 0.1
-                        ) -> tuple[dict[str, float], dict[str, float]]:
+def sensitivity_weights(sens: dict[str, Any], scores: dict[str, Any], floor_share: float = 0.1,
+                        powers: tuple[float, ...] = POWERS) -> tuple[dict[str, float], dict[str, float]]:
     """Per group, the scale ``w`` and power ``p`` with ``drop(k) ~ w * (1 - R(k)) ** p`` over the
-    measured ratios (least squares in ``w`` for each ``p`` of ``POWERS``; the best fit wins).
-
-    The power captures what the measured curves show: accuracy falls slowly for the first
-    channels removed and steeply for the last. A linear model (p = 1) underprices deep cuts,
-    and the knapsack then empties cheap-looking groups to their minimum width.
-    """
+    measured ratios (least squares in ``w`` for each ``p`` of ``powers``; the best fit wins)."""
     lost = weighted_retained_value(scores, {})  # -(1 - R(k))
     w: dict[str, float] = {}
     pw: dict[str, float] = {}
@@ -63,7 +61,7 @@ def sensitivity_weights(sens: dict[str, Any], scores: dict[str, Any], floor_shar
         x = np.array([-lost(g["name"], e["kept_channels"]) for e in g["entries"]])
         d = np.array([max(0.0, e["accuracy_drop"]) for e in g["entries"]])
         best = (np.inf, 0.0, 2.0)
-        for p in POWERS:
+        for p in powers:
             xp = x**p
             if xp @ xp <= 0:
                 continue
