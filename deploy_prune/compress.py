@@ -420,6 +420,8 @@ def _structured(run: Run, method: Method, budget: dict[str, Any]) -> None:
 def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
     """Measure the pruned architecture; while over budget, tighten the predicted budget by the
     measured/predicted ratio and prune further."""
+    if run.state.get("verified"):  # a resumed run that had already met the budget
+        return
     for i in range(run.cfg.max_loops):
         stage = f"verify-{i + 1}"
         if stage in run.done:
@@ -432,6 +434,7 @@ def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
                   baseline_same_session_ms=meas["baseline"]["median"])
         run.say(f"verify {i + 1}: measured {meas['candidate']['median']:.3f} ms ({100 * r:.0f} % of the budget)")
         if r <= 1.0:
+            run.state["verified"] = True
             run.checkpoint(stage)
             return
         pred = run.cost.total(run.graph, group_widths(run.graph))
