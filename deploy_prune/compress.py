@@ -53,10 +53,9 @@ from deploy_prune.methods import Method, get_method
 from deploy_prune.models import check_runs_on
 from deploy_prune.models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from deploy_prune.train import TrainConfig, distillation_loss, evaluate, fit
-from deploy_prune.transforms import Masks, apply_masks, group_widths, prune_to_widths, sparsity
+from deploy_prune.transforms import Masks, apply_masks, group_widths, prune_to_widths, rebuild_pruned, sparsity
 
 SCHEMA_VERSION = 1
-BUDGET_KINDS = ("latency_ms", "latency_ratio", "flops_ratio", "params_ratio", "keep_ratio")
 UNSTRUCTURED_NOTE = ("Unstructured zeros (magnitude masks) do not lower dense latency on {backend}: it runs every "
                      "weight, zero or not. They shrink the compressed file and help only on sparse-aware runtimes.")
 
@@ -77,6 +76,7 @@ class CompressConfig:
     params_ratio: float | None = None
     keep_ratio: float = 0.5
     method: str = "deeplsp"
+    method_options: dict[str, Any] = field(default_factory=dict)  # method-specific settings (e.g. df's mode)
     criterion: str = "taylor"
     amount: float | str = 0.05
     tolerance: float = 0.005  # adaptive amount: accuracy drop allowed per layer (0.005 = half a point)
@@ -224,7 +224,10 @@ class Run:
             return None
         from deploy_prune.latency.lut import predict
 
-        return float(predict(model or self.model, self.profile)["calibrated_ms"])
+        try:
+            return float(predict(model or self.model, self.profile)["calibrated_ms"])
+        except UserError:  # e.g. factorised layers, which the profile has no entries for
+            return None
 
     def _add_seconds(self, stage: str, s: float) -> None:
         self.report["stage_seconds"][stage] = round(self.report["stage_seconds"].get(stage, 0.0) + s, 2)
@@ -270,8 +273,7 @@ class Run:
         if not path.is_file():
             raise UserError(f"nothing to resume: {str(path)!r} does not exist; run without --resume")
         ck = load_checkpoint(path)
-        widths = ck["pruned"]["widths"]
-        prune_to_widths(self.model, self.data.input_shape, widths, self.cfg.ignore)
+        rebuild_pruned(self.model, ck["pruned"], self.data.input_shape)
         self.model.load_state_dict(ck["state_dict"])
         self.graph = ModelGraph(self.model, self.data.input_shape, self.cfg.ignore, self.target.channel_multiple)
         self.masks = dict(ck.get("masks", {}))
@@ -485,10 +487,15 @@ def _final_measure(run: Run, budget: dict[str, Any]) -> tuple[dict[str, Any], bo
 def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the whole pipeline; returns the report (also written to ``OUT/report.json``)."""
     t_start = time.perf_counter()
-    cfg.budget_kind()  # conflicting or empty budgets fail before anything loads
+    kind, _ = cfg.budget_kind()  # conflicting or empty budgets fail before anything loads
+    method = get_method(cfg.method, criterion=cfg.criterion, amount=cfg.amount, tolerance=cfg.tolerance,
+                        **cfg.method_options)
+    if kind not in method.budget_kinds:
+        takes = ", ".join("--" + k.replace("_", "-") for k in method.budget_kinds)
+        raise UserError(f"--method {method.name} cannot honour --{kind.replace('_', '-')}; it takes {takes}")
     run = Run(cfg, progress)
     try:
-        return _pipeline(run, t_start)
+        return _pipeline(run, method, t_start)
     except UserError as e:
         state = run.out / "checkpoints" / "state.pt"
         if isinstance(e, BudgetUnreachable) or not state.is_file() or "--resume" in str(e):
@@ -497,9 +504,8 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None)
         raise type(e)(f"{e} (stages done so far are kept in {state}; fix this and rerun with --resume)") from None
 
 
-def _pipeline(run: Run, t_start: float) -> dict[str, Any]:
+def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:
     cfg = run.cfg
-    method = get_method(cfg.method, criterion=cfg.criterion, amount=cfg.amount, tolerance=cfg.tolerance)
     if cfg.resume:
         run.restore()
     # 1-2. baseline and budget
@@ -581,6 +587,7 @@ def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) ->
         "steps": run.report["steps"],
         "layers": [{"group": n, "channels_before": c, "channels_after": group_widths(run.graph).get(n, c)}
                    for n, c in run.baseline_widths.items()],
+        "ranks": _ranks(run.model),
         "stage_seconds": run.report["stage_seconds"],
         "notes": run.report["notes"],
         "sensitivity": run.report.get("sensitivity"),
@@ -597,6 +604,13 @@ def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) ->
     except ImportError:  # reports are optional extras; report.json is the truth
         pass
     return rep
+
+
+def _ranks(model: nn.Module) -> list[dict[str, Any]]:
+    """Factorised layers: their rank, and the rank of the dense conv they replace."""
+    from deploy_prune.transforms.lowrank import LowRankConv2d
+
+    return [{"layer": n, "rank": m.rank, "full_rank": m.full_rank} for n, m in model.named_modules() if isinstance(m, LowRankConv2d)]
 
 
 def _run_settings(cfg: CompressConfig, method: Method) -> dict[str, Any]:

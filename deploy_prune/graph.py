@@ -232,15 +232,26 @@ class ModelGraph:
             # Name the group by its first out-layer in definition order (torch-pruning's root
             # depends on its traversal); indexing still follows torch-pruning's root.
             if info.out_layers:
-                info.name = name = min(info.out_layers, key=order.__getitem__)
+                name = min(info.out_layers, key=order.__getitem__)
+                info.name = self._canonical(name)
             touched = set(info.out_layers) | set(info.in_layers)
             info.flops = sum(self.layers[n].flops for n in touched if n in self.layers)
             info.params = sum(self.layers[n].params for n in touched if n in self.layers)
             if name in self.layers:
                 info.in_hw = self.layers[name].in_hw
+            name = info.name
             if info.channels > 1:
                 self._groups[name] = g
                 self._info[name] = info
+
+    def _canonical(self, layer: str) -> str:
+        """Group name for a group whose first out-layer is ``layer``. Inside a factorised conv
+        pair (``transforms.lowrank``), the pair's output channels keep the original layer's group
+        name and its inner channels (the rank) are the group ``<layer>:rank``."""
+        parent, _, idx = layer.rpartition(".")
+        if parent and getattr(self.model.get_submodule(parent), "lowrank", False):
+            return parent if idx == "1" else f"{parent}:rank"
+        return layer
 
     # -- queries ------------------------------------------------------------------------------
     def groups(self) -> list[GroupInfo]:

@@ -23,9 +23,13 @@ if TYPE_CHECKING:
     from deploy_prune.compress import Run
 
 
+BUDGET_KINDS = ("latency_ms", "latency_ratio", "flops_ratio", "params_ratio", "keep_ratio")
+
+
 class Method(Protocol):
     name: str
     default_steps: int
+    budget_kinds: tuple[str, ...]  # which of BUDGET_KINDS it can honour
 
     def settings(self) -> dict[str, Any]: ...
 
@@ -51,4 +55,4 @@ def get_method(name: str, **settings: Any) -> Method:
 
 
 # Register the built-in methods.
-from deploy_prune.methods import deeplsp, uniform  # noqa: E402,F401
+from deploy_prune.methods import deeplsp, df, uniform  # noqa: E402,F401

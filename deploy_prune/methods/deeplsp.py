@@ -32,7 +32,7 @@ import numpy as np
 from deploy_prune.allocate import allocate, weighted_retained_value
 from deploy_prune.errors import UserError
 from deploy_prune.importance import score_groups
-from deploy_prune.methods import METHODS
+from deploy_prune.methods import BUDGET_KINDS, METHODS
 from deploy_prune.transforms import Masks, apply_masks, magnitude_masks, weight_layers
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ def sensitivity_weights(sens: dict[str, Any], scores: dict[str, Any], floor_shar
 class DeepLSP:
     name = "deeplsp"
     default_steps = 3
+    budget_kinds = BUDGET_KINDS
 
     def __init__(self, criterion: str = "taylor", amount: float | str = 0.05, tolerance: float = 0.005) -> None:
         if isinstance(amount, str) and amount != "adaptive":

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from deploy_prune.errors import BudgetUnreachable
 from deploy_prune.graph import round_channels
 from deploy_prune.importance import score_groups
-from deploy_prune.methods import METHODS
+from deploy_prune.methods import BUDGET_KINDS, METHODS
 from deploy_prune.transforms import Masks
 
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 class Uniform:
     name = "uniform"
     default_steps = 1
+    budget_kinds = BUDGET_KINDS
 
     def __init__(self, criterion: str = "l1") -> None:
         self.criterion = criterion

@@ -243,7 +243,18 @@ def _stage_rows(rep: Mapping[str, Any]) -> list[list[str]]:
 
 
 def _settings(rep: Mapping[str, Any]) -> list[list[str]]:
-    return [[str(k), _value(v)] for k, v in ((rep.get("method") or {}).get("settings") or {}).items()]
+    """Method settings; nested records (per-layer fits, learning histories) stay in report.json."""
+    return [[str(k), _value(v) if not isinstance(v, (dict, list)) or len(str(v)) <= 120 else "(in report.json)"]
+            for k, v in ((rep.get("method") or {}).get("settings") or {}).items()]
+
+
+def _rank_rows(rep: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for r in rep.get("ranks") or []:
+        rank, full = _num(r.get("rank")), _num(r.get("full_rank"))
+        kept = f"{100 * rank / full:.0f} %" if rank is not None and full else _DASH
+        rows.append([_value(r.get("layer")), _value(r.get("rank")), _value(r.get("full_rank")), kept])
+    return rows
 
 
 def _provenance(rep: Mapping[str, Any]) -> list[list[str]]:
@@ -294,6 +305,10 @@ def render_markdown(rep: Mapping[str, Any], plots: Mapping[str, str | os.PathLik
     if rep.get("layers"):
         lines += ["## Channels per group", ""]
         lines += _md_table(["group", "before", "after", "kept"], _layer_rows(rep), "lrrr")
+        lines.append("")
+    if rep.get("ranks"):
+        lines += ["## Low-rank layers", "", "Each runs as a k x k conv to *rank* channels and a 1 x 1 conv back out.", ""]
+        lines += _md_table(["layer", "rank", "full rank", "kept"], _rank_rows(rep), "lrrr")
         lines.append("")
     if plots:
         lines += ["## Plots", ""]
@@ -379,6 +394,9 @@ def render_html(rep: Mapping[str, Any], plots: Mapping[str, str] | None = None) 
     if rep.get("layers"):
         parts.append("<h2>Channels per group</h2>")
         parts.append(_html_table(["group", "before", "after", "kept"], _layer_rows(rep), "lrrr"))
+    if rep.get("ranks"):
+        parts.append("<h2>Low-rank layers</h2>")
+        parts.append(_html_table(["layer", "rank", "full rank", "kept"], _rank_rows(rep), "lrrr"))
     if plots:
         parts.append("<h2>Plots</h2>")
         for stem, b64 in plots.items():

@@ -54,6 +54,11 @@ def _distributed() -> tuple[int, int]:
 
 
 @torch.no_grad()
+def default_device() -> str:
+    """Where training runs: CUDA only when asked for (``DEPLOY_PRUNE_DEVICE=cuda``) and present."""
+    return "cuda" if torch.cuda.is_available() and os.environ.get("DEPLOY_PRUNE_DEVICE", "cpu") == "cuda" else "cpu"
+
+
 def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, device: str = "cpu") -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy on ``ds``."""
     was_training = model.training
@@ -99,7 +104,7 @@ def fit(
     if rank == 0:
         ensure_dir(out / "checkpoints")
     last = out / "checkpoints" / "last.pt"
-    device = "cuda" if torch.cuda.is_available() and os.environ.get("DEPLOY_PRUNE_DEVICE", "cpu") == "cuda" else "cpu"
+    device = default_device()
     model.to(device)
     torch.manual_seed(cfg.seed)
     opt = _make_optimizer(model, cfg)

@@ -34,9 +34,20 @@ def prune_to_widths(model: nn.Module, input_shape: Sequence[int], widths: Mappin
     return model
 
 
+RANK_SUFFIX = ":rank"
+
+
 def rebuild_pruned(model: nn.Module, pruned: Mapping[str, object], input_shape: Sequence[int]) -> nn.Module:
-    """Apply a checkpoint's ``pruned`` record ({"widths": ..., "ignore": ...}) to a freshly built model."""
-    return prune_to_widths(model, input_shape, pruned["widths"], pruned.get("ignore", ()))  # type: ignore[arg-type]
+    """Apply a checkpoint's ``pruned`` record ({"widths": ..., "ignore": ...}) to a freshly built
+    model: cut the groups to their widths, then factorise the layers whose ``<layer>:rank``
+    group is listed, at that rank (``transforms.lowrank``). The weights come from the state dict."""
+    from deploy_prune.transforms.lowrank import factorize
+
+    widths: Mapping[str, int] = pruned["widths"]  # type: ignore[assignment]
+    ranks = {k[: -len(RANK_SUFFIX)]: v for k, v in widths.items() if k.endswith(RANK_SUFFIX)}
+    base = {k: v for k, v in widths.items() if not k.endswith(RANK_SUFFIX)}
+    prune_to_widths(model, input_shape, base, pruned.get("ignore", ()))  # type: ignore[arg-type]
+    return factorize(model, ranks)
 
 
 # ---------------------------------------------------------------------------------------------

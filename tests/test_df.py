@@ -1,0 +1,171 @@
+"""DF (differentiable filter + low-rank compression): factorisation, SVT, the budget surrogate,
+and compress --method df end to end on the tiny CNN."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from deploy_prune.cli import app
+from deploy_prune.compress import CompressConfig, compress
+from deploy_prune.data import DataOptions, load_data
+from deploy_prune.errors import BudgetUnreachable, UserError
+from deploy_prune.graph import ModelGraph
+from deploy_prune.methods.df import _cost, _layers, _svt
+from deploy_prune.models import build_model
+from deploy_prune.models.checkpoint import load_model
+from deploy_prune.transforms import group_widths, prune_to_widths, rebuild_pruned
+from deploy_prune.transforms.lowrank import factorize, factorize_conv, lowrank_layers, rank_pays
+
+runner = CliRunner()
+
+
+def test_factorize_conv_is_the_truncated_svd() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1)
+    x = torch.randn(2, 6, 9, 9)
+    full = factorize_conv(conv, 10)
+    torch.testing.assert_close(full(x), conv(x), rtol=1e-4, atol=1e-5)
+    low = factorize_conv(conv, 3)
+    assert (low[0].kernel_size, low[0].stride, low[1].kernel_size) == ((3, 3), (2, 2), (1, 1))
+    w = conv.weight.detach().flatten(1)
+    s = torch.linalg.svdvals(w)
+    approx = (low[1].weight.flatten(1) @ low[0].weight.flatten(1)).detach()
+    # Eckart-Young: the Frobenius error of the best rank-3 approximation is the tail of the spectrum
+    assert float(torch.linalg.matrix_norm(w - approx)) == pytest.approx(float(s[3:].square().sum().sqrt()), rel=1e-4)
+    assert rank_pays(conv, 3) and not rank_pays(conv, 9)
+
+
+def test_rank_groups_are_named_and_rebuild_reproduces_the_model() -> None:
+    torch.manual_seed(0)
+    m = build_model("resnet20", 10, 1).eval()
+    factorize(m, {"layer1.0.conv1": 6, "layer2.1.conv2": 10})
+    g = ModelGraph(m, (1, 28, 28), channel_multiple=1)
+    w = group_widths(g)
+    # the pair keeps its layer's group names; its inner channels are the group "<layer>:rank"
+    assert w["layer1.0.conv1"] == 16 and w["layer1.0.conv1:rank"] == 6 and w["layer2.1.conv2:rank"] == 10
+    assert "layer1.0.conv1.1" not in w
+    prune_to_widths(m, (1, 28, 28), {"layer1.0.conv1:rank": 4, "layer1.0.conv1": 8})
+    widths = group_widths(ModelGraph(m, (1, 28, 28)))
+    fresh = build_model("resnet20", 10, 1)
+    rebuild_pruned(fresh, {"widths": widths}, (1, 28, 28))
+    fresh.load_state_dict(m.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(fresh.eval()(x), m(x))
+    assert lowrank_layers(fresh) == {"layer1.0.conv1": 4, "layer2.1.conv2": 10}
+
+
+def test_svt_soft_thresholds_singular_values_and_counts_the_rank() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    u, s, vh = torch.linalg.svd(w.flatten(1), full_matrices=False)
+    gamma = (s[2] + s[3]) / 2
+    out, g_r = _svt(w, gamma, tau=1e6)  # steep tanh: g_r counts the singular values above gamma
+    expected = (u * torch.relu(s - gamma)) @ vh
+    torch.testing.assert_close(out.flatten(1), expected, rtol=1e-4, atol=1e-5)
+    assert float(g_r) == pytest.approx(3.0, abs=1e-3)
+    # gradients reach the threshold and the weight without NaNs, also with tied (zero) rows
+    w2 = w.clone()
+    w2[:4] = 0
+    w2.requires_grad_(True)
+    gam = torch.tensor(0.1, requires_grad=True)
+    o, r = _svt(w2, gam, tau=2.0)
+    (o.square().sum() + r).backward()
+    assert torch.isfinite(w2.grad).all() and torch.isfinite(gam.grad) and float(gam.grad) != 0
+
+
+def test_surrogate_cost_matches_the_materialised_flops() -> None:
+    torch.manual_seed(0)
+    m = build_model("resnet20", 10, 1).eval()
+    g = ModelGraph(m, (1, 28, 28), channel_multiple=1)
+    layers = _layers(g, "flops", {"layer1.0.conv1", "layer3.0.conv1"})
+    assert _cost(layers, {}, {}) == pytest.approx(g.flops_params()[0])
+    keep = {"layer1.0.conv1": 8, "layer3.0.conv2": 40}
+    ranks = {"layer1.0.conv1": 3, "layer3.0.conv1": 60}  # the second does not pay: stays dense
+    predicted = _cost(layers, keep, ranks)
+    prune_to_widths(m, (1, 28, 28), keep)
+    mods = dict(m.named_modules())
+    factorize(m, {n: r for n, r in ranks.items() if rank_pays(mods[n], r)})
+    assert lowrank_layers(m) == {"layer1.0.conv1": 3}
+    assert predicted == pytest.approx(ModelGraph(m, (1, 28, 28)).flops_params()[0])
+
+
+@pytest.fixture(scope="module")
+def target_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("targets") / "quick1.yaml"
+    p.write_text("name: quick1\nbackend: onnxruntime\nthreads: 1\nchannel_multiple: 1\n"
+                 "warmup: 3\nrepeats: 20\nrounds: 2\nmin_time_s: 0.02\n")
+    return p
+
+
+def _cfg(tiny_run: Path, out: Path, target: Path, **kw: object) -> CompressConfig:
+    base = dict(out=out, weights=str(tiny_run), data="digits", data_options=DataOptions(train_limit=300),
+                target=str(target), epochs=1, batch_size=64, profiles=out.parent / "profiles", method="df",
+                flops_ratio=0.5, method_options={"df_epochs": 2, "df_lr": 0.05})
+    base.update(kw)
+    return CompressConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tiny_run: Path, target_yaml: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("df") / "hybrid"
+    return out, compress(_cfg(tiny_run, out, target_yaml))
+
+
+def test_df_meets_a_flops_budget_and_writes_a_loadable_run(hybrid_run: tuple[Path, dict]) -> None:
+    out, rep = hybrid_run
+    assert rep["method"]["name"] == "df" and rep["met_budget"] is True
+    assert rep["final"]["flops"] <= 0.5 * rep["baseline"]["flops"]
+    s = rep["method"]["settings"]
+    assert s["mode"] == "hybrid" and s["alpha"] == 50 and s["lambda"] == 1.0
+    assert s["history"] and all(h["mu"] <= 50 for h in s["history"])
+    assert {r["layer"] for r in rep["ranks"]} == set(s["factorized"])
+    model, meta = load_model(out / "model.pt")
+    assert lowrank_layers(model) == {r["layer"]: r["rank"] for r in rep["ranks"]}
+    data = load_data("digits", DataOptions(train_limit=300))
+    x = torch.stack([data.val[i][0] for i in range(4)])
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x[:1].numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), model.eval()(x[:1]), rtol=1e-3, atol=1e-4)
+    md = (out / "report.md").read_text()
+    assert ("## Low-rank layers" in md) == bool(rep["ranks"])
+
+
+def test_df_ablation_modes_touch_only_their_part(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+    filters = compress(_cfg(tiny_run, tmp_path / "f", target_yaml, method_options={"mode": "filters", "df_epochs": 2, "df_lr": 0.05}))
+    assert filters["ranks"] == [] and filters["met_budget"]
+    assert any(g["channels_after"] < g["channels_before"] for g in filters["layers"])
+    ranks = compress(_cfg(tiny_run, tmp_path / "r", target_yaml, method_options={"mode": "ranks", "df_epochs": 2, "df_lr": 0.05}))
+    assert ranks["ranks"] and ranks["met_budget"]
+    assert all(g["channels_after"] == g["channels_before"] for g in ranks["layers"])
+
+
+def test_df_bad_input(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--method df cannot honour --latency-ratio; it takes --flops-ratio"):
+        compress(_cfg(tiny_run, tmp_path / "a", target_yaml, flops_ratio=None, latency_ratio=0.5))
+    with pytest.raises(UserError, match="--df-mode must be one of"):
+        compress(_cfg(tiny_run, tmp_path / "b", target_yaml, method_options={"mode": "both"}))
+    with pytest.raises(BudgetUnreachable, match="below what df can reach"):
+        compress(_cfg(tiny_run, tmp_path / "c", target_yaml, flops_ratio=0.001))
+    with pytest.raises(UserError, match="--df-lr must be a positive number"):
+        compress(_cfg(tiny_run, tmp_path / "d", target_yaml, method_options={"df_lr": float("nan")}))
+
+
+def test_df_stops_on_nan_during_mask_learning(tiny_run: Path, target_yaml: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import deploy_prune.methods.df as df
+
+    monkeypatch.setattr(df, "_svt", lambda w, gamma, tau: (w * float("nan"), gamma * 0))
+    with pytest.raises(UserError, match="df mask learning diverged .* lower --df-lr"):
+        compress(_cfg(tiny_run, tmp_path / "n", target_yaml))
+
+
+def test_cli_df_mode_flag(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["compress", "--weights", str(tiny_run), "--out", str(tmp_path / "x"), "--target", str(target_yaml),
+                              "--method", "df", "--df-mode", "bogus", "--flops-ratio", "0.5"])
+    assert res.exit_code == 2 and "--df-mode must be one of" in res.output
