@@ -239,6 +239,7 @@ def profile(
     out: Annotated[Path, typer.Option("--out", "-o", help="profiles directory")] = Path("profiles"),
     validate: Annotated[int, typer.Option(help="measure N random pruned variants end to end against the prediction")] = 0,
     ignore: Annotated[str, typer.Option(help="comma-separated layer names never to prune")] = "",
+    lowrank: Annotated[bool, typer.Option("--lowrank", help="also time each conv factorised into two convs (for --method df)")] = False,
     seed: SeedOpt = 0,
     trust_checkpoint: TrustOpt = False,
 ) -> None:
@@ -252,7 +253,7 @@ def profile(
     if grid is not None and grid < 1:
         raise UserError(f"--grid must be a positive channel step, got {grid}")
     net, name, shape = resolve_model(model, weights, input_size, num_classes, tgt, trust_checkpoint)
-    spec = ProfileSpec(net, name, shape, tgt, step=grid, ignore=[s for s in ignore.split(",") if s])
+    spec = ProfileSpec(net, name, shape, tgt, step=grid, ignore=[s for s in ignore.split(",") if s], lowrank=lowrank)
     with _progress_bar(True, eta=True) as bar:
         tasks: dict[str, Any] = {}
 
@@ -411,8 +412,11 @@ def methods() -> None:
         table = Table(title=title)
         table.add_column("name")
         table.add_column("description")
+        if reg is METHODS:
+            table.add_column("budgets")
         for name in reg.names():
-            table.add_row(name, reg.help(name))
+            extra = [", ".join(k.replace("_", "-") for k in METHODS.get(name).budget_kinds)] if reg is METHODS else []
+            table.add_row(name, reg.help(name), *extra)
         console.print(table)
 
 

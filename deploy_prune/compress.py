@@ -145,6 +145,7 @@ class Run:
         self.report: dict[str, Any] = {"steps": [], "stage_seconds": {}, "notes": []}
         self.done: list[str] = []
         self.state: dict[str, Any] = {}
+        self.lowrank_profile = False  # the LUT must also time factorised convs (df under a latency budget)
         self._baseline_onnx: bytes | None = None
         self._batches: list[Any] | None = None
         self._subset: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -308,10 +309,13 @@ def _ensure_profile(run: Run) -> None:
     t0 = time.perf_counter()
     prof = find_profile(run.teacher, run.spec, run.data.input_shape, run.target, run.cfg.profiles, run.cfg.ignore,
                         run.cfg.force_profile)
-    if prof is None:
-        run.say(f"no latency profile of {run.spec} for {run.target.name} under {run.cfg.profiles}/: profiling now")
+    lowrank = run.lowrank_profile and not (prof and any("lowrank" in la for la in prof["layers"].values()))
+    if prof is None or lowrank:
+        run.say(f"no latency profile of {run.spec} for {run.target.name} under {run.cfg.profiles}/"
+                f"{' with low-rank tables' if lowrank else ''}: profiling now")
         _, prof = run_profile(ProfileSpec(copy.deepcopy(run.teacher), run.spec, tuple(run.data.input_shape), run.target,
-                                          ignore=run.cfg.ignore), run.cfg.profiles, seed=run.cfg.seed)
+                                          ignore=run.cfg.ignore, lowrank=run.lowrank_profile), run.cfg.profiles,
+                              seed=run.cfg.seed, reuse=True)
     run.profile = prof
     run.report["profile"] = {"fingerprint": prof["fingerprint"], "calibration": prof.get("calibration"),
                              "validation": {k: v for k, v in (prof.get("validation") or {}).items() if k == "calibrated"}}
@@ -506,6 +510,7 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None)
 
 def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:
     cfg = run.cfg
+    run.lowrank_profile = getattr(method, "lowrank_profile", False) and cfg.budget_kind()[0].startswith("latency")
     if cfg.resume:
         run.restore()
     # 1-2. baseline and budget
@@ -521,7 +526,7 @@ def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:
     # 3. method setup
     method.setup(run)
     # 4. closed loop on the plan (latency budgets only)
-    if budget["measured"] and "plan" not in run.done:
+    if budget["measured"] and "plan" not in run.done and getattr(method, "plans", True):
         t0, sec = time.perf_counter(), run.report["stage_seconds"]
         io_before = sec.get("export", 0.0) + sec.get("measure", 0.0)
         run.state["cost_budget"] = _plan_closed_loop(run, method, budget)

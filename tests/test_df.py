@@ -146,8 +146,8 @@ def test_df_ablation_modes_touch_only_their_part(tiny_run: Path, target_yaml: Pa
 
 
 def test_df_bad_input(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--method df cannot honour --latency-ratio; it takes --flops-ratio"):
-        compress(_cfg(tiny_run, tmp_path / "a", target_yaml, flops_ratio=None, latency_ratio=0.5))
+    with pytest.raises(UserError, match="--method df cannot honour --keep-ratio; it takes --flops-ratio"):
+        compress(_cfg(tiny_run, tmp_path / "a", target_yaml, flops_ratio=None))  # no budget: a keep ratio
     with pytest.raises(UserError, match="--df-mode must be one of"):
         compress(_cfg(tiny_run, tmp_path / "b", target_yaml, method_options={"mode": "both"}))
     with pytest.raises(BudgetUnreachable, match="below what df can reach"):
@@ -169,3 +169,46 @@ def test_cli_df_mode_flag(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> 
     res = runner.invoke(app, ["compress", "--weights", str(tiny_run), "--out", str(tmp_path / "x"), "--target", str(target_yaml),
                               "--method", "df", "--df-mode", "bogus", "--flops-ratio", "0.5"])
     assert res.exit_code == 2 and "--df-mode must be one of" in res.output
+
+
+def test_lowrank_profile_prices_factorised_layers(tmp_path: Path) -> None:
+    import copy
+
+    from deploy_prune.config import Protocol, Target
+    from deploy_prune.latency.lut import layer_ms, predict
+    from deploy_prune.latency.profile import ProfileSpec, run_profile
+    from deploy_prune.methods.df import Measured, _Layer
+
+    torch.manual_seed(0)
+    model = build_model("tiny-cnn", 10, 1)
+    target = Target(name="fast", backend="onnxruntime", threads=1, channel_multiple=8,
+                    protocol=Protocol(warmup=2, repeats=6, rounds=2, min_time_s=0.0))
+    spec = ProfileSpec(model, "tiny-cnn", (1, 16, 16), target, lowrank=True)
+    _, prof = run_profile(spec, tmp_path, calibrate=(0.5,))
+    lr = prof["layers"]["features.3"]["lowrank"]
+    assert lr["grid_rank"][-1] == 32 and lr["first"]["act"] == "" and tuple(lr["second"]["kernel"]) == (1, 1)
+    assert "lowrank" not in prof["layers"]["classifier"]  # linear layers are not factorised
+    fact = copy.deepcopy(model)
+    factorize(fact, {"features.3": 8})
+    pred = predict(fact, prof)
+    assert {"features.3.0", "features.3.1"} <= set(pred["per_layer"])
+    li = _Layer("features.3", 0.0, 1.0, 16, 32, 9, None, None, False, True)
+    both = float(Measured(prof).factorized(li, 16, 8, 32))
+    assert both == pytest.approx(pred["per_layer"]["features.3.0"] + pred["per_layer"]["features.3.1"])
+    assert layer_ms(prof, "features.3.1", 8, 32) > 0
+    # adding nothing new to a finished profile measures nothing again
+    _, again = run_profile(spec, tmp_path, calibrate=(0.5,), reuse=True)
+    assert again["configs_measured"] == 0 and again["configs_total"] == prof["configs_total"]
+
+
+def test_df_under_a_measured_latency_budget(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+    rep = compress(_cfg(tiny_run, tmp_path / "lat", target_yaml, flops_ratio=None, latency_ratio=0.7,
+                        method_options={"df_epochs": 2, "df_lr": 0.05}))
+    assert rep["budget"]["kind"] == "latency_ratio" and rep["budget"]["cost_model"] == "latency"
+    stages = [s["stage"] for s in rep["steps"]]
+    assert "plan" not in stages and stages[0] == "structured"  # learned, not planned: the loop tightens after
+    assert all(s["measured_latency_ms"]["median"] > 0 for s in rep["steps"] if s["stage"] != "finetune")
+    # the verdict is the pooled measurement's, and the predicted figure prices the factorised layers too
+    assert rep["met_budget"] == ("<=" in rep["budget_note"].split(";")[-1])
+    assert rep["final"]["predicted_latency_ms"] is not None
+    assert rep["method"]["settings"]["rounds"] >= 1

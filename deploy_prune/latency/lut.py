@@ -20,6 +20,11 @@ reorders, the session's fixed cost, minus the standalone graphs' own boundary ov
 That "raw" prediction is exact at full width by construction; a linear *calibration*
 ``measured ~ a * layer_sum + b`` fitted on whole-model measurements of a few pruned variants
 corrects how the layer sum scales (``profile`` fits it; both figures are always reported).
+
+With ``profile --lowrank``, each plain conv also gets the two tables its factorised form needs
+(``transforms.lowrank``: a k x k conv to the rank, nothing fused, then a 1 x 1 conv carrying the
+layer's fused BatchNorm / Add / activation), over (inputs x ranks) and (ranks x outputs); the
+halves ``X.0`` and ``X.1`` of a factorised layer ``X`` are priced from them.
 """
 
 from __future__ import annotations
@@ -328,10 +333,36 @@ def overhead_graph() -> bytes:
     return model.SerializeToString()
 
 
+def lowrank_families(spec: LayerSpec) -> tuple[Family, Family] | None:
+    """The two convs a factorised layer runs as (``transforms.lowrank``): a k x k conv from the
+    layer's inputs to the rank, with nothing fused, then a 1 x 1 conv to its outputs carrying
+    what the layer had fused (folded BatchNorm, residual Add, activation). None for layers that
+    cannot be factorised (linear, grouped and depthwise convs)."""
+    f = spec.family
+    if f.op != "conv" or f.depthwise or f.groups != 1:
+        return None
+    first = Family("conv", f.kernel, f.stride, f.padding, f.dilation, 1, False, f.in_hw, f.batch)
+    second = Family("conv", (1, 1), (1, 1), (0, 0), (1, 1), 1, False, f.out_hw(), f.batch, f.residual, f.act, f.act_args)
+    return first, second
+
+
+def lowrank_configs(spec: LayerSpec, grid_in: list[int], grid_out: list[int], multiple: int = 1, step: int | None = None,
+                    max_points: int = 8) -> tuple[list[int], list[tuple[Family, int, int]]] | None:
+    """Rank grid and the (family, cin, cout) entries a factorised layer needs: the first conv over
+    (inputs x ranks), the second over (ranks x outputs)."""
+    fams = lowrank_families(spec)
+    if fams is None:
+        return None
+    first, second = fams
+    full = min(spec.cout, spec.cin * spec.family.kernel[0] * spec.family.kernel[1])
+    ranks = channel_grid(full, True, multiple, step, max_points)
+    return ranks, [(first, ci, r) for ci in grid_in for r in ranks] + [(second, r, co) for r in ranks for co in grid_out]
+
+
 # ---------------------------------------------------------------------------------------------
 # Prediction
 # ---------------------------------------------------------------------------------------------
-def _bracket(grid: list[int], v: int) -> tuple[int, int, float]:
+def _bracket(grid: list[int], v: float) -> tuple[int, int, float]:
     """Indices of the grid points around ``v`` and the weight of the upper one."""
     if v >= grid[-1]:
         return len(grid) - 1, len(grid) - 1, 0.0
@@ -345,28 +376,50 @@ def _bracket(grid: list[int], v: int) -> tuple[int, int, float]:
     return j - 1, j, (v - grid[j - 1]) / (grid[j] - grid[j - 1])
 
 
-def layer_ms(profile: Mapping[str, Any], name: str, cin: int, cout: int) -> float:
-    """Interpolated latency of layer ``name`` at (cin, cout) channels from the profile's grid."""
-    lay = profile["layers"][name]
-    fam = Family.from_dict(lay["family"])
-    if cin > lay["cin"] or cout > lay["cout"]:
-        raise UserError(f"layer {name!r} has {cin}x{cout} channels, more than the {lay['cin']}x{lay['cout']} "
-                        "the profile was made for; profile this model instead")
-    entries = profile["entries"]
+def interpolate(entries: Mapping[str, Any], fam: Family, grid_in: list[int], grid_out: list[int], cin: int, cout: int) -> float:
+    """Bilinear interpolation of a family's entries over its (cin, cout) grid (depthwise: cout)."""
 
     def val(ci: int, co: int) -> float:
         e = entries[fam.key(ci, co)]
         return float(e.get("net_ms", e["median_ms"]))
 
-    gout = lay["grid_out"]
     if fam.depthwise:
-        i0, i1, t = _bracket(gout, cout)
-        return (1 - t) * val(gout[i0], gout[i0]) + t * val(gout[i1], gout[i1])
-    gin = lay["grid_in"]
-    a0, a1, ta = _bracket(gin, cin)
-    b0, b1, tb = _bracket(gout, cout)
-    return ((1 - ta) * (1 - tb) * val(gin[a0], gout[b0]) + ta * (1 - tb) * val(gin[a1], gout[b0])
-            + (1 - ta) * tb * val(gin[a0], gout[b1]) + ta * tb * val(gin[a1], gout[b1]))
+        i0, i1, t = _bracket(grid_out, cout)
+        return (1 - t) * val(grid_out[i0], grid_out[i0]) + t * val(grid_out[i1], grid_out[i1])
+    a0, a1, ta = _bracket(grid_in, cin)
+    b0, b1, tb = _bracket(grid_out, cout)
+    return ((1 - ta) * (1 - tb) * val(grid_in[a0], grid_out[b0]) + ta * (1 - tb) * val(grid_in[a1], grid_out[b0])
+            + (1 - ta) * tb * val(grid_in[a0], grid_out[b1]) + ta * tb * val(grid_in[a1], grid_out[b1]))
+
+
+def layer_grid(profile: Mapping[str, Any], name: str) -> tuple[Family, list[int], list[int], int, int] | None:
+    """(family, grid_in, grid_out, full cin, full cout) of layer ``name``; the halves of a
+    factorised layer ``X`` (``X.0``, ``X.1``) use ``X``'s low-rank tables. None when unknown."""
+    layers = profile["layers"]
+    if name in layers:
+        lay = layers[name]
+        return Family.from_dict(lay["family"]), lay["grid_in"], lay["grid_out"], lay["cin"], lay["cout"]
+    parent, _, half = name.rpartition(".")
+    lr = layers.get(parent, {}).get("lowrank")
+    if lr is None or half not in ("0", "1"):
+        return None
+    lay, ranks = layers[parent], lr["grid_rank"]
+    if half == "0":
+        return Family.from_dict(lr["first"]), lay["grid_in"], ranks, lay["cin"], ranks[-1]
+    return Family.from_dict(lr["second"]), ranks, lay["grid_out"], ranks[-1], lay["cout"]
+
+
+def layer_ms(profile: Mapping[str, Any], name: str, cin: int, cout: int) -> float:
+    """Interpolated latency of layer ``name`` at (cin, cout) channels from the profile's grid."""
+    table = layer_grid(profile, name)
+    if table is None:
+        raise UserError(f"the profile has no entry for layer {name!r}; it was made for another model "
+                        "(or without --lowrank for a factorised one): profile this model")
+    fam, gin, gout, full_in, full_out = table
+    if cin > full_in or cout > full_out:
+        raise UserError(f"layer {name!r} has {cin}x{cout} channels, more than the {full_in}x{full_out} "
+                        "the profile was made for; profile this model instead")
+    return interpolate(profile["entries"], fam, gin, gout, cin, cout)
 
 
 def predict(model: nn.Module, profile: Mapping[str, Any], measure_missing: Any = None) -> dict[str, Any]:
@@ -380,13 +433,13 @@ def predict(model: nn.Module, profile: Mapping[str, Any], measure_missing: Any =
     widths = current_widths(model)
     known = profile["layers"]
     per_layer: dict[str, float] = {}
-    missing = [n for n in widths if n not in known]
+    missing = [n for n in widths if layer_grid(profile, n) is None]
     if missing and measure_missing is None:
         raise UserError(f"the profile has no entry for layer(s) {', '.join(missing[:5])}; it was made for another "
                         "model: run deploy-prune profile for this one")
     for name, (cin, cout) in widths.items():
-        per_layer[name] = layer_ms(profile, name, cin, cout) if name in known else float(measure_missing(name, model))
-    gone = [n for n in known if n not in widths]
+        per_layer[name] = layer_ms(profile, name, cin, cout) if name not in missing else float(measure_missing(name, model))
+    gone = [n for n in known if n not in widths and f"{n}.0" not in widths]
     if gone:
         raise UserError(f"layer(s) {', '.join(gone[:5])} of the profile are not in this model; profile it again")
     s = sum(per_layer.values())

@@ -75,6 +75,7 @@ class ProfileSpec:
     step: int | None = None
     max_points: int = 8
     ignore: Sequence[str] = ()
+    lowrank: bool = False  # also the two convs each conv runs as once factorised (for df)
 
 
 def describe(spec: ProfileSpec) -> tuple[ModelGraph, list[lut.LayerSpec], str]:
@@ -162,8 +163,12 @@ def run_profile(
     progress: Progress | None = None,
     measurer: Measurer | None = None,
     force: bool = False,
+    reuse: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
-    """Profile ``spec.model`` on ``spec.target``; returns the profile path and its content."""
+    """Profile ``spec.model`` on ``spec.target``; returns the profile path and its content.
+
+    An interrupted run's entries are resumed; with ``reuse``, so are the entries of the finished
+    profile at the same path (to add low-rank tables to it, measuring only those)."""
     t_start = time.perf_counter()
     target = spec.target
     m = measurer or measurer_for(target)
@@ -183,6 +188,13 @@ def run_profile(
         layers[s.name] = d
         for ci, co in pairs:
             configs.setdefault(s.family.key(ci, co), (s.family, ci, co))
+        lr = lut.lowrank_configs(s, d["grid_in"], d["grid_out"], target.channel_multiple, spec.step, spec.max_points) \
+            if spec.lowrank else None
+        if lr is not None:
+            first, second = lut.lowrank_families(s)  # type: ignore[misc]
+            d["lowrank"] = {"first": first.as_dict(), "second": second.as_dict(), "grid_rank": lr[0]}
+            for fam, ci, co in lr[1]:
+                configs.setdefault(fam.key(ci, co), (fam, ci, co))
 
     header = {
         "schema": lut.SCHEMA_VERSION, "fingerprint": fp, "structure": lut.structure_signature(specs),
@@ -193,12 +205,17 @@ def run_profile(
         "layers": layers,
     }
     entries: dict[str, Any] = {}
-    if partial.is_file():  # resume what an interrupted run measured under the same conditions
-        old = read_json(partial)
+    # Resume what an interrupted run measured under the same conditions, and reuse a finished
+    # profile's entries (adding the low-rank tables to a profile measures only those).
+    for prev in ((path, partial) if reuse else (partial,)):
+        if not prev.is_file():
+            continue
+        old = read_json(prev)
+        tool = old.get("tool_version", old.get("provenance", {}).get("tool_version"))
         same = all(old.get(k) == header[k] for k in ("schema", "fingerprint", "measurer", "protocol", "grid")) \
-            and old.get("target", {}).get("name") == target.name and old.get("tool_version") == __version__
+            and old.get("target", {}).get("name") == target.name and tool == __version__
         if same or force:
-            entries = {k: v for k, v in old.get("entries", {}).items() if k in configs}
+            entries.update({k: v for k, v in old.get("entries", {}).items() if k in configs})
     todo = [k for k in configs if k not in entries]
     resumed = len(configs) - len(todo)
     lp = layer_protocol(target.protocol)

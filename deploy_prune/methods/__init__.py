@@ -8,6 +8,10 @@ A method answers three questions for the pipeline in ``deploy_prune/compress.py`
 - ``prune(run, budget)``: one structured step to that budget (edits ``run.model``);
 - ``masks(run)``: unstructured masks to hold during the final fine-tuning (may be empty).
 
+Optional attributes: ``plans = False`` for a method whose structure is learned rather than
+planned (the measured loop then skips the plan stage and tightens after pruning), and
+``lowrank_profile = True`` for one whose latency budgets need the LUT's low-rank tables.
+
 The pipeline owns everything else (budgets, steps and their fine-tuning, the measured closed
 loop, the final fine-tuning, export and reports), so methods are compared on equal terms.
 """

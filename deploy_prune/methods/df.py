@@ -33,8 +33,8 @@ Where the paper leaves a choice open, ours (each can be changed by a setting):
   gradients divide by ``sigma_i^2 - sigma_j^2``, which explodes once masked rows make singular
   values coincide. Masks still receive the weight's own gradient (the SVT is written as
   ``W - U diag(min(sigma, gamma)) V^T``).
-- ``lambda`` doubles after every epoch that ends with the surrogate still more than ``eps``
-  over the target (the while-loop of Algorithm 1 asks for the budget to be reached, and a fixed
+- ``lambda`` doubles after every quarter epoch that ends with the surrogate still more than
+  ``eps`` over the target (the while-loop of Algorithm 1 asks for the budget to be reached, and a fixed
   ``lambda = 1`` did not get there: on tiny-cnn / digits the surrogate sat at 0.83 of the FLOPs
   for a 0.5 target through 10 epochs, CE outweighing the budget term). ``lam_growth = 1``
   restores the paper's fixed multiplier.
@@ -50,6 +50,7 @@ Where the paper leaves a choice open, ours (each can be changed by a setting):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -97,24 +98,78 @@ def _layers(graph: ModelGraph, kind: str, rankable: set[str]) -> list[_Layer]:
     return res
 
 
-def _cost(layers: list[_Layer], count: dict[str, Any], rank: dict[str, Any]) -> Any:
-    """Total cost with ``count[group]`` channels per group and ``rank[layer]`` for factorised
-    layers (floats or tensors: the same formula serves the surrogate and the rounded plan)."""
+class Counted:
+    """Prices layers in MACs or parameters (Eq. 14; ``area`` = 1 for parameters)."""
+
+    def dense(self, li: _Layer, ci: Any, co: Any) -> Any:
+        return li.full * co / li.cout if li.depthwise else li.full * (ci / li.cin) * (co / li.cout)
+
+    def factorized(self, li: _Layer, ci: Any, r: Any, co: Any) -> Any:
+        return li.area * r * (li.k2 * ci + co)
+
+
+class Measured:
+    """Prices layers by the target's LUT, interpolated bilinearly between its grid points; the
+    interpolation weights are differentiable in the (continuous) channel counts and ranks, which
+    is the latency surrogate DF learns against. Factorised layers use the profile's low-rank
+    tables (``profile --lowrank``)."""
+
+    def __init__(self, profile: Mapping[str, Any]) -> None:
+        self.profile = profile
+
+    def _at(self, name: str, ci: Any, co: Any) -> Any:
+        from deploy_prune.latency.lut import _bracket, layer_grid
+
+        grid = layer_grid(self.profile, name)
+        if grid is None:
+            raise UserError(f"the profile has no low-rank tables for layer {name!r}; profile with --lowrank")
+        fam, gin, gout, _, _ = grid
+        entries = self.profile["entries"]
+
+        def w(g: list[int], v: Any) -> tuple[int, int, Any]:
+            i0, i1, _ = _bracket(g, float(v.detach()) if isinstance(v, torch.Tensor) else float(v))
+            return (i0, i1, v * 0.0) if i0 == i1 else (i0, i1, (v - g[i0]) / (g[i1] - g[i0]))
+
+        def val(a: int, b: int) -> float:
+            e = entries[fam.key(a, b)]
+            return float(e.get("net_ms", e["median_ms"]))
+
+        if fam.depthwise:
+            o0, o1, t = w(gout, co)
+            return (1 - t) * val(gout[o0], gout[o0]) + t * val(gout[o1], gout[o1])
+        a0, a1, ta = w(gin, ci)
+        b0, b1, tb = w(gout, co)
+        return ((1 - ta) * (1 - tb) * val(gin[a0], gout[b0]) + ta * (1 - tb) * val(gin[a1], gout[b0])
+                + (1 - ta) * tb * val(gin[a0], gout[b1]) + ta * tb * val(gin[a1], gout[b1]))
+
+    def dense(self, li: _Layer, ci: Any, co: Any) -> Any:
+        return self._at(li.name, ci, co)
+
+    def factorized(self, li: _Layer, ci: Any, r: Any, co: Any) -> Any:
+        return self._at(f"{li.name}.0", ci, r) + self._at(f"{li.name}.1", r, co)
+
+
+def _cost(layers: list[_Layer], count: Mapping[str, Any], rank: Mapping[str, Any], pricer: Any = None,
+          chosen: set[str] | None = None) -> Any:
+    """Sum of layer costs with ``count[group]`` channels per group and ``rank[layer]`` for the
+    layers that may be factorised, each at the cheaper of dense and factorised (floats or
+    tensors: the same formula serves the surrogate and the rounded plan). Layers for which the
+    factorisation is cheaper are added to ``chosen``."""
+    pricer = pricer or Counted()
     total: Any = 0.0
     for li in layers:
-        co = count[li.out_group] if li.out_group in count else li.cout
-        if li.depthwise:
-            total = total + li.full * co / li.cout
-            continue
-        ci = count[li.in_group] if li.in_group in count else li.cin
-        dense: Any = li.full * (ci / li.cin) * (co / li.cout)
+        co = count.get(li.out_group, li.cout) if li.out_group else li.cout
+        ci = count.get(li.in_group, li.cin) if li.in_group and not li.depthwise else li.cin
+        cost = pricer.dense(li, ci, co)
         if li.name in rank:
-            fact = li.area * rank[li.name] * (li.k2 * ci + co)
-            if isinstance(dense, torch.Tensor) or isinstance(fact, torch.Tensor):
-                dense = torch.minimum(torch.as_tensor(dense), torch.as_tensor(fact))
+            fact = pricer.factorized(li, ci, rank[li.name], co)
+            if float(fact) < float(cost) and chosen is not None:
+                chosen.add(li.name)
+            if isinstance(cost, torch.Tensor) or isinstance(fact, torch.Tensor):
+                cost = torch.minimum(torch.as_tensor(cost), torch.as_tensor(fact))
             else:
-                dense = min(dense, fact)
-        total = total + dense
+                cost = min(cost, fact)
+        total = total + cost
     return total
 
 
@@ -122,7 +177,9 @@ def _cost(layers: list[_Layer], count: dict[str, Any], rank: dict[str, Any]) -> 
 class DF:
     name = "df"
     default_steps = 1
-    budget_kinds = ("flops_ratio", "params_ratio")
+    budget_kinds = ("flops_ratio", "params_ratio", "latency_ms", "latency_ratio")
+    plans = False  # the structure is learned, not planned: the measured loop tightens and re-learns
+    lowrank_profile = True  # latency budgets need the LUT's low-rank tables
 
     def __init__(self, mode: str = "hybrid", df_epochs: float = 2.0, df_lr: float = 0.01, beta: float = 4.0,
                  alpha: float = 50.0, mu0: float = 5.0, c: float = 2.0, lam: float = 1.0, lam_growth: float = 2.0, eps: float = 0.01,
@@ -137,12 +194,15 @@ class DF:
         self.beta, self.alpha, self.mu0, self.c, self.lam, self.eps = beta, alpha, mu0, c, lam, eps
         self.lam_growth = lam_growth
         self.max_epochs = float(max_epochs) if max_epochs is not None else 2 * self.epochs
-        self.learned: dict[str, Any] = {}
+        self.learned: dict[str, Any] = {}  # the current round (prune call)
+        self.rounds: list[dict[str, Any]] = []  # every round: the measured loop may re-learn on the pruned model
 
     def settings(self) -> dict[str, Any]:
         return {"mode": self.mode, "df_epochs": self.epochs, "max_epochs": self.max_epochs, "df_lr": self.lr,
                 "alpha": self.alpha, "beta": self.beta, "mu0": self.mu0, "C": self.c, "lambda": self.lam, "lambda_growth": self.lam_growth,
-                "eps": self.eps, **self.learned}
+                "eps": self.eps, **(self.rounds[-1] if self.rounds else {}), "rounds": len(self.rounds),
+                "history": [h for r in self.rounds for h in r["history"]],
+                "factorized": sorted({n for r in self.rounds for n in r.get("factorized", [])})}
 
     def setup(self, run: Run) -> None:
         pass
@@ -167,20 +227,27 @@ class DF:
         graph = run.graph
         rankable = self._rankable(run)
         layers = _layers(graph, run.cost.kind, rankable)
-        full = _cost(layers, {}, {})
+        pricer = Measured(run.profile or {}) if run.cost.kind == "latency" else Counted()
+        a, b = run.cost.a, run.cost.b  # the LUT's calibration (1, 0 for counted costs)
+
+        def price(keep: Mapping[str, Any], ranks: Mapping[str, Any], chosen: set[str] | None = None) -> Any:
+            return a * _cost(layers, keep, ranks, pricer, chosen) + b
+
+        full = float(price({}, {}))
         groups = {g.name: g for g in graph.groups()} if self.mode != "ranks" else {}
         m = graph.channel_multiple
-        low = _cost(layers, {g: round_channels(1, x.channels, m) for g, x in groups.items()}, {n: 1 for n in rankable})
+        low = float(price({g: round_channels(1, x.channels, m) for g, x in groups.items()}, {n: 1 for n in rankable}))
         if low > budget:
             raise BudgetUnreachable(f"the budget {budget:.4g} {run.cost.unit} ({budget / full:.3f} of the model) is below "
                                     f"what df can reach in mode {self.mode!r}: {low:.4g} ({low / full:.3f}) with the fewest "
                                     "filters and rank 1; raise the budget")
-        mask, gam, sig1 = self._learn(run, layers, groups, rankable, budget / full, full)
-        keep, ranks = self._materialise(run, layers, groups, mask, gam, sig1, budget)
+        mask, gam, sig1 = self._learn(run, groups, rankable, budget / full, lambda k, r: price(k, r) / full)
+        keep, ranks = self._materialise(run, groups, mask, gam, sig1, budget, lambda k, r: float(price(k, r)))
         remove = {g: torch.argsort(mask[g], descending=True)[keep[g]:].tolist() for g in keep if keep[g] < groups[g].channels}
+        chosen: set[str] = set()
+        price(keep, ranks, chosen)  # factorise only where it is cheaper than the dense layer at its new widths
         graph.prune(remove)
-        mods = dict(run.model.named_modules())
-        fact = {n: r for n, r in ranks.items() if _pays(mods[n], r)}  # type: ignore[arg-type]
+        fact = {n: ranks[n] for n in sorted(chosen)}
         factorize(run.model, fact)
         run.graph = ModelGraph(run.model, run.data.input_shape, run.cfg.ignore, m)
         done = run.cost.total(run.graph, {g.name: g.channels for g in run.graph.groups()})
@@ -189,12 +256,13 @@ class DF:
             "learned_ranks": {n: r for n, r in sorted(ranks.items())},  # before the does-it-pay check
             "factorized": sorted(fact),
         })
+        self.rounds.append(self.learned)
         run.say(f"df: materialised {len(fact)} low-rank layer(s), {sum(len(v) for v in remove.values())} filter(s) removed; "
                 f"{run.cost.kind} {done / full:.3f} of the model")
 
     # -- learning (Algorithm 1) -----------------------------------------------------------------
-    def _learn(self, run: Run, layers: list[_Layer], groups: dict[str, Any], rankable: set[str], target: float,
-               full: float) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float]]:
+    def _learn(self, run: Run, groups: dict[str, Any], rankable: set[str], target: float,
+               ratio_of: Callable[[dict[str, Any], dict[str, Any]], Any]) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float]]:
         from deploy_prune.data import make_loader
         from deploy_prune.train import default_device
 
@@ -213,6 +281,7 @@ class DF:
         opt = torch.optim.Adam([*mask.values(), *gnorm.values()], lr=self.lr)
         loader = make_loader(run.data.train, run.cfg.batch_size, shuffle=True, seed=run.cfg.seed)
         per_epoch = max(1, len(loader))
+        quarter = max(1, per_epoch // 4)
         steps, cap = math.ceil(self.epochs * per_epoch), math.ceil(self.max_epochs * per_epoch)
         torch.manual_seed(run.cfg.seed)
         step, ratio, history, lam = 0, 1.0, [], self.lam
@@ -230,7 +299,7 @@ class DF:
                     over[f"{n}.weight"] = w
                 logits = torch.func.functional_call(model, over, (x.to(device),), strict=False)
                 ce = F.cross_entropy(logits, y.to(device))
-                ratio_t = _cost(layers, {g: s.sum() for g, s in soft.items()}, g_r) / full
+                ratio_t = ratio_of({g: s.sum() for g, s in soft.items()}, g_r)
                 loss = ce + lam * (ratio_t - target) ** 2
                 if not torch.isfinite(loss):
                     self._restore(model, frozen)
@@ -240,11 +309,11 @@ class DF:
                 loss.backward()
                 opt.step()
                 step, ratio = step + 1, float(ratio_t.detach())
+                if step % quarter == 0 and ratio - target >= self.eps:
+                    lam *= self.lam_growth
                 if step % per_epoch == 0 or step >= cap or (step >= steps and abs(ratio - target) < self.eps):
                     history.append({"step": step, "epoch": round(step / per_epoch, 3), "mu": round(mu, 3), "lambda": lam,
                                     "ce": round(float(ce.detach()), 4), "cost_ratio": round(ratio, 4)})
-                    if ratio - target >= self.eps:
-                        lam *= self.lam_growth
                     run.say(f"df: epoch {step / per_epoch:.2f}, mu {mu:.1f}, CE {float(ce.detach()):.3f}, "
                             f"surrogate {run.cost.kind} {ratio:.3f} (target {target:.3f})")
                 if step >= cap or (step >= steps and abs(ratio - target) < self.eps):
@@ -260,8 +329,9 @@ class DF:
             p.requires_grad_(r)
 
     # -- materialising ----------------------------------------------------------------------------
-    def _materialise(self, run: Run, layers: list[_Layer], groups: dict[str, Any], mask: dict[str, torch.Tensor],
-                     gnorm: dict[str, float], sig1: dict[str, float], budget: float) -> tuple[dict[str, int], dict[str, int]]:
+    def _materialise(self, run: Run, groups: dict[str, Any], mask: dict[str, torch.Tensor], gnorm: dict[str, float],
+                     sig1: dict[str, float], budget: float,
+                     price: Callable[[dict[str, int], dict[str, int]], float]) -> tuple[dict[str, int], dict[str, int]]:
         """Round the learned structure (raising every threshold by ``d`` until it fits the budget)."""
         mods = dict(run.model.named_modules())
         m = run.graph.channel_multiple
@@ -284,8 +354,7 @@ class DF:
             return keep, ranks
 
         def cost(d: float) -> float:
-            keep, ranks = structure(d)
-            return float(_cost(layers, keep, ranks))
+            return price(*structure(d))
 
         if cost(0.0) <= budget:
             self.learned["threshold_shift"] = 0.0
@@ -299,9 +368,9 @@ class DF:
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if cost(mid) <= budget else (mid, hi)
         self.learned["threshold_shift"] = round(hi, 5)
-        return self._refill(layers, structure(hi), structure(0.0), mask, sv, gnorm, sig1, budget, m)
+        return self._refill(price, structure(hi), structure(0.0), mask, sv, gnorm, sig1, budget, m)
 
-    def _refill(self, layers: list[_Layer], fits: tuple[dict[str, int], dict[str, int]],
+    def _refill(self, price: Callable[[dict[str, int], dict[str, int]], float], fits: tuple[dict[str, int], dict[str, int]],
                 over: tuple[dict[str, int], dict[str, int]], mask: dict[str, torch.Tensor], sv: dict[str, torch.Tensor],
                 gnorm: dict[str, float], sig1: dict[str, float], budget: float, multiple: int) -> tuple[dict[str, int], dict[str, int]]:
         """Channel rounding makes the shared threshold jump: give back, one channel multiple at a
@@ -324,7 +393,7 @@ class DF:
                 trial_keep, trial_ranks = dict(keep), dict(ranks)
                 target = trial_keep if kind == "filters" else trial_ranks
                 target[name] = min(target[name] + multiple, (over[0] if kind == "filters" else over[1])[name])
-                if float(_cost(layers, trial_keep, trial_ranks)) <= budget:
+                if price(trial_keep, trial_ranks) <= budget:
                     keep, ranks = trial_keep, trial_ranks
                     break
             else:
@@ -340,12 +409,6 @@ def _svt(w: torch.Tensor, gamma: torch.Tensor, tau: float) -> tuple[torch.Tensor
     s = ((u.T @ mat) * vh).sum(1)  # diag(U^T W V), differentiable in W
     out = mat - (u * torch.minimum(s, gamma)) @ vh
     return out.view_as(w), torch.tanh(torch.relu(s - gamma) * tau).sum()
-
-
-def _pays(conv: nn.Conv2d, rank: int) -> bool:
-    from deploy_prune.transforms.lowrank import rank_pays
-
-    return rank_pays(conv, rank)
 
 
 def _output(run: Run) -> list[tuple[str, Any]]:
