@@ -415,7 +415,8 @@ def methods() -> None:
         if reg is METHODS:
             table.add_column("budgets")
         for name in reg.names():
-            extra = [", ".join(k.replace("_", "-") for k in METHODS.get(name).budget_kinds)] if reg is METHODS else []
+            kinds = getattr(METHODS.get(name), "budget_kinds", ()) if reg is METHODS else ()
+            extra = [", ".join(k.replace("_", "-") for k in kinds)] if reg is METHODS else []
             table.add_row(name, reg.help(name), *extra)
         console.print(table)
 
