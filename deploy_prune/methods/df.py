@@ -127,7 +127,7 @@ class Measured:
         entries = self.profile["entries"]
 
         def w(g: list[int], v: Any) -> tuple[int, int, Any]:
-            i0, i1, _ = _bracket(g, float(v.detach()) if isinstance(v, torch.Tensor) else float(v))
+            i0, i1, _ = _bracket(g, _value(v))
             return (i0, i1, v * 0.0) if i0 == i1 else (i0, i1, (v - g[i0]) / (g[i1] - g[i0]))
 
         def val(a: int, b: int) -> float:
@@ -149,6 +149,10 @@ class Measured:
         return self._at(f"{li.name}.0", ci, r) + self._at(f"{li.name}.1", r, co)
 
 
+def _value(x: Any) -> float:
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
 def _cost(layers: list[_Layer], count: Mapping[str, Any], rank: Mapping[str, Any], pricer: Any = None,
           chosen: set[str] | None = None) -> Any:
     """Sum of layer costs with ``count[group]`` channels per group and ``rank[layer]`` for the
@@ -163,7 +167,7 @@ def _cost(layers: list[_Layer], count: Mapping[str, Any], rank: Mapping[str, Any
         cost = pricer.dense(li, ci, co)
         if li.name in rank:
             fact = pricer.factorized(li, ci, rank[li.name], co)
-            if float(fact) < float(cost) and chosen is not None:
+            if chosen is not None and _value(fact) < _value(cost):
                 chosen.add(li.name)
             if isinstance(cost, torch.Tensor) or isinstance(fact, torch.Tensor):
                 cost = torch.minimum(torch.as_tensor(cost), torch.as_tensor(fact))
@@ -320,7 +324,7 @@ class DF:
                     break
         self._restore(model, frozen)
         model.cpu()
-        self.learned = {"history": history, "steps": step, "surrogate_ratio": round(ratio, 4), "target_ratio": round(target, 4)}
+        self.learned = {"history": history, "mask_steps": step, "surrogate_ratio": round(ratio, 4), "target_ratio": round(target, 4)}
         return ({g: v.detach().cpu() for g, v in mask.items()}, {n: float(v) for n, v in gnorm.items()}, sig1)
 
     @staticmethod
