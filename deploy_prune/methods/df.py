@@ -9,7 +9,8 @@ weights frozen (Algorithm 1), then the model is materialised and fine-tuned:
 - **DTL-S** (Eq. 10-11): one threshold ``gamma`` per conv (groups == 1); the masked weight,
   matricised C_out x (C_in k k) (scheme 1), is replaced by its singular-value soft-threshold
   ``U diag((sigma - gamma)_+) V^T``.
-- **Budget** (Eq. 12-14): ``g_c = sum phi_s(M)`` filters per group, ``g_r = sum tanh(ReLU(sigma -
+- **Budget** (Eq. 12-14; for latency budgets the target's LUT, see ``Measured``):
+  ``g_c = sum phi_s(M)`` filters per group, ``g_r = sum tanh(ReLU(sigma -
   gamma) tau)`` per layer with ``tau = C / sigma_1``; each layer costs its dense MACs at
   ``(g_c(in), g_c(out))`` or, where ranks are learned, ``A r (k k g_c(in) + g_c(out))``; the loss
   is ``CE + lambda (B / B_full - B_d / B_full)^2`` starting from the paper's ``lambda = 1``.
@@ -325,7 +326,7 @@ class DF:
         self._restore(model, frozen)
         model.cpu()
         self.learned = {"history": history, "mask_steps": step, "surrogate_ratio": round(ratio, 4), "target_ratio": round(target, 4)}
-        return ({g: v.detach().cpu() for g, v in mask.items()}, {n: float(v) for n, v in gnorm.items()}, sig1)
+        return ({g: v.detach().cpu() for g, v in mask.items()}, {n: float(v.detach()) for n, v in gnorm.items()}, sig1)
 
     @staticmethod
     def _restore(model: nn.Module, frozen: list[bool]) -> None:
