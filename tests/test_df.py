@@ -212,3 +212,18 @@ def test_df_under_a_measured_latency_budget(tiny_run: Path, target_yaml: Path, t
     assert rep["met_budget"] == ("<=" in rep["budget_note"].split(";")[-1])
     assert rep["final"]["predicted_latency_ms"] is not None
     assert rep["method"]["settings"]["rounds"] >= 1
+
+
+def test_df_skips_depthwise_convs_with_a_note() -> None:
+    from types import SimpleNamespace
+
+    from deploy_prune.methods.df import DF
+
+    m = build_model("mobilenet_v2", 10, 3).eval()
+    g = ModelGraph(m, (3, 32, 32))
+    run = SimpleNamespace(model=m, graph=g, cfg=SimpleNamespace(ignore=[]), report={"notes": []})
+    rankable = DF()._rankable(run)  # type: ignore[arg-type]
+    depthwise = {n for n, li in g.layers.items() if li.groups > 1}
+    assert depthwise and rankable and not depthwise & rankable
+    assert "classifier.1" not in rankable  # the output layer is never touched
+    assert "cannot be factorised" in run.report["notes"][0]

@@ -225,6 +225,11 @@ class DF:
         inside = {f"{n}.{i}" for n, m in run.model.named_modules() if isinstance(m, LowRankConv2d) for i in (0, 1)}
         skip = set(run.cfg.ignore) | {n for n, _ in _output(run)} | inside
         mods = dict(run.model.named_modules())
+        grouped = sorted(n for n, li in run.graph.layers.items() if li.kind == "conv" and li.groups > 1)
+        note = (f"df: {len(grouped)} grouped/depthwise conv(s) cannot be factorised (scheme 1 needs groups = 1); "
+                f"they lose filters only: {', '.join(grouped[:5])}{' ...' if len(grouped) > 5 else ''}")
+        if grouped and note not in run.report["notes"]:
+            run.report["notes"].append(note)
         return {n for n, li in run.graph.layers.items()
                 if li.kind == "conv" and li.groups == 1 and n not in skip and isinstance(mods[n], nn.Conv2d)}
 
