@@ -65,3 +65,4 @@ def backend_status() -> dict[str, dict[str, Any]]:
 
 # Registration happens on import.
 from deploy_prune.backends import onnxruntime as _ort  # noqa: E402,F401
+from deploy_prune.backends import openvino as _ov  # noqa: E402,F401

@@ -1,0 +1,115 @@
+"""OpenVINO: an ONNX model compiled by ``ov.Core`` for the target's device, run synchronously.
+
+The target's thread count becomes ``INFERENCE_NUM_THREADS``, one stream (``NUM_STREAMS``: a
+single request at a time is what a latency budget measures), the ``LATENCY`` performance hint
+and ``INFERENCE_PRECISION_HINT`` from the target's precision (fp32 by default, so the CPU plugin
+does not silently run bf16 on CPUs that have it). ``options:`` in the target YAML pass any other
+OpenVINO property through. With ``per_layer=True`` the model is compiled with ``PERF_COUNT``
+and ``layer_ms()`` returns OpenVINO's own per-node times of the last run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy_prune.backends import BACKENDS, Feed
+from deploy_prune.config import Target
+from deploy_prune.errors import UserError
+
+PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+
+
+class OvSession:
+    def __init__(self, compiled: Any) -> None:
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.inputs: list[tuple[str, list[int | str]]] = [
+            (i.get_any_name(), [d.get_length() if d.is_static else str(d) for d in i.get_partial_shape()])
+            for i in compiled.inputs
+        ]
+
+    def run(self, feed: Feed) -> list[np.ndarray]:
+        self.request.infer(feed)
+        return [np.array(self.request.get_output_tensor(i).data) for i in range(len(self.compiled.outputs))]
+
+    def time_once(self, feed: Feed) -> float:
+        t0 = time.perf_counter_ns()
+        self.request.infer(feed)
+        return (time.perf_counter_ns() - t0) / 1e6
+
+    def layer_ms(self) -> dict[str, float]:
+        """OpenVINO's per-node times of the last run, in ms (nodes it executed; fused ones are
+        folded into the node that ran them). Needs ``per_layer=True`` at load."""
+        return {p.node_name: p.real_time.total_seconds() * 1e3 for p in self.request.profiling_info
+                if str(p.status).endswith("EXECUTED")}
+
+
+class OpenVinoBackend:
+    """OpenVINO runtime (CPU plugin here; GPU/NPU where the machine has them)."""
+
+    name = "openvino"
+    extra = "openvino"
+
+    def available(self) -> tuple[bool, str]:
+        if importlib.util.find_spec("openvino") is None:
+            return False, "openvino is not installed"
+        import openvino as ov
+
+        return True, "devices: " + ", ".join(ov.Core().available_devices)
+
+    def versions(self) -> dict[str, str]:
+        import openvino as ov
+
+        return {"openvino": ov.__version__}
+
+    def _device(self, core: Any, target: Target) -> str:
+        dev = target.device.upper()
+        have = core.available_devices
+        if not any(d == dev or d.startswith(dev + ".") for d in have):
+            raise UserError(f"OpenVINO has no device {target.device!r} on this machine (it has: {', '.join(have)}); "
+                            "fix the target's device")
+        return dev
+
+    def device_string(self, target: Target) -> str:
+        import openvino as ov
+
+        core = ov.Core()
+        dev = self._device(core, target)
+        return f"{core.get_property(dev, 'FULL_DEVICE_NAME')} ({target.resolved_threads()} threads)"
+
+    def config(self, target: Target, per_layer: bool = False) -> dict[str, Any]:
+        if target.precision not in PRECISION:
+            raise UserError(f"target precision {target.precision!r} is not one OpenVINO takes here; use one of {', '.join(PRECISION)}")
+        cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+                               "INFERENCE_PRECISION_HINT": PRECISION[target.precision]}
+        if target.device == "cpu":
+            cfg["INFERENCE_NUM_THREADS"] = target.resolved_threads()
+        if per_layer:
+            cfg["PERF_COUNT"] = True
+        cfg.update(target.options.get("openvino", {}) if isinstance(target.options.get("openvino"), dict) else {})
+        return cfg
+
+    def load(self, model: Path | bytes, target: Target, per_layer: bool = False) -> OvSession:
+        import openvino as ov
+
+        core = ov.Core()
+        dev = self._device(core, target)
+        try:
+            net = core.read_model(model if isinstance(model, bytes) else str(model))
+        except Exception as e:
+            raise UserError(f"openvino cannot read the model: {str(e).strip().splitlines()[0][:300]}") from None
+        try:
+            compiled = core.compile_model(net, dev, self.config(target, per_layer))
+        except UserError:
+            raise
+        except Exception as e:  # the message names the op the plugin cannot compile
+            raise UserError(f"openvino cannot compile the model for {dev}: {str(e).strip().splitlines()[0][:300]}") from None
+        return OvSession(compiled)
+
+
+BACKENDS.register("openvino", "OpenVINO runtime (CPU plugin; GPU/NPU where present)")(OpenVinoBackend())
