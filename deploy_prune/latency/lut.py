@@ -362,22 +362,23 @@ def lowrank_configs(spec: LayerSpec, grid_in: list[int], grid_out: list[int], mu
 # ---------------------------------------------------------------------------------------------
 # Prediction
 # ---------------------------------------------------------------------------------------------
-def _bracket(grid: list[int], v: float) -> tuple[int, int, float]:
-    """Indices of the grid points around ``v`` and the weight of the upper one."""
-    if v >= grid[-1]:
+def _bracket(grid: list[int], v: Any) -> tuple[int, int, Any]:
+    """Indices of the grid points around ``v`` and the weight of the upper one. ``v`` may be a
+    torch scalar: the weight is then differentiable in it (DF learns against the LUT)."""
+    x = float(v.detach()) if hasattr(v, "detach") else float(v)
+    if x >= grid[-1]:
         return len(grid) - 1, len(grid) - 1, 0.0
-    if v <= grid[0]:
+    if x <= grid[0]:
         if len(grid) == 1:
             return 0, 0, 0.0
         return 0, 1, (v - grid[0]) / (grid[1] - grid[0])  # linear extrapolation below the grid
-    j = bisect.bisect_left(grid, v)
-    if grid[j] == v:
-        return j, j, 0.0
+    j = max(1, bisect.bisect_left(grid, x))  # on a grid point: the segment below it (weight 1)
     return j - 1, j, (v - grid[j - 1]) / (grid[j] - grid[j - 1])
 
 
-def interpolate(entries: Mapping[str, Any], fam: Family, grid_in: list[int], grid_out: list[int], cin: int, cout: int) -> float:
-    """Bilinear interpolation of a family's entries over its (cin, cout) grid (depthwise: cout)."""
+def interpolate(entries: Mapping[str, Any], fam: Family, grid_in: list[int], grid_out: list[int], cin: Any, cout: Any) -> Any:
+    """Bilinear interpolation of a family's entries over its (cin, cout) grid (depthwise: cout);
+    counts may be torch scalars, and the result is then differentiable in them."""
 
     def val(ci: int, co: int) -> float:
         e = entries[fam.key(ci, co)]

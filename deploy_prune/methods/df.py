@@ -119,29 +119,13 @@ class Measured:
         self.profile = profile
 
     def _at(self, name: str, ci: Any, co: Any) -> Any:
-        from deploy_prune.latency.lut import _bracket, layer_grid
+        from deploy_prune.latency.lut import interpolate, layer_grid
 
         grid = layer_grid(self.profile, name)
         if grid is None:
             raise UserError(f"the profile has no low-rank tables for layer {name!r}; profile with --lowrank")
         fam, gin, gout, _, _ = grid
-        entries = self.profile["entries"]
-
-        def w(g: list[int], v: Any) -> tuple[int, int, Any]:
-            i0, i1, _ = _bracket(g, _value(v))
-            return (i0, i1, v * 0.0) if i0 == i1 else (i0, i1, (v - g[i0]) / (g[i1] - g[i0]))
-
-        def val(a: int, b: int) -> float:
-            e = entries[fam.key(a, b)]
-            return float(e.get("net_ms", e["median_ms"]))
-
-        if fam.depthwise:
-            o0, o1, t = w(gout, co)
-            return (1 - t) * val(gout[o0], gout[o0]) + t * val(gout[o1], gout[o1])
-        a0, a1, ta = w(gin, ci)
-        b0, b1, tb = w(gout, co)
-        return ((1 - ta) * (1 - tb) * val(gin[a0], gout[b0]) + ta * (1 - tb) * val(gin[a1], gout[b0])
-                + (1 - ta) * tb * val(gin[a0], gout[b1]) + ta * tb * val(gin[a1], gout[b1]))
+        return interpolate(self.profile["entries"], fam, gin, gout, ci, co)
 
     def dense(self, li: _Layer, ci: Any, co: Any) -> Any:
         return self._at(li.name, ci, co)
