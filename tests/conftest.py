@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,15 @@ def quick_target() -> Target:
     """ONNX Runtime, 1 thread, a protocol short enough for unit tests."""
     return Target(name="quick", backend="onnxruntime", threads=1,
                   protocol=Protocol(warmup=2, repeats=10, rounds=2, min_time_s=0.0))
+
+
+
+@pytest.fixture(scope="session")
+def quick_target_yaml(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """Makes a target YAML: ONNX Runtime on one thread, channels in ``multiple``s, a short protocol."""
+    def make(multiple: int) -> Path:
+        p = tmp_path_factory.mktemp("targets") / f"quick{multiple}.yaml"
+        p.write_text(f"name: quick{multiple}\nbackend: onnxruntime\nthreads: 1\nchannel_multiple: {multiple}\n"
+                     "warmup: 3\nrepeats: 30\nrounds: 3\nmin_time_s: 0.05\n")
+        return p
+    return make

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def target_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def target_yaml(quick_target_yaml: Callable[[int], Path]) -> Path:
     """ONNX Runtime on one thread, channels in 8s, a protocol short enough for tests."""
-    p = tmp_path_factory.mktemp("targets") / "quick8.yaml"
-    p.write_text("name: quick8\nbackend: onnxruntime\nthreads: 1\nchannel_multiple: 8\n"
-                 "warmup: 3\nrepeats: 30\nrounds: 3\nmin_time_s: 0.05\n")
-    return p
+    return quick_target_yaml(8)
 
 
 def _cfg(tiny_run: Path, out: Path, target: Path, **kw: object) -> CompressConfig:

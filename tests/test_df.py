@@ -3,6 +3,7 @@ and compress --method df end to end on the tiny CNN."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
@@ -96,11 +97,8 @@ def test_surrogate_cost_matches_the_materialised_flops() -> None:
 
 
 @pytest.fixture(scope="module")
-def target_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("targets") / "quick1.yaml"
-    p.write_text("name: quick1\nbackend: onnxruntime\nthreads: 1\nchannel_multiple: 1\n"
-                 "warmup: 3\nrepeats: 20\nrounds: 2\nmin_time_s: 0.02\n")
-    return p
+def target_yaml(quick_target_yaml: Callable[[int], Path]) -> Path:
+    return quick_target_yaml(1)
 
 
 def _cfg(tiny_run: Path, out: Path, target: Path, **kw: object) -> CompressConfig:

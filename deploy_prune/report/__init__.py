@@ -224,13 +224,22 @@ def _secs(x: Any) -> str:
     return f"{n:.1f}" if n is not None else _value(x)
 
 
-def _layer_rows(rep: Mapping[str, Any]) -> list[list[str]]:
+def _kept_rows(items: list[Mapping[str, Any]] | None, name: str, before: str, after: str) -> list[list[str]]:
+    """[name, before, after, kept %] per item (channels per group, or rank per factorised layer)."""
     rows = []
-    for g in rep.get("layers") or []:
-        b, a = _num(g.get("channels_before")), _num(g.get("channels_after"))
+    for g in items or []:
+        b, a = _num(g.get(before)), _num(g.get(after))
         kept = f"{100 * a / b:.0f} %" if a is not None and b else _DASH
-        rows.append([_value(g.get("group")), _value(g.get("channels_before")), _value(g.get("channels_after")), kept])
+        rows.append([_value(g.get(name)), _value(g.get(before)), _value(g.get(after)), kept])
     return rows
+
+
+def _layer_rows(rep: Mapping[str, Any]) -> list[list[str]]:
+    return _kept_rows(rep.get("layers"), "group", "channels_before", "channels_after")
+
+
+def _rank_rows(rep: Mapping[str, Any]) -> list[list[str]]:
+    return _kept_rows(rep.get("ranks"), "layer", "full_rank", "rank")
 
 
 def _stage_rows(rep: Mapping[str, Any]) -> list[list[str]]:
@@ -246,15 +255,6 @@ def _settings(rep: Mapping[str, Any]) -> list[list[str]]:
     """Method settings; nested records (per-layer fits, learning histories) stay in report.json."""
     return [[str(k), _value(v) if not isinstance(v, (dict, list)) or len(str(v)) <= 120 else "(in report.json)"]
             for k, v in ((rep.get("method") or {}).get("settings") or {}).items()]
-
-
-def _rank_rows(rep: Mapping[str, Any]) -> list[list[str]]:
-    rows = []
-    for r in rep.get("ranks") or []:
-        rank, full = _num(r.get("rank")), _num(r.get("full_rank"))
-        kept = f"{100 * rank / full:.0f} %" if rank is not None and full else _DASH
-        rows.append([_value(r.get("layer")), _value(r.get("rank")), _value(r.get("full_rank")), kept])
-    return rows
 
 
 def _provenance(rep: Mapping[str, Any]) -> list[list[str]]:
@@ -308,7 +308,7 @@ def render_markdown(rep: Mapping[str, Any], plots: Mapping[str, str | os.PathLik
         lines.append("")
     if rep.get("ranks"):
         lines += ["## Low-rank layers", "", "Each runs as a k x k conv to *rank* channels and a 1 x 1 conv back out.", ""]
-        lines += _md_table(["layer", "rank", "full rank", "kept"], _rank_rows(rep), "lrrr")
+        lines += _md_table(["layer", "full rank", "rank", "kept"], _rank_rows(rep), "lrrr")
         lines.append("")
     if plots:
         lines += ["## Plots", ""]
@@ -396,7 +396,7 @@ def render_html(rep: Mapping[str, Any], plots: Mapping[str, str] | None = None) 
         parts.append(_html_table(["group", "before", "after", "kept"], _layer_rows(rep), "lrrr"))
     if rep.get("ranks"):
         parts.append("<h2>Low-rank layers</h2>")
-        parts.append(_html_table(["layer", "rank", "full rank", "kept"], _rank_rows(rep), "lrrr"))
+        parts.append(_html_table(["layer", "full rank", "rank", "kept"], _rank_rows(rep), "lrrr"))
     if plots:
         parts.append("<h2>Plots</h2>")
         for stem, b64 in plots.items():
