@@ -40,10 +40,12 @@ Where the paper leaves a choice open, ours (each can be changed by a setting):
   for a 0.5 target through 10 epochs, CE outweighing the budget term). ``lam_growth = 1``
   restores the paper's fixed multiplier.
 - Masks and thresholds are trained with Adam (``lr`` 0.01), CE on the training set, BatchNorm
-  statistics frozen; the while-loop of Algorithm 1 runs at most ``max_epochs`` epochs.
+  statistics frozen; the while-loop of Algorithm 1 runs at most ``max_epochs`` epochs
+  (default twice ``df_epochs``).
 - The learned structure is rounded to the target's channel multiple; if the rounded structure
   is over the budget, thresholds are raised together (mask threshold ``0.5 + d``, ranks at
-  ``gamma + d sigma_1``) by bisection on ``d`` until it fits.
+  ``gamma + d sigma_1``) by bisection on ``d`` until it fits; then channel/rank blocks the
+  shift removed are given back, most valuable first, while the budget still holds.
 - Ranks are materialised by plain truncated SVD of the (filter-pruned) weight: the best
   rank-r approximation, which fine-tuning starts from.
 """
