@@ -18,7 +18,7 @@ from pathlib import Path
 
 from deploy_prune.compress import CompressConfig, compress
 from deploy_prune.data import DataOptions
-from deploy_prune.io import provenance, write_json, write_text
+from deploy_prune.io import provenance, provenance_line, write_json, write_text
 
 
 def main() -> None:
@@ -90,7 +90,7 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         lines.append(f"- {r['method']} {r['budget_ratio']:.0%}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items()))
     p = res["provenance"]
-    lines += ["", f"Measured {p['date']} on {p['cpu']} ({p['cpu_count']} cores), deploy-prune {p['tool_version']} ({p['git_commit']})."]
+    lines += ["", provenance_line(p)]
     return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from deploy_prune.compress import CompressConfig, compress
 from deploy_prune.data import DataOptions
-from deploy_prune.io import provenance, write_json, write_text
+from deploy_prune.io import provenance, provenance_line, write_json, write_text
 
 HERE = Path(__file__).parent
 
@@ -146,8 +146,7 @@ def markdown_latency(res: dict) -> str:
             f"{r['flops_reduction_x']:.2f}x | {r['params_ratio']:.3f} | {r['factorized']} | {100 * r['sparsity']:.1f} % | {r['wall_s']:.0f} |")
     lines += ["", "Verdicts:", ""] + [f"- {r['method']}: {r['budget_note']}" for r in res["rows"]]
     p = res["provenance"]
-    lines += ["", f"Measured {p['date']} on {p['cpu']} ({p['cpu_count']} cores), deploy-prune {p['tool_version']} ({p['git_commit']}). "
-              "One seed per cell."]
+    lines += ["", provenance_line(p) + " One seed per cell."]
     return "\n".join(lines) + "\n"
 
 
@@ -177,8 +176,7 @@ def markdown(res: dict) -> str:
     lines += ["", "Best mode per model and budget: "
               + "; ".join(f"{m} {b:.0%}: **{r['mode']}**" for (m, b), r in best.items()), ""]
     p = res["provenance"]
-    lines += [f"Measured {p['date']} on {p['cpu']} ({p['cpu_count']} cores), deploy-prune {p['tool_version']} ({p['git_commit']}). "
-              "One seed per cell."]
+    lines += [provenance_line(p) + " One seed per cell."]
     return "\n".join(lines) + "\n"
 
 

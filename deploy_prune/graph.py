@@ -185,7 +185,10 @@ class ModelGraph:
         if missing:
             sample = ", ".join(n for n, m in list(modules.items()) if isinstance(m, PRUNABLE))[:200]
             raise UserError(f"--ignore names no layer: {', '.join(missing)}; layer names look like: {sample}")
-        self._ignored = [modules[n] for n in self.ignore_names] + output_layers(model, self.example)
+        outputs = output_layers(model, self.example)
+        self._ignored = [modules[n] for n in self.ignore_names] + outputs
+        # never pruned: the user-listed layers and the output layer(s)
+        self.frozen_layers = set(self.ignore_names) | {n for n, m in modules.items() if any(m is o for o in outputs)}
         self._build()
 
     # -- construction -------------------------------------------------------------------------

@@ -128,3 +128,9 @@ def provenance(**extra: Any) -> dict[str, Any]:
     }
     rec.update(extra)
     return rec
+
+
+def provenance_line(p: dict[str, Any]) -> str:
+    """One sentence for a benchmark's Markdown: when, on what, with which tool version."""
+    return f"Measured {p['date']} on {p['cpu']} ({p['cpu_count']} cores), deploy-prune {p['tool_version']} ({p['git_commit']})."
+

@@ -17,11 +17,11 @@ from deploy_prune.compress import CompressConfig, compress
 from deploy_prune.data import DataOptions, load_data
 from deploy_prune.errors import BudgetUnreachable, UserError
 from deploy_prune.graph import ModelGraph
-from deploy_prune.methods.df import _cost, _layers, _svt
+from deploy_prune.methods.df import _cost, _Layer, _layers, _svt
 from deploy_prune.models import build_model
 from deploy_prune.models.checkpoint import load_model
 from deploy_prune.transforms import group_widths, prune_to_widths, rebuild_pruned
-from deploy_prune.transforms.lowrank import factorize, factorize_conv, lowrank_layers, rank_pays
+from deploy_prune.transforms.lowrank import factorize, factorize_conv, lowrank_layers
 
 runner = CliRunner()
 
@@ -39,7 +39,12 @@ def test_factorize_conv_is_the_truncated_svd() -> None:
     approx = (low[1].weight.flatten(1) @ low[0].weight.flatten(1)).detach()
     # Eckart-Young: the Frobenius error of the best rank-3 approximation is the tail of the spectrum
     assert float(torch.linalg.matrix_norm(w - approx)) == pytest.approx(float(s[3:].square().sum().sqrt()), rel=1e-4)
-    assert rank_pays(conv, 3) and not rank_pays(conv, 9)
+    # counted in MACs, rank 3 is cheaper than the dense conv and rank 9 is not
+    li = _Layer("c", 9 * 6 * 10, 1.0, 6, 10, 9, None, None, False, True)
+    for rank, pays in ((3, True), (9, False)):
+        chosen: set[str] = set()
+        _cost([li], {}, {"c": rank}, chosen=chosen)
+        assert (chosen == {"c"}) is pays
 
 
 def test_rank_groups_are_named_and_rebuild_reproduces_the_model() -> None:
@@ -88,10 +93,10 @@ def test_surrogate_cost_matches_the_materialised_flops() -> None:
     assert _cost(layers, {}, {}) == pytest.approx(g.flops_params()[0])
     keep = {"layer1.0.conv1": 8, "layer3.0.conv2": 40}
     ranks = {"layer1.0.conv1": 3, "layer3.0.conv1": 60}  # the second does not pay: stays dense
-    predicted = _cost(layers, keep, ranks)
+    chosen: set[str] = set()
+    predicted = _cost(layers, keep, ranks, chosen=chosen)
     prune_to_widths(m, (1, 28, 28), keep)
-    mods = dict(m.named_modules())
-    factorize(m, {n: r for n, r in ranks.items() if rank_pays(mods[n], r)})
+    factorize(m, {n: ranks[n] for n in chosen})
     assert lowrank_layers(m) == {"layer1.0.conv1": 3}
     assert predicted == pytest.approx(ModelGraph(m, (1, 28, 28)).flops_params()[0])
 

@@ -354,8 +354,9 @@ def lowrank_configs(spec: LayerSpec, grid_in: list[int], grid_out: list[int], mu
     if fams is None:
         return None
     first, second = fams
-    full = min(spec.cout, spec.cin * spec.family.kernel[0] * spec.family.kernel[1])
-    ranks = channel_grid(full, True, multiple, step, max_points)
+    from deploy_prune.transforms.lowrank import rank_bound
+
+    ranks = channel_grid(rank_bound(spec.cin, spec.cout, spec.family.kernel), True, multiple, step, max_points)
     return ranks, [(first, ci, r) for ci in grid_in for r in ranks] + [(second, r, co) for r in ranks for co in grid_out]
 
 

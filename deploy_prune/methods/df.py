@@ -185,7 +185,6 @@ class DF:
         self.beta, self.alpha, self.mu0, self.c, self.lam, self.eps = beta, alpha, mu0, c, lam, eps
         self.lam_growth = lam_growth
         self.max_epochs = float(max_epochs) if max_epochs is not None else 2 * self.epochs
-        self.learned: dict[str, Any] = {}  # the current round (prune call)
         self.rounds: list[dict[str, Any]] = []  # every round: the measured loop may re-learn on the pruned model
 
     def settings(self) -> dict[str, Any]:
@@ -209,7 +208,7 @@ class DF:
         if self.mode == "filters":
             return set()
         inside = {f"{n}.{i}" for n, m in run.model.named_modules() if isinstance(m, LowRankConv2d) for i in (0, 1)}
-        skip = set(run.cfg.ignore) | {n for n, _ in _output(run)} | inside
+        skip = run.graph.frozen_layers | inside
         mods = dict(run.model.named_modules())
         grouped = sorted(n for n, li in run.graph.layers.items() if li.kind == "conv" and li.groups > 1)
         note = (f"df: {len(grouped)} grouped/depthwise conv(s) cannot be factorised (scheme 1 needs groups = 1); "
@@ -237,8 +236,8 @@ class DF:
             raise BudgetUnreachable(f"the budget {budget:.4g} {run.cost.unit} ({budget / full:.3f} of the model) is below "
                                     f"what df can reach in mode {self.mode!r}: {low:.4g} ({low / full:.3f}) with the fewest "
                                     "filters and rank 1; raise the budget")
-        mask, gam, sig1 = self._learn(run, groups, rankable, budget / full, lambda k, r: price(k, r) / full)
-        keep, ranks = self._materialise(run, groups, mask, gam, sig1, budget, lambda k, r: float(price(k, r)))
+        mask, gam, sig1, learned = self._learn(run, groups, rankable, budget / full, lambda k, r: price(k, r) / full)
+        keep, ranks, shift = self._materialise(run, groups, mask, gam, sig1, budget, lambda k, r: float(price(k, r)))
         remove = {g: torch.argsort(mask[g], descending=True)[keep[g]:].tolist() for g in keep if keep[g] < groups[g].channels}
         chosen: set[str] = set()
         price(keep, ranks, chosen)  # factorise only where it is cheaper than the dense layer at its new widths
@@ -247,18 +246,19 @@ class DF:
         factorize(run.model, fact)
         run.graph = ModelGraph(run.model, run.data.input_shape, run.cfg.ignore, m)
         done = run.cost.total(run.graph, {g.name: g.channels for g in run.graph.groups()})
-        self.learned.update({
-            "cost_ratio": round(done / full, 4),
+        self.rounds.append({
+            **learned, "threshold_shift": shift, "cost_ratio": round(done / full, 4),
             "learned_ranks": {n: r for n, r in sorted(ranks.items())},  # before the does-it-pay check
             "factorized": sorted(fact),
         })
-        self.rounds.append(self.learned)
         run.say(f"df: materialised {len(fact)} low-rank layer(s), {sum(len(v) for v in remove.values())} filter(s) removed; "
                 f"{run.cost.kind} {done / full:.3f} of the model")
 
     # -- learning (Algorithm 1) -----------------------------------------------------------------
     def _learn(self, run: Run, groups: dict[str, Any], rankable: set[str], target: float,
-               ratio_of: Callable[[dict[str, Any], dict[str, Any]], Any]) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float]]:
+               ratio_of: Callable[[dict[str, Any], dict[str, Any]], Any],
+               ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float], dict[str, Any]]:
+        """Masks, normalised thresholds and sigma_1 per layer, and a record of the learning."""
         from deploy_prune.data import make_loader
         from deploy_prune.train import default_device
 
@@ -316,8 +316,8 @@ class DF:
                     break
         self._restore(model, frozen)
         model.cpu()
-        self.learned = {"history": history, "mask_steps": step, "surrogate_ratio": round(ratio, 4), "target_ratio": round(target, 4)}
-        return ({g: v.detach().cpu() for g, v in mask.items()}, {n: float(v.detach()) for n, v in gnorm.items()}, sig1)
+        learned = {"history": history, "mask_steps": step, "surrogate_ratio": round(ratio, 4), "target_ratio": round(target, 4)}
+        return ({g: v.detach().cpu() for g, v in mask.items()}, {n: float(v.detach()) for n, v in gnorm.items()}, sig1, learned)
 
     @staticmethod
     def _restore(model: nn.Module, frozen: list[bool]) -> None:
@@ -327,8 +327,9 @@ class DF:
     # -- materialising ----------------------------------------------------------------------------
     def _materialise(self, run: Run, groups: dict[str, Any], mask: dict[str, torch.Tensor], gnorm: dict[str, float],
                      sig1: dict[str, float], budget: float,
-                     price: Callable[[dict[str, int], dict[str, int]], float]) -> tuple[dict[str, int], dict[str, int]]:
-        """Round the learned structure (raising every threshold by ``d`` until it fits the budget)."""
+                     price: Callable[[dict[str, int], dict[str, int]], float]) -> tuple[dict[str, int], dict[str, int], float]:
+        """Round the learned structure (raising every threshold by ``d`` until it fits the budget);
+        returns filters per group, ranks per layer and the shift ``d``."""
         mods = dict(run.model.named_modules())
         m = run.graph.channel_multiple
         out_rows = {n: g for g, x in groups.items() for n in x.out_layers}
@@ -353,8 +354,7 @@ class DF:
             return price(*structure(d))
 
         if cost(0.0) <= budget:
-            self.learned["threshold_shift"] = 0.0
-            return structure(0.0)
+            return (*structure(0.0), 0.0)
         hi = max(1.0, max((float(v.max()) - 0.5 for v in mask.values()), default=0.0)) + 1e-3
         if cost(hi) > budget:
             raise BudgetUnreachable(f"df: even the narrowest learned structure costs {cost(hi):.4g} {run.cost.unit}, "
@@ -363,8 +363,7 @@ class DF:
         for _ in range(40):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if cost(mid) <= budget else (mid, hi)
-        self.learned["threshold_shift"] = round(hi, 5)
-        return self._refill(price, structure(hi), structure(0.0), mask, sv, gnorm, sig1, budget, m)
+        return (*self._refill(price, structure(hi), structure(0.0), mask, sv, gnorm, sig1, budget, m), round(hi, 5))
 
     def _refill(self, price: Callable[[dict[str, int], dict[str, int]], float], fits: tuple[dict[str, int], dict[str, int]],
                 over: tuple[dict[str, int], dict[str, int]], mask: dict[str, torch.Tensor], sv: dict[str, torch.Tensor],
@@ -405,10 +404,3 @@ def _svt(w: torch.Tensor, gamma: torch.Tensor, tau: float) -> tuple[torch.Tensor
     s = ((u.T @ mat) * vh).sum(1)  # diag(U^T W V), differentiable in W
     out = mat - (u * torch.minimum(s, gamma)) @ vh
     return out.view_as(w), torch.tanh(torch.relu(s - gamma) * tau).sum()
-
-
-def _output(run: Run) -> list[tuple[str, Any]]:
-    from deploy_prune.graph import output_layers
-
-    names = {m: n for n, m in run.model.named_modules()}
-    return [(names[m], m) for m in output_layers(run.model, run.graph.example)]

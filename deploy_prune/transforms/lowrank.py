@@ -6,8 +6,9 @@ stride, padding and dilation, no bias) followed by ``C_out x r x 1 x 1`` (the or
 The pair is a ``LowRankConv2d``; its first conv's output channels are the rank, which the
 dependency graph sees as one more prunable group, named ``<layer>:rank``.
 
-Factorising pays only while ``r (C_in k k + C_out) < C_in k k C_out`` (MACs); ``rank_pays``
-says so, and callers skip the layers where it does not.
+Factorising pays only while ``r (C_in k k + C_out) < C_in k k C_out`` (MACs), or where the
+target's LUT says the pair is faster; ``methods/df.py`` prices both and keeps a layer dense
+where the pair does not pay.
 """
 
 from __future__ import annotations
@@ -43,20 +44,16 @@ class LowRankConv2d(nn.Sequential):
     def full_rank(self) -> int:
         """The rank of the dense conv this pair replaces."""
         first, second = self.convs()
-        kh, kw = first.kernel_size
-        return min(second.out_channels, first.in_channels * kh * kw)
+        return rank_bound(first.in_channels, second.out_channels, first.kernel_size)  # type: ignore[arg-type]
+
+
+def rank_bound(cin: int, cout: int, kernel: tuple[int, int]) -> int:
+    """The largest rank of a C_out x (C_in k k) matrix."""
+    return min(cout, cin * kernel[0] * kernel[1])
 
 
 def full_rank(conv: nn.Conv2d) -> int:
-    kh, kw = conv.kernel_size
-    return min(conv.out_channels, conv.in_channels * kh * kw)
-
-
-def rank_pays(conv: nn.Conv2d, rank: int) -> bool:
-    """Whether the factorised pair has fewer MACs (and parameters) than the dense conv."""
-    kh, kw = conv.kernel_size
-    k2cin = conv.in_channels * kh * kw
-    return rank * (k2cin + conv.out_channels) < k2cin * conv.out_channels
+    return rank_bound(conv.in_channels, conv.out_channels, conv.kernel_size)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
