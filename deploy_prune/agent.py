@@ -18,6 +18,8 @@ Protocol (HTTP/1.0, JSON bodies, one request per connection):
     Body ``{"target": {name, backend, device, precision, threads, batch, input_shape, options, ...},
     "protocol": {"warmup", "repeats", "rounds", "min_time_s"}, "models": {key: base64 ONNX}}``.
     Answer ``{"stats": {key: Stats.as_dict()}, "shapes": {key: first input shape}, "info": {...}}``.
+    With ``"layer_runs": N`` in the body the answer adds ``"layers": {key: {node: ms}}``, the
+    backend's own per-node times (median of N runs), as ``LocalMeasurer.layer_times`` gives them.
     The agent times the models with exactly the code a local run uses
     (``LocalMeasurer`` and ``deploy_prune.latency.timing.measure``), one request at a time, so
     that two clients never disturb each other's timings.
@@ -214,10 +216,17 @@ class _Handler(BaseHTTPRequestHandler):
 
         from deploy_prune.latency.measure import LocalMeasurer
 
+        layer_runs = req.get("layer_runs", 0)
+        if not isinstance(layer_runs, int) or isinstance(layer_runs, bool) or not 0 <= layer_runs <= 10000:
+            raise _HTTPError(400, f"layer_runs must be an integer in [0, 10000], got {layer_runs!r}")
         with self.server.lock:  # one measurement at a time: concurrent runs would skew each other
             m = LocalMeasurer(dataclasses.replace(target, agent=None))
             stats = m.time(models, protocol)
-        return {"stats": {k: s.as_dict() for k, s in stats.items()}, "shapes": m.shapes, "info": self.server.info}
+            layers = m.layer_times(models, layer_runs) if layer_runs else None
+        answer = {"stats": {k: s.as_dict() for k, s in stats.items()}, "shapes": m.shapes, "info": self.server.info}
+        if layers is not None:
+            answer["layers"] = layers
+        return answer
 
     def _reply(self, status: int, answer: dict[str, Any]) -> None:
         data = json.dumps(answer).encode("utf-8")
@@ -496,7 +505,16 @@ class AgentMeasurer:
         self, models: Mapping[str, bytes | str | Path], protocol: Protocol | None = None,
         on_round: Callable[[int], None] | None = None,
     ) -> dict[str, Stats]:
-        proto = protocol or self.target.protocol
+        return self._request(models, protocol or self.target.protocol, on_round)[0]
+
+    def layer_times(self, models: Mapping[str, bytes | str | Path], runs: int = 20) -> dict[str, dict[str, float]]:
+        # The agent times each model once in passing (a one-run protocol) and adds its counters.
+        return self._request(models, Protocol(warmup=0, repeats=1, rounds=1, min_time_s=0.0), None, runs)[1]
+
+    def _request(
+        self, models: Mapping[str, bytes | str | Path], proto: Protocol, on_round: Callable[[int], None] | None,
+        layer_runs: int = 0,
+    ) -> tuple[dict[str, Stats], dict[str, dict[str, float]]]:
         a = self.agent_info()  # reachability and token are checked before a large upload
         if a["backend"] != self.target.backend:
             raise UserError(f"agent at {self.url} serves backend {a['backend']!r}, but {self.where} asks for "
@@ -519,12 +537,14 @@ class AgentMeasurer:
             size += len(text) + len(key) + 8
         stats: dict[str, Stats] = {}
         shapes: dict[str, list[int]] = {}
+        layers: dict[str, dict[str, float]] = {}
         names = [f.name for f in dataclasses.fields(Stats)]
         for batch in batches:
             body = json.dumps({
                 "target": self._payload_target(),
                 "protocol": {k: getattr(proto, k) for k in _PROTOCOL_FIELDS},
                 "models": batch,
+                **({"layer_runs": layer_runs} if layer_runs else {}),
             }).encode("utf-8")
             if budget is not None and isinstance(limit, (int, float)) and len(body) > limit * _MIB:
                 raise UserError(f"request to agent at {self.url} is too large ({len(body) / _MIB:.1f} MiB; the agent accepts "
@@ -533,13 +553,15 @@ class AgentMeasurer:
             try:
                 stats.update({key: Stats(**{n: answer["stats"][key][n] for n in names}) for key in batch})
                 shapes.update({key: [int(d) for d in answer["shapes"][key]] for key in batch})
+                if layer_runs:
+                    layers.update({key: {str(n): float(v) for n, v in answer["layers"][key].items()} for key in batch})
             except (KeyError, TypeError, ValueError) as e:
                 raise UserError(f"agent at {self.url} sent incomplete timings (missing {_first_line(e)}); "
                                 "is it a deploy-prune agent of a matching version?") from None
         self.shapes.update(shapes)
         if on_round is not None:
             on_round(proto.rounds)
-        return stats
+        return stats, layers
 
 
 def _model_bytes(src: bytes | str | Path) -> bytes:

@@ -24,7 +24,8 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Prune vision models to a latency budget measured on the target device.",
 )
-console = Console()
+# Piped output (CI logs, files) gets a wide console so tables are not cut to 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -150,16 +151,46 @@ def benchmark(
     if json_out:
         sys.stdout.write(json.dumps(res, indent=2) + "\n")
         return
+    console.print(benchmark_table(res))
+    for name, r in {r["target"]: r for r in res["results"]}.items():
+        console.print(f"{name}: {r['device']}; " + ", ".join(f"{k} {v}" for k, v in r["backend_versions"].items()))
+
+
+def benchmark_table(res: dict[str, Any]) -> Table:
+    """One table across models and targets; 'x first' is each model's median over its median on the first target."""
+    first: dict[str, float] = {}
+    for r in res["results"]:
+        first.setdefault(r["model"], r["latency_ms"]["median"])
     table = Table(title=f"latency, batch {res['results'][0]['input_shape'][0]} (ms)")
-    for col in ("model", "target", "threads", "median", "p90", "IQR", "round CV", "runs"):
-        table.add_column(col, justify="left" if col in ("model", "target") else "right", no_wrap=True)
+    for col in ("model", "target", "backend", "threads", "median", "p90", "IQR", "round CV", "runs", "x first"):
+        table.add_column(col, justify="left" if col in ("model", "target", "backend") else "right", no_wrap=True)
     for r in res["results"]:
         s = r["latency_ms"]
-        table.add_row(Path(r["model"]).name, r["target"], str(r["threads"]), f"{s['median']:.3f}", f"{s['p90']:.3f}",
-                      f"{s['iqr']:.3f}", f"{100 * s['round_cv']:.1f}%", str(s["n"]))
-    console.print(table)
-    console.print(f"device: {res['results'][0]['device']}; {res['results'][0]['backend']} "
-                  f"{next(iter(res['results'][0]['backend_versions'].values()), '')}")
+        table.add_row(Path(r["model"]).name, r["target"], r["backend"], str(r["threads"]), f"{s['median']:.3f}",
+                      f"{s['p90']:.3f}", f"{s['iqr']:.3f}", f"{100 * s['round_cv']:.1f}%", str(s["n"]),
+                      f"{s['median'] / first[r['model']]:.2f}")
+    return table
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``-O KEY=VALUE`` pairs; values become int, float or bool where they read as one."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"-O {item!r} is not KEY=VALUE (e.g. -O iterations=15)")
+        value: Any = raw.strip()
+        if value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(value)
+                    break
+                except ValueError:
+                    pass
+        out[key.strip().replace("-", "_")] = value
+    return out
 
 
 def _parse_floats(text: str, what: str) -> tuple[float, ...]:
@@ -289,6 +320,7 @@ def compress(
     latency_ratio: Annotated[float | None, typer.Option("--latency-ratio", help="budget: share of the measured baseline latency")] = None,
     flops_ratio: Annotated[float | None, typer.Option("--flops-ratio", help="budget: share of the baseline FLOPs (MACs)")] = None,
     params_ratio: Annotated[float | None, typer.Option("--params-ratio", help="budget: share of the baseline parameters")] = None,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help="budget of unstructured methods: share of the weights zeroed")] = None,
     keep_ratio: Annotated[float, typer.Option("--keep-ratio", help="with no other budget: share of channels kept")] = 0.5,
     method: Annotated[str, typer.Option(help="compression method (deploy-prune methods)")] = "deeplsp",
     criterion: Annotated[str, typer.Option(help="importance criterion ranking channels")] = "taylor",
@@ -300,6 +332,7 @@ def compress(
     df_lr: Annotated[float, typer.Option(help="df: Adam learning rate of the masks and thresholds")] = 0.01,
     df_beta: Annotated[float, typer.Option(help="df: rise of the sigmoid scale mu per epoch (paper: 4; alpha = 50, mu0 = 5)")] = 4.0,
     df_c: Annotated[float, typer.Option(help="df: C in the rank estimate's tau = C / sigma_1 (paper: 2)")] = 2.0,
+    option: Annotated[list[str], typer.Option("--option", "-O", help="a method setting KEY=VALUE (repeatable), e.g. -O iterations=15 -O flow=gf; see deploy-prune methods")] = [],  # noqa: B006
     step_fraction: Annotated[float, typer.Option(help="share of an epoch of fine-tuning after each step")] = 0.25,
     epochs: Annotated[int, typer.Option(help="final fine-tuning epochs")] = 3,
     kd: Annotated[bool, typer.Option("--kd/--no-kd", help="distil from the unpruned model during fine-tuning")] = True,
@@ -318,13 +351,17 @@ def compress(
     """Prune to a budget measured on the target, fine-tune, export, and report."""
     from deploy_prune.compress import CompressConfig
     from deploy_prune.compress import compress as run_compress
+    from deploy_prune.methods import check_options
 
+    explicit = parse_options(option)
+    check_options(method, explicit)
     cfg = CompressConfig(
         out=out, weights=weights, model=model, data=data,
         data_options=_data_options(data_dir, image_size, seed, train_limit=train_limit), target=target,
         latency_ms=latency_ms, latency_ratio=latency_ratio, flops_ratio=flops_ratio, params_ratio=params_ratio,
-        keep_ratio=keep_ratio, method=method, criterion=criterion,
-        method_options={"mode": df_mode, "df_epochs": df_epochs, "df_lr": df_lr, "beta": df_beta, "c": df_c}, amount=amount, tolerance=tolerance, steps=steps,
+        keep_ratio=keep_ratio, sparsity=sparsity, method=method, criterion=criterion,
+        method_options={"mode": df_mode, "df_epochs": df_epochs, "df_lr": df_lr, "beta": df_beta, "c": df_c,
+                        **explicit}, amount=amount, tolerance=tolerance, steps=steps,
         step_fraction=step_fraction, epochs=epochs, kd=kd, lr=lr, batch_size=batch_size, sensitivity=sensitivity,
         ignore=[s for s in ignore.split(",") if s], workers=workers, profiles=profiles, force_profile=force,
         trust=trust_checkpoint, resume=resume, seed=seed,
@@ -413,10 +450,13 @@ def methods() -> None:
         table.add_column("name")
         table.add_column("description")
         if reg is METHODS:
-            table.add_column("budgets")
+            for col in ("kind", "lowers dense latency", "budgets"):
+                table.add_column(col)
         for name in reg.names():
-            kinds = getattr(METHODS.get(name), "budget_kinds", ()) if reg is METHODS else ()
-            extra = [", ".join(k.replace("_", "-") for k in kinds)] if reg is METHODS else []
+            extra: list[str] = []
+            if reg is METHODS:
+                cls: Any = METHODS.get(name)
+                extra = [cls.kind, "yes" if cls.lowers_latency else "no", ", ".join(k.replace("_", "-") for k in cls.budget_kinds)]
             table.add_row(name, reg.help(name), *extra)
         console.print(table)
 

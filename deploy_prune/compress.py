@@ -74,6 +74,7 @@ class CompressConfig:
     latency_ratio: float | None = None
     flops_ratio: float | None = None
     params_ratio: float | None = None
+    sparsity: float | None = None  # unstructured methods: share of the weights zeroed
     keep_ratio: float = 0.5
     method: str = "deeplsp"
     method_options: dict[str, Any] = field(default_factory=dict)  # method-specific settings (e.g. df's mode)
@@ -101,14 +102,18 @@ class CompressConfig:
 
     def budget_kind(self) -> tuple[str, float]:
         given = {k: v for k, v in (("latency_ms", self.latency_ms), ("latency_ratio", self.latency_ratio),
-                                   ("flops_ratio", self.flops_ratio), ("params_ratio", self.params_ratio)) if v is not None}
+                                   ("flops_ratio", self.flops_ratio), ("params_ratio", self.params_ratio),
+                                   ("sparsity", self.sparsity)) if v is not None}
         if len(given) > 1:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise UserError(f"conflicting budgets {flags}: give one of --latency-ms, --latency-ratio, --flops-ratio, --params-ratio")
+            raise UserError(f"conflicting budgets {flags}: give one of --latency-ms, --latency-ratio, --flops-ratio, "
+                            "--params-ratio, --sparsity")
         kind, value = next(iter(given.items())) if given else ("keep_ratio", self.keep_ratio)
         if value <= 0:
             raise UserError(f"--{kind.replace('_', '-')} must be > 0, got {value}: nothing can run in no time")
-        if kind != "latency_ms" and value >= 1:
+        if kind == "sparsity" and value >= 1:
+            raise UserError(f"--sparsity {value} would zero every weight; give a share below 1")
+        if kind not in ("latency_ms", "sparsity") and value >= 1:
             raise UserError(f"--{kind.replace('_', '-')} {value} keeps the whole model: nothing to do (give a share below 1)")
         return kind, float(value)
 
@@ -146,6 +151,7 @@ class Run:
         self.done: list[str] = []
         self.state: dict[str, Any] = {}
         self.lowrank_profile = False  # the LUT must also time factorised convs (df under a latency budget)
+        self.last_fit: dict[str, Any] | None = None  # metrics of the last finetune call
         self._baseline_onnx: bytes | None = None
         self._batches: list[Any] | None = None
         self._subset: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -234,9 +240,13 @@ class Run:
         self.report["stage_seconds"][stage] = round(self.report["stage_seconds"].get(stage, 0.0) + s, 2)
 
     # -- fine-tuning --------------------------------------------------------------------------
-    def finetune(self, epochs: float, tag: str, resume: bool = False) -> float:
+    def finetune(self, epochs: float, tag: str, resume: bool = False, stop: Callable[[nn.Module, int], bool] | None = None,
+                 penalty: Callable[[nn.Module], torch.Tensor] | None = None) -> float:
         """Fine-tune the current model (KD from the unpruned one by default), holding the masks.
-        A fractional epoch trains once on that share of the training set. Returns val accuracy."""
+        A fractional epoch trains once on that share of the training set. Returns val accuracy;
+        ``last_fit`` keeps the training metrics (epochs run, seconds). ``stop`` may end training
+        after an epoch; ``penalty(model)`` is added to the loss (regularising methods)."""
+        self.last_fit = None
         if epochs <= 0:
             return float(evaluate(self.model, self.data.val)["accuracy"])
         t0 = time.perf_counter()
@@ -248,14 +258,18 @@ class Run:
             data = replace(data, train=Subset(data.train, torch.randperm(len(data.train), generator=g)[:n].tolist()))  # type: ignore[arg-type]
         cfg = TrainConfig(epochs=whole, batch_size=self.cfg.batch_size, lr=self.cfg.lr, seed=self.cfg.seed)
         loss = distillation_loss(self.teacher) if self.cfg.kd else None
+        if penalty is not None:
+            base = loss or (lambda mod, x, y: torch.nn.functional.cross_entropy(mod(x), y))
+            loss = lambda mod, x, y: base(mod, x, y) + penalty(mod)  # noqa: E731
         masks = self.masks
         try:
             m = fit(self.model, data, cfg, self.out / "finetune" / tag, self.meta_pruned(), resume=resume, loss_fn=loss,
-                    after_step=[lambda mod: apply_masks(mod, masks)] if masks else [], progress=False)
+                    after_step=[lambda mod: apply_masks(mod, masks)] if masks else [], progress=False, stop=stop)
         except UserError as e:
             raise UserError(f"{e}; the last good checkpoint is kept in {self.out}/checkpoints (resume with --resume "
                             "and a lower --lr)") from None
         self._add_seconds("finetune", time.perf_counter() - t0)
+        self.last_fit = m
         return float(m["val_accuracy"])
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -294,7 +308,7 @@ def _model_figures(run: Run, model: nn.Module, accuracy: float | None, latency: 
             "flops": flops, "params": params, "sparsity": round(sparsity(model), 6)}
 
 
-def _step(run: Run, stage: str, model: nn.Module | None = None, **rec: Any) -> None:
+def record_step(run: Run, stage: str, model: nn.Module | None = None, **rec: Any) -> None:
     """Record one step; figures are the current model's, or ``model``'s (a planned candidate)."""
     g = run.graph if model is None else ModelGraph(model, run.data.input_shape, run.cfg.ignore, run.target.channel_multiple)
     flops, params = g.flops_params()
@@ -347,6 +361,9 @@ def _budget(run: Run) -> dict[str, Any]:
         # Predicted ms for the budget: scale by the model's own predicted/measured ratio.
         predicted = ms * run.cost.total(graph, group_widths(graph)) / base_ms
         return {"kind": kind, "value": value, "latency_ms": ms, "cost_budget": predicted, "measured": True}
+    if kind == "sparsity":  # unstructured: the budget is on weights; FLOPs stay the cost reported per step
+        run.cost = flops_cost()
+        return {"kind": kind, "value": value, "latency_ms": None, "cost_budget": value, "measured": False}
     if kind == "flops_ratio":
         run.cost = flops_cost()
     elif kind == "params_ratio":
@@ -390,7 +407,7 @@ def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float
         meas = run.measure(cand)
         r = _over(run, meas, budget)
         p = run.predicted_ms(cand)
-        _step(run, "plan", cand, candidate=True, measured_latency_ms=meas["candidate"],
+        record_step(run, "plan", cand, candidate=True, measured_latency_ms=meas["candidate"],
               baseline_same_session_ms=meas["baseline"]["median"], cost_budget=pred, accuracy=None)
         run.say(f"plan {i + 1}: predicted {p:.3f} ms, measured {meas['candidate']['median']:.3f} ms "
                 f"({100 * r:.0f} % of the budget)")
@@ -416,7 +433,7 @@ def _structured(run: Run, method: Method, budget: dict[str, Any]) -> None:
         acc = run.finetune(run.cfg.step_fraction, stage) if i < steps or budget["measured"] else None
         meas = run.measure(run.model)
         run.state["last_measurement"] = meas
-        _step(run, "structured", cost_budget=b, accuracy=acc, measured_latency_ms=meas["candidate"],
+        record_step(run, "structured", cost_budget=b, accuracy=acc, measured_latency_ms=meas["candidate"],
               baseline_same_session_ms=meas["baseline"]["median"], seconds=round(time.perf_counter() - t0, 2))
         run.say(f"step {i}/{steps}: {run.cost.kind} {run.cost.total(run.graph, group_widths(run.graph)):.4g} "
                 f"{run.cost.unit}" + (f", accuracy {acc:.4f}" if acc is not None else ""))
@@ -436,7 +453,7 @@ def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
         meas = run.state.pop("last_measurement", None) or run.measure(run.model)
         r = _over(run, meas, budget)
         if i > 0:
-            _step(run, "closed-loop", measured_latency_ms=meas["candidate"], accuracy=run.state.get("loop_accuracy"),
+            record_step(run, "closed-loop", measured_latency_ms=meas["candidate"], accuracy=run.state.get("loop_accuracy"),
                   baseline_same_session_ms=meas["baseline"]["median"])
         run.say(f"verify {i + 1}: measured {meas['candidate']['median']:.3f} ms ({100 * r:.0f} % of the budget)")
         if r <= 1.0:
@@ -472,6 +489,10 @@ def _pooled_over(meas: list[dict[str, Any]], budget: dict[str, Any]) -> tuple[fl
 def _final_measure(run: Run, budget: dict[str, Any]) -> tuple[dict[str, Any], bool, str]:
     """Measure the exported model twice; the budget is met when the pooled figure is within it."""
     meas = run.measure(run.model)
+    if budget["kind"] == "sparsity":
+        got = sparsity(run.model, run.cfg.ignore)
+        met = got >= budget["value"] - 1e-3  # the last iteration rounds counts down, never past the target
+        return meas, met, f"sparsity {got:.4f} {'>=' if met else '<'} target {budget['value']:.4f} (conv/linear weights)"
     if not budget["measured"]:
         got = run.cost.total(run.graph, group_widths(run.graph))
         met = got <= budget["cost_budget"] * (1 + 1e-9)
@@ -533,13 +554,18 @@ def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:
         io_spent = sec.get("export", 0.0) + sec.get("measure", 0.0) - io_before
         run._add_seconds("plan", time.perf_counter() - t0 - io_spent)  # planning only; its measurements count apart
         run.checkpoint("plan")
-    # 5. structured steps
-    try:
-        _structured(run, method, budget)
-    except BudgetUnreachable:
-        if budget["measured"]:
-            raise _unreachable(run, method, budget) from None
-        raise
+    # 5. structured steps, or the unstructured method's own prune-retrain schedule
+    if budget["kind"] == "sparsity":
+        if "sparsify" not in run.done:
+            method.prune(run, budget["value"])
+            run.checkpoint("sparsify")
+    else:
+        try:
+            _structured(run, method, budget)
+        except BudgetUnreachable:
+            if budget["measured"]:
+                raise _unreachable(run, method, budget) from None
+            raise
     # 6. verification
     if budget["measured"]:
         _verify(run, method, budget)
@@ -550,7 +576,7 @@ def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:
         resume = (run.out / "finetune" / "final" / "checkpoints" / "last.pt").is_file() and cfg.resume
         run.say(f"fine-tuning {cfg.epochs} epoch(s){' with distillation' if cfg.kd else ''}")
         acc = run.finetune(cfg.epochs, "final", resume=resume)
-        _step(run, "finetune", accuracy=acc, sparsity=round(sparsity(run.model), 6))
+        record_step(run, "finetune", accuracy=acc, sparsity=round(sparsity(run.model), 6))
         run.checkpoint("finetune")
     # 8. export, final measurement, report
     return _finish(run, method, budget, t_start)
@@ -570,7 +596,7 @@ def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) ->
     acc = float(evaluate(run.model, run.data.val)["accuracy"])
     run._add_seconds("evaluate", time.perf_counter() - t0)
     final = _model_figures(run, run.model, acc, meas["candidate"])
-    if run.masks and final["sparsity"] > 0:
+    if run.masks and final["sparsity"] > 0 and UNSTRUCTURED_NOTE.format(backend=run.target.backend) not in run.report["notes"]:
         run.report["notes"].append(UNSTRUCTURED_NOTE.format(backend=run.target.backend))
     if not exp.get("parity_ok", True):
         run.report["notes"].append(f"ONNX parity over tolerance: max |diff| {exp['max_abs_diff']:.2e}")

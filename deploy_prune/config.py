@@ -55,6 +55,10 @@ class Target:
     batch: int = 1
     input_shape: list[int] | None = None  # C,H,W; None = the model's own
     channel_multiple: int = 1
+    # How a LUT entry's layer time is taken: "wall" (the standalone graph's median minus the
+    # backend's fixed cost of a run) or "counters" (the backend's own per-node times of the
+    # layer's nodes in that graph, leaving out the layout reorders at its boundary).
+    layer_timing: str = "wall"
     description: str = ""
     protocol: Protocol = field(default_factory=Protocol)
     agent: dict[str, Any] | None = None
@@ -75,6 +79,7 @@ class Target:
         return d
 
 
+LAYER_TIMINGS = ("wall", "counters")
 _TARGET_KEYS = {f.name for f in dataclasses.fields(Target)} - {"protocol", "source"}
 _PROTOCOL_KEYS = {"warmup", "repeats", "rounds", "min_time_s"}
 
@@ -130,6 +135,8 @@ def target_from_dict(raw: Any, source: str = "<dict>") -> Target:
     for k, t in types.items():
         if k in fields and not isinstance(fields[k], t):
             raise UserError(f"target {source!r}: {k} must be an integer, got {fields[k]!r}")
+    if fields.get("layer_timing", "wall") not in LAYER_TIMINGS:
+        raise UserError(f"target {source!r}: layer_timing must be one of {', '.join(LAYER_TIMINGS)}, got {fields['layer_timing']!r}")
     if fields.get("batch", 1) < 1 or fields.get("channel_multiple", 1) < 1 or fields.get("threads", 0) < 0:
         raise UserError(f"target {source!r}: batch and channel_multiple must be >= 1, threads >= 0")
     proto = {k: raw[k] for k in _PROTOCOL_KEYS if k in raw}

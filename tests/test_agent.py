@@ -301,3 +301,15 @@ def test_models_over_the_limit_together_go_in_several_requests(agent: Agent, tok
     time.sleep(0.2)
     assert set(stats) == {"m0", "m1"} and all(s.n >= 20 for s in stats.values())
     assert agent.log.read_text().count("POST /time 200") - before == 2
+
+
+def test_per_node_counters_through_the_agent(agent: Agent, token: str, conv_onnx: Path) -> None:
+    import base64
+
+    remote = AgentMeasurer(_target(agent.url)).layer_times({"conv": conv_onnx}, runs=3)["conv"]
+    local = LocalMeasurer(Target(name="local", backend="onnxruntime", threads=1)).layer_times({"conv": conv_onnx}, runs=3)["conv"]
+    assert set(remote) == set(local) and sum(remote.values()) > 0
+    body = {"target": {"name": "t", "backend": "onnxruntime", "threads": 1}, "protocol": FAST.__dict__,
+            "models": {"m": base64.b64encode(conv_onnx.read_bytes()).decode()}, "layer_runs": -1}
+    status, answer = _post(agent.url + "/time", json.dumps(body).encode())
+    assert status == 400 and "layer_runs must be an integer" in answer["error"]

@@ -32,6 +32,13 @@ def test_train_export_benchmark_through_cli(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["results"][0]["threads"] == 1 and res["results"][0]["latency_ms"]["median"] > 0
+    # one table across targets, a device line for each
+    r = runner.invoke(app, ["benchmark", str(out / "model.onnx"), "--target", "cpu-ort-1t", "--target", "cpu-ort",
+                            "--warmup", "2", "--repeats", "10", "--rounds", "2", "--min-time", "0"])
+    assert r.exit_code == 0, r.output
+    rows = [line for line in r.stdout.splitlines() if "model.onnx" in line]
+    assert len(rows) == 2 and "cpu-ort-1t" in rows[0] and "1.00" in rows[0]
+    assert r.stdout.count("onnxruntime 1.") == 2
 
 
 def test_unknown_names_exit_2_with_valid_list(tmp_path: Path) -> None:

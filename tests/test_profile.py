@@ -214,3 +214,41 @@ def test_sensitivity_reports_latency_saved_from_the_profile(small_profile: tuple
     lo = sum(g["entries"][0]["latency_saved_ms"] for g in res["groups"])
     hi = sum(g["entries"][1]["latency_saved_ms"] for g in res["groups"])
     assert hi > lo
+
+
+def test_layer_counter_ms_keeps_the_layers_nodes_and_drops_reorders() -> None:
+    fam = lut.Family("conv", (3, 3), (1, 1), (1, 1), (1, 1), 1, False, (8, 8), residual=True, act="Relu")
+    g = lut.layer_graph(fam, 8, 16)
+    counters = {"layer": 1.0, "residual": 0.5, "act": 0.25,          # torch / ORT unfused names
+                "y0_nchwc": 2.0,                                     # ORT: named after the tensor it writes
+                "layer/WithoutBiases": 4.0,                          # OpenVINO: node name + suffix
+                "ReorderInput": 8.0, "Reorder:x_abcd_acdb_layer/WithoutBiases": 16.0, "Reorder:layer/x": 32.0}
+    assert lut.layer_counter_ms(g, counters) == pytest.approx(7.75)
+
+
+def test_profile_with_counter_timing(tmp_path: Path, fast_target: Target) -> None:
+    """layer_timing: counters stores the backend's per-node time of each layer graph and predicts from it."""
+    from dataclasses import replace
+
+    target = replace(fast_target, layer_timing="counters")
+    model = tiny()
+    _, prof = run_profile(ProfileSpec(model, "tiny-cnn", SHAPE, target), tmp_path, calibrate=(0.5,))
+    assert prof["layer_timing"] == "counters"
+    for e in prof["entries"].values():
+        assert e["predict_ms"] == e["counter_ms"] > 0
+        assert e["counter_ms"] < e["median_ms"]  # the run's fixed cost and the boundary reorders are left out
+    pred = lut.predict(model, prof)
+    assert pred["raw_ms"] == pytest.approx(prof["full_model"]["latency_ms"]["median"], rel=1e-6)
+    e = next(iter(prof["entries"].values()))
+    assert e["predict_ms"] != e["net_ms"]
+    # a wall-clock profile at the same path is not resumed from counter entries
+    _, wall = run_profile(ProfileSpec(model, "tiny-cnn", SHAPE, fast_target), tmp_path, calibrate=(0.5,), reuse=True)
+    assert all("counter_ms" not in e and e["predict_ms"] == e["net_ms"] for e in wall["entries"].values())
+
+
+def test_target_layer_timing_is_validated() -> None:
+    from deploy_prune.config import target_from_dict
+
+    assert target_from_dict({"name": "t", "backend": "onnxruntime", "layer_timing": "counters"}).layer_timing == "counters"
+    with pytest.raises(UserError, match="layer_timing must be one of wall, counters"):
+        target_from_dict({"name": "t", "backend": "onnxruntime", "layer_timing": "cycles"})

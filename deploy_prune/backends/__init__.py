@@ -1,9 +1,16 @@
 """Inference backends behind one protocol, registered by name.
 
 A backend loads an ONNX model into a ``Session`` for a ``Target``; a session runs a feed (input
-name -> array) and times one run in milliseconds (wall clock by default; GPU backends override
-with device events). Timing statistics are computed by ``deploy_prune.latency`` for every
-backend alike, locally or inside the remote agent.
+name -> array) and times one run in milliseconds (wall clock on the CPU; GPU backends time with
+device events). Timing statistics are computed by ``deploy_prune.latency`` for every backend
+alike, locally or inside the remote agent.
+
+Per-layer timings are optional: a session loaded with ``per_layer=True`` may offer
+``layer_ms(feed, runs)``, the median time of each node over ``runs`` runs, from the backend's own
+counters (ONNX Runtime's profiler, OpenVINO's ``PERF_COUNT``, TensorRT's ``IProfiler``, hooks
+in eager torch). Node names are the backend's; fused nodes carry the time of what they fused;
+layout conversions the backend inserts are named ``Reorder...`` (ORT's own names; OpenVINO's
+and TensorRT's get the prefix), so that LUT entries can leave them out.
 """
 
 from __future__ import annotations
@@ -28,6 +35,12 @@ class Session(Protocol):
     def time_once(self, feed: Feed) -> float: ...
 
 
+class LayerTimed(Protocol):
+    """A session that reports per-layer times (loaded with ``per_layer=True``)."""
+
+    def layer_ms(self, feed: Feed, runs: int = 20) -> dict[str, float]: ...
+
+
 class Backend(Protocol):
     name: str
     extra: str  # pip extra that installs it
@@ -38,7 +51,7 @@ class Backend(Protocol):
 
     def device_string(self, target: Target) -> str: ...
 
-    def load(self, model: Path | bytes, target: Target) -> Session: ...
+    def load(self, model: Path | bytes, target: Target, per_layer: bool = False) -> Session: ...
 
 
 BACKENDS: Registry[Backend] = Registry("backend")
@@ -51,6 +64,20 @@ def get_backend(name: str) -> Backend:
     if not ok:
         raise UserError(f"backend {name!r} is not usable here: {why}; install it with pip install 'deploy-prune[{backend.extra}]'")
     return backend
+
+
+def layer_times(session: Session, feed: Feed, runs: int = 20) -> dict[str, float]:
+    """Per-node median ms from the backend's own counters, or a clear error where it has none."""
+    fn = getattr(session, "layer_ms", None)
+    if fn is None:
+        raise UserError(f"{type(session).__name__} has no per-layer counters; load it with per_layer=True on a backend that has them")
+    return fn(feed, runs)  # type: ignore[no-any-return]
+
+
+def median_by_node(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per-node median over runs (a node missing from a run counts as absent, not zero)."""
+    names = {n for r in runs for n in r}
+    return {n: float(np.median([r[n] for r in runs if n in r])) for n in sorted(names)}
 
 
 def backend_status() -> dict[str, dict[str, Any]]:
@@ -66,3 +93,5 @@ def backend_status() -> dict[str, dict[str, Any]]:
 # Registration happens on import.
 from deploy_prune.backends import onnxruntime as _ort  # noqa: E402,F401
 from deploy_prune.backends import openvino as _ov  # noqa: E402,F401
+from deploy_prune.backends import pytorch as _torch  # noqa: E402,F401
+from deploy_prune.backends import tensorrt as _trt  # noqa: E402,F401

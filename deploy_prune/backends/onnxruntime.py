@@ -1,22 +1,32 @@
-"""ONNX Runtime on the CPU: threads pinned to the target's count, sequential execution."""
+"""ONNX Runtime on the CPU: threads pinned to the target's count, sequential execution.
+
+Per-layer times come from ORT's own profiler: ``layer_ms`` opens a second session with
+``enable_profiling`` (so the timed session is never slowed by it), runs the feed, and reads each
+node's ``*_kernel_time`` events from the trace ORT writes.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from deploy_prune.backends import BACKENDS, Feed
+from deploy_prune.backends import BACKENDS, Feed, median_by_node
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 from deploy_prune.io import cpu_model
 
 
 class OrtSession:
-    def __init__(self, sess: object) -> None:
+    def __init__(self, sess: object, reopen: Callable[[Any], Any] | None = None) -> None:
         self.sess = sess
+        self._reopen = reopen  # builds a session with extra options (profiling), for layer_ms
         self.inputs: list[tuple[str, list[int | str]]] = [
             (i.name, [d if isinstance(d, int) else str(d) for d in i.shape]) for i in sess.get_inputs()  # type: ignore[attr-defined]
         ]
@@ -28,6 +38,26 @@ class OrtSession:
         t0 = time.perf_counter_ns()
         self.sess.run(None, feed)  # type: ignore[attr-defined]
         return (time.perf_counter_ns() - t0) / 1e6
+
+    def layer_ms(self, feed: Feed, runs: int = 20) -> dict[str, float]:
+        """Median ms per graph node over ``runs`` runs (after as many untimed), from ORT's profiler."""
+        if self._reopen is None:
+            raise UserError("load the model with per_layer=True to read ONNX Runtime's per-node times")
+        with tempfile.TemporaryDirectory() as tmp:
+            def profiling(so: Any) -> None:
+                so.enable_profiling = True
+                so.profile_file_prefix = str(Path(tmp) / "ort")
+
+            sess = self._reopen(profiling)
+            for _ in range(2 * runs):
+                sess.run(None, feed)
+            events = json.loads(Path(sess.end_profiling()).read_text())
+        seen: dict[str, list[float]] = {}
+        for e in events:
+            if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+                seen.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"] / 1e3)
+        per_run = [{n: v[runs + i] for n, v in seen.items() if len(v) > runs + i} for i in range(runs)]
+        return median_by_node(per_run)
 
 
 class OnnxRuntimeBackend:
@@ -49,25 +79,30 @@ class OnnxRuntimeBackend:
     def device_string(self, target: Target) -> str:
         return f"{cpu_model()} ({target.resolved_threads()} threads)"
 
-    def load(self, model: Path | bytes, target: Target) -> OrtSession:
+    def load(self, model: Path | bytes, target: Target, per_layer: bool = False) -> OrtSession:
         import onnxruntime as ort
 
         if target.device != "cpu":
             raise UserError(f"backend onnxruntime here runs on device 'cpu', not {target.device!r}; fix the target's device")
-        so = ort.SessionOptions()
-        # Pin the thread count so measurements are comparable and recorded; one inter-op
-        # thread because a single image's graph has no useful parallel branches.
-        so.intra_op_num_threads = target.resolved_threads()
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
         src = model if isinstance(model, bytes) else str(model)
-        try:
-            sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own exception types for bad models
-            raise UserError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
-        return OrtSession(sess)
+
+        def open_session(extra: Callable[[Any], None] | None = None) -> Any:
+            so = ort.SessionOptions()
+            # Pin the thread count so measurements are comparable and recorded; one inter-op
+            # thread because a single image's graph has no useful parallel branches.
+            so.intra_op_num_threads = target.resolved_threads()
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.log_severity_level = 3
+            if extra is not None:
+                extra(so)
+            try:
+                return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+            except Exception as e:  # ORT raises its own exception types for bad models
+                raise UserError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
+
+        return OrtSession(open_session(), open_session if per_layer else None)
 
 
 BACKENDS.register("onnxruntime", "ONNX Runtime, CPU execution provider")(OnnxRuntimeBackend())

@@ -5,7 +5,7 @@ single request at a time is what a latency budget measures), the ``LATENCY`` per
 and ``INFERENCE_PRECISION_HINT`` from the target's precision (fp32 by default, so the CPU plugin
 does not silently run bf16 on CPUs that have it). ``options:`` in the target YAML pass any other
 OpenVINO property through. With ``per_layer=True`` the model is compiled with ``PERF_COUNT``
-and ``layer_ms()`` returns OpenVINO's own per-node times of the last run.
+and ``layer_ms(feed, runs)`` returns OpenVINO's own per-node times, median over the runs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy_prune.backends import BACKENDS, Feed
+from deploy_prune.backends import BACKENDS, Feed, median_by_node
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 
@@ -25,8 +25,9 @@ PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
 
 
 class OvSession:
-    def __init__(self, compiled: Any) -> None:
+    def __init__(self, compiled: Any, per_layer: bool = False) -> None:
         self.compiled = compiled
+        self.per_layer = per_layer
         self.request = compiled.create_infer_request()
         self.inputs: list[tuple[str, list[int | str]]] = [
             (i.get_any_name(), [d.get_length() if d.is_static else str(d) for d in i.get_partial_shape()])
@@ -42,11 +43,18 @@ class OvSession:
         self.request.infer(feed)
         return (time.perf_counter_ns() - t0) / 1e6
 
-    def layer_ms(self) -> dict[str, float]:
-        """OpenVINO's per-node times of the last run, in ms (nodes it executed; fused ones are
-        folded into the node that ran them). Needs ``per_layer=True`` at load."""
-        return {p.node_name: p.real_time.total_seconds() * 1e3 for p in self.request.profiling_info
-                if str(p.status).endswith("EXECUTED")}
+    def layer_ms(self, feed: Feed, runs: int = 20) -> dict[str, float]:
+        """OpenVINO's per-node times in ms, median over ``runs`` runs after as many untimed (nodes
+        it executed; fused ones are folded into the node that ran them)."""
+        if not self.per_layer:
+            raise UserError("load the model with per_layer=True to read OpenVINO's per-node times (PERF_COUNT)")
+        per_run = []
+        for i in range(2 * runs):
+            self.request.infer(feed)
+            if i >= runs:
+                per_run.append({("Reorder:" if p.node_type == "Reorder" else "") + p.node_name: p.real_time.total_seconds() * 1e3
+                                for p in self.request.profiling_info if str(p.status).endswith("EXECUTED")})
+        return median_by_node(per_run)
 
 
 class OpenVinoBackend:
@@ -109,7 +117,7 @@ class OpenVinoBackend:
             raise
         except Exception as e:  # the message names the op the plugin cannot compile
             raise UserError(f"openvino cannot compile the model for {dev}: {str(e).strip().splitlines()[0][:300]}") from None
-        return OvSession(compiled)
+        return OvSession(compiled, per_layer)
 
 
 BACKENDS.register("openvino", "OpenVINO runtime (CPU plugin; GPU/NPU where present)")(OpenVinoBackend())

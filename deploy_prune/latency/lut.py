@@ -12,7 +12,10 @@ with identical shapes share entries.
 
 Each entry stores the measured median and ``net_ms``, the median minus the backend's fixed cost
 of one run (``overhead_graph``, timed in the same interleaved chunk), which a layer inside a
-whole model does not pay. Prediction uses ``net_ms``.
+whole model does not pay. A target with ``layer_timing: counters`` also stores ``counter_ms``,
+the backend's own per-node times of the layer's nodes in that graph (``layer_counter_ms``), which
+leave out the layout reorders a standalone graph pays at its boundary and a whole model pays
+once. Prediction uses ``predict_ms``: whichever of the two the target chose.
 
 Prediction = sum of the layers' interpolated entries + the constant *remainder* (the part of
 the measured whole-model latency the entries do not account for: pooling, reshapes, layout
@@ -112,6 +115,22 @@ class LayerSpec:
 # ---------------------------------------------------------------------------------------------
 # Which layers a model has, and what the exported graph fuses into each
 # ---------------------------------------------------------------------------------------------
+def onnx_layer_nodes(proto: onnx.ModelProto, order: list[tuple[str, nn.Module, torch.Size]]) -> dict[str, onnx.NodeProto] | None:
+    """The ONNX Conv/Gemm/MatMul node of each module in ``order`` (execution order), or None when
+    the k-th node's weight shape is not the k-th module's (an exporter that reorders, a module
+    called twice)."""
+    inits = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    nodes = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    if len(nodes) != len(order):
+        return None
+    for node, (_, mod, _) in zip(nodes, order, strict=True):
+        w = inits.get(node.input[1])
+        want = tuple(mod.weight.shape)  # type: ignore[arg-type]
+        if w is None or (w != want and w[::-1] != want):
+            return None
+    return {name: node for node, (name, _, _) in zip(nodes, order, strict=True)}
+
+
 def fused_patterns(proto: onnx.ModelProto, order: list[tuple[str, nn.Module, torch.Size]]) -> dict[str, tuple[bool, str, tuple[float, ...]]]:
     """(residual, activation, activation args) per module name, read off the exported graph.
 
@@ -121,19 +140,14 @@ def fused_patterns(proto: onnx.ModelProto, order: list[tuple[str, nn.Module, tor
     attributed to the later one (the branch that finishes the block), as backends fuse it there.
     """
     g = proto.graph
-    inits = {i.name: tuple(i.dims) for i in g.initializer}
     consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node
               if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
     consts.update({i.name: numpy_helper.to_array(i) for i in g.initializer if np.prod(i.dims) == 1})
-    nodes = [n for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     plain: dict[str, tuple[bool, str, tuple[float, ...]]] = {name: (False, "", ()) for name, _, _ in order}
-    if len(nodes) != len(order):
+    layer_nodes = onnx_layer_nodes(proto, order)
+    if layer_nodes is None:
         return plain
-    for node, (_, mod, _) in zip(nodes, order, strict=True):
-        w = inits.get(node.input[1])
-        want = tuple(mod.weight.shape)  # type: ignore[arg-type]
-        if w is None or (w != want and w[::-1] != want):
-            return plain
+    nodes = list(layer_nodes.values())
     consumers: dict[str, list[onnx.NodeProto]] = {}
     producer: dict[str, int] = {}
     for i, n in enumerate(g.node):
@@ -269,13 +283,13 @@ def _act_nodes(f: Family, x: str, y: str, inits: list[TensorProto]) -> list[onnx
     if f.act == "Clip":
         inits += [numpy_helper.from_array(np.array(f.act_args[0], np.float32), "clip_min"),
                   numpy_helper.from_array(np.array(f.act_args[1], np.float32), "clip_max")]
-        return [helper.make_node("Clip", [x, "clip_min", "clip_max"], [y])]
+        return [helper.make_node("Clip", [x, "clip_min", "clip_max"], [y], name="act")]
     attrs: dict[str, float] = {}
     if f.act in ("LeakyRelu", "Elu") and f.act_args:
         attrs = {"alpha": f.act_args[0]}
     elif f.act == "HardSigmoid" and len(f.act_args) == 2:
         attrs = {"alpha": f.act_args[0], "beta": f.act_args[1]}
-    return [helper.make_node(f.act, [x], [y], **attrs)]  # type: ignore[arg-type]
+    return [helper.make_node(f.act, [x], [y], name="act", **attrs)]  # type: ignore[arg-type]
 
 
 def layer_graph(f: Family, cin: int, cout: int, seed: int = 0) -> bytes:
@@ -292,7 +306,7 @@ def layer_graph(f: Family, cin: int, cout: int, seed: int = 0) -> bytes:
         inits += [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(cout, np.float32), "B")]
         inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [b, cin, *f.in_hw]))
         ph, pw = f.padding
-        nodes.append(helper.make_node("Conv", ["x", "W", "B"], ["y0"], kernel_shape=[kh, kw], strides=list(f.stride),
+        nodes.append(helper.make_node("Conv", ["x", "W", "B"], ["y0"], name="layer", kernel_shape=[kh, kw], strides=list(f.stride),
                                       pads=[ph, pw, ph, pw], dilations=list(f.dilation), group=groups))
         out_shape = [b, cout, *f.out_hw()]
     else:
@@ -301,17 +315,17 @@ def layer_graph(f: Family, cin: int, cout: int, seed: int = 0) -> bytes:
         inits += [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(cout, np.float32), "B")]
         if rows == 1:
             inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [b, cin]))
-            nodes.append(helper.make_node("Gemm", ["x", "W", "B"], ["y0"], transB=1))
+            nodes.append(helper.make_node("Gemm", ["x", "W", "B"], ["y0"], name="layer", transB=1))
             out_shape = [b, cout]
         else:
             inits[0] = numpy_helper.from_array(np.ascontiguousarray(w.T), "W")
             inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [b, rows, cin]))
-            nodes += [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "B"], ["y0"])]
+            nodes += [helper.make_node("MatMul", ["x", "W"], ["m"], name="layer"), helper.make_node("Add", ["m", "B"], ["y0"], name="bias")]
             out_shape = [b, rows, cout]
     last = "y0"
     if f.residual:
         inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, out_shape))
-        nodes.append(helper.make_node("Add", [last, "r"], ["y1"]))
+        nodes.append(helper.make_node("Add", [last, "r"], ["y1"], name="residual"))
         last = "y1"
     nodes += _act_nodes(f, last, "y", inits)
     graph = helper.make_graph(nodes, "layer", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
@@ -319,6 +333,23 @@ def layer_graph(f: Family, cin: int, cout: int, seed: int = 0) -> bytes:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def layer_counter_ms(graph: bytes, counters: Mapping[str, float]) -> float:
+    """The part of a standalone layer graph's per-node counters that is the layer's own nodes.
+
+    Backends name what they ran after the ONNX node (OpenVINO, torch) or after the tensor it
+    writes (ONNX Runtime's ``<tensor>_nchwc``); layout reorders (named ``Reorder...`` by every
+    backend's ``layer_ms``) are what the graph's boundary costs, which the layer inside a model
+    does not pay."""
+    proto = onnx.load_from_string(graph)
+    own = {n.name for n in proto.graph.node} | {y for n in proto.graph.node for y in n.output}
+    total = 0.0
+    for name, ms in counters.items():
+        key = name.removesuffix("_nchwc").split("/")[0]
+        if key in own and not name.startswith("Reorder"):
+            total += ms
+    return total
 
 
 def overhead_graph() -> bytes:
@@ -383,7 +414,7 @@ def interpolate(entries: Mapping[str, Any], fam: Family, grid_in: list[int], gri
 
     def val(ci: int, co: int) -> float:
         e = entries[fam.key(ci, co)]
-        return float(e.get("net_ms", e["median_ms"]))
+        return float(e.get("predict_ms", e.get("net_ms", e["median_ms"])))
 
     if fam.depthwise:
         i0, i1, t = _bracket(grid_out, cout)

@@ -15,7 +15,7 @@ from typing import Protocol as TypingProtocol
 
 import numpy as np
 
-from deploy_prune.backends import Feed, Session, get_backend
+from deploy_prune.backends import Feed, Session, get_backend, layer_times
 from deploy_prune.config import Protocol, Target
 from deploy_prune.errors import UserError
 from deploy_prune.latency.timing import Stats, measure
@@ -57,6 +57,10 @@ class Measurer(TypingProtocol):
         """Time every model with ``protocol`` (default: the target's), interleaved round by round."""
         ...
 
+    def layer_times(self, models: Mapping[str, ModelSource], runs: int = 20) -> dict[str, dict[str, float]]:
+        """The backend's own per-node times of every model (median ms over ``runs`` runs)."""
+        ...
+
 
 class LocalMeasurer:
     """Measures on this machine with the target's backend."""
@@ -92,6 +96,14 @@ class LocalMeasurer:
     ) -> dict[str, Stats]:
         timers = {key: self.timer(key, src) for key, src in models.items()}
         return measure(timers, protocol or self.target.protocol, on_round=on_round)
+
+    def layer_times(self, models: Mapping[str, ModelSource], runs: int = 20) -> dict[str, dict[str, float]]:
+        out = {}
+        for key, src in models.items():
+            model = Path(src) if isinstance(src, str) else src
+            sess = self.backend.load(model, self.target, per_layer=True)
+            out[key] = layer_times(sess, feed_for(sess, self.target), runs)
+        return out
 
 
 def measurer_for(target: Target) -> Measurer:

@@ -33,6 +33,7 @@ from deploy_prune.latency.measure import Measurer, measurer_for
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 CHUNK = 48  # configurations timed together (interleaved); also the resume granularity
+COUNTER_RUNS = 20  # profiled runs per configuration for layer_timing: counters (their median)
 OVERHEAD = "__overhead__"
 
 
@@ -202,6 +203,7 @@ def run_profile(
         "target": target.as_dict(), "measurer": info,
         "protocol": {"layer": layer_protocol(target.protocol).__dict__, "model": target.protocol.__dict__},
         "grid": {"step": spec.step, "max_points": spec.max_points, "channel_multiple": target.channel_multiple},
+        "layer_timing": target.layer_timing,
         "layers": layers,
     }
     entries: dict[str, Any] = {}
@@ -213,6 +215,7 @@ def run_profile(
         old = read_json(prev)
         tool = old.get("tool_version", old.get("provenance", {}).get("tool_version"))
         same = all(old.get(k) == header[k] for k in ("schema", "fingerprint", "measurer", "protocol", "grid")) \
+            and old.get("layer_timing", "wall") == target.layer_timing \
             and old.get("target", {}).get("name") == target.name and tool == __version__
         if same or force:
             entries.update({k: v for k, v in old.get("entries", {}).items() if k in configs})
@@ -230,11 +233,15 @@ def run_profile(
         models[OVERHEAD] = lut.overhead_graph()  # the fixed cost of a run, under this chunk's conditions
         stats = m.time(models, lp)
         ovh = stats[OVERHEAD].median
+        counters = m.layer_times({k: models[k] for k in chunk}, COUNTER_RUNS) if target.layer_timing == "counters" else {}
         for k in chunk:
             st = stats[k]
             entries[k] = {"config": {**configs[k][0].as_dict(), "cin": configs[k][1], "cout": configs[k][2]},
                           "median_ms": st.median, "net_ms": max(st.median - ovh, 0.0), "overhead_ms": ovh,
                           "p90_ms": st.p90, "iqr_ms": st.iqr, "n": st.n, "round_cv": st.round_cv}
+            if counters:
+                entries[k]["counter_ms"] = lut.layer_counter_ms(models[k], counters[k])
+            entries[k]["predict_ms"] = entries[k]["counter_ms" if counters else "net_ms"]
         write_json(partial, {**header, "tool_version": __version__, "entries": entries})
         done += len(chunk)
         if progress:

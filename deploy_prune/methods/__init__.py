@@ -8,6 +8,11 @@ A method answers three questions for the pipeline in ``deploy_prune/compress.py`
 - ``prune(run, budget)``: one structured step to that budget (edits ``run.model``);
 - ``masks(run)``: unstructured masks to hold during the final fine-tuning (may be empty).
 
+Every method says what it is: ``kind`` (structured, unstructured, hybrid or low-rank) and
+``lowers_latency`` (whether its result runs faster on a dense backend). Unstructured methods
+take a ``sparsity`` budget; ``prune(run, sparsity)`` then runs their whole prune-retrain
+schedule (``methods.imp``).
+
 Optional attributes: ``plans = False`` for a method whose structure is learned rather than
 planned (the measured loop then skips the plan stage and tightens after pruning), and
 ``lowrank_profile = True`` for one whose latency budgets need the LUT's low-rank tables.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from deploy_prune.errors import UserError
 from deploy_prune.registry import Registry
 from deploy_prune.transforms import Masks
 
@@ -27,11 +33,14 @@ if TYPE_CHECKING:
     from deploy_prune.compress import Run
 
 
-BUDGET_KINDS = ("latency_ms", "latency_ratio", "flops_ratio", "params_ratio", "keep_ratio")
+BUDGET_KINDS = ("latency_ms", "latency_ratio", "flops_ratio", "params_ratio", "keep_ratio")  # structured methods
+SPARSITY = ("sparsity",)  # unstructured methods: share of the weights zeroed
 
 
 class Method(Protocol):
     name: str
+    kind: str
+    lowers_latency: bool
     default_steps: int
     budget_kinds: tuple[str, ...]  # which of BUDGET_KINDS it can honour
 
@@ -49,6 +58,16 @@ class Method(Protocol):
 METHODS: Registry[type] = Registry("method")
 
 
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Options the user set explicitly (``-O KEY=VALUE``) must be settings of the method."""
+    import inspect
+
+    accepted = [p for p in inspect.signature(METHODS.get(name)).parameters if p not in ("args", "kwargs")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UserError(f"--method {name} has no setting {', '.join(unknown)}; it takes {', '.join(accepted) or 'none'}")
+
+
 def get_method(name: str, **settings: Any) -> Method:
     """Instantiate a registered method with the settings it accepts (others are ignored)."""
     import inspect
@@ -59,4 +78,4 @@ def get_method(name: str, **settings: Any) -> Method:
 
 
 # Register the built-in methods.
-from deploy_prune.methods import deeplsp, df, uniform  # noqa: E402,F401
+from deploy_prune.methods import deeplsp, df, imp, uniform  # noqa: E402,F401

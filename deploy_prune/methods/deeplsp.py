@@ -78,6 +78,8 @@ def sensitivity_weights(sens: dict[str, Any], scores: dict[str, Any], floor_shar
 @METHODS.register("deeplsp", "latency knapsack weighted by measured sensitivity + unstructured magnitude masks")
 class DeepLSP:
     name = "deeplsp"
+    kind = "hybrid"
+    lowers_latency = True
     default_steps = 3
     budget_kinds = BUDGET_KINDS
 

@@ -167,6 +167,8 @@ def _cost(layers: list[_Layer], count: Mapping[str, Any], rank: Mapping[str, Any
 @METHODS.register("df", "differentiable hybrid: learned filter masks (DML-S) + singular-value thresholds (DTL-S), then low-rank factorisation")
 class DF:
     name = "df"
+    kind = "low-rank"
+    lowers_latency = True
     default_steps = 1
     budget_kinds = ("flops_ratio", "params_ratio", "latency_ms", "latency_ratio")
     plans = False  # the structure is learned, not planned: the measured loop tightens and re-learns

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 @METHODS.register("uniform", "one keep share in every group, L1 magnitude ranking (torch-pruning's MagnitudePruner)")
 class Uniform:
     name = "uniform"
+    kind = "structured"
+    lowers_latency = True
     default_steps = 1
     budget_kinds = BUDGET_KINDS
 
@@ -61,3 +63,10 @@ class Uniform:
 
     def masks(self, run: Run) -> Masks:
         return {}
+
+
+@METHODS.register("l1-structured", "L1-norm channel pruning, one fixed share per layer (Pruning Pathways' L1StructuredPruning)")
+class L1Structured(Uniform):
+    """The seed's L1StructuredPruning is uniform pruning by L1 norm: the same engine, its own name."""
+
+    name = "l1-structured"

@@ -93,9 +93,13 @@ def fit(
     loss_fn: LossFn | None = None,
     after_step: Sequence[Callable[[nn.Module], None]] = (),
     progress: bool = True,
+    stop: Callable[[nn.Module, int], bool] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data.train``; write ``checkpoints/last.pt`` every epoch, then
     ``model.pt`` and ``metrics.json`` in ``out_dir``. Returns the metrics dict.
+
+    ``stop(model, epochs_done)``, called after each epoch, ends training early when it returns
+    True (InCoP's flow criterion); ``epochs_run`` in the metrics says how many epochs ran.
     """
     if cfg.epochs < 0:
         raise UserError(f"--epochs must be >= 0, got {cfg.epochs}")
@@ -156,10 +160,12 @@ def fit(
             if rank == 0:
                 save_checkpoint(last, model, meta, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                                 epoch=epoch + 1, history=history, train_seconds=train_seconds)
+            if stop is not None and stop(_unwrap(model), epoch + 1):
+                break
     final = evaluate(_unwrap(model), data.val, cfg.eval_batch_size, device)
     metrics: dict[str, Any] = {
         "val_accuracy": final["accuracy"], "val_loss": final["loss"], "val_size": final["n"],
-        "epochs": cfg.epochs, "train_seconds": round(train_seconds, 3), "world_size": world, "steps_per_epoch": steps,
+        "epochs": cfg.epochs, "epochs_run": len(history), "train_seconds": round(train_seconds, 3), "world_size": world, "steps_per_epoch": steps,
         "config": asdict(cfg), "history": history,
     }
     if data.test is not None:

@@ -89,10 +89,10 @@ def apply_masks(model: nn.Module, masks: Masks) -> None:
         w.mul_(m.to(w.device, w.dtype))
 
 
-def sparsity(model: nn.Module) -> float:
-    """Share of zero weights over all conv/linear weights."""
+def sparsity(model: nn.Module, skip: Iterable[str] = ()) -> float:
+    """Share of zero weights over all conv/linear weights (but ``skip``)."""
     tot = zeros = 0
-    for m in weight_layers(model).values():
+    for m in weight_layers(model, skip).values():
         w: torch.Tensor = m.weight  # type: ignore[assignment]
         tot += w.numel()
         zeros += int((w == 0).sum())

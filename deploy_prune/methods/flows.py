@@ -1,0 +1,123 @@
+"""Information flow (IF) and gradient flow (GF) of a network, and InCoP's stopping rule (seed 003).
+
+* **IF** between consecutive layers l, l+1 (Eq. 2): ``Delta[i, j] = E[f_i^l f_j^(l+1)]``, the
+  expected product of filter i's output in layer l and filter j's in layer l+1. The paper leaves
+  open how a filter's feature map becomes one number; we average it over its spatial positions,
+  so ``Delta = F_l^T F_(l+1) / N`` over the N images of fixed batches. "Consecutive" is the
+  forward execution order of the conv/linear layers (a residual block's shortcut conv sits
+  between the block's convs in that order; we keep the order as it is).
+* **GF** (Eq. 3): per layer, the gradient of the loss with respect to its weights, masked. We
+  keep its L2 norm per layer (the vector g in R^L that the paper compares), averaged over the
+  same fixed batches, computed in eval mode so that measuring does not move BatchNorm statistics.
+* **Distance** ``||Phi - Phi*||``: the paper does not fix the norm or a scale for epsilon. We use
+  a *relative* distance, so one epsilon serves every model: for GF ``||g - g*|| / ||g*||``; for IF
+  the mean over layer pairs of ``||Delta_l - Delta*_l||_F / ||Delta*_l||_F``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deploy_prune.transforms import Masks, weight_layers
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def information_flow(model: nn.Module, batches: Sequence[Batch], skip: Sequence[str] = ()) -> list[np.ndarray]:
+    """Delta_l for every pair of consecutive conv/linear layers (execution order)."""
+    layers = weight_layers(model, skip)
+    pooled: dict[str, list[torch.Tensor]] = {}
+    order: list[str] = []
+
+    def hook(name: str) -> Any:
+        def fn(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
+            if name not in pooled:
+                order.append(name)
+            v = out.flatten(2).mean(2) if out.dim() > 2 else out  # spatial mean per filter
+            pooled.setdefault(name, []).append(v.double().cpu())
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        dev = _device(model)
+        for x, _ in batches:
+            model(x.to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    feats = [torch.cat(pooled[n]) for n in order]
+    return [(a.T @ b / a.shape[0]).numpy() for a, b in zip(feats, feats[1:], strict=False)]
+
+
+def gradient_flow(model: nn.Module, batches: Sequence[Batch], masks: Masks | None = None, skip: Sequence[str] = ()) -> np.ndarray:
+    """Per layer, the L2 norm of the masked loss gradient w.r.t. its weights, mean over batches."""
+    layers = weight_layers(model, skip)
+    norms = np.zeros(len(layers))
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    try:
+        for x, y in batches:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
+            for i, (name, mod) in enumerate(layers.items()):
+                g: torch.Tensor | None = mod.weight.grad  # type: ignore[union-attr,assignment]
+                if g is None:
+                    continue
+                if masks and name in masks:
+                    g = g * masks[name].to(g.device, g.dtype)
+                norms[i] += float(g.norm())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return norms / max(len(batches), 1)
+
+
+def flow_distance(phi: Any, star: Any) -> float:
+    """Relative distance of a flow to the dense network's (see the module doc)."""
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.linalg.norm(a - b)) / max(float(np.linalg.norm(b)), 1e-12)
+
+    if isinstance(star, list):
+        return float(np.mean([rel(a, b) for a, b in zip(phi, star, strict=True)]))
+    return rel(phi, star)
+
+
+class FlowStop:
+    """InCoP's rule: stop retraining once the flow is within ``eps`` of the dense network's."""
+
+    def __init__(self, kind: str, eps: float, batches: Sequence[Batch], skip: Sequence[str] = ()) -> None:
+        if kind not in ("if", "gf"):
+            raise ValueError(f"flow kind must be 'if' or 'gf', got {kind!r}")
+        self.kind, self.eps, self.batches, self.skip = kind, eps, batches, list(skip)
+        self.star: Any = None
+        self.masks: Masks | None = None
+        self.distances: list[float] = []
+
+    def flow(self, model: nn.Module) -> Any:
+        if self.kind == "if":
+            return information_flow(model, self.batches, self.skip)
+        return gradient_flow(model, self.batches, self.masks, self.skip)
+
+    def reference(self, dense: nn.Module) -> None:
+        """Phi* of the trained dense network (Algorithm 1, lines 3-4)."""
+        self.star = self.flow(dense)
+
+    def __call__(self, model: nn.Module, epochs_done: int) -> bool:
+        d = flow_distance(self.flow(model), self.star)
+        self.distances.append(d)
+        return d <= self.eps

@@ -1,0 +1,110 @@
+"""Unstructured methods: PQ index, the prune-retrain engine, InCoP's flows, and compress with --sparsity."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deploy_prune.cli import app
+from deploy_prune.compress import CompressConfig, compress
+from deploy_prune.data import DataOptions
+from deploy_prune.errors import UserError
+from deploy_prune.methods import get_method
+from deploy_prune.methods.flows import flow_distance, gradient_flow, information_flow
+from deploy_prune.methods.imp import pq_index, sap_count
+from deploy_prune.models import build_model
+from deploy_prune.transforms import sparsity
+
+
+@pytest.fixture(scope="module")
+def target_yaml(quick_target_yaml: Callable[[int], Path]) -> Path:
+    return quick_target_yaml(1)
+
+
+def _cfg(tiny_run: Path, out: Path, target: Path, **kw: object) -> CompressConfig:
+    base = dict(out=out, weights=str(tiny_run), data="digits", data_options=DataOptions(train_limit=300),
+                target=str(target), epochs=1, batch_size=64, profiles=out.parent / "profiles", method="network",
+                sparsity=0.6, method_options={"iterations": 2, "retrain_epochs": 1})
+    base.update(kw)
+    return CompressConfig(**base)  # type: ignore[arg-type]
+
+
+def test_pq_index_and_sap_count() -> None:
+    flat = torch.ones(100)
+    assert pq_index(flat, 0.5, 1.0) == pytest.approx(0.0, abs=1e-12)  # nothing is compressible
+    spiky = torch.cat([torch.full((10,), 10.0), torch.full((90,), 0.01)])
+    assert 0.5 < pq_index(spiky, 0.5, 1.0) < 1 and 0.5 < pq_index(spiky, 1.0, 2.0) < 1
+    assert pq_index(torch.cat([spiky, torch.zeros(50)]), 0.5, 1.0) == pytest.approx(pq_index(spiky, 0.5, 1.0))  # zeros are gone
+    # r = d (1 + eta)^-2 (1 - I) for (p, q) = (0.5, 1): a flat layer loses only the eta margin
+    assert sap_count(flat, 0.5, 1.0, 0.001, 1.2, 0.9) == int(100 * 1.2 * (1 - 1.001 ** -2))
+    assert sap_count(spiky, 0.5, 1.0, 0.001, 1.2, 0.9) > 50  # a compressible layer loses more
+    assert sap_count(spiky, 0.5, 1.0, 0.001, 10.0, 0.9) == 90  # beta caps one iteration
+
+
+def test_flows_are_zero_distance_to_themselves_and_move_with_pruning() -> None:
+    torch.manual_seed(0)
+    model = build_model("tiny-cnn", 10, 1).eval()
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))]
+    star_if, star_gf = information_flow(model, batches), gradient_flow(model, batches)
+    assert len(star_if) == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules()) - 1
+    assert flow_distance(information_flow(model, batches), star_if) == pytest.approx(0.0, abs=1e-9)
+    assert flow_distance(gradient_flow(model, batches), star_gf) == pytest.approx(0.0, abs=1e-9)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight[m.weight.abs() < m.weight.abs().median()] = 0
+    assert flow_distance(information_flow(model, batches), star_if) > 0.05
+
+
+@pytest.mark.parametrize("method,options", [("network", {"iterations": 2}), ("lth", {"iterations": 3}),
+                                            ("sap", {"iterations": 3}), ("snip", {}), ("loss-based", {"iterations": 2})])
+def test_sparsity_methods_reach_the_target_and_hold_their_zeros(tiny_run: Path, target_yaml: Path, tmp_path: Path,
+                                                                method: str, options: dict) -> None:
+    rep = compress(_cfg(tiny_run, tmp_path / method, target_yaml, method=method, sparsity=0.5,
+                        method_options={"retrain_epochs": 1, **options}))
+    iters = [s for s in rep["steps"] if s["stage"] == "imp"]
+    assert iters and all(s["epochs_run"] == 1 for s in iters)
+    assert [s["sparsity"] for s in iters] == sorted(s["sparsity"] for s in iters)  # never un-prunes
+    assert iters[-1]["sparsity"] <= 0.5 + 1e-6  # the target is never overshot
+    if method in ("network", "snip", "loss-based"):  # schedules that reach the target by construction
+        assert rep["met_budget"] and rep["final"]["sparsity"] >= 0.499
+    assert rep["final"]["sparsity"] == pytest.approx(iters[-1]["sparsity"], abs=2e-3)  # zeros held in fine-tuning
+    assert rep["budget"]["kind"] == "sparsity" and any("do not lower dense latency" in n for n in rep["notes"])
+    assert rep["final"]["flops"] == rep["baseline"]["flops"]  # unstructured: the dense graph is unchanged
+
+
+def test_incop_stops_retraining_on_flow_consistency(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+    # eps = 10: any flow is "consistent", so every iteration stops after its first epoch of at most 3
+    rep = compress(_cfg(tiny_run, tmp_path / "incop", target_yaml, method="incop", sparsity=0.9,
+                        method_options={"iterations": 2, "retrain_epochs": 3, "flow": "gf", "eps": 10.0}))
+    iters = [s for s in rep["steps"] if s["stage"] == "imp"]
+    assert [s["epochs_run"] for s in iters] == [1, 1] and all(len(s["flow_distances"]) == 1 for s in iters)
+    strict = compress(_cfg(tiny_run, tmp_path / "incop0", target_yaml, method="incop", sparsity=0.9,
+                           method_options={"iterations": 1, "retrain_epochs": 2, "flow": "if", "eps": 0.0}))
+    (it,) = [s for s in strict["steps"] if s["stage"] == "imp"]
+    assert it["epochs_run"] == 2 and it["flow_distances"][0] > 0  # eps 0 is never met: the full E epochs
+
+
+def test_sparsity_budget_and_options_bad_input(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="cannot honour --sparsity"):
+        compress(_cfg(tiny_run, tmp_path / "a", target_yaml, method="deeplsp"))
+    with pytest.raises(UserError, match="cannot honour --flops-ratio"):
+        compress(_cfg(tiny_run, tmp_path / "b", target_yaml, sparsity=None, flops_ratio=0.5))
+    with pytest.raises(UserError, match="would zero every weight"):
+        compress(_cfg(tiny_run, tmp_path / "c", target_yaml, sparsity=1.0))
+    with pytest.raises(UserError, match="need 0 < p < q"):
+        get_method("sap", p=2.0, q=1.0)
+    r = CliRunner().invoke(app, ["compress", "--weights", str(tiny_run), "--data", "digits", "--method", "sap",
+                                 "--sparsity", "0.5", "-O", "iteration=3", "--out", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "has no setting iteration" in r.output and "iterations" in r.output
+
+
+def test_sparsity_is_over_the_unignored_layers() -> None:
+    model = build_model("tiny-cnn", 10, 1)
+    with torch.no_grad():
+        model.classifier.weight.zero_()  # type: ignore[union-attr,operator]
+    assert sparsity(model) > 0 and sparsity(model, ["classifier"]) == 0
