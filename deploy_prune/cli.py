@@ -156,6 +156,36 @@ def benchmark(
         console.print(f"{name}: {r['device']}; " + ", ".join(f"{k} {v}" for k, v in r["backend_versions"].items()))
 
 
+@app.command()
+@_errors
+def trtexec(
+    times: Annotated[Path, typer.Argument(help="JSON from trtexec --exportTimes=FILE")],
+    profile: Annotated[Path | None, typer.Option("--profile", help="JSON from trtexec --exportProfile=FILE (per-layer times)")] = None,
+    rounds: Annotated[int, typer.Option(help="split the inferences into this many rounds for the round CV")] = 1,
+    top: Annotated[int, typer.Option(help="layers to list from --profile")] = 10,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="also write the figures as JSON")] = None,
+) -> None:
+    """Read trtexec's exported timings (GPU compute time) and per-layer profile as deploy-prune figures."""
+    from deploy_prune.io import provenance, write_json
+    from deploy_prune.latency.trtexec import load_profile, load_times
+
+    stats = load_times(times, rounds=rounds)
+    layers = load_profile(profile) if profile else {}
+    console.print(f"{times}: GPU compute median {stats.median:.3f} ms, p90 {stats.p90:.3f} ms, IQR {stats.iqr:.3f} ms, "
+                  f"{stats.n} inferences, round CV {100 * stats.round_cv:.1f} %", highlight=False)
+    if layers:
+        console.print(f"{profile}: {len(layers)} layers, sum of medians {sum(layers.values()):.3f} ms", highlight=False)
+        table = Table(title="slowest layers")
+        table.add_column("layer")
+        table.add_column("ms", justify="right")
+        for name, ms in sorted(layers.items(), key=lambda kv: -kv[1])[:top]:
+            table.add_row(name, f"{ms:.4f}")
+        console.print(table)
+    if out is not None:
+        write_json(out, {"source": "trtexec", "times_file": str(times), "latency_ms": stats.as_dict(),
+                         "profile_file": str(profile) if profile else None, "layers_ms": layers, "provenance": provenance()})
+
+
 def benchmark_table(res: dict[str, Any]) -> Table:
     """One table across models and targets; 'x first' is each model's median over its median on the first target."""
     first: dict[str, float] = {}
@@ -333,6 +363,7 @@ def compress(
     df_beta: Annotated[float, typer.Option(help="df: rise of the sigmoid scale mu per epoch (paper: 4; alpha = 50, mu0 = 5)")] = 4.0,
     df_c: Annotated[float, typer.Option(help="df: C in the rank estimate's tau = C / sigma_1 (paper: 2)")] = 2.0,
     option: Annotated[list[str], typer.Option("--option", "-O", help="a method setting KEY=VALUE (repeatable), e.g. -O iterations=15 -O flow=gf; see deploy-prune methods")] = [],  # noqa: B006
+    nm: Annotated[str | None, typer.Option("--nm", help="N:M semi-structured masks (e.g. 2:4, for sparse tensor cores) on top of the method's")] = None,
     step_fraction: Annotated[float, typer.Option(help="share of an epoch of fine-tuning after each step")] = 0.25,
     epochs: Annotated[int, typer.Option(help="final fine-tuning epochs")] = 3,
     kd: Annotated[bool, typer.Option("--kd/--no-kd", help="distil from the unpruned model during fine-tuning")] = True,
@@ -359,7 +390,7 @@ def compress(
         out=out, weights=weights, model=model, data=data,
         data_options=_data_options(data_dir, image_size, seed, train_limit=train_limit), target=target,
         latency_ms=latency_ms, latency_ratio=latency_ratio, flops_ratio=flops_ratio, params_ratio=params_ratio,
-        keep_ratio=keep_ratio, sparsity=sparsity, method=method, criterion=criterion,
+        keep_ratio=keep_ratio, sparsity=sparsity, nm=nm, method=method, criterion=criterion,
         method_options={"mode": df_mode, "df_epochs": df_epochs, "df_lr": df_lr, "beta": df_beta, "c": df_c,
                         **explicit}, amount=amount, tolerance=tolerance, steps=steps,
         step_fraction=step_fraction, epochs=epochs, kd=kd, lr=lr, batch_size=batch_size, sensitivity=sensitivity,
@@ -401,6 +432,66 @@ def _print_compress_table(rep: dict[str, Any]) -> None:
     for note in rep["notes"]:
         console.print(f"note: {note}", highlight=False)
     console.print(f"wrote {rep['run_dir']}/: model.onnx, model.pt, model.pt2, report.json, report.md, report.html")
+
+
+@app.command()
+@_errors
+def compare(
+    methods: Annotated[str, typer.Option("--methods", help="comma-separated methods (deploy-prune methods), or 'all'")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory: one run per method, leaderboard.json/.md/.png")],
+    weights: Annotated[str, typer.Option(help="trained checkpoint or run directory to compress")],
+    data: DataOpt = "digits",
+    target: Annotated[str, typer.Option("--target", "-t", help="target name or YAML path where latency is measured")] = "cpu-ort-1t",
+    latency_ms: Annotated[float | None, typer.Option("--latency-ms", help="budget for methods that take it")] = None,
+    latency_ratio: Annotated[float | None, typer.Option("--latency-ratio", help="budget for methods that take it")] = None,
+    flops_ratio: Annotated[float | None, typer.Option("--flops-ratio", help="budget for methods that take it")] = None,
+    params_ratio: Annotated[float | None, typer.Option("--params-ratio", help="budget for methods that take it")] = None,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help="budget of the unstructured methods")] = None,
+    epochs: Annotated[int, typer.Option(help="final fine-tuning epochs, the same for every method")] = 3,
+    lr: Annotated[float, typer.Option(help="fine-tuning learning rate")] = 0.01,
+    kd: Annotated[bool, typer.Option("--kd/--no-kd", help="distil from the unpruned model during fine-tuning")] = True,
+    train_limit: Annotated[int | None, typer.Option(help="use only N training samples (quick runs)")] = None,
+    profiles: Annotated[Path, typer.Option(help="profiles directory shared by the runs")] = Path("profiles"),
+    option: Annotated[list[str], typer.Option("--option", "-O", help="METHOD:KEY=VALUE setting of one method (repeatable)")] = [],  # noqa: B006
+    timeout_min: Annotated[float | None, typer.Option(help="give up on a method after this many minutes")] = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Run several methods on the same model, data, target and fine-tuning; write a leaderboard."""
+    from deploy_prune.compare import CompareConfig, parse_method_options
+    from deploy_prune.compare import compare as run_compare
+    from deploy_prune.methods import METHODS, check_options
+
+    names = METHODS.names() if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    for name in names:
+        METHODS.get(name)
+    opts = parse_method_options(option, names)
+    for name, kvs in opts.items():
+        check_options(name, parse_options(kvs))
+    budgets = {k: v for k, v in (("latency_ms", latency_ms), ("latency_ratio", latency_ratio), ("flops_ratio", flops_ratio),
+                                 ("params_ratio", params_ratio), ("sparsity", sparsity)) if v is not None}
+    extra = ["--epochs", str(epochs), "--lr", str(lr), "--kd" if kd else "--no-kd", "--profiles", str(profiles),
+             "--seed", str(seed)] + (["--train-limit", str(train_limit)] if train_limit else [])
+    cfg = CompareConfig(methods=names, out=out, weights=weights, budgets=budgets, target=target, data=data, extra=extra,
+                        options=opts, timeout_s=timeout_min * 60 if timeout_min else None)
+    with _progress_bar(True) as bar:
+        task = bar.add_task("methods", total=len(names))
+        board = run_compare(cfg, on_method=lambda m, i, n: bar.update(task, completed=i, description=f"compress --method {m}"))
+        bar.update(task, completed=len(names), description="measured together")
+    table = Table(title=f"leaderboard on {target}")
+    for col in ("method", "kind", "status", "accuracy", "sparsity", "FLOPs kept", "latency ms", "speed-up", "budget met"):
+        table.add_column(col)
+    for r in board["rows"]:
+        if r["status"] != "ok":
+            table.add_row(r["method"], r.get("kind", ""), f"failed: {r['reason']}", "", "", "", "", "", "")
+            continue
+        lat = r.get("latency_ms") or {}
+        table.add_row(r["method"], r["kind"], "ok", f"{100 * r['accuracy']:.2f} %", f"{100 * r['sparsity']:.1f} %",
+                      f"{r['flops_ratio']:.3f}", f"{lat.get('median', float('nan')):.3f}", f"{r.get('speedup', float('nan')):.2f}x",
+                      "yes" if r["met_budget"] else "NO")
+    console.print(table)
+    console.print(f"wrote {out}/leaderboard.json, leaderboard.md, leaderboard.png")
+    if any(r["status"] != "ok" for r in board["rows"]):
+        raise typer.Exit(1)
 
 
 @app.command("report")

@@ -53,7 +53,16 @@ from deploy_prune.methods import Method, get_method
 from deploy_prune.models import check_runs_on
 from deploy_prune.models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from deploy_prune.train import TrainConfig, distillation_loss, evaluate, fit
-from deploy_prune.transforms import Masks, apply_masks, group_widths, prune_to_widths, rebuild_pruned, sparsity
+from deploy_prune.transforms import (
+    Masks,
+    apply_masks,
+    combine_masks,
+    group_widths,
+    nm_masks,
+    prune_to_widths,
+    rebuild_pruned,
+    sparsity,
+)
 
 SCHEMA_VERSION = 1
 UNSTRUCTURED_NOTE = ("Unstructured zeros (magnitude masks) do not lower dense latency on {backend}: it runs every "
@@ -75,6 +84,7 @@ class CompressConfig:
     flops_ratio: float | None = None
     params_ratio: float | None = None
     sparsity: float | None = None  # unstructured methods: share of the weights zeroed
+    nm: str | None = None  # "2:4": N:M semi-structured masks on top of the method's, held in the final fine-tuning
     keep_ratio: float = 0.5
     method: str = "deeplsp"
     method_options: dict[str, Any] = field(default_factory=dict)  # method-specific settings (e.g. df's mode)
@@ -513,6 +523,8 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None)
     """Run the whole pipeline; returns the report (also written to ``OUT/report.json``)."""
     t_start = time.perf_counter()
     kind, _ = cfg.budget_kind()  # conflicting or empty budgets fail before anything loads
+    if cfg.nm:
+        parse_nm(cfg.nm)
     method = get_method(cfg.method, criterion=cfg.criterion, amount=cfg.amount, tolerance=cfg.tolerance,
                         **cfg.method_options)
     if kind not in method.budget_kinds:
@@ -572,6 +584,8 @@ def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:
     # 7. final fine-tuning with the unstructured masks
     if "finetune" not in run.done:
         run.masks = method.masks(run)
+        if cfg.nm:
+            run.masks = _with_nm(run, run.masks)
         apply_masks(run.model, run.masks)
         resume = (run.out / "finetune" / "final" / "checkpoints" / "last.pt").is_file() and cfg.resume
         run.say(f"fine-tuning {cfg.epochs} epoch(s){' with distillation' if cfg.kd else ''}")
@@ -580,6 +594,28 @@ def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:
         run.checkpoint("finetune")
     # 8. export, final measurement, report
     return _finish(run, method, budget, t_start)
+
+
+def _with_nm(run: Run, masks: Masks) -> Masks:
+    n, m = parse_nm(run.cfg.nm or "")
+    nm, skipped = nm_masks(run.model, n, m, run.cfg.ignore)
+    note = (f"{n}:{m} semi-structured masks: dense backends run them as ordinary zeros; sparse tensor cores (NVIDIA "
+            f"Ampere+, TensorRT with sparse weights) can run them faster")
+    if skipped:
+        note += f"; left dense (input channels not a multiple of {m}): {', '.join(skipped)}"
+    run.report["notes"].append(note)
+    return combine_masks(masks, nm)
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """``"2:4"`` -> (2, 4), or a UserError naming the form."""
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise UserError(f"--nm must be N:M such as 2:4, got {text!r}") from None
+    if not 0 < n < m:
+        raise UserError(f"--nm {text}: need 0 < N < M (2:4 is what sparse tensor cores run)")
+    return n, m
 
 
 def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) -> dict[str, Any]:

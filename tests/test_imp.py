@@ -14,9 +14,9 @@ from deploy_prune.compress import CompressConfig, compress
 from deploy_prune.data import DataOptions
 from deploy_prune.errors import UserError
 from deploy_prune.methods import get_method
-from deploy_prune.methods.flows import flow_distance, gradient_flow, information_flow
 from deploy_prune.methods.imp import pq_index, sap_count
 from deploy_prune.models import build_model
+from deploy_prune.train.flows import flow_distance, gradient_flow, information_flow
 from deploy_prune.transforms import sparsity
 
 
@@ -25,12 +25,22 @@ def target_yaml(quick_target_yaml: Callable[[int], Path]) -> Path:
     return quick_target_yaml(1)
 
 
-def _cfg(tiny_run: Path, out: Path, target: Path, **kw: object) -> CompressConfig:
-    base = dict(out=out, weights=str(tiny_run), data="digits", data_options=DataOptions(train_limit=300),
-                target=str(target), epochs=1, batch_size=64, profiles=out.parent / "profiles", method="network",
-                sparsity=0.6, method_options={"iterations": 2, "retrain_epochs": 1})
-    base.update(kw)
-    return CompressConfig(**base)  # type: ignore[arg-type]
+@pytest.fixture(scope="module")
+def profiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One profile directory for the module: the tiny CNN is profiled once, not per test."""
+    return tmp_path_factory.mktemp("profiles")
+
+
+@pytest.fixture
+def cfg(tiny_run: Path, target_yaml: Path, profiles: Path) -> Callable[..., CompressConfig]:
+    """A quick compress config on the tiny digits run; keywords override."""
+    def make(out: Path, **kw: object) -> CompressConfig:
+        base = dict(out=out, weights=str(tiny_run), data="digits", data_options=DataOptions(train_limit=300),
+                    target=str(target_yaml), epochs=1, batch_size=64, profiles=profiles, method="network",
+                    sparsity=0.6, method_options={"iterations": 2, "retrain_epochs": 1})
+        base.update(kw)
+        return CompressConfig(**base)  # type: ignore[arg-type]
+    return make
 
 
 def test_pq_index_and_sap_count() -> None:
@@ -60,42 +70,54 @@ def test_flows_are_zero_distance_to_themselves_and_move_with_pruning() -> None:
     assert flow_distance(information_flow(model, batches), star_if) > 0.05
 
 
-@pytest.mark.parametrize("method,options", [("network", {"iterations": 2}), ("lth", {"iterations": 3}),
-                                            ("sap", {"iterations": 3}), ("snip", {}), ("loss-based", {"iterations": 2})])
-def test_sparsity_methods_reach_the_target_and_hold_their_zeros(tiny_run: Path, target_yaml: Path, tmp_path: Path,
+SLOW = pytest.mark.slow  # every method runs in make test-all; the default suite keeps one of each family
+
+
+@pytest.mark.parametrize("method,options", [
+    ("network", {"iterations": 2}), pytest.param("lth", {"iterations": 3}, marks=SLOW), ("sap", {"iterations": 3}),
+    pytest.param("snip", {}, marks=SLOW), pytest.param("loss-based", {"iterations": 2}, marks=SLOW),
+    ("weight-to-node", {}), pytest.param("greg", {"reg_epochs": 1}, marks=SLOW),
+    ("admm", {"reg_epochs": 2, "stages": 2}), pytest.param("learnable-threshold", {"reg_epochs": 1}, marks=SLOW),
+    pytest.param("structured", {"granularity": "kernel"}, marks=SLOW),
+    ("structured", {"granularity": "filter", "search": "particle-filter", "particles": 3, "rounds": 1}),
+])
+def test_sparsity_methods_reach_the_target_and_hold_their_zeros(cfg: Callable[..., CompressConfig], tmp_path: Path,
                                                                 method: str, options: dict) -> None:
-    rep = compress(_cfg(tiny_run, tmp_path / method, target_yaml, method=method, sparsity=0.5,
+    rep = compress(cfg(tmp_path / method, method=method, sparsity=0.5,
                         method_options={"retrain_epochs": 1, **options}))
     iters = [s for s in rep["steps"] if s["stage"] == "imp"]
     assert iters and all(s["epochs_run"] == 1 for s in iters)
     assert [s["sparsity"] for s in iters] == sorted(s["sparsity"] for s in iters)  # never un-prunes
-    assert iters[-1]["sparsity"] <= 0.5 + 1e-6  # the target is never overshot
-    if method in ("network", "snip", "loss-based"):  # schedules that reach the target by construction
+    if method != "structured":
+        assert iters[-1]["sparsity"] <= 0.5 + 1e-6  # the target is never overshot (structured rounds units up)
+    if method not in ("lth", "sap"):  # these two count by their own rule within the given iterations
         assert rep["met_budget"] and rep["final"]["sparsity"] >= 0.499
+    if method in ("greg", "admm", "learnable-threshold"):
+        assert [s["stage"] for s in rep["steps"]][:2] == ["regularize", "imp"]
     assert rep["final"]["sparsity"] == pytest.approx(iters[-1]["sparsity"], abs=2e-3)  # zeros held in fine-tuning
     assert rep["budget"]["kind"] == "sparsity" and any("do not lower dense latency" in n for n in rep["notes"])
     assert rep["final"]["flops"] == rep["baseline"]["flops"]  # unstructured: the dense graph is unchanged
 
 
-def test_incop_stops_retraining_on_flow_consistency(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+def test_incop_stops_retraining_on_flow_consistency(cfg: Callable[..., CompressConfig], tmp_path: Path) -> None:
     # eps = 10: any flow is "consistent", so every iteration stops after its first epoch of at most 3
-    rep = compress(_cfg(tiny_run, tmp_path / "incop", target_yaml, method="incop", sparsity=0.9,
+    rep = compress(cfg(tmp_path / "incop", method="incop", sparsity=0.9,
                         method_options={"iterations": 2, "retrain_epochs": 3, "flow": "gf", "eps": 10.0}))
     iters = [s for s in rep["steps"] if s["stage"] == "imp"]
     assert [s["epochs_run"] for s in iters] == [1, 1] and all(len(s["flow_distances"]) == 1 for s in iters)
-    strict = compress(_cfg(tiny_run, tmp_path / "incop0", target_yaml, method="incop", sparsity=0.9,
+    strict = compress(cfg(tmp_path / "incop0", method="incop", sparsity=0.9,
                            method_options={"iterations": 1, "retrain_epochs": 2, "flow": "if", "eps": 0.0}))
     (it,) = [s for s in strict["steps"] if s["stage"] == "imp"]
     assert it["epochs_run"] == 2 and it["flow_distances"][0] > 0  # eps 0 is never met: the full E epochs
 
 
-def test_sparsity_budget_and_options_bad_input(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+def test_sparsity_budget_and_options_bad_input(cfg: Callable[..., CompressConfig], tmp_path: Path, tiny_run: Path) -> None:
     with pytest.raises(UserError, match="cannot honour --sparsity"):
-        compress(_cfg(tiny_run, tmp_path / "a", target_yaml, method="deeplsp"))
+        compress(cfg(tmp_path / "a", method="deeplsp"))
     with pytest.raises(UserError, match="cannot honour --flops-ratio"):
-        compress(_cfg(tiny_run, tmp_path / "b", target_yaml, sparsity=None, flops_ratio=0.5))
+        compress(cfg(tmp_path / "b", sparsity=None, flops_ratio=0.5))
     with pytest.raises(UserError, match="would zero every weight"):
-        compress(_cfg(tiny_run, tmp_path / "c", target_yaml, sparsity=1.0))
+        compress(cfg(tmp_path / "c", sparsity=1.0))
     with pytest.raises(UserError, match="need 0 < p < q"):
         get_method("sap", p=2.0, q=1.0)
     r = CliRunner().invoke(app, ["compress", "--weights", str(tiny_run), "--data", "digits", "--method", "sap",
@@ -108,3 +130,38 @@ def test_sparsity_is_over_the_unignored_layers() -> None:
     with torch.no_grad():
         model.classifier.weight.zero_()  # type: ignore[union-attr,operator]
     assert sparsity(model) > 0 and sparsity(model, ["classifier"]) == 0
+
+
+def test_structured_units_and_nm_masks() -> None:
+    from deploy_prune.methods.granular import unit_mask
+    from deploy_prune.transforms import nm_masks
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3)
+    w[1] *= 0.01  # the weakest filter
+    keep = unit_mask(w, "filter", 0.25)
+    assert not keep[1].any() and keep[[0, 2, 3]].all()
+    kern = unit_mask(w, "kernel", 0.5)
+    assert all(bool(kern[o, i].all()) or not bool(kern[o, i].any()) for o in range(4) for i in range(3))  # whole kernels
+    intra = unit_mask(w, "intra-kernel", 0.5)
+    assert all(bool(intra[o, :, y, x].all()) or not bool(intra[o, :, y, x].any()) for o in range(4) for y in range(3) for x in range(3))
+    model = build_model("tiny-cnn", 10, 1)
+    masks, skipped = nm_masks(model, 2, 4)
+    assert skipped == ["features.0"]  # one input channel: no runs of 4
+    runs = masks["features.3"].permute(0, 2, 3, 1).reshape(-1, 4).sum(1)
+    assert bool((runs == 2).all())
+
+
+def test_nm_flag_on_compress(cfg: Callable[..., CompressConfig], tmp_path: Path) -> None:
+    rep = compress(cfg(tmp_path / "nm", method="network", sparsity=0.3,
+                        method_options={"iterations": 1, "retrain_epochs": 1}, nm="2:4"))
+    from deploy_prune.models.checkpoint import load_model
+
+    model, _ = load_model(tmp_path / "nm" / "model.pt")
+    w = dict(model.named_modules())["features.6"].weight  # type: ignore[union-attr]
+    nonzero = (w != 0).permute(0, 2, 3, 1).reshape(-1, 4).sum(1)
+    assert bool((nonzero <= 2).all())  # 2:4 held through the fine-tuning
+    assert rep["final"]["sparsity"] > 0.45  # 2:4 everywhere but the 144 weights of the first conv
+    assert any("2:4 semi-structured" in n for n in rep["notes"])
+    with pytest.raises(UserError, match="--nm must be N:M"):
+        compress(cfg(tmp_path / "nm2", nm="2-4"))

@@ -256,3 +256,21 @@ def test_tensorrt_runs_like_torch_times_and_caches(tmp_path: Path, monkeypatch: 
     np.testing.assert_allclose(fp16.run({name: x})[0], out, rtol=5e-2, atol=5e-2)
     with pytest.raises(UserError, match="tensorrt .*cannot parse the model"):
         backend.load(b"not an onnx model", _target())
+
+
+def test_trtexec_command(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from deploy_prune.cli import app
+
+    times, prof = tmp_path / "times.json", tmp_path / "profile.json"
+    times.write_text(json.dumps([_times_record(2.0 * i, c) for i, c in enumerate([1.0, 1.2, 0.9, 1.1])]))
+    prof.write_text(json.dumps([{"count": 4}, {"name": "conv", "timeMs": 2.0, "averageMs": 0.5, "medianMs": 0.4, "percentage": 80},
+                                {"name": "fc", "timeMs": 0.5, "averageMs": 0.1, "medianMs": 0.1, "percentage": 20}]))
+    r = CliRunner().invoke(app, ["trtexec", str(times), "--profile", str(prof), "--rounds", "2", "--out", str(tmp_path / "o.json")])
+    assert r.exit_code == 0, r.output
+    assert "GPU compute median 1.050 ms" in r.output and "2 layers, sum of medians 0.500 ms" in r.output
+    rec = json.loads((tmp_path / "o.json").read_text())
+    assert rec["source"] == "trtexec" and rec["latency_ms"]["rounds"] == 2 and rec["layers_ms"] == {"conv": 0.4, "fc": 0.1}
+    r = CliRunner().invoke(app, ["trtexec", str(tmp_path / "nope.json")])
+    assert r.exit_code == 2 and "not found" in r.output

@@ -119,6 +119,8 @@ def check_profile(prof: Mapping[str, Any], target: Target, fingerprint: str | No
         why.append(f"schema {prof.get('schema')} (this tool reads {lut.SCHEMA_VERSION})")
     if prof.get("target", {}).get("name") != target.name:
         why.append(f"target {prof.get('target', {}).get('name')!r}, not {target.name!r}")
+    if prof.get("layer_timing", "wall") != target.layer_timing:
+        why.append(f"layer timing {prof.get('layer_timing', 'wall')!r}, not {target.layer_timing!r}")
     if fingerprint is not None and prof.get("fingerprint") != fingerprint:
         why.append(f"model {prof.get('fingerprint')!r}, not {fingerprint!r}")
     if prof.get("provenance", {}).get("tool_version") != __version__:

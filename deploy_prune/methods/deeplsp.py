@@ -81,7 +81,7 @@ class DeepLSP:
     kind = "hybrid"
     lowers_latency = True
     default_steps = 3
-    budget_kinds = BUDGET_KINDS
+    budget_kinds: tuple[str, ...] = BUDGET_KINDS
 
     def __init__(self, criterion: str = "taylor", amount: float | str = 0.05, tolerance: float = 0.005) -> None:
         if isinstance(amount, str) and amount != "adaptive":
@@ -152,3 +152,16 @@ class DeepLSP:
             amounts[name] = best
         self.chosen_amounts = amounts
         return magnitude_masks(run.model, amounts)
+
+
+@METHODS.register("hybrid", "sensitivity-weighted channel allocation (FLOPs/params/channels, no latency) + adaptive magnitude masks")
+class Hybrid(DeepLSP):
+    """The seed's HybridPruner: sensitivity decides where channels go, weight magnitude what else is
+    zeroed. It is DeepLSP without the latency table: the same sensitivity fit and knapsack, priced in
+    FLOPs, parameters or channels, with ``--amount adaptive`` by default."""
+
+    name = "hybrid"
+    budget_kinds = ("flops_ratio", "params_ratio", "keep_ratio")
+
+    def __init__(self, criterion: str = "taylor", amount: float | str = "adaptive", tolerance: float = 0.005) -> None:
+        super().__init__(criterion, amount, tolerance)

@@ -27,7 +27,7 @@ Choices the sources leave open, ours:
 - The schedule of ``network`` / ``loss-based`` keeps ``(1 - s) ** (t / T)`` of the weights
   after iteration t of T, so every iteration removes the same share of what remains.
 - InCoP checks its flow after every retraining epoch (Algorithm 1) with at most E epochs; the
-  distance is relative (``methods.flows``), epsilon 0.1 for IF and 0.25 for GF by default.
+  distance is relative (``train.flows``), epsilon 0.1 for IF and 0.25 for GF by default.
 - No layer is emptied: a layer keeps at least one weight.
 
 Unstructured zeros do not lower dense latency on ONNX Runtime, OpenVINO or TensorRT without
@@ -46,7 +46,7 @@ from torch import nn
 
 from deploy_prune.errors import UserError
 from deploy_prune.methods import METHODS
-from deploy_prune.methods.flows import FlowStop
+from deploy_prune.train.flows import FlowStop
 from deploy_prune.transforms import Masks, apply_masks, weight_layers
 
 if TYPE_CHECKING:

@@ -80,6 +80,33 @@ def magnitude_masks(model: nn.Module, amount: float | Mapping[str, float], skip:
     return masks
 
 
+def nm_masks(model: nn.Module, n: int, m: int, skip: Iterable[str] = ()) -> tuple[Masks, list[str]]:
+    """N:M semi-structured masks: in every run of ``m`` consecutive weights along the reduction
+    (input-channel) axis, keep the ``n`` largest. This is the 2:4 pattern sparse tensor cores
+    (NVIDIA Ampere and later, TensorRT's sparse-weights mode) execute faster; dense backends run
+    it as ordinary zeros. Layers whose input channels are not a multiple of ``m`` (and depthwise
+    convs) are left dense and named in the second value."""
+    masks: Masks = {}
+    skipped: list[str] = []
+    for name, mod in weight_layers(model, skip).items():
+        w: torch.Tensor = mod.weight.detach()  # type: ignore[assignment,operator]
+        cin = w.shape[1]
+        if cin % m or cin < m:
+            skipped.append(name)
+            continue
+        rows = w.permute(0, *range(2, w.dim()), 1).reshape(-1, m)  # (out, kh, kw, in) in runs of m along in
+        keep = torch.zeros_like(rows, dtype=torch.bool)
+        keep.scatter_(1, rows.abs().topk(n, dim=1).indices, True)
+        shape = (w.shape[0], *w.shape[2:], cin)
+        masks[name] = keep.reshape(shape).permute(0, w.dim() - 1, *range(1, w.dim() - 1)).contiguous()
+    return masks, skipped
+
+
+def combine_masks(a: Masks, b: Masks) -> Masks:
+    """Keep a weight only where every mask that covers its layer keeps it."""
+    return {k: (a[k] & b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in {*a, *b}}  # type: ignore[misc]
+
+
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Masks) -> None:
     """Zero the masked weights (after every optimiser step during fine-tuning, and before export)."""
