@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             cmp = compare(pred["per_layer"], by_layer)
             row = {
                 "target": tname, "variant": key, "backend": target.backend, "threads": target.resolved_threads(),
+                "lut_timing": prof.get("layer_timing", "wall"),
                 "end_to_end_ms": e2e[key].median, "end_to_end_round_cv": e2e[key].round_cv,
                 "counter_total_ms": sum(counters.values()), "counter_layers_ms": sum(v for k, v in by_layer.items() if k != OTHER),
                 "counter_other_ms": by_layer.get(OTHER, 0.0), "lut_layer_sum_ms": pred["layer_sum_ms"],
@@ -85,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Backend per-layer counters vs LUT entries vs end to end ({args.model}, {'x'.join(map(str, shape))}, batch 1)", "",
              "*Counters*: the backend's own per-node times (median of "
              f"{args.runs} profiled runs), attributed to layers; *(other)* is what no layer owns (reorders, pooling, reshape). "
-             "*LUT*: the profile's per-layer entries (each a standalone conv + its fused BN/activation/residual add, timed "
-             "with the target's protocol) and the raw prediction (+ remainder). *End to end*: the target's protocol, "
+             "*LUT*: the profile's per-layer entries (each a standalone conv + its fused BN/activation/residual add: its wall "
+             "time with the target's protocol, or its nodes' counters, per the target's `layer_timing`) and the raw prediction (+ remainder). *End to end*: the target's protocol, "
              "variants interleaved. Ratio and ρ compare LUT and counter per layer.", "",
-             "| target | variant | end to end ms | counters: total / layers / other ms | LUT: layers / raw / calibrated ms | "
+             "| target (LUT entries) | variant | end to end ms | counters: total / layers / other ms | LUT: layers / raw / calibrated ms | "
              "counter total / e2e | LUT raw / e2e | per-layer LUT/counter (median) | median |dev| | ρ |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['target']} | {r['variant']} | {r['end_to_end_ms']:.3f} | {r['counter_total_ms']:.3f} / "
+        lines.append(f"| {r['target']} ({r['lut_timing']}) | {r['variant']} | {r['end_to_end_ms']:.3f} | {r['counter_total_ms']:.3f} / "
                      f"{r['counter_layers_ms']:.3f} / {r['counter_other_ms']:.3f} | {r['lut_layer_sum_ms']:.3f} / {r['lut_raw_ms']:.3f} / "
                      f"{r['lut_calibrated_ms']:.3f} | {r['counter_total_ms'] / r['end_to_end_ms']:.2f} | "
                      f"{r['lut_raw_ms'] / r['end_to_end_ms']:.2f} | {r['median_ratio']:.2f} | {r['median_abs_dev_pct']:.0f} % | "

@@ -183,8 +183,8 @@ class IterativePruning:
         masks: Masks = {}
         if self.scope == "global":
             k = sum(counts.values())
-            alive = torch.cat([scores[n][m.weight != 0].flatten().cpu() for n, m in layers.items()])  # type: ignore[union-attr]
-            cut = float(alive.kthvalue(k).values) if 0 < k <= alive.numel() else -math.inf
+            pool = torch.cat([scores[n][m.weight != 0].flatten().cpu() for n, m in layers.items()])  # type: ignore[union-attr]
+            cut = float(pool.kthvalue(k).values) if 0 < k <= pool.numel() else -math.inf
         for n, m in layers.items():
             w = m.weight.detach()  # type: ignore[union-attr,operator]
             alive = w != 0  # pruned weights stay pruned; new cuts are chosen among the alive
