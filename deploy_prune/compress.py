@@ -14,7 +14,8 @@ meets a budget, then fine-tune, export and report.
    training is needed to know it); the predicted budget is corrected by measured/predicted
    until the measurement lands within ``slack`` under the budget.
 5. **structured pruning** in ``steps`` steps (geometric schedule of budgets), each followed by
-   a short fine-tuning.
+   a short fine-tuning; or, for a ``--sparsity`` budget, the unstructured method's own
+   prune-retrain schedule (``methods.imp``), checkpointed per iteration.
 6. **verification**: the pruned model is measured; over budget, the predicted budget is
    tightened by the measured/predicted ratio and the model pruned further.
 7. **final fine-tuning** (knowledge distillation from the unpruned model by default) with the
