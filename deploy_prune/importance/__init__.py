@@ -243,29 +243,42 @@ def _hessian(
     return {k: (0.5 * v).clamp(min=0) for k, v in _by_tp(graph, imp).items()}
 
 
-def _pooled_activations(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Globally average-pooled outputs of every out-layer of every group, over all batches."""
+def pooled_outputs(model: nn.Module, names: Sequence[str], batches: Sequence[Batch],
+                   absolute: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each named module's output averaged over its spatial positions (of ``|output|`` when
+    ``absolute``), stacked over all batches, in eval mode without gradients; keys in the order the
+    modules first ran. Also the batches' labels."""
     modules = dict(model.named_modules())
-    wanted = {n for g in graph.groups() for n in g.out_layers}
-    feats: dict[str, list[torch.Tensor]] = {n: [] for n in wanted}
+    feats: dict[str, list[torch.Tensor]] = {}
 
     def hook(name: str) -> Callable:
         def fn(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-            feats[name].append(out.flatten(2).mean(2) if out.dim() > 2 else out)
+            v = out.abs() if absolute else out
+            feats.setdefault(name, []).append((v.flatten(2).mean(2) if v.dim() > 2 else v).detach())
         return fn
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in wanted]
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
     labels = []
+    was_training = model.training
+    dev = next(model.parameters()).device
     try:
         model.eval()
         with torch.no_grad():
             for x, y in batches:
-                model(x)
+                model(x.to(dev))
                 labels.append(y)
     finally:
         for h in handles:
             h.remove()
-    return {n: torch.cat(v).cpu().numpy() for n, v in feats.items()}, torch.cat(labels).cpu().numpy()
+        model.train(was_training)
+    return {n: torch.cat(v).cpu() for n, v in feats.items()}, torch.cat(labels).cpu()
+
+
+def _pooled_activations(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Globally average-pooled outputs of every out-layer of every group, over all batches."""
+    wanted = sorted({n for g in graph.groups() for n in g.out_layers})
+    feats, labels = pooled_outputs(model, wanted, batches)
+    return {n: v.numpy() for n, v in feats.items()}, labels.numpy()
 
 
 def _screen(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch], stat: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Scores:

@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from deploy_prune.graph import execution_order
-from deploy_prune.latency.lut import ACTIVATIONS, onnx_layer_nodes
+from deploy_prune.latency.lut import ACTIVATIONS, node_key, onnx_layer_nodes
 
 OTHER = "(other)"
-SUFFIXES = ("_nchwc", "_kernel_time")
 
 
 def node_to_layer(proto: onnx.ModelProto, model: nn.Module, example: torch.Tensor) -> dict[str, str]:
@@ -57,10 +56,7 @@ def attribute(counters: Mapping[str, float], names: Mapping[str, str]) -> dict[s
     """Sum a backend's per-node ms into layers (``names`` from ``node_to_layer``); the rest is ``(other)``."""
     out: dict[str, float] = {}
     for node, ms in counters.items():
-        key = node
-        for suffix in SUFFIXES:
-            key = key.removesuffix(suffix)
-        layer = names.get(key, OTHER)
+        layer = names.get(node_key(node), OTHER)
         out[layer] = out.get(layer, 0.0) + ms
     return out
 

@@ -335,6 +335,12 @@ def layer_graph(f: Family, cin: int, cout: int, seed: int = 0) -> bytes:
     return model.SerializeToString()
 
 
+def node_key(counter_name: str) -> str:
+    """The ONNX node or tensor name a backend's counter stands for: ONNX Runtime names NCHWc kernels
+    ``<tensor>_nchwc``, OpenVINO adds ``/<suffix>`` to the node it fused into."""
+    return counter_name.removesuffix("_nchwc").split("/")[0]
+
+
 def layer_counter_ms(graph: bytes, counters: Mapping[str, float]) -> float:
     """The part of a standalone layer graph's per-node counters that is the layer's own nodes.
 
@@ -346,8 +352,7 @@ def layer_counter_ms(graph: bytes, counters: Mapping[str, float]) -> float:
     own = {n.name for n in proto.graph.node} | {y for n in proto.graph.node for y in n.output}
     total = 0.0
     for name, ms in counters.items():
-        key = name.removesuffix("_nchwc").split("/")[0]
-        if key in own and not name.startswith("Reorder"):
+        if node_key(name) in own and not name.startswith("Reorder"):
             total += ms
     return total
 

@@ -135,29 +135,15 @@ class StructuredPruning(IterativePruning):
 
 def weight_to_node_scores(layers: dict[str, nn.Module], run: Run) -> dict[str, torch.Tensor]:
     """log(|w| * node importance) + Gumbel noise: the lowest are a draw favouring unimportant weights."""
-    acts: dict[str, torch.Tensor] = {}
-    names = {m: n for n, m in layers.items()}
+    from deploy_prune.importance import pooled_outputs
 
-    def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
-        a = out.detach().abs()
-        a = a.flatten(2).mean(2) if a.dim() > 2 else a
-        acts[names[mod]] = acts.get(names[mod], 0) + a.sum(0)  # type: ignore[operator]
-
-    handles = [m.register_forward_hook(hook) for m in layers.values()]
-    model = run.model.eval()
-    dev = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for x, _ in run.score_batches():
-                model(x.to(dev))
-    finally:
-        for h in handles:
-            h.remove()
+    pooled, _ = pooled_outputs(run.model, list(layers), run.score_batches(), absolute=True)
+    acts = {n: v.sum(0) for n, v in pooled.items()}
     g = torch.Generator().manual_seed(run.cfg.seed + len(run.report["steps"]))
     out = {}
     for n, m in layers.items():
         w = m.weight.detach().abs()  # type: ignore[union-attr,operator]
-        node = acts[n] / acts[n].max().clamp_min(1e-12)
+        node = (acts[n] / acts[n].max().clamp_min(1e-12)).to(w.device)
         imp = w * node.view(-1, *([1] * (w.dim() - 1)))
         u = torch.rand(w.shape, generator=g).to(w.device).clamp(1e-12, 1 - 1e-12)
         out[n] = imp.clamp_min(1e-30).log() - (-u.log()).log()  # log importance + Gumbel(0, 1)

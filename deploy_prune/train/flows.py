@@ -33,33 +33,12 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def information_flow(model: nn.Module, batches: Sequence[Batch], skip: Sequence[str] = ()) -> list[np.ndarray]:
     """Delta_l for every pair of consecutive conv/linear layers (execution order)."""
-    layers = weight_layers(model, skip)
-    pooled: dict[str, list[torch.Tensor]] = {}
-    order: list[str] = []
+    from deploy_prune.importance import pooled_outputs
 
-    def hook(name: str) -> Any:
-        def fn(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
-            if name not in pooled:
-                order.append(name)
-            v = out.flatten(2).mean(2) if out.dim() > 2 else out  # spatial mean per filter
-            pooled.setdefault(name, []).append(v.double().cpu())
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        dev = _device(model)
-        for x, _ in batches:
-            model(x.to(dev))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    feats = [torch.cat(pooled[n]) for n in order]
+    pooled, _ = pooled_outputs(model, list(weight_layers(model, skip)), batches)  # keys in execution order
+    feats = [v.double() for v in pooled.values()]
     return [(a.T @ b / a.shape[0]).numpy() for a, b in zip(feats, feats[1:], strict=False)]
 
 
