@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-epochs", type=float, default=3, help="E, retraining epochs per iteration (InCoP: at most)")
     ap.add_argument("--sparsity", type=float, default=0.95, help="target; the iterations stop once it is reached")
     ap.add_argument("--pq", default="0.5,1", help="SAP's (p, q)")
-    ap.add_argument("--eps-if", type=float, default=0.1)
-    ap.add_argument("--eps-gf", type=float, default=0.25)
+    ap.add_argument("--eps-if", type=float, default=None, help="IF epsilon (default: the method's, 0.2 of the dense flow)")
+    ap.add_argument("--eps-gf", type=float, default=None,
+                    help="GF epsilon (default: the method's, 0.5 of the distance right after each prune)")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--runs", type=Path, default=Path("runs/bench-incop"))
@@ -50,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.variants.split(","):
         method, extra = VARIANTS[name]
-        if method == "incop":
-            extra = {**extra, "eps": args.eps_if if extra["flow"] == "if" else args.eps_gf}
+        eps = args.eps_if if extra.get("flow") == "if" else args.eps_gf
+        if method == "incop" and eps is not None:
+            extra = {**extra, "eps": eps}
         out = args.runs / name
         t0 = time.perf_counter()
         rep = compress(CompressConfig(
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             "epochs_total": sum(s["epochs_run"] for s in its), "train_seconds": round(sum(s["train_seconds"] for s in its), 1),
             "wall_seconds": round(time.perf_counter() - t0, 1),
             "per_iteration": [{k: s.get(k) for k in ("iteration", "sparsity", "accuracy", "epochs_run", "train_seconds",
-                                                      "flow_distances")} for s in its],
+                                                      "flow_after_prune", "flow_distances")} for s in its],
         })
         print(f"{name}: accuracy {rows[-1]['final_accuracy']:.4f} at sparsity {rows[-1]['final_sparsity']:.4f}, "
               f"{rows[-1]['epochs_total']} epochs, {rows[-1]['train_seconds']:.0f} s training", flush=True)
@@ -85,7 +87,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
              f"`python benchmarks/incop_vs_sap.py --weights {args.weights} --data {args.data} --iterations {args.iterations} "
              f"--max-epochs {args.max_epochs} --sparsity {args.sparsity} --pq {args.pq}"
              + (f" --train-limit {args.train_limit}" if args.train_limit else "") + "`", "",
-             f"(p, q) = ({args.pq}); epsilon (relative flow distance): IF {args.eps_if}, GF {args.eps_gf}; SGD lr {args.lr}, "
+             f"(p, q) = ({args.pq}); epsilon: " + "; ".join(
+                 f"{r['variant']} {r['settings']['eps']} ({'of the dense flow' if r['settings']['eps_scale'] == 'dense' else 'of the distance right after each prune'})"
+                 for r in rows if r["method"] == "incop") + f"; SGD lr {args.lr}, "
              "cross-entropy retraining, no final fine-tuning. Times are this machine's CPU seconds of training "
              "(flow computations included in wall time).", "",
              "| variant | final accuracy (baseline) | sparsity | iterations | epochs | training s | wall s | time vs SAP |",
@@ -95,9 +99,22 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append(f"| {r['variant']} | {100 * r['final_accuracy']:.2f} % ({100 * r['baseline_accuracy']:.2f} %) | "
                      f"{100 * r['final_sparsity']:.1f} % | {r['iterations_run']} | {r['epochs_total']} | {r['train_seconds']:.0f} | "
                      f"{r['wall_seconds']:.0f} | {ratio} |")
-    lines += ["", "Epochs per iteration: " + "; ".join(f"{r['variant']} " + ",".join(str(i["epochs_run"]) for i in r["per_iteration"])
-                                                       for r in rows), "",
-              provenance_line(provenance()) + " One seed.", ""]
+    lines += ["", "Per iteration: sparsity / accuracy / retraining epochs; for InCoP also the flow distance right after "
+              "the prune and after each epoch.", "",
+              "| iteration | " + " | ".join(r["variant"] for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for t in range(max((len(r["per_iteration"]) for r in rows), default=0)):
+        cells = []
+        for r in rows:
+            if t >= len(r["per_iteration"]):
+                cells.append("-")
+                continue
+            it = r["per_iteration"][t]
+            cell = f"{100 * it['sparsity']:.1f} % / {100 * it['accuracy']:.2f} % / {it['epochs_run']}"
+            if it.get("flow_distances") is not None:
+                cell += f" ({it['flow_after_prune']:.3g} → " + ", ".join(f"{d:.3g}" for d in it["flow_distances"]) + ")"
+            cells.append(cell)
+        lines.append(f"| {t + 1} | " + " | ".join(cells) + " |")
+    lines += ["", provenance_line(provenance()) + " One seed.", ""]
     return "\n".join(lines)
 
 

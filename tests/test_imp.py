@@ -16,7 +16,7 @@ from deploy_prune.errors import UserError
 from deploy_prune.methods import get_method
 from deploy_prune.methods.imp import pq_index, sap_count
 from deploy_prune.models import build_model
-from deploy_prune.train.flows import flow_distance, gradient_flow, information_flow
+from deploy_prune.train.flows import FlowStop, flow_distance, gradient_flow, information_flow
 from deploy_prune.transforms import sparsity
 
 
@@ -70,6 +70,31 @@ def test_flows_are_zero_distance_to_themselves_and_move_with_pruning() -> None:
     assert flow_distance(information_flow(model, batches), star_if) > 0.05
 
 
+def test_flow_stop_scales_epsilon_by_the_distance_the_cut_left() -> None:
+    torch.manual_seed(0)
+    dense = build_model("tiny-cnn", 10, 1).eval()
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))]
+    pruned = build_model("tiny-cnn", 10, 1).eval()
+    pruned.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        for m in pruned.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight[m.weight.abs() < m.weight.abs().median()] = 0
+    for kind in ("if", "gf"):
+        rel = FlowStop(kind, 0.5, batches, scale="pruned")
+        rel.reference(dense)
+        rel.begin(pruned, {})
+        assert rel.after_prune > 0 and rel.threshold == pytest.approx(0.5 * rel.after_prune)
+        assert not rel(pruned, 1)  # nothing retrained: still at the full distance, above half of it
+        assert rel(dense, 1)  # back at the dense flow: distance 0
+        fixed = FlowStop(kind, 0.5, batches, scale="dense")
+        fixed.reference(dense)
+        fixed.begin(pruned, {})
+        assert fixed.threshold == 0.5
+    with pytest.raises(ValueError, match="scale"):
+        FlowStop("if", 0.1, batches, scale="absolute")
+
+
 SLOW = pytest.mark.slow  # every method runs in make test-all; the default suite keeps one of each family
 
 
@@ -105,6 +130,7 @@ def test_incop_stops_retraining_on_flow_consistency(cfg: Callable[..., CompressC
                         method_options={"iterations": 2, "retrain_epochs": 3, "flow": "gf", "eps": 10.0}))
     iters = [s for s in rep["steps"] if s["stage"] == "imp"]
     assert [s["epochs_run"] for s in iters] == [1, 1] and all(len(s["flow_distances"]) == 1 for s in iters)
+    assert all(s["flow_after_prune"] > 0 for s in iters) and rep["method"]["settings"]["eps_scale"] == "pruned"
     strict = compress(cfg(tmp_path / "incop0", method="incop", sparsity=0.9,
                            method_options={"iterations": 1, "retrain_epochs": 2, "flow": "if", "eps": 0.0}))
     (it,) = [s for s in strict["steps"] if s["stage"] == "imp"]
