@@ -51,6 +51,8 @@ DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="directory of
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="resize inputs to SIZE x SIZE")]
 TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="allow loading a pickled model (runs code from the file)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed for splits, init and shuffling")]
+CheckpointModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="architecture, if the checkpoint does not record it")]
+IgnoreOpt = Annotated[str, typer.Option("--ignore", help="comma-separated layer names never to prune")]
 
 
 def _data_options(data_dir: str | None, image_size: int | None, seed: int, **kw: Any) -> Any:
@@ -99,7 +101,7 @@ def train(
 def export(
     weights: Annotated[str, typer.Argument(help="checkpoint file or run directory")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="ONNX file to write (default: RUN/model.onnx)")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="architecture, if the checkpoint does not record it")] = None,
+    model: CheckpointModelOpt = None,
     data: Annotated[str | None, typer.Option("--data", "-d", help="dataset for real parity samples (default: the training data)")] = None,
     data_dir: DataDirOpt = None,
     input_shape: Annotated[str | None, typer.Option(help="C,H,W when the checkpoint does not record it")] = None,
@@ -235,14 +237,14 @@ def _parse_floats(text: str, what: str) -> tuple[float, ...]:
 def sensitivity(
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory for sensitivity.json and sensitivity.png")],
     weights: Annotated[str, typer.Option(help="checkpoint file or run directory")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="architecture, if the checkpoint does not record it")] = None,
+    model: CheckpointModelOpt = None,
     data: DataOpt = "digits",
     data_dir: DataDirOpt = None,
     image_size: ImageSizeOpt = None,
     criterion: Annotated[str, typer.Option(help="importance criterion ranking the channels")] = "taylor",
     ratios: Annotated[str, typer.Option(help="shares of a group's channels to remove, each in (0, 1)")] = "0.1,0.3,0.5,0.7,0.9",
     target: Annotated[str | None, typer.Option("--target", "-t", help="target (channel multiple; latency saved once profiled)")] = None,
-    ignore: Annotated[str, typer.Option(help="comma-separated layer names never to prune")] = "",
+    ignore: IgnoreOpt = "",
     val_samples: Annotated[int, typer.Option(help="size of the fixed validation subset")] = 1000,
     score_batches: Annotated[int, typer.Option(help="training batches used by the criterion")] = 8,
     workers: Annotated[int, typer.Option(help="processes to split the evaluation over")] = 1,
@@ -299,7 +301,7 @@ def profile(
     grid: Annotated[int | None, typer.Option("--grid", help="channel step of the grid (default: about 8 points per dimension)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="profiles directory")] = Path("profiles"),
     validate: Annotated[int, typer.Option(help="measure N random pruned variants end to end against the prediction")] = 0,
-    ignore: Annotated[str, typer.Option(help="comma-separated layer names never to prune")] = "",
+    ignore: IgnoreOpt = "",
     lowrank: Annotated[bool, typer.Option("--lowrank", help="also time each conv factorised into two convs (for --method df)")] = False,
     seed: SeedOpt = 0,
     trust_checkpoint: TrustOpt = False,
@@ -341,7 +343,7 @@ def profile(
 def compress(
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory (model.onnx, model.pt, report.*, checkpoints/)")],
     weights: Annotated[str, typer.Option(help="trained checkpoint or run directory to compress")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="architecture, if the checkpoint does not record it")] = None,
+    model: CheckpointModelOpt = None,
     data: DataOpt = "digits",
     data_dir: DataDirOpt = None,
     image_size: ImageSizeOpt = None,
@@ -370,7 +372,7 @@ def compress(
     lr: Annotated[float, typer.Option(help="fine-tuning learning rate (cosine schedule)")] = 0.01,
     batch_size: Annotated[int, typer.Option(help="fine-tuning batch size")] = 128,
     sensitivity: Annotated[str | None, typer.Option(help="reuse this sensitivity.json (or its run directory)")] = None,
-    ignore: Annotated[str, typer.Option(help="comma-separated layer names never to prune")] = "",
+    ignore: IgnoreOpt = "",
     workers: Annotated[int, typer.Option(help="processes for the sensitivity analysis")] = 1,
     profiles: Annotated[Path, typer.Option(help="profiles directory (the LUT is made there when missing)")] = Path("profiles"),
     force: Annotated[bool, typer.Option("--force", help="use a profile made for another tool/backend version")] = False,

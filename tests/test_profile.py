@@ -167,6 +167,10 @@ def test_profile_is_refused_for_another_target_model_or_backend(small_profile: t
         load_profile(path, fast_target, "resnet20-3x32x32-b1-0000000000")
     with pytest.raises(UserError, match="backend"):
         check_profile(prof, fast_target, fp, {"backend_versions": {"onnxruntime": "0.0.1"}})
+    same_backend = prof["measurer"]["backend_versions"]
+    with pytest.raises(UserError, match="device .*, not 'Other CPU"):  # profiled on another machine
+        check_profile(prof, fast_target, fp, {"backend_versions": same_backend, "device": "Other CPU (1 threads)"})
+    assert not check_profile(prof, fast_target, fp, {"backend_versions": same_backend, "device": prof["measurer"]["device"]})
     assert check_profile(prof, other, fp, None, force=True)  # forced: reasons returned, no error
     with pytest.raises(UserError, match="no profile"):
         load_profile(path.with_name("nope.json"), fast_target, fp)

@@ -127,6 +127,9 @@ def check_profile(prof: Mapping[str, Any], target: Target, fingerprint: str | No
         why.append(f"deploy-prune {prof.get('provenance', {}).get('tool_version')}, not {__version__}")
     if info is not None and prof.get("measurer", {}).get("backend_versions") != info.get("backend_versions"):
         why.append(f"backend {prof.get('measurer', {}).get('backend_versions')}, not {info.get('backend_versions')}")
+    if info is not None and info.get("device") and prof.get("measurer", {}).get("device") != info["device"]:
+        # a LUT says nothing about another chip: the same target name on a new machine needs a new profile
+        why.append(f"device {prof.get('measurer', {}).get('device')!r}, not {info['device']!r}")
     if why and not force:
         raise UserError(f"the profile was made for {'; '.join(why)}: re-run deploy-prune profile, or pass --force to use it anyway")
     return why
