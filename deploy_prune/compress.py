@@ -390,17 +390,29 @@ def _over(run: Run, meas: dict[str, Any], budget: dict[str, Any]) -> float:
     return _pooled_over([meas], budget)[0]
 
 
-def _unreachable(run: Run, method: Method, budget: dict[str, Any]) -> BudgetUnreachable:
-    """Measure the narrowest allowed widths and say what latency is reachable."""
+def _narrowest_or_unreachable(run: Run, budget: dict[str, Any]) -> float:
+    """The planner put the corrected budget below the narrowest allowed widths' predicted cost.
+    Only a measurement decides whether that is so: the narrowest widths are measured, and if they
+    are over the budget it is unreachable (exit 3, giving the lowest latency reachable); if not,
+    the prediction (or a noisy round) was wrong, and their predicted cost is returned as the floor
+    to plan at."""
     from deploy_prune.allocate import allowed_keeps
 
     narrow = copy.deepcopy(run.teacher)
     plan = {g: allowed_keeps(c, run.target.channel_multiple)[0] for g, c in run.baseline_widths.items()}
     prune_to_widths(narrow, run.data.input_shape, plan, run.cfg.ignore)
     meas = run.measure(narrow)
+    r, fig = _pooled_over([meas], budget)
     low = meas["candidate"]["median"]
-    return BudgetUnreachable(f"the budget {budget['latency_ms']:.3f} ms cannot be met on {run.target.name}: even the "
-                             f"narrowest allowed widths measure {low:.3f} ms (lowest reachable); raise the budget")
+    if r > 1.0:
+        got = f"{low:.3f} ms ({fig:.3f} of the baseline timed with it)" if budget["kind"] == "latency_ratio" else f"{low:.3f} ms"
+        want = f"ratio {budget['value']:.3f} of the baseline" if budget["kind"] == "latency_ratio" else f"{budget['latency_ms']:.3f} ms"
+        raise BudgetUnreachable(f"the budget ({want}) cannot be met on {run.target.name}: even the narrowest allowed "
+                                f"widths measure {got}, the lowest reachable; raise the budget")
+    run.say(f"the LUT puts the budget below the narrowest widths, but they measure {100 * r:.0f} % of it: planning from them")
+    mult = run.graph.channel_multiple
+    floor = {g: allowed_keeps(c, mult)[0] for g, c in group_widths(run.graph).items()}  # as allocate's narrowest
+    return run.cost.total(run.graph, floor) * (1 + 1e-9)
 
 
 def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float:
@@ -412,7 +424,8 @@ def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float
         try:
             plan = method.plan(run, pred)
         except BudgetUnreachable:
-            raise _unreachable(run, method, budget) from None
+            pred = _narrowest_or_unreachable(run, budget)
+            plan = method.plan(run, pred)
         cand = copy.deepcopy(run.model)
         prune_to_widths(cand, run.data.input_shape, plan, run.cfg.ignore)
         meas = run.measure(cand)
@@ -476,7 +489,8 @@ def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
         try:
             method.prune(run, run.state["cost_budget"])
         except BudgetUnreachable:
-            raise _unreachable(run, method, budget) from None
+            run.state["cost_budget"] = _narrowest_or_unreachable(run, budget)
+            method.prune(run, run.state["cost_budget"])
         run.state["loop_accuracy"] = run.finetune(run.cfg.step_fraction, stage)
         run.checkpoint(stage)
     run.report["notes"].append(f"the closed loop stopped after {run.cfg.max_loops} tightenings still over budget")
@@ -576,9 +590,10 @@ def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:
         try:
             _structured(run, method, budget)
         except BudgetUnreachable:
-            if budget["measured"]:
-                raise _unreachable(run, method, budget) from None
-            raise
+            if not budget["measured"]:
+                raise
+            run.state["cost_budget"] = _narrowest_or_unreachable(run, budget)
+            _structured(run, method, budget)
     # 6. verification
     if budget["measured"]:
         _verify(run, method, budget)

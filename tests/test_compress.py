@@ -106,6 +106,27 @@ def test_latency_budget_closed_loop_through_the_cli(tiny_run: Path, target_yaml:
     assert (tmp_path / "profiles" / "quick8").is_dir()  # the missing LUT was made on the spot
 
 
+def test_a_planner_floor_the_measurement_contradicts_is_not_unreachable(tiny_run: Path, target_yaml: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # The LUT (or a noisy round) can put a corrected budget under the narrowest widths' predicted
+    # cost while those widths measure well within the budget: compress must plan from them, not exit 3.
+    from deploy_prune.errors import BudgetUnreachable
+    from deploy_prune.methods.uniform import Uniform
+
+    real, calls = Uniform.plan, []
+
+    def first_call_unreachable(self: Uniform, run: object, budget: float) -> dict[str, int]:
+        calls.append(budget)
+        if len(calls) == 1:
+            raise BudgetUnreachable("the narrowest allowed widths cost more than the budget")
+        return real(self, run, budget)
+
+    monkeypatch.setattr(Uniform, "plan", first_call_unreachable)
+    rep = compress(_cfg(tiny_run, tmp_path / "floor", target_yaml, latency_ratio=0.9, method="uniform", steps=1))
+    assert len(calls) >= 2 and rep["final"]["flops"] < rep["baseline"]["flops"]
+    assert [s["stage"] for s in rep["steps"]][0] == "plan"
+
+
 def test_interrupted_run_resumes(tiny_run: Path, target_yaml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import deploy_prune.compress as C
 
