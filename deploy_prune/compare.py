@@ -165,7 +165,7 @@ def markdown(board: dict[str, Any]) -> str:
         lat = r.get("latency_ms") or {}
         lines.append(f"| {r['method']} | {r['kind']} | ok | {100 * r['accuracy']:.2f} % | {100 * r['sparsity']:.1f} % | "
                      f"{r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | {lat.get('median', float('nan')):.3f} "
-                     f"({lat.get('p90', float('nan')):.3f}) | {r.get('speedup', float('nan')):.2f}x | "
+                     f"({lat.get('p90', float('nan')):.3f}) | {r.get('speedup', float('nan')):.2f}x{'' if r['lowers_latency'] else ' †'} | "
                      f"{'yes' if r['met_budget'] else 'NO'} ({r['budget']['kind'].replace('_', '-')}) | {r['train_s']:.0f} | "
                      f"{r['total_s']:.0f} |")
     for r in board["rows"]:
@@ -174,6 +174,9 @@ def markdown(board: dict[str, Any]) -> str:
     base = next((r for r in ok), None)
     if base:
         lines += ["", f"Baseline: {100 * base['baseline_accuracy']:.2f} %, {base['baseline_ms']:.3f} ms (same session)."]
+    if any(not r["lowers_latency"] for r in ok):
+        lines += ["", "† The method does not lower dense latency: its model runs the baseline's dense graph, so the spread of "
+                  "these speed-ups around 1.00x is the measurement noise of this session."]
     p = board["provenance"]
     lines += ["", f"{p['date']}; deploy-prune {p['tool_version']} ({p['git_commit']}); {p['cpu']}.", ""]
     return "\n".join(lines)
