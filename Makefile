@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# 0.6, not 0.5: on some VMs the tiny CNN's narrowest widths already measure 0.53 of its latency (exit 3).
 demo: $(STAMP)
 	$(BIN)/deploy-prune train --model tiny-cnn --data digits --epochs 15 --out $(RUN)/base
-	$(BIN)/deploy-prune compress --weights $(RUN)/base --data digits --target cpu-ort-1t --latency-ratio 0.5 \
+	$(BIN)/deploy-prune compress --weights $(RUN)/base --data digits --target cpu-ort-1t --latency-ratio 0.6 \
 	    --epochs 10 --lr 0.05 --step-fraction 1 --profiles $(RUN)/profiles --out $(RUN)/compressed
 	@echo
 	@echo "demo outputs in $(RUN)/:"
