@@ -32,7 +32,7 @@ demo: $(STAMP)
 	@echo "  check it in CI with:   $(BIN)/deploy-prune gate $(RUN)/compressed/report.json --max-accuracy-drop 0.03"
 
 test: $(STAMP)
-	$(BIN)/pytest -m "not slow" -q
+	$(BIN)/pytest -m "not slow" -q --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/pytest -q

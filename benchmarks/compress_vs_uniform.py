@@ -18,6 +18,7 @@ from pathlib import Path
 
 from deploy_prune.compress import CompressConfig, compress
 from deploy_prune.data import DataOptions
+from deploy_prune.errors import BudgetUnreachable
 from deploy_prune.io import provenance, provenance_line, write_json, write_text
 
 
@@ -48,7 +49,13 @@ def main() -> None:
                                  target=args.target, latency_ratio=b, method=m, epochs=args.epochs,
                                  step_fraction=args.step_fraction, lr=args.lr, profiles=Path(args.profiles),
                                  sensitivity=sens if m == "deeplsp" else None)
-            rep = compress(cfg, progress=lambda msg, m=m, b=b: print(f"[{m} {b:.0%}] {msg}", flush=True))
+            try:
+                rep = compress(cfg, progress=lambda msg, m=m, b=b: print(f"[{m} {b:.0%}] {msg}", flush=True))
+            except BudgetUnreachable as e:  # exit 3: recorded with the reachable floor compress measured
+                rows.append({"method": m, "budget_ratio": b, "unreachable": str(e), "wall_s": round(time.perf_counter() - t0, 1)})
+                print(f"[{m} {b:.0%}] unreachable: {e}", flush=True)
+                _write(args, rows)
+                continue
             if m == "deeplsp" and sens is None:
                 sens = str(out / "sensitivity.json")  # the same analysis serves every budget
             rows.append({
@@ -63,10 +70,14 @@ def main() -> None:
                 "sparsity": rep["final"]["sparsity"], "widths": {la["group"]: la["channels_after"] for la in rep["layers"]},
                 "stage_seconds": rep["stage_seconds"], "wall_s": round(time.perf_counter() - t0, 1), "run_dir": str(out),
             })
-            res = {"config": vars(args), "rows": rows, "provenance": provenance(target=args.target)}
-            write_json(Path(args.out + ".json"), res)  # after every run: a partial result survives a cut-off
-            write_text(Path(args.out + ".md"), markdown(res))
+            _write(args, rows)  # after every run: a partial result survives a cut-off
             print(json.dumps(rows[-1], indent=None)[:400], flush=True)
+
+
+def _write(args: argparse.Namespace, rows: list[dict]) -> None:
+    res = {"config": vars(args), "rows": rows, "provenance": provenance(target=args.target)}
+    write_json(Path(args.out + ".json"), res)
+    write_text(Path(args.out + ".md"), markdown(res))
 
 
 def markdown(res: dict) -> str:
@@ -81,6 +92,9 @@ def markdown(res: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
+        if "unreachable" in r:
+            lines.append(f"| {r['budget_ratio']:.0%} | {r['method']} | unreachable (exit 3) | {r['unreachable']} |||||| {r['wall_s']:.0f} |")
+            continue
         lines.append(
             f"| {r['budget_ratio']:.0%} | {r['method']} | {'yes' if r['met_budget'] else 'NO'} | "
             f"{100 * r['accuracy']:.2f} ({100 * r['baseline_accuracy']:.2f}) | {r['latency_ms']:.3f} ({r['budget_ms']:.3f}) | "
@@ -88,7 +102,8 @@ def markdown(res: dict) -> str:
         )
     lines += ["", "Per-stage seconds:", ""]
     for r in res["rows"]:
-        lines.append(f"- {r['method']} {r['budget_ratio']:.0%}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items()))
+        if "stage_seconds" in r:
+            lines.append(f"- {r['method']} {r['budget_ratio']:.0%}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_seconds"].items()))
     p = res["provenance"]
     lines += ["", provenance_line(p)]
     return "\n".join(lines) + "\n"
