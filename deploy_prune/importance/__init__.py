@@ -212,13 +212,14 @@ def _taylor(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch], seed:
     samples), which is also the empirical Fisher of the gate (Theis et al. 2018).
 
     Our choices, measured on ``runs/r20-fmnist`` (ResNet-20 / Fashion-MNIST), one-shot 50 % FLOPs
-    with BN recalibration (random: 32.4 +- 6.3 %), 8 score batches: this form 43.7 %; the same
-    squared per minibatch 42.3 %, |.| per sample 39.4 %; the previous form, torch-pruning's
-    multivariable |sum g*w| over every member parameter (which counts one removal several times,
-    through the conv's weights, its BN and the next conv's inputs), 29.3 % (40.0 % on 32 batches,
-    this form 45.8 %). Centring the gate (removal as mean replacement) did not help (34.8 %).
-    With the data's labels most samples of a trained model have near-zero gradients; ``fisher``
-    samples the labels from the model instead and ranks better (54.3 %).
+    with BN recalibration (random: 32.4 +- 6.3 %), 8 score batches: this form 46.6 +- 4.0 % over
+    three draws of batches (43.7 % on the first); on that first draw, the same squared per
+    minibatch 42.3 %, |.| per sample 39.4 %, and the previous form, torch-pruning's multivariable
+    |sum g*w| over every member parameter (which counts one removal several times, through the
+    conv's weights, its BN and the next conv's inputs), 29.3 %. Centring the gate (removal as mean
+    replacement, which BN recalibration partly makes true) did not help (34.8 %). With the data's
+    labels most samples of a trained model have near-zero gradients; ``fisher`` draws the labels
+    from the model instead and ranks better (57.1 +- 3.1 %).
     """
     d = gate_gradients(model, graph, batches)
     return {k: (v ** 2).mean(0) for k, v in d.items()}
@@ -234,7 +235,7 @@ def _fisher(model: nn.Module, graph: ModelGraph, batches: Sequence[Batch], seed:
     Unlike ``taylor`` (the empirical Fisher, with the data's labels), it does not vanish on the
     samples the model already fits, so it measures how much the channel moves the prediction.
     Measured on ``runs/r20-fmnist``, one-shot 50 % FLOPs with BN recalibration: 54.3 % (32
-    batches) against taylor's 45.8 % and random's 32.4 +- 6.3 %.
+    batches; 57.1 +- 3.1 % over three draws of 8) against taylor's 45.8 % and random's 32.4 +- 6.3 %.
     """
     d = gate_gradients(model, graph, batches, sampled_labels=label_draws, seed=seed)
     return {k: (v ** 2).mean(0) for k, v in d.items()}
@@ -293,10 +294,13 @@ def _hessian(
     at 0: by OBD such a channel costs nothing.
 
     Why the gate (our choice; the paper's OBD is per weight), measured on ``runs/r20-fmnist``,
-    one-shot 50 % FLOPs with BN recalibration, random 32.4 +- 6.3 %: the gate form 56.8 %, the
-    per-weight sum with the same estimator over all parameters 41.9 %. (The per-weight version
-    needed deflation as well: plain Hutchinson did not resolve diag(H) of 270k weights at any
-    affordable probe count.)
+    one-shot 50 % FLOPs with BN recalibration, random 32.4 +- 6.3 %: the gate form 56.8 % on the
+    first draw of batches, 46.9 +- 7.2 % over three; the per-weight sum with the same estimator
+    over all parameters 41.9 % (first draw). The spread between draws is the batch, not the
+    estimator: 4 batches at rank 10 / 10 probes gave 45.8 +- 2.6 %, 2 batches at 20 / 20 gave
+    46.4 +- 4.8 %, both at 1.4x the cost, so the defaults stay. (The per-weight version needed
+    deflation as well: plain Hutchinson did not resolve diag(H) of 270k weights at any affordable
+    probe count.)
     """
     model.eval()
     groups = graph.groups()
