@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{rows[-1]['epochs_total']} epochs, {rows[-1]['train_seconds']:.0f} s training", flush=True)
         write_json(args.out.with_suffix(".json"), {"benchmark": "incop_vs_sap", "config": {k: str(v) for k, v in vars(args).items()},
                                                    "rows": rows, "provenance": provenance()})
-    write_text(args.out.with_suffix(".md"), markdown(rows, args, provenance()))
-    print(markdown(rows, args, provenance()))
+    md = markdown(rows, args, provenance())
+    write_text(args.out.with_suffix(".md"), md)
+    print(md)
     return 0
 
 
