@@ -9,7 +9,7 @@ from deploy_prune.config import Protocol, Target, load_target, target_from_dict
 from deploy_prune.errors import UserError
 from deploy_prune.io import write_text
 from deploy_prune.latency.benchmark import benchmark
-from deploy_prune.latency.timing import measure, summarize
+from deploy_prune.latency.timing import measure, quiet_estimate, quiet_of, summarize
 
 
 def test_summarize_known_sample() -> None:
@@ -18,6 +18,21 @@ def test_summarize_known_sample() -> None:
     assert s.round_medians == [3.0, 8.0]
     assert s.p90 == pytest.approx(9.1) and s.iqr == pytest.approx(4.5)
     assert s.mad == 2.5
+
+
+def test_quiet_estimate_drops_contended_rounds() -> None:
+    # Two rounds slowed by another tenant (+40 %): the estimate is the quiet rounds' median,
+    # where the overall median of round medians would land in the slow state.
+    rounds = [0.80, 0.57, 0.58, 0.79, 0.82, 0.56]
+    assert quiet_estimate(rounds) == pytest.approx(0.57)
+    assert float(np.median(rounds)) > 0.65
+    # A quiet machine: every round is within the band, so it is the median of the round medians.
+    assert quiet_estimate([1.00, 1.02, 0.99, 1.01, 1.03]) == pytest.approx(1.01)
+    s = summarize([[0.8, 0.8, 0.8], [0.5, 0.5, 0.5], [0.52, 0.52, 0.52]])
+    d = s.as_dict()
+    assert s.quiet == pytest.approx(0.51) and d["quiet"] == pytest.approx(0.51) and d["quiet_rounds"] == 2
+    assert s.median == pytest.approx(0.52)  # the overall figure is still reported as measured
+    assert quiet_of({"median": 0.7}) == 0.7  # a report written before rounds were stored
 
 
 def test_measure_interleaves_variants() -> None:

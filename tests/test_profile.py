@@ -22,6 +22,7 @@ from deploy_prune.latency.profile import (
     ProfileSpec,
     check_profile,
     describe,
+    fit_calibration,
     layer_protocol,
     load_profile,
     plan_variant,
@@ -137,7 +138,7 @@ def test_profile_predicts_and_resumes_after_a_crash(tmp_path: Path, fast_target:
     assert not bad, bad[:2]
     # Raw prediction at full width is the measured latency by construction.
     pred = lut.predict(model, prof)
-    assert pred["raw_ms"] == pytest.approx(prof["full_model"]["latency_ms"]["median"], rel=1e-6)
+    assert pred["raw_ms"] == pytest.approx(prof["full_model"]["latency_ms"]["quiet"], rel=1e-6)
     # A pruned variant predicts lower: the layer entries shrink with the channels.
     _, _, _ = describe(spec)
     graph = describe(spec)[0]
@@ -220,6 +221,15 @@ def test_sensitivity_reports_latency_saved_from_the_profile(small_profile: tuple
     assert hi > lo
 
 
+def test_calibration_never_has_a_non_positive_slope() -> None:
+    pred = {"full": {"layer_sum_ms": 1.0}, "half": {"layer_sum_ms": 0.5}}
+    ok = fit_calibration({"full": {"quiet": 1.2}, "half": {"quiet": 0.7}}, pred, ["full", "half"])
+    assert ok["a"] == pytest.approx(1.0) and ok["b"] == pytest.approx(0.2)
+    # Noise made the half-width variant measure slower than the full one: a scale, not a negative slope.
+    bad = fit_calibration({"full": {"quiet": 1.0}, "half": {"quiet": 1.1}}, pred, ["full", "half"])
+    assert bad["a"] > 0 and bad["b"] == 0 and "scale only" in bad["fit"]
+
+
 def test_layer_counter_ms_keeps_the_layers_nodes_and_drops_reorders() -> None:
     fam = lut.Family("conv", (3, 3), (1, 1), (1, 1), (1, 1), 1, False, (8, 8), residual=True, act="Relu")
     g = lut.layer_graph(fam, 8, 16)
@@ -241,7 +251,7 @@ def test_profile_with_counter_timing(tmp_path: Path, fast_target: Target) -> Non
     for e in prof["entries"].values():
         assert e["predict_ms"] == e["counter_ms"] > 0
     pred = lut.predict(model, prof)
-    assert pred["raw_ms"] == pytest.approx(prof["full_model"]["latency_ms"]["median"], rel=1e-6)
+    assert pred["raw_ms"] == pytest.approx(prof["full_model"]["latency_ms"]["quiet"], rel=1e-6)
     e = next(iter(prof["entries"].values()))
     assert e["predict_ms"] != e["net_ms"]
     with pytest.raises(UserError, match="layer timing 'counters', not 'wall'"):

@@ -30,6 +30,7 @@ from deploy_prune.graph import ModelGraph, round_channels
 from deploy_prune.io import ensure_dir, provenance, read_json, write_json
 from deploy_prune.latency import lut
 from deploy_prune.latency.measure import Measurer, measurer_for
+from deploy_prune.latency.timing import quiet_of
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 CHUNK = 48  # configurations timed together (interleaved); also the resume granularity
@@ -260,7 +261,7 @@ def run_profile(
     variants = calibration_variants(spec, graph, calibrate)
     measured, predicted = measure_variants(m, variants, spec.input_shape, target, prof, progress, "calibration")
     s_full = predicted["full"]["layer_sum_ms"]
-    prof["remainder_ms"] = measured["full"]["median"] - s_full
+    prof["remainder_ms"] = measured["full"]["quiet"] - s_full
     prof["full_model"] = {"latency_ms": measured["full"], "layer_sum_ms": s_full}
     prof["calibration"] = fit_calibration(measured, predicted, list(variants))
     prof["calibration"]["shares"] = list(calibrate)
@@ -290,11 +291,16 @@ def calibration_variants(spec: ProfileSpec, graph: ModelGraph, shares: Sequence[
 
 def fit_calibration(measured: Mapping[str, Mapping[str, Any]], predicted: Mapping[str, Mapping[str, Any]],
                     keys: Sequence[str]) -> dict[str, Any]:
-    """``measured ~ a * layer_sum + b`` by least squares over the ``keys`` variants."""
+    """``measured ~ a * layer_sum + b`` by least squares over the ``keys`` variants (measured:
+    the quiet estimate of ``latency.timing``, which drops rounds slowed by other tenants)."""
     xs = np.array([predicted[k]["layer_sum_ms"] for k in keys])
-    ys = np.array([measured[k]["median"] for k in keys])
+    ys = np.array([measured[k]["quiet"] for k in keys])
     a, b = np.polyfit(xs, ys, 1) if len(xs) >= 2 else (float(ys[0] / xs[0]), 0.0)
-    return {"a": float(a), "b": float(b), "fit": "measured_ms = a * layer_sum_ms + b (least squares)",
+    fit = "measured_ms = a * layer_sum_ms + b (least squares)"
+    if not a > 0:  # noise swamped the variants' differences (tiny models): less work cannot cost more
+        a, b = float(np.dot(xs, ys) / np.dot(xs, xs)), 0.0
+        fit = "measured_ms = a * layer_sum_ms (the least-squares slope was <= 0, so a scale only)"
+    return {"a": float(a), "b": float(b), "fit": fit,
             "points": [{"variant": k, "layer_sum_ms": float(x), "measured_ms": float(y)} for k, x, y in zip(keys, xs, ys, strict=True)]}
 
 
@@ -355,7 +361,8 @@ def validate_profile(spec: ProfileSpec, prof: Mapping[str, Any], graph: ModelGra
             progress("validation: prune", i + 1, n)
     measured, predicted = measure_variants(m, variants, spec.input_shape, spec.target, prof, progress, "validation")
     refit = fit_calibration(measured, predicted, [f"cal:{k}" for k in cal])
-    rows = [{"variant": k, "measured_ms": measured[k]["median"], "measured_p90_ms": measured[k]["p90"],
+    rows = [{"variant": k, "measured_ms": measured[k]["quiet"], "measured_median_ms": measured[k]["median"],
+             "measured_p90_ms": measured[k]["p90"], "quiet_rounds": measured[k]["quiet_rounds"],
              "round_cv": measured[k]["round_cv"], "raw_ms": predicted[k]["raw_ms"], "calibrated_ms": predicted[k]["calibrated_ms"],
              "calibrated_same_session_ms": refit["a"] * predicted[k]["layer_sum_ms"] + refit["b"], "keep": kinds[k]}
             for k in variants if k in kinds]
@@ -363,7 +370,7 @@ def validate_profile(spec: ProfileSpec, prof: Mapping[str, Any], graph: ModelGra
     return {"raw": fidelity([r["raw_ms"] for r in rows], meas),
             "calibrated": fidelity([r["calibrated_ms"] for r in rows], meas),
             "calibrated_same_session": fidelity([r["calibrated_same_session_ms"] for r in rows], meas),
-            "refit_calibration": refit, "drift": measured["cal:full"]["median"] / prof["full_model"]["latency_ms"]["median"],
+            "refit_calibration": refit, "drift": measured["cal:full"]["quiet"] / quiet_of(prof["full_model"]["latency_ms"]),
             "n_variants": n, "seed": seed, "variants": rows}
 
 
