@@ -59,6 +59,9 @@ class Target:
     # backend's fixed cost of a run) or "counters" (the backend's own per-node times of the
     # layer's nodes in that graph, leaving out the layout reorders at its boundary).
     layer_timing: str = "wall"
+    # Cache a model's weights must fit in to stay resident between runs (KiB, per thread); None:
+    # this machine's L2 when a CPU is measured locally (latency.lut, the weight-streaming term).
+    cache_kib: int | None = None
     description: str = ""
     protocol: Protocol = field(default_factory=Protocol)
     agent: dict[str, Any] | None = None
@@ -131,9 +134,9 @@ def target_from_dict(raw: Any, source: str = "<dict>") -> Target:
         if key not in raw:
             raise UserError(f"target {source!r} lacks the required key {key!r}")
     fields = {k: v for k, v in raw.items() if k in _TARGET_KEYS}
-    types = {"threads": int, "batch": int, "channel_multiple": int}
+    types = {"threads": int, "batch": int, "channel_multiple": int, "cache_kib": int}
     for k, t in types.items():
-        if k in fields and not isinstance(fields[k], t):
+        if k in fields and not isinstance(fields[k], t) and not (k == "cache_kib" and fields[k] is None):
             raise UserError(f"target {source!r}: {k} must be an integer, got {fields[k]!r}")
     if fields.get("layer_timing", "wall") not in LAYER_TIMINGS:
         raise UserError(f"target {source!r}: layer_timing must be one of {', '.join(LAYER_TIMINGS)}, got {fields['layer_timing']!r}")

@@ -91,6 +91,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_cache_bytes(level: int = 2) -> int | None:
+    """Size of one core's data (or unified) cache at ``level``, from Linux sysfs; None elsewhere."""
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for d in sorted(root.glob("index*")):
+            if int((d / "level").read_text()) == level and (d / "type").read_text().strip() in ("Data", "Unified"):
+                text = (d / "size").read_text().strip().upper()
+                units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+                return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def git_commit() -> str | None:
     """The commit of the deploy-prune checkout, if it is one (None for a wheel install)."""
     here = Path(__file__).resolve().parent.parent

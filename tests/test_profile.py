@@ -221,6 +221,21 @@ def test_sensitivity_reports_latency_saved_from_the_profile(small_profile: tuple
     assert hi > lo
 
 
+def test_weight_stream_term_applies_only_above_the_cache(small_profile: tuple[Path, dict[str, Any]]) -> None:
+    _, prof = small_profile
+    model = tiny()
+    total = sum(lut.weight_bytes(model).values())
+    assert total == sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    base = lut.predict(model, {**prof, "weight_stream": None})
+    over = lut.predict(model, {**prof, "weight_stream": {"cache_bytes": total - 1, "ms_per_mb": 2.0, "bytes_per_weight": 4}})
+    fits = lut.predict(model, {**prof, "weight_stream": {"cache_bytes": total, "ms_per_mb": 2.0, "bytes_per_weight": 4}})
+    assert over["weight_stream_ms"] == pytest.approx(total / 1e6 * 2.0)
+    assert over["raw_ms"] == pytest.approx(base["raw_ms"] + over["weight_stream_ms"])
+    assert fits["weight_stream_ms"] == 0 and fits["raw_ms"] == pytest.approx(base["raw_ms"])
+    # The tiny model's weights fit in any CPU's L2, so its own profile records why there is no term.
+    assert prof["weight_stream"]["ms_per_mb"] is None and prof["weight_stream"]["why_none"]
+
+
 def test_calibration_never_has_a_non_positive_slope() -> None:
     pred = {"full": {"layer_sum_ms": 1.0}, "half": {"layer_sum_ms": 0.5}}
     ok = fit_calibration({"full": {"quiet": 1.2}, "half": {"quiet": 0.7}}, pred, ["full", "half"])

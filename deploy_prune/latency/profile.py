@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -258,6 +259,7 @@ def run_profile(
                             "configs_total": len(configs)}
     # Whole-model measurements: full width (the remainder) and uniform variants (calibration).
     t0 = time.perf_counter()
+    prof["weight_stream"] = fit_weight_stream(spec, prof, m, info)
     variants = calibration_variants(spec, graph, calibrate)
     measured, predicted = measure_variants(m, variants, spec.input_shape, target, prof, progress, "calibration")
     s_full = predicted["full"]["layer_sum_ms"]
@@ -278,6 +280,56 @@ def run_profile(
     write_json(path, prof)
     partial.unlink(missing_ok=True)
     return path, prof
+
+
+BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+
+
+def fit_weight_stream(spec: ProfileSpec, prof: Mapping[str, Any], m: Measurer, info: Mapping[str, Any]) -> dict[str, Any]:
+    """The LUT's weight-streaming term (``latency.lut`` docstring): the cache, and the ms per MB
+    of weights a run pays when they do not fit in it, fitted on the full model.
+
+    The slope comes from the full model's own per-layer counters against the layers' (hot)
+    entries: a least-squares line of (counter - entry) on weight bytes, layer by layer. It is
+    kept only when the full model's weights exceed the cache (below it there is nothing to fit),
+    the backend has counters, the slope is positive and the correlation at least 0.5; the
+    record says which. The cache is ``cache_kib`` of the target, else this machine's L2 per
+    thread (a CPU measured locally: each thread's core has its own), else unknown."""
+    from deploy_prune.io import cpu_cache_bytes
+    from deploy_prune.latency.counters import attribute, node_to_layer
+
+    target = spec.target
+    bpw = BYTES_PER_WEIGHT.get(target.precision, 4)
+    rec: dict[str, Any] = {"bytes_per_weight": bpw, "ms_per_mb": None}
+    if target.cache_kib is not None:
+        rec["cache_bytes"], rec["cache_from"] = target.cache_kib * 1024, "target cache_kib"
+    elif info.get("where") == "local" and target.device == "cpu" and (l2 := cpu_cache_bytes(2)):
+        rec["cache_bytes"], rec["cache_from"] = l2 * max(1, int(info.get("threads") or 1)), "L2 per thread x threads (sysfs)"
+    else:
+        return {**rec, "why_none": "cache size unknown: set cache_kib in the target"}
+    wb = lut.weight_bytes(spec.model, bpw)
+    rec["full_model_bytes"] = sum(wb.values())
+    if rec["full_model_bytes"] <= rec["cache_bytes"]:
+        return {**rec, "why_none": "the full model's weights fit in the cache"}
+    blob = onnx_bytes(spec.model, tuple(spec.input_shape), target.batch)
+    try:
+        counters = m.layer_times({"full": blob}, COUNTER_RUNS)["full"]
+    except UserError as e:
+        return {**rec, "why_none": f"no per-layer counters: {e}"}
+    by_layer = attribute(counters, node_to_layer(onnx.load_from_string(blob), spec.model, torch.zeros(1, *spec.input_shape)))
+    hot = lut.predict(spec.model, {**prof, "weight_stream": None, "calibration": None})["per_layer"]
+    names = [n for n in hot if n in by_layer and n in wb]
+    xs = np.array([wb[n] / 1e6 for n in names])
+    ys = np.array([by_layer[n] - hot[n] for n in names])
+    if len(names) < 3 or np.ptp(xs) == 0:
+        return {**rec, "why_none": "too few layers to fit"}
+    slope, intercept = np.polyfit(xs, ys, 1)
+    corr = float(np.corrcoef(xs, ys)[0, 1])
+    rec.update({"fit_slope_ms_per_mb": float(slope), "fit_intercept_ms": float(intercept), "fit_corr": corr, "layers": len(names)})
+    if not (slope > 0 and corr >= 0.5):
+        return {**rec, "why_none": f"no clear cost of cold weights (slope {slope:.4f} ms/MB, correlation {corr:.2f})"}
+    rec["ms_per_mb"] = float(slope)
+    return rec
 
 
 def calibration_variants(spec: ProfileSpec, graph: ModelGraph, shares: Sequence[float]) -> dict[str, nn.Module]:
