@@ -135,6 +135,25 @@ class CompressConfig:
         return kind, float(value)
 
 
+def quietest_take(take: Callable[[], dict[str, Any]], quietest: float) -> tuple[dict[str, Any], float]:
+    """One measurement (``take()``: candidate and baseline stats as dicts), taken again, up to
+    ``REMEASURE`` more times, while the baseline's quiet figure is over ``1 + QUIET_BAND`` times
+    ``quietest`` (the lowest seen in the run): such a take fell wholly inside a contention
+    episode. Returns the take with the quietest baseline (``takes``: how many were made) and
+    the updated ``quietest``."""
+    best: dict[str, Any] | None = None
+    for i in range(1 + REMEASURE):
+        got = {**take(), "takes": i + 1}
+        if best is None or got["baseline"]["quiet"] < best["baseline"]["quiet"]:
+            best = {**got}
+        best["takes"] = i + 1
+        quietest = min(quietest, got["baseline"]["quiet"])
+        if best["baseline"]["quiet"] <= quietest * (1.0 + QUIET_BAND):
+            break
+    assert best is not None
+    return best, quietest
+
+
 # ---------------------------------------------------------------------------------------------
 # The run: model, data, target and what has happened so far
 # ---------------------------------------------------------------------------------------------
@@ -233,29 +252,21 @@ class Run:
         return onnx_bytes(copy.deepcopy(model).cpu(), self.data.input_shape, self.target.batch)
 
     def measure(self, model: nn.Module) -> dict[str, Any]:
-        """Measure ``model`` on the target, interleaved with the unpruned baseline.
-
-        The baseline is the run's yardstick for contention: a measurement in which even its
-        quiet figure is over ``1 + QUIET_BAND`` times the quietest seen in this run fell wholly
-        inside a contention episode (every round slowed), so it is taken again, up to
-        ``REMEASURE`` more times, and the quietest take is kept."""
+        """Measure ``model`` on the target, interleaved with the unpruned baseline; the baseline
+        is the run's yardstick for contention (``quietest_take``)."""
         t0 = time.perf_counter()
         if self._baseline_onnx is None:
             self._baseline_onnx = self.onnx(self.teacher)
         cand = self.onnx(model)
         self._add_seconds("export", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        best: dict[str, Any] | None = None
-        for take in range(1 + REMEASURE):
-            stats = self.measurer.time({"baseline": self._baseline_onnx, "candidate": cand})
-            got = {"candidate": stats["candidate"].as_dict(), "baseline": stats["baseline"].as_dict(), "takes": take + 1}
-            if best is None or got["baseline"]["quiet"] < best["baseline"]["quiet"]:
-                best = got
-            self._quietest_baseline = min(self._quietest_baseline, got["baseline"]["quiet"])
-            if best["baseline"]["quiet"] <= self._quietest_baseline * (1.0 + QUIET_BAND):
-                break
+
+        def take() -> dict[str, Any]:
+            stats = self.measurer.time({"baseline": self._baseline_onnx, "candidate": cand})  # type: ignore[dict-item]
+            return {"candidate": stats["candidate"].as_dict(), "baseline": stats["baseline"].as_dict()}
+
+        best, self._quietest_baseline = quietest_take(take, self._quietest_baseline)
         self._add_seconds("measure", time.perf_counter() - t0)
-        assert best is not None
         return best
 
     def predicted_ms(self, model: nn.Module | None = None) -> float | None:
@@ -445,28 +456,44 @@ def _window(cfg: CompressConfig) -> tuple[float, float, float]:
 
 def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float:
     """Correct the predicted budget until the planned architecture, measured, lands between
-    ``slack`` and ``margin`` under the real budget. Returns the corrected predicted budget."""
+    ``slack`` and ``margin`` under the real budget. Returns the corrected predicted budget.
+
+    A plan met again (the corrections oscillate between two neighbouring architectures, as
+    coarse channel steps make them) pools its measurements and ends the search, and so does
+    ``max_loops``: then the best plan *measured* is taken (the widest one under the margin, else
+    the fastest), never a correction that was not measured."""
     pred = budget["cost_budget"]
     low, high, aim = _window(run.cfg)
+    seen: dict[tuple[tuple[str, int], ...], dict[str, Any]] = {}
     for i in range(run.cfg.max_loops):
         try:
             plan = method.plan(run, pred)
         except BudgetUnreachable:
             pred = _narrowest_or_unreachable(run, budget)
             plan = method.plan(run, pred)
+        key = tuple(sorted(plan.items()))
         cand = copy.deepcopy(run.model)
         prune_to_widths(cand, run.data.input_shape, plan, run.cfg.ignore)
         meas = run.measure(cand)
-        r = _over(run, meas, budget)
+        again = key in seen
+        rec = seen.setdefault(key, {"pred": pred, "meas": []})
+        rec["meas"].append(meas)
+        r = rec["r"] = _pooled_over(rec["meas"], budget)[0]
         p = run.predicted_ms(cand)
         record_step(run, "plan", cand, candidate=True, measured_latency_ms=meas["candidate"],
               baseline_same_session_ms=quiet_of(meas["baseline"]), cost_budget=pred, accuracy=None)
         run.say(f"plan {i + 1}: predicted {p:.3f} ms, measured {quiet_of(meas['candidate']):.3f} ms "
-                f"({100 * r:.0f} % of the budget)")
+                f"({100 * r:.0f} % of the budget{', pooled with its earlier measurements' if again else ''})")
         if low <= r <= high:
+            return float(pred)
+        if again:
             break
         pred *= aim / r
-    return pred
+    under = [v for v in seen.values() if v["r"] <= high]
+    best = max(under, key=lambda v: v["r"]) if under else min(seen.values(), key=lambda v: v["r"])
+    run.say(f"plan: no architecture lands in {100 * low:.0f}-{100 * high:.0f} % of the budget; taking the best "
+            f"measured ({100 * best['r']:.0f} %)")
+    return float(best["pred"])
 
 
 def _structured(run: Run, method: Method, budget: dict[str, Any]) -> None:
