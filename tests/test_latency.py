@@ -71,6 +71,10 @@ def test_bad_targets(tmp_path: Path) -> None:
         load_target(str(tmp_path / "bad.yaml"))
     with pytest.raises(UserError, match="bad measurement protocol"):
         target_from_dict({"name": "x", "backend": "onnxruntime", "repeats": 2, "rounds": 5})
+    with pytest.raises(UserError, match="cache_kib must be an integer"):
+        target_from_dict({"name": "x", "backend": "onnxruntime", "cache_kib": "2M"})
+    assert target_from_dict({"name": "x", "backend": "onnxruntime", "cache_kib": 2048}).cache_kib == 2048
+    assert target_from_dict({"name": "x", "backend": "onnxruntime", "cache_kib": None}).cache_kib is None
 
 
 def test_benchmark_real_onnxruntime(tiny_onnx: Path, quick_target: Target) -> None:
