@@ -46,6 +46,8 @@ def quiet_estimate(round_medians: list[float]) -> float:
 
 def quiet_of(stats: Mapping[str, object]) -> float:
     """``Stats.quiet`` of a stored ``Stats.as_dict()``, also one written before it existed."""
+    if isinstance(stats.get("quiet"), (int, float)):
+        return float(stats["quiet"])  # type: ignore[arg-type]
     rounds = stats.get("round_medians")
     return quiet_estimate(list(rounds)) if isinstance(rounds, list) and rounds else float(stats["median"])  # type: ignore[arg-type]
 
