@@ -19,17 +19,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# 0.6, not 0.5: on some VMs the tiny CNN's narrowest widths already measure 0.53 of its latency (exit 3).
+# 50 % of the measured latency. Where the tiny CNN's narrowest widths already measure more than that
+# (0.53 on an AMD EPYC VM), compress exits 3 naming the floor, and the demo asks for 60 % instead.
+COMPRESS_DEMO = $(BIN)/deploy-prune compress --weights $(RUN)/base --data digits --target cpu-ort-1t \
+	    --epochs 10 --lr 0.05 --step-fraction 1 --profiles $(RUN)/profiles --out $(RUN)/compressed
 demo: $(STAMP)
 	$(BIN)/deploy-prune train --model tiny-cnn --data digits --epochs 15 --out $(RUN)/base
-	$(BIN)/deploy-prune compress --weights $(RUN)/base --data digits --target cpu-ort-1t --latency-ratio 0.6 \
-	    --epochs 10 --lr 0.05 --step-fraction 1 --profiles $(RUN)/profiles --out $(RUN)/compressed
+	$(COMPRESS_DEMO) --latency-ratio 0.5 || { rc=$$?; [ $$rc -eq 3 ] || exit $$rc; \
+	    echo "50 % is below what this machine can reach (above): compressing to 60 % instead"; \
+	    $(COMPRESS_DEMO) --latency-ratio 0.6; }
 	@echo
 	@echo "demo outputs in $(RUN)/:"
 	@echo "  base/                  the trained tiny CNN (model.pt, metrics.json, checkpoints/)"
 	@echo "  profiles/cpu-ort-1t/   its latency lookup table, measured here"
 	@echo "  compressed/            model.onnx, model.pt, model.pt2, report.json/.md/.html, plots, sensitivity.json"
-	@echo "  check it in CI with:   $(BIN)/deploy-prune gate $(RUN)/compressed/report.json --max-accuracy-drop 0.03"
+	@echo "  check it in CI with:   $(BIN)/deploy-prune gate $(RUN)/compressed/report.json --max-accuracy-drop 0.05"
 
 test: $(STAMP)
 	$(BIN)/pytest -m "not slow" -q --durations=15

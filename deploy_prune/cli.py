@@ -414,15 +414,19 @@ def _print_compress_table(rep: dict[str, Any]) -> None:
     b, f = rep["baseline"], rep["final"]
     from rich import box
 
+    from deploy_prune.latency.timing import quiet_of
+
     table = Table(title=f"{rep['model']['spec']} on {rep['target']['name']}: {rep['method']['name']}", box=box.SIMPLE_HEAD,
                   padding=(0, 1), pad_edge=False)
-    for col in ("", "acc %", "median ms", "p90 ms", "pred ms", "MFLOPs", "params k", "zeros %"):
+    # "quiet ms" is the figure the budget was judged on (latency.timing); median and p90 as measured
+    for col in ("", "acc %", "quiet ms", "median ms", "p90 ms", "pred ms", "MFLOPs", "params k", "zeros %"):
         table.add_column(col, justify="right", no_wrap=True)
 
     def row(name: str, r: dict[str, Any]) -> None:
         lat = r.get("latency_ms") or {}
         pred = r.get("predicted_latency_ms")
-        table.add_row(name, f"{100 * r['accuracy']:.2f}", f"{lat.get('median', float('nan')):.3f}",
+        quiet = quiet_of(lat) if lat.get("median") is not None else float("nan")
+        table.add_row(name, f"{100 * r['accuracy']:.2f}", f"{quiet:.3f}", f"{lat.get('median', float('nan')):.3f}",
                       f"{lat.get('p90', float('nan')):.3f}", "-" if pred is None else f"{pred:.3f}",
                       f"{r['flops'] / 1e6:.2f}", f"{r['params'] / 1e3:.1f}", f"{100 * r.get('sparsity', 0):.1f}")
 
