@@ -23,7 +23,7 @@ reorders, the session's fixed cost, minus the standalone graphs' own boundary ov
 A layer's entry is timed alone, its weights hot in the cache. Inside a model whose weights do
 not fit in the cache (a core's L2 per thread; ``Target.cache_kib``), every run streams each layer's
 weights in again: MobileNetV2 at 32x32 on one Intel core (2 MiB L2, 8.8 MB of weights) pays
-about 1 ms per 25 MB on top of its hot entries, and a variant pruned under the cache does not
+about 0.03 ms per MB of weights on top of its hot entries, and a variant pruned under the cache does not
 (the in-model counters against the entries, layer by layer, correlate with weight bytes at
 0.88-0.94 above the cache and not below it). So ``predict`` adds the *weight-streaming term*
 ``weight bytes x ms_per_mb`` when the variant's weights exceed the cache, with ``ms_per_mb``
