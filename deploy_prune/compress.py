@@ -143,9 +143,9 @@ def quietest_take(take: Callable[[], dict[str, Any]], quietest: float) -> tuple[
     the updated ``quietest``."""
     best: dict[str, Any] | None = None
     for i in range(1 + REMEASURE):
-        got = {**take(), "takes": i + 1}
+        got = take()
         if best is None or got["baseline"]["quiet"] < best["baseline"]["quiet"]:
-            best = {**got}
+            best = got
         best["takes"] = i + 1
         quietest = min(quietest, got["baseline"]["quiet"])
         if best["baseline"]["quiet"] <= quietest * (1.0 + QUIET_BAND):
