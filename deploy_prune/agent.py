@@ -19,7 +19,7 @@ Protocol (HTTP/1.0, JSON bodies, one request per connection):
     "protocol": {"warmup", "repeats", "rounds", "min_time_s"}, "models": {key: base64 ONNX}}``.
     Answer ``{"stats": {key: Stats.as_dict()}, "shapes": {key: first input shape}, "info": {...}}``.
     With ``"layer_runs": N`` in the body the answer adds ``"layers": {key: {node: ms}}``, the
-    backend's own per-node times (median of N runs), as ``LocalMeasurer.layer_times`` gives them.
+    backend's own per-node times (interquartile mean of N runs), as ``LocalMeasurer.layer_times`` gives them.
     The agent times the models with exactly the code a local run uses
     (``LocalMeasurer`` and ``deploy_prune.latency.timing.measure``), one request at a time, so
     that two clients never disturb each other's timings.

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy_prune.backends import BACKENDS, Feed, median_by_node
+from deploy_prune.backends import BACKENDS, Feed, center_by_node
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 from deploy_prune.io import cpu_model
@@ -40,7 +40,7 @@ class OrtSession:
         return (time.perf_counter_ns() - t0) / 1e6
 
     def layer_ms(self, feed: Feed, runs: int = 20) -> dict[str, float]:
-        """Median ms per graph node over ``runs`` runs (after as many untimed), from ORT's profiler."""
+        """Typical ms (interquartile mean) per graph node over ``runs`` runs (after as many untimed), from ORT's profiler."""
         if self._reopen is None:
             raise UserError("load the model with per_layer=True to read ONNX Runtime's per-node times")
         with tempfile.TemporaryDirectory() as tmp:
@@ -57,7 +57,7 @@ class OrtSession:
             if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
                 seen.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"] / 1e3)
         per_run = [{n: v[runs + i] for n, v in seen.items() if len(v) > runs + i} for i in range(runs)]
-        return median_by_node(per_run)
+        return center_by_node(per_run)
 
 
 class OnnxRuntimeBackend:

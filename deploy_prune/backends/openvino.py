@@ -5,7 +5,7 @@ single request at a time is what a latency budget measures), the ``LATENCY`` per
 and ``INFERENCE_PRECISION_HINT`` from the target's precision (fp32 by default, so the CPU plugin
 does not silently run bf16 on CPUs that have it). ``options:`` in the target YAML pass any other
 OpenVINO property through. With ``per_layer=True`` the model is compiled with ``PERF_COUNT``
-and ``layer_ms(feed, runs)`` returns OpenVINO's own per-node times, median over the runs.
+and ``layer_ms(feed, runs)`` returns OpenVINO's own per-node times, interquartile mean over the runs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy_prune.backends import BACKENDS, Feed, median_by_node
+from deploy_prune.backends import BACKENDS, Feed, center_by_node
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 
@@ -44,7 +44,7 @@ class OvSession:
         return (time.perf_counter_ns() - t0) / 1e6
 
     def layer_ms(self, feed: Feed, runs: int = 20) -> dict[str, float]:
-        """OpenVINO's per-node times in ms, median over ``runs`` runs after as many untimed (nodes
+        """OpenVINO's per-node times in ms, interquartile mean over ``runs`` runs after as many untimed (nodes
         it executed; fused ones are folded into the node that ran them)."""
         if not self.per_layer:
             raise UserError("load the model with per_layer=True to read OpenVINO's per-node times (PERF_COUNT)")
@@ -54,7 +54,7 @@ class OvSession:
             if i >= runs:
                 per_run.append({("Reorder:" if p.node_type == "Reorder" else "") + p.node_name: p.real_time.total_seconds() * 1e3
                                 for p in self.request.profiling_info if str(p.status).endswith("EXECUTED")})
-        return median_by_node(per_run)
+        return center_by_node(per_run)
 
 
 class OpenVinoBackend:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deploy_prune.backends import BACKENDS, Feed, median_by_node
+from deploy_prune.backends import BACKENDS, Feed, center_by_node
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 
@@ -143,7 +143,7 @@ class TorchSession:
         return ms
 
     def layer_ms(self, feed: Feed, runs: int = 20) -> dict[str, float]:
-        """Median ms per converted node over ``runs`` runs after as many untimed (eager only)."""
+        """Typical ms (interquartile mean) per converted node over ``runs`` runs after as many untimed (eager only)."""
         if not self.per_layer:
             raise UserError("load the model with per_layer=True (and compile off) to read per-node times from torch")
         cuda = self.device.type == "cuda"
@@ -178,7 +178,7 @@ class TorchSession:
             torch.set_num_threads(prev)
             for h in handles:
                 h.remove()
-        return median_by_node(per_run)
+        return center_by_node(per_run)
 
 
 class TorchBackend:

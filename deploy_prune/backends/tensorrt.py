@@ -47,7 +47,7 @@ synchronous and reports from inside the call by default (``enqueue_emits_profile
 ``IExecutionContext`` docs). We set ``enqueue_emits_profile = False`` so the enqueue stays
 asynchronous and only records events, synchronize the stream, then call
 ``report_to_profiler()``, which calls ``report_layer_time`` once per engine layer. Names are
-TensorRT's (fused layers carry the names of what they fused); ``layer_ms`` returns the median over
+TensorRT's (fused layers carry the names of what they fused); ``layer_ms`` returns the interquartile mean over
 ``runs`` runs after as many untimed ones.
 
 Options (``options: {tensorrt: {...}}`` in the target YAML): ``workspace_mb`` (int > 0, default
@@ -78,7 +78,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy_prune.backends import BACKENDS, Feed, median_by_node
+from deploy_prune.backends import BACKENDS, Feed, center_by_node
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 from deploy_prune.io import atomic_write
@@ -402,7 +402,7 @@ class TrtSession:
         return float(self.start.elapsed_time(self.end))
 
     def layer_ms(self, feed: Feed, runs: int = 20) -> dict[str, float]:
-        """Median ms per engine layer over ``runs`` runs after as many untimed, from TensorRT's IProfiler."""
+        """Typical ms (interquartile mean) per engine layer over ``runs`` runs after as many untimed, from TensorRT's IProfiler."""
         if self.prof_context is None or self.profiler is None:
             raise UserError("load the model with per_layer=True to read TensorRT's per-layer times")
         self._feed(feed, force=False)
@@ -415,7 +415,7 @@ class TrtSession:
                 raise UserError("tensorrt reported no per-layer times (report_to_profiler returned False)")
             if i >= runs:  # TensorRT's layout copies ("Reformatting CopyNode ...") follow the Reorder convention
                 per_run.append({("Reorder:" if "Reformatting" in n else "") + n: v for n, v in self.profiler.times.items()})
-        return median_by_node(per_run)
+        return center_by_node(per_run)
 
 
 class TensorRTBackend:

@@ -15,7 +15,9 @@ of one run (``overhead_graph``, timed in the same interleaved chunk), which a la
 whole model does not pay. A target with ``layer_timing: counters`` also stores ``counter_ms``,
 the backend's own per-node times of the layer's nodes in that graph (``layer_counter_ms``), which
 leave out the layout reorders a standalone graph pays at its boundary and a whole model pays
-once. Prediction uses ``predict_ms``: whichever of the two the target chose.
+once, and ``counter_net_ms``: the same less what the profiler itself adds to each node
+(``with_probe``, measured in the same runs). Prediction uses ``predict_ms``: ``net_ms`` or
+``counter_net_ms``, as the target chose.
 
 Prediction = sum of the layers' interpolated entries + the constant *remainder* (the part of
 the measured whole-model latency the entries do not account for: pooling, reshapes, layout
@@ -353,20 +355,52 @@ def node_key(counter_name: str) -> str:
     return counter_name.removesuffix("_nchwc").split("/")[0]
 
 
-def layer_counter_ms(graph: bytes, counters: Mapping[str, float]) -> float:
-    """The part of a standalone layer graph's per-node counters that is the layer's own nodes.
+PROBE = "probe"  # name of the probe node and prefix of its tensors (``with_probe``)
+
+
+def with_probe(graph: bytes) -> bytes:
+    """``graph`` plus a probe: the cheapest conv a backend runs (one channel, one pixel, 1 x 1) on
+    an input and output of its own, beside the rest of the graph.
+
+    Its counter is what the backend's profiler adds to every node it times, measured in the same
+    runs as the graph's own nodes (ONNX Runtime builds the event's strings inside the timed span:
+    3-8 us per node on our Intel VM, varying with the machine's state, and more than a narrow layer
+    of MobileNetV2 at 32x32 computes); ``profile`` subtracts it from each node of an entry.
+    """
+    proto = onnx.load_from_string(graph)
+    g = proto.graph
+    g.input.append(helper.make_tensor_value_info(f"{PROBE}_x", TensorProto.FLOAT, [1, 1, 1, 1]))
+    g.output.append(helper.make_tensor_value_info(f"{PROBE}_y", TensorProto.FLOAT, [1, 1, 1, 1]))
+    g.initializer.append(numpy_helper.from_array(np.full((1, 1, 1, 1), 0.5, np.float32), f"{PROBE}_w"))
+    g.node.append(helper.make_node("Conv", [f"{PROBE}_x", f"{PROBE}_w"], [f"{PROBE}_y"], name=PROBE))
+    return proto.SerializeToString()
+
+
+def _is_probe(counter_name: str) -> bool:
+    return node_key(counter_name) in (PROBE, f"{PROBE}_y")
+
+
+def probe_ms(counters: Mapping[str, float]) -> float:
+    """The probe's own counter (``with_probe``): what the profiler adds to one node."""
+    return sum(ms for name, ms in counters.items() if _is_probe(name) and not name.startswith("Reorder"))
+
+
+def own_counters(graph: bytes, counters: Mapping[str, float]) -> dict[str, float]:
+    """The counters of a standalone layer graph that are the layer's own nodes.
 
     Backends name what they ran after the ONNX node (OpenVINO, torch) or after the tensor it
     writes (ONNX Runtime's ``<tensor>_nchwc``); layout reorders (named ``Reorder...`` by every
     backend's ``layer_ms``) are what the graph's boundary costs, which the layer inside a model
-    does not pay."""
+    does not pay; the probe of ``with_probe`` is not the layer's."""
     proto = onnx.load_from_string(graph)
     own = {n.name for n in proto.graph.node} | {y for n in proto.graph.node for y in n.output}
-    total = 0.0
-    for name, ms in counters.items():
-        if node_key(name) in own and not name.startswith("Reorder"):
-            total += ms
-    return total
+    return {name: ms for name, ms in counters.items()
+            if node_key(name) in own and not name.startswith("Reorder") and not _is_probe(name)}
+
+
+def layer_counter_ms(graph: bytes, counters: Mapping[str, float]) -> float:
+    """Sum of a standalone layer graph's own-node counters (``own_counters``)."""
+    return sum(own_counters(graph, counters).values())
 
 
 def overhead_graph() -> bytes:

@@ -58,7 +58,7 @@ class Measurer(TypingProtocol):
         ...
 
     def layer_times(self, models: Mapping[str, ModelSource], runs: int = 20) -> dict[str, dict[str, float]]:
-        """The backend's own per-node times of every model (median ms over ``runs`` runs)."""
+        """The backend's own per-node times of every model (ms, interquartile mean over ``runs`` runs)."""
         ...
 
 

@@ -35,7 +35,14 @@ from deploy_prune.latency.timing import quiet_of
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 CHUNK = 48  # configurations timed together (interleaved); also the resume granularity
-COUNTER_RUNS = 20  # profiled runs per configuration for layer_timing: counters (their median)
+COUNTER_RUNS = 20  # profiled runs of a whole model for its per-layer counters
+# layer_timing: counters reads a chunk's counters in rounds, every configuration once per round
+# (each round: as many untimed runs, then COUNTER_ROUND_RUNS timed), and keeps an entry's median
+# over the rounds: a machine whose speed drifts over seconds then shifts every configuration
+# alike instead of the few timed while it was slow (two profiles of MobileNetV2 made minutes
+# apart had entries 2-3 us apart, the size of a narrow layer).
+COUNTER_ROUNDS = 3
+COUNTER_ROUND_RUNS = 7
 OVERHEAD = "__overhead__"
 
 
@@ -240,15 +247,14 @@ def run_profile(
         models[OVERHEAD] = lut.overhead_graph()  # the fixed cost of a run, under this chunk's conditions
         stats = m.time(models, lp)
         ovh = stats[OVERHEAD].median
-        counters = m.layer_times({k: models[k] for k in chunk}, COUNTER_RUNS) if target.layer_timing == "counters" else {}
+        counters = chunk_counters(m, {k: models[k] for k in chunk}) if target.layer_timing == "counters" else {}
         for k in chunk:
             st = stats[k]
             entries[k] = {"config": {**configs[k][0].as_dict(), "cin": configs[k][1], "cout": configs[k][2]},
                           "median_ms": st.median, "net_ms": max(st.median - ovh, 0.0), "overhead_ms": ovh,
                           "p90_ms": st.p90, "iqr_ms": st.iqr, "n": st.n, "round_cv": st.round_cv}
-            if counters:
-                entries[k]["counter_ms"] = lut.layer_counter_ms(models[k], counters[k])
-            entries[k]["predict_ms"] = entries[k]["counter_ms" if counters else "net_ms"]
+            entries[k].update(counters.get(k, {}))
+            entries[k]["predict_ms"] = entries[k]["counter_net_ms" if counters else "net_ms"]
         write_json(partial, {**header, "tool_version": __version__, "entries": entries})
         done += len(chunk)
         if progress:
@@ -282,6 +288,32 @@ def run_profile(
     return path, prof
 
 
+def chunk_counters(m: Measurer, graphs: Mapping[str, bytes]) -> dict[str, dict[str, float]]:
+    """Counter fields of each layer graph's entry, read in ``COUNTER_ROUNDS`` interleaved rounds.
+
+    Each graph is timed with a probe beside it (``lut.with_probe``): ``floor``, the probe's counter
+    in the same runs, is what the profiler adds to one node. ``counter_ms`` is the median over
+    rounds of the layer's own nodes; ``counter_net_ms`` the median of (own nodes - nodes x floor),
+    at least 0: the layer's compute, the figure prediction uses. Inside a whole model each node
+    also costs the runtime's dispatch, the same for every variant of the model, so that part of
+    the model's latency stays in the remainder.
+    """
+    probed = {k: lut.with_probe(g) for k, g in graphs.items()}
+    raw: dict[str, list[float]] = {k: [] for k in graphs}
+    net: dict[str, list[float]] = {k: [] for k in graphs}
+    floors: dict[str, list[float]] = {k: [] for k in graphs}
+    for _ in range(COUNTER_ROUNDS):
+        counters = m.layer_times(probed, COUNTER_ROUND_RUNS)
+        for k, g in graphs.items():
+            own = lut.own_counters(g, counters[k])
+            floor = lut.probe_ms(counters[k])
+            raw[k].append(sum(own.values()))
+            net[k].append(max(sum(own.values()) - len(own) * floor, 0.0))
+            floors[k].append(floor)
+    return {k: {"counter_ms": float(np.median(raw[k])), "counter_net_ms": float(np.median(net[k])),
+                "counter_floor_ms": float(np.median(floors[k]))} for k in graphs}
+
+
 BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 
@@ -313,9 +345,11 @@ def fit_weight_stream(spec: ProfileSpec, prof: Mapping[str, Any], m: Measurer, i
         return {**rec, "why_none": "the full model's weights fit in the cache"}
     blob = onnx_bytes(spec.model, tuple(spec.input_shape), target.batch)
     try:
-        counters = m.layer_times({"full": blob}, COUNTER_RUNS)["full"]
+        probed = m.layer_times({"full": lut.with_probe(blob)}, COUNTER_RUNS)["full"]
     except UserError as e:
         return {**rec, "why_none": f"no per-layer counters: {e}"}
+    floor = lut.probe_ms(probed)  # the entries have what the profiler adds subtracted, so the model's counters too
+    counters = {n: max(ms - floor, 0.0) for n, ms in probed.items() if not n.startswith(lut.PROBE)}
     by_layer = attribute(counters, node_to_layer(onnx.load_from_string(blob), spec.model, torch.zeros(1, *spec.input_shape)))
     hot = lut.predict(spec.model, {**prof, "weight_stream": None, "calibration": None})["per_layer"]
     names = [n for n in hot if n in by_layer and n in wb]
