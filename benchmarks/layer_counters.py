@@ -25,6 +25,7 @@ from deploy_prune.backends import get_backend, layer_times
 from deploy_prune.config import load_target
 from deploy_prune.export import onnx_bytes
 from deploy_prune.io import provenance, provenance_line, write_json, write_text
+from deploy_prune.latency import lut
 from deploy_prune.latency.counters import OTHER, attribute, compare, node_to_layer
 from deploy_prune.latency.lut import predict
 from deploy_prune.latency.measure import LocalMeasurer, feed_for
@@ -61,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         e2e = LocalMeasurer(target).time(blobs)  # end to end, the variants interleaved
         backend = get_backend(target.backend)
         for key, model in variants.items():
-            sess = backend.load(blobs[key], target, per_layer=True)
-            counters = layer_times(sess, feed_for(sess, target), runs=args.runs)
+            # with the probe, less what the profiler adds to each node: as the LUT's counter entries
+            sess = backend.load(lut.with_probe(blobs[key]), target, per_layer=True)
+            counters = lut.net_of_probe(layer_times(sess, feed_for(sess, target), runs=args.runs))
             by_layer = attribute(counters, node_to_layer(onnx.load_from_string(blobs[key]), model, example))
             pred = predict(model, prof)
             cmp = compare(pred["per_layer"], by_layer)

@@ -284,8 +284,15 @@ def test_profile_with_counter_timing(tmp_path: Path, fast_target: Target) -> Non
 
     target = replace(fast_target, layer_timing="counters")
     model = tiny()
-    _, prof = run_profile(ProfileSpec(model, "tiny-cnn", SHAPE, target), tmp_path, calibrate=(0.5,))
-    assert prof["layer_timing"] == "counters"
+    path, prof = run_profile(ProfileSpec(model, "tiny-cnn", SHAPE, target), tmp_path, calibrate=(0.5,))
+    assert prof["layer_timing"] == "counters" and prof["protocol"]["counters"]["probe"] is True
+    # A partial profile whose counters were read another way (before the probe) is not resumed.
+    old = {**prof, "tool_version": prof["provenance"]["tool_version"], "protocol": {**prof["protocol"]}}
+    del old["protocol"]["counters"]
+    path.with_suffix(".partial.json").write_text(json.dumps(old))
+    _, again = run_profile(ProfileSpec(model, "tiny-cnn", SHAPE, target), tmp_path, calibrate=(0.5,))
+    assert again["configs_resumed"] == 0 and again["configs_measured"] == again["configs_total"] > 0
+    prof = again
     for e in prof["entries"].values():
         # the profiler's own cost per node (the probe's counter) is taken off the layer's counters
         assert e["predict_ms"] == e["counter_net_ms"] >= 0 and e["counter_floor_ms"] > 0

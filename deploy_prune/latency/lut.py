@@ -385,6 +385,13 @@ def probe_ms(counters: Mapping[str, float]) -> float:
     return sum(ms for name, ms in counters.items() if _is_probe(name) and not name.startswith("Reorder"))
 
 
+def net_of_probe(counters: Mapping[str, float]) -> dict[str, float]:
+    """Counters of a graph run ``with_probe``, less the probe's counter per node, the probe left out:
+    each node's own time, as the LUT's entries hold it."""
+    floor = probe_ms(counters)
+    return {n: max(ms - floor, 0.0) for n, ms in counters.items() if not _is_probe(n)}
+
+
 def own_counters(graph: bytes, counters: Mapping[str, float]) -> dict[str, float]:
     """The counters of a standalone layer graph that are the layer's own nodes.
 

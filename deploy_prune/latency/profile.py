@@ -215,7 +215,10 @@ def run_profile(
         "schema": lut.SCHEMA_VERSION, "fingerprint": fp, "structure": lut.structure_signature(specs),
         "model": {"name": spec.name, "input_shape": list(spec.input_shape), "batch": target.batch},
         "target": target.as_dict(), "measurer": info,
-        "protocol": {"layer": layer_protocol(target.protocol).__dict__, "model": target.protocol.__dict__},
+        "protocol": {"layer": layer_protocol(target.protocol).__dict__, "model": target.protocol.__dict__,
+                     # how counter entries are read: a partial profile read otherwise is not resumed
+                     **({"counters": {"rounds": COUNTER_ROUNDS, "runs": COUNTER_ROUND_RUNS, "probe": True}}
+                        if target.layer_timing == "counters" else {})},
         "grid": {"step": spec.step, "max_points": spec.max_points, "channel_multiple": target.channel_multiple},
         "layer_timing": target.layer_timing,
         "layers": layers,
@@ -348,8 +351,7 @@ def fit_weight_stream(spec: ProfileSpec, prof: Mapping[str, Any], m: Measurer, i
         probed = m.layer_times({"full": lut.with_probe(blob)}, COUNTER_RUNS)["full"]
     except UserError as e:
         return {**rec, "why_none": f"no per-layer counters: {e}"}
-    floor = lut.probe_ms(probed)  # the entries have what the profiler adds subtracted, so the model's counters too
-    counters = {n: max(ms - floor, 0.0) for n, ms in probed.items() if not n.startswith(lut.PROBE)}
+    counters = lut.net_of_probe(probed)  # as the entries: less what the profiler adds to each node
     by_layer = attribute(counters, node_to_layer(onnx.load_from_string(blob), spec.model, torch.zeros(1, *spec.input_shape)))
     hot = lut.predict(spec.model, {**prof, "weight_stream": None, "calibration": None})["per_layer"]
     names = [n for n in hot if n in by_layer and n in wb]
