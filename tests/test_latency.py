@@ -9,7 +9,7 @@ from deploy_prune.config import Protocol, Target, load_target, target_from_dict
 from deploy_prune.errors import UserError
 from deploy_prune.io import write_text
 from deploy_prune.latency.benchmark import benchmark
-from deploy_prune.latency.timing import measure, quiet_estimate, quiet_of, summarize
+from deploy_prune.latency.timing import measure, pool_sittings, quiet_estimate, quiet_of, split_protocol, summarize
 
 
 def test_summarize_known_sample() -> None:
@@ -33,6 +33,17 @@ def test_quiet_estimate_drops_contended_rounds() -> None:
     assert s.quiet == pytest.approx(0.51) and d["quiet"] == pytest.approx(0.51) and d["quiet_rounds"] == 2
     assert s.median == pytest.approx(0.52)  # the overall figure is still reported as measured
     assert quiet_of({"median": 0.7}) == 0.7  # a report written before rounds were stored
+
+
+def test_sittings_split_the_protocol_and_pool_their_rounds() -> None:
+    a, b = split_protocol(Protocol(warmup=50, repeats=300, rounds=10, min_time_s=2.0))
+    assert (a.rounds + b.rounds, a.repeats + b.repeats, a.min_time_s + b.min_time_s) == (10, 300, 2.0)
+    # The first sitting fell wholly into a contention episode; the quiet figure comes from the second.
+    slow = summarize([[1.30, 1.31], [1.29, 1.30]])
+    quiet = summarize([[1.00, 1.01], [1.02, 1.03]])
+    pooled = pool_sittings([slow, quiet])
+    assert pooled["quiet"] == pytest.approx(1.015) and pooled["quiet_rounds"] == 2 and pooled["rounds"] == 4
+    assert quiet_of(pooled) == pooled["quiet"] and len(pooled["sittings"]) == 2  # type: ignore[arg-type]
 
 
 def test_measure_interleaves_variants() -> None:

@@ -104,7 +104,7 @@ def test_profile_predicts_and_resumes_after_a_crash(tmp_path: Path, fast_target:
     real = LocalMeasurer(fast_target)
 
     class Crashing:
-        """Measures the first chunk, then dies like a killed process."""
+        """Measures the calibration's first sitting and the first chunk, then dies like a killed process."""
 
         target, shapes, calls = fast_target, real.shapes, 0
 
@@ -113,7 +113,7 @@ def test_profile_predicts_and_resumes_after_a_crash(tmp_path: Path, fast_target:
 
         def time(self, models: Any, protocol: Any = None, on_round: Any = None) -> Any:
             self.calls += 1
-            if self.calls > 1:
+            if self.calls > 2:
                 raise KeyboardInterrupt
             return real.time(models, protocol)
 
@@ -140,6 +140,9 @@ def test_profile_predicts_and_resumes_after_a_crash(tmp_path: Path, fast_target:
     # Raw prediction at full width is the measured latency by construction.
     pred = lut.predict(model, prof)
     assert pred["raw_ms"] == pytest.approx(prof["full_model"]["latency_ms"]["quiet"], rel=1e-6)
+    # The calibration variants were timed in two sittings (before and after the layers), pooled.
+    full = prof["full_model"]["latency_ms"]
+    assert [s["rounds"] for s in full["sittings"]] == [1, 1] and full["rounds"] == 2
     # The narrowest variant predicts lower: the layer entries shrink with the channels (at half
     # width the tiny CNN's wall-clock entries differ by microseconds, within a noisy machine's reach).
     graph = describe(spec)[0]

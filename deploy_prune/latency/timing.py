@@ -85,6 +85,32 @@ class Stats:
         return d
 
 
+def split_protocol(p: Protocol) -> tuple[Protocol, Protocol]:
+    """``p`` in two sittings that together time what ``p`` does (see ``pool_sittings``)."""
+    first = Protocol(p.warmup, max(1, p.repeats // 2), max(1, p.rounds // 2), p.min_time_s / 2)
+    second = Protocol(p.warmup, max(1, p.repeats - p.repeats // 2), max(1, p.rounds - p.rounds // 2), p.min_time_s / 2)
+    return first, second
+
+
+def pool_sittings(sittings: list[Stats]) -> dict[str, object]:
+    """One record of a model timed in several sittings, minutes apart, with the same protocol.
+
+    A contention episode on a shared VM can outlast a whole measurement (benchmarks/results/
+    measure_noise.md: one of 12 measurements of ResNet-20 had every round at 1.02-1.12 ms against
+    0.71 ms quiet). Rounds taken minutes apart are likelier to include the uncontended state, so ``quiet`` is taken over
+    all the sittings' rounds. ``median`` here is the median of the round medians and ``p90`` the
+    largest sitting's (the runs themselves are not pooled); each sitting is kept under ``sittings``.
+    """
+    rm = [v for s in sittings for v in s.round_medians]
+    arr = np.asarray(rm, dtype=float)
+    return {
+        "quiet": round(quiet_estimate(rm), 6), "quiet_rounds": len(quiet_rounds(rm)), "median": round(float(np.median(arr)), 6),
+        "p90": round(max(s.p90 for s in sittings), 6), "n": sum(s.n for s in sittings), "rounds": len(rm),
+        "round_medians": [round(v, 6) for v in rm], "round_cv": round(float(arr.std() / arr.mean()) if len(arr) > 1 else 0.0, 6),
+        "median_is": "median of the round medians of all sittings", "sittings": [s.as_dict() for s in sittings],
+    }
+
+
 def summarize(samples_by_round: list[list[float]]) -> Stats:
     allv = np.asarray([v for r in samples_by_round for v in r], dtype=float)
     med = float(np.median(allv))
