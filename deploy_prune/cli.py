@@ -326,9 +326,11 @@ def profile(
             bar.update(tasks[stage], completed=done, total=total)
 
         path, prof = run_profile(spec, out, validate=validate, seed=seed, progress=progress)
+    from deploy_prune.latency.timing import quiet_of
+
     cal = prof["calibration"]
     console.print(f"{prof['configs_total']} configurations ({prof['configs_measured']} measured, {prof['configs_resumed']} resumed) "
-                  f"in {prof['profile_seconds']:.1f} s; full model {prof['full_model']['latency_ms']['median']:.3f} ms measured, "
+                  f"in {prof['profile_seconds']:.1f} s; full model {quiet_of(prof['full_model']['latency_ms']):.3f} ms measured (quiet rounds), "
                   f"layer sum {prof['full_model']['layer_sum_ms']:.3f} ms; calibration a={cal['a']:.3f} b={cal['b']:.3f} ms")
     if "validation" in prof:
         for kind in ("raw", "calibrated", "calibrated_same_session"):

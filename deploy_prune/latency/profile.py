@@ -246,7 +246,11 @@ def run_profile(
     cal_blobs = export_variants(variants, spec.input_shape, target, progress, "calibration")
     first_half, second_half = split_protocol(target.protocol)
     two_sittings = target.protocol.rounds >= 2
+    if progress and two_sittings:
+        progress("calibration: first sitting", 0, 1)
     first = m.time(cal_blobs, first_half) if two_sittings else {}
+    if progress and two_sittings:
+        progress("calibration: first sitting", 1, 1)
     t_cal = time.perf_counter() - t0
     lp = layer_protocol(target.protocol)
     done = resumed
@@ -279,11 +283,12 @@ def run_profile(
     # Whole-model measurements: full width (the remainder) and uniform variants (calibration).
     t0 = time.perf_counter()
     prof["weight_stream"] = fit_weight_stream(spec, prof, m, info)
+    label = "calibration: second sitting" if two_sittings else "calibration: measure"
     if progress:
-        progress("calibration: measure", 0, 1)
+        progress(label, 0, 1)
     second = m.time(cal_blobs, second_half if two_sittings else target.protocol)
     if progress:
-        progress("calibration: measure", 1, 1)
+        progress(label, 1, 1)
     measured = {k: pool_sittings([first[k], second[k]]) if two_sittings else second[k].as_dict() for k in cal_blobs}
     predicted = {k: lut.predict(model, prof) for k, model in variants.items()}
     s_full = predicted["full"]["layer_sum_ms"]
@@ -409,6 +414,7 @@ def fit_calibration(measured: Mapping[str, Mapping[str, Any]], predicted: Mappin
 
 def export_variants(variants: Mapping[str, nn.Module], input_shape: Sequence[int], target: Target,
                     progress: Progress | None = None, stage: str = "variants") -> dict[str, bytes]:
+    """Each variant as ONNX bytes, at the target's batch."""
     blobs = {}
     for i, (k, model) in enumerate(variants.items()):
         if progress:
