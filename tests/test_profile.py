@@ -249,17 +249,17 @@ def test_calibration_never_has_a_non_positive_slope() -> None:
     assert bad["a"] > 0 and bad["b"] == 0 and "scale only" in bad["fit"]
 
 
-def test_layer_counter_ms_keeps_the_layers_nodes_and_drops_reorders() -> None:
+def test_own_counters_keep_the_layers_nodes_and_drop_reorders() -> None:
     fam = lut.Family("conv", (3, 3), (1, 1), (1, 1), (1, 1), 1, False, (8, 8), residual=True, act="Relu")
     g = lut.layer_graph(fam, 8, 16)
     counters = {"layer": 1.0, "residual": 0.5, "act": 0.25,          # torch / ORT unfused names
                 "y0_nchwc": 2.0,                                     # ORT: named after the tensor it writes
                 "layer/WithoutBiases": 4.0,                          # OpenVINO: node name + suffix
                 "ReorderInput": 8.0, "Reorder:x_abcd_acdb_layer/WithoutBiases": 16.0, "Reorder:layer/x": 32.0}
-    assert lut.layer_counter_ms(g, counters) == pytest.approx(7.75)
+    assert sum(lut.own_counters(g, counters).values()) == pytest.approx(7.75)
     # the probe beside the layer (with_probe) is not the layer's; it is what the profiler adds to a node
     probed = {**counters, "probe_y_nchwc": 0.125, "ReorderOutput_token_4": 64.0}
-    assert lut.layer_counter_ms(g, probed) == pytest.approx(7.75)
+    assert sum(lut.own_counters(g, probed).values()) == pytest.approx(7.75)
     assert lut.probe_ms(probed) == pytest.approx(0.125) and lut.probe_ms({"probe": 0.5}) == pytest.approx(0.5)
 
 
@@ -271,7 +271,7 @@ def test_with_probe_runs_beside_the_layer_on_onnxruntime(fast_target: Target) ->
     probed = lut.with_probe(g)
     onnx.checker.check_model(onnx.load_from_string(probed))
     counters = measurer_for(fast_target).layer_times({"g": probed}, 3)["g"]
-    assert lut.probe_ms(counters) > 0 and lut.layer_counter_ms(g, counters) > 0
+    assert lut.probe_ms(counters) > 0 and sum(lut.own_counters(g, counters).values()) > 0
 
 
 def test_interquartile_mean_drops_the_tails_and_resolves_below_the_step() -> None:

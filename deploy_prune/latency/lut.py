@@ -13,7 +13,7 @@ with identical shapes share entries.
 Each entry stores the measured median and ``net_ms``, the median minus the backend's fixed cost
 of one run (``overhead_graph``, timed in the same interleaved chunk), which a layer inside a
 whole model does not pay. A target with ``layer_timing: counters`` also stores ``counter_ms``,
-the backend's own per-node times of the layer's nodes in that graph (``layer_counter_ms``), which
+the backend's own per-node times of the layer's nodes in that graph (``own_counters``), which
 leave out the layout reorders a standalone graph pays at its boundary and a whole model pays
 once, and ``counter_net_ms``: the same less what the profiler itself adds to each node
 (``with_probe``, measured in the same runs). Prediction uses ``predict_ms``: ``net_ms`` or
@@ -403,11 +403,6 @@ def own_counters(graph: bytes, counters: Mapping[str, float]) -> dict[str, float
     own = {n.name for n in proto.graph.node} | {y for n in proto.graph.node for y in n.output}
     return {name: ms for name, ms in counters.items()
             if node_key(name) in own and not name.startswith("Reorder") and not _is_probe(name)}
-
-
-def layer_counter_ms(graph: bytes, counters: Mapping[str, float]) -> float:
-    """Sum of a standalone layer graph's own-node counters (``own_counters``)."""
-    return sum(own_counters(graph, counters).values())
 
 
 def overhead_graph() -> bytes:

@@ -85,6 +85,12 @@ class Stats:
         return d
 
 
+def coefficient_of_variation(round_medians: list[float]) -> float:
+    """std / mean of the round medians (0 for fewer than two): how far the median moved."""
+    rm = np.asarray(round_medians, dtype=float)
+    return float(rm.std() / rm.mean()) if len(rm) > 1 and rm.mean() > 0 else 0.0
+
+
 def split_protocol(p: Protocol) -> tuple[Protocol, Protocol]:
     """``p`` in two sittings that together time what ``p`` does (see ``pool_sittings``)."""
     first = Protocol(p.warmup, max(1, p.repeats // 2), max(1, p.rounds // 2), p.min_time_s / 2)
@@ -102,11 +108,10 @@ def pool_sittings(sittings: list[Stats]) -> dict[str, object]:
     largest sitting's (the runs themselves are not pooled); each sitting is kept under ``sittings``.
     """
     rm = [v for s in sittings for v in s.round_medians]
-    arr = np.asarray(rm, dtype=float)
     return {
-        "quiet": round(quiet_estimate(rm), 6), "quiet_rounds": len(quiet_rounds(rm)), "median": round(float(np.median(arr)), 6),
+        "quiet": round(quiet_estimate(rm), 6), "quiet_rounds": len(quiet_rounds(rm)), "median": round(float(np.median(rm)), 6),
         "p90": round(max(s.p90 for s in sittings), 6), "n": sum(s.n for s in sittings), "rounds": len(rm),
-        "round_medians": [round(v, 6) for v in rm], "round_cv": round(float(arr.std() / arr.mean()) if len(arr) > 1 else 0.0, 6),
+        "round_medians": [round(v, 6) for v in rm], "round_cv": round(coefficient_of_variation(rm), 6),
         "median_is": "median of the round medians of all sittings", "sittings": [s.as_dict() for s in sittings],
     }
 
@@ -116,7 +121,7 @@ def summarize(samples_by_round: list[list[float]]) -> Stats:
     med = float(np.median(allv))
     q25, q75, p90 = np.percentile(allv, [25, 75, 90])
     rm = np.asarray([np.median(r) for r in samples_by_round if r], dtype=float)
-    cv = float(rm.std() / rm.mean()) if len(rm) > 1 and rm.mean() > 0 else 0.0
+    cv = coefficient_of_variation(rm.tolist())
     return Stats(
         median=med, p90=float(p90), mean=float(allv.mean()), min=float(allv.min()), max=float(allv.max()),
         iqr=float(q75 - q25), mad=float(np.median(np.abs(allv - med))), n=int(allv.size),
