@@ -55,6 +55,9 @@ class Target:
     batch: int = 1
     input_shape: list[int] | None = None  # C,H,W; None = the model's own
     channel_multiple: int = 1
+    # Where channel_multiple came from: "" when the YAML gives a number, else what ``auto``
+    # resolved to on this machine (the backend's blocked channel layout; backends.channel_block).
+    channel_multiple_from: str = ""
     # How a LUT entry's layer time is taken: "wall" (the standalone graph's median minus the
     # backend's fixed cost of a run) or "counters" (the backend's own per-node times of the
     # layer's nodes in that graph, leaving out the layout reorders at its boundary).
@@ -83,7 +86,7 @@ class Target:
 
 
 LAYER_TIMINGS = ("wall", "counters")
-_TARGET_KEYS = {f.name for f in dataclasses.fields(Target)} - {"protocol", "source"}
+_TARGET_KEYS = {f.name for f in dataclasses.fields(Target)} - {"protocol", "source", "channel_multiple_from"}
 _PROTOCOL_KEYS = {"warmup", "repeats", "rounds", "min_time_s"}
 
 
@@ -134,10 +137,17 @@ def target_from_dict(raw: Any, source: str = "<dict>") -> Target:
         if key not in raw:
             raise UserError(f"target {source!r} lacks the required key {key!r}")
     fields = {k: v for k, v in raw.items() if k in _TARGET_KEYS}
+    auto = fields.get("channel_multiple") == "auto"
+    if auto:
+        if raw.get("agent"):
+            raise UserError(f"target {source!r}: channel_multiple: auto asks this machine's runtime, but the target is measured "
+                            "through an agent on another device; give the device's number (e.g. 8)")
+        fields["channel_multiple"] = 1  # resolved below, once the rest is valid
     types = {"threads": int, "batch": int, "channel_multiple": int, "cache_kib": int}
     for k, t in types.items():
         if k in fields and not isinstance(fields[k], t) and not (k == "cache_kib" and fields[k] is None):
-            raise UserError(f"target {source!r}: {k} must be an integer, got {fields[k]!r}")
+            raise UserError(f"target {source!r}: {k} must be an integer{' or auto' if k == 'channel_multiple' else ''}, "
+                            f"got {fields[k]!r}")
     if fields.get("layer_timing", "wall") not in LAYER_TIMINGS:
         raise UserError(f"target {source!r}: layer_timing must be one of {', '.join(LAYER_TIMINGS)}, got {fields['layer_timing']!r}")
     if fields.get("batch", 1) < 1 or fields.get("channel_multiple", 1) < 1 or fields.get("threads", 0) < 0:
@@ -146,4 +156,9 @@ def target_from_dict(raw: Any, source: str = "<dict>") -> Target:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in proto.values()):
         raise UserError(f"target {source!r}: warmup, repeats, rounds and min_time_s must be numbers")
     proto = {k: (v if k == "min_time_s" else int(v)) for k, v in proto.items()}
-    return Target(**fields, protocol=Protocol(**proto), source=source)
+    target = Target(**fields, protocol=Protocol(**proto), source=source)
+    if auto:
+        from deploy_prune.backends import channel_block  # backends import this module
+
+        target.channel_multiple, target.channel_multiple_from = channel_block(target)
+    return target

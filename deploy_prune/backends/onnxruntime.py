@@ -7,6 +7,7 @@ node's ``*_kernel_time`` events from the trace ORT writes.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import tempfile
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy_prune.backends import BACKENDS, Feed, center_by_node
+from deploy_prune.backends import BACKENDS, Feed, center_by_node, conv_pool_graph
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 from deploy_prune.io import cpu_model
@@ -60,6 +61,27 @@ class OrtSession:
         return center_by_node(per_run)
 
 
+@functools.lru_cache(maxsize=1)
+def nchwc_block() -> int:
+    """The channel block of ORT's NCHWc layout on this CPU (MLAS: 8 with AVX2, 16 with AVX-512),
+    1 where it has none. ORT does not expose it, so ask its optimizer: the smallest width whose
+    MaxPool it moves into the blocked layout (pooling needs whole blocks; convs pad instead)."""
+    import onnx
+    import onnxruntime as ort
+
+    for c in (4, 8, 16, 32):
+        with tempfile.TemporaryDirectory() as tmp:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+            so.log_severity_level = 3
+            ort.InferenceSession(conv_pool_graph(c), so, providers=["CPUExecutionProvider"])
+            opt = onnx.load(so.optimized_model_filepath)
+        if any(n.op_type == "MaxPool" and n.domain == "com.microsoft.nchwc" for n in opt.graph.node):
+            return c
+    return 1
+
+
 class OnnxRuntimeBackend:
     """ONNX Runtime, CPU execution provider."""
 
@@ -78,6 +100,9 @@ class OnnxRuntimeBackend:
 
     def device_string(self, target: Target) -> str:
         return f"{cpu_model()} ({target.resolved_threads()} threads)"
+
+    def channel_block(self, target: Target) -> int:
+        return nchwc_block()
 
     def load(self, model: Path | bytes, target: Target, per_layer: bool = False) -> OrtSession:
         import onnxruntime as ort

@@ -11,13 +11,14 @@ and ``layer_ms(feed, runs)`` returns OpenVINO's own per-node times, interquartil
 from __future__ import annotations
 
 import importlib.util
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deploy_prune.backends import BACKENDS, Feed, center_by_node
+from deploy_prune.backends import BACKENDS, Feed, center_by_node, conv_pool_graph
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 
@@ -101,6 +102,16 @@ class OpenVinoBackend:
             cfg["PERF_COUNT"] = True
         cfg.update(target.options.get("openvino", {}) if isinstance(target.options.get("openvino"), dict) else {})
         return cfg
+
+    def channel_block(self, target: Target) -> int:
+        """The block of the layout the plugin gives a conv's output (oneDNN's ``aBcd16b`` is
+        nChw16c: 16), read from the compiled model of a 32-channel conv and pool; 1 for a plain
+        or channels-last layout."""
+        layouts = [str(op.get_rt_info()["outputLayouts"].astype(str))
+                   for op in self.load(conv_pool_graph(32), target).compiled.get_runtime_model().get_ordered_ops()
+                   if str(op.get_rt_info()["layerType"].astype(str)) == "Convolution"]
+        found = [int(m.group(1)) for lay in layouts if (m := re.fullmatch(r"aB[a-z]*?(\d+)b", lay))]
+        return max(found, default=1)
 
     def load(self, model: Path | bytes, target: Target, per_layer: bool = False) -> OvSession:
         import openvino as ov
