@@ -72,6 +72,42 @@ def test_shipped_targets_parse() -> None:
     assert load_target("cpu-ort-1t").resolved_threads() == 1
 
 
+def _cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+def test_channel_multiple_auto_is_the_cpus_block() -> None:
+    """ORT's NCHWc block comes from MLAS's kernels: 16 with AVX-512, 8 with AVX2 (x86 Linux;
+    elsewhere only the shape of the answer is checked)."""
+    flags = _cpu_flags()
+    for name in ("cpu-ort", "cpu-ort-1t"):
+        t = load_target(name)
+        assert t.channel_multiple_from.startswith(f"auto: {t.channel_multiple} ")
+        if "avx512f" in flags:
+            assert t.channel_multiple == 16
+        elif "avx2" in flags:
+            assert t.channel_multiple == 8
+        else:
+            assert t.channel_multiple in (1, 4, 8, 16, 32)
+    assert t.as_dict()["channel_multiple_from"]  # recorded with the target in every profile and report
+    torch_t = target_from_dict({"name": "x", "backend": "torch", "channel_multiple": "auto"})
+    assert (torch_t.channel_multiple, torch_t.channel_multiple_from) == (1, "auto: 1 (torch has no channel-blocked layout)")
+    # a number is taken as given
+    fixed = target_from_dict({"name": "x", "backend": "onnxruntime", "channel_multiple": 8})
+    assert (fixed.channel_multiple, fixed.channel_multiple_from) == (8, "")
+
+
+def test_channel_multiple_auto_bad_input() -> None:
+    with pytest.raises(UserError, match="through an agent on another device; give the device's number"):
+        target_from_dict({"name": "x", "backend": "onnxruntime", "channel_multiple": "auto",
+                          "agent": {"url": "http://127.0.0.1:1", "token_env": "T"}})
+    with pytest.raises(UserError, match="channel_multiple must be an integer or auto, got 'eight'"):
+        target_from_dict({"name": "x", "backend": "onnxruntime", "channel_multiple": "eight"})
+    with pytest.raises(UserError, match="unknown key"):
+        target_from_dict({"name": "x", "backend": "onnxruntime", "channel_multiple_from": "me"})
+
+
 def test_bad_targets(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="valid targets: .*cpu-ort"):
         load_target("jetson-xavier-nx-9000")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deploy_prune.backends import backend_status, get_backend, layer_times
-from deploy_prune.config import Protocol, Target, load_target
+from deploy_prune.config import Protocol, Target, load_target, target_from_dict
 from deploy_prune.errors import UserError
 from deploy_prune.export import onnx_bytes
 from deploy_prune.models import build_model
@@ -73,3 +73,11 @@ def test_openvino_targets_are_shipped() -> None:
     for name, threads in (("cpu-openvino", 0), ("cpu-openvino-1t", 1)):
         t = load_target(name)
         assert t.backend == "openvino" and t.threads == threads and t.channel_multiple == 8
+
+
+def test_channel_block_from_the_plugins_layout() -> None:
+    from deploy_prune.backends.openvino import layout_block
+
+    assert [layout_block(t) for t in ("aBcd16b", "aBcd8b", "aBcde16b", "abcd", "acdb", "undef")] == [16, 8, 16, 1, 1, 1]
+    t = target_from_dict({"name": "ov", "backend": "openvino", "threads": 1, "channel_multiple": "auto"})
+    assert t.channel_multiple in (1, 8, 16) and t.channel_multiple_from.startswith(f"auto: {t.channel_multiple} (openvino")

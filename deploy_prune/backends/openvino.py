@@ -58,6 +58,13 @@ class OvSession:
         return center_by_node(per_run)
 
 
+def layout_block(layout: str) -> int:
+    """The channel block of a oneDNN layout tag: ``aBcd16b`` (nChw16c) is 16; ``abcd`` (plain)
+    and ``acdb`` (channels-last) are 1."""
+    m = re.fullmatch(r"aB[a-z]*?(\d+)b", layout)
+    return int(m.group(1)) if m else 1
+
+
 class OpenVinoBackend:
     """OpenVINO runtime (CPU plugin here; GPU/NPU where the machine has them)."""
 
@@ -110,8 +117,7 @@ class OpenVinoBackend:
         layouts = [str(op.get_rt_info()["outputLayouts"].astype(str))
                    for op in self.load(conv_pool_graph(32), target).compiled.get_runtime_model().get_ordered_ops()
                    if str(op.get_rt_info()["layerType"].astype(str)) == "Convolution"]
-        found = [int(m.group(1)) for lay in layouts if (m := re.fullmatch(r"aB[a-z]*?(\d+)b", lay))]
-        return max(found, default=1)
+        return max((layout_block(lay) for lay in layouts), default=1)
 
     def load(self, model: Path | bytes, target: Target, per_layer: bool = False) -> OvSession:
         import openvino as ov
