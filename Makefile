@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # 50 % of the measured latency. Where the tiny CNN's narrowest widths already measure more than that
-# (0.53 on an AMD EPYC VM), compress exits 3 naming the floor, and the demo asks for 60 % instead.
+# (0.53 on an AMD EPYC VM; 0.54 on an AVX-512 Intel VM, pruning in 16s), compress exits 3 naming the
+# floor, and the demo asks for 60 % instead.
 COMPRESS_DEMO = $(BIN)/deploy-prune compress --weights $(RUN)/base --data digits --target cpu-ort-1t \
 	    --epochs 10 --lr 0.05 --step-fraction 1 --profiles $(RUN)/profiles --out $(RUN)/compressed
 demo: $(STAMP)
