@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             # with the probe, less what the profiler adds to each node: as the LUT's counter entries
             sess = backend.load(lut.with_probe(blobs[key]), target, per_layer=True)
             counters = lut.net_of_probe(layer_times(sess, feed_for(sess, target), runs=args.runs))
-            by_layer = attribute(counters, node_to_layer(onnx.load_from_string(blobs[key]), model, example))
+            by_layer = {k: max(v, 0.0) for k, v in  # clipped per layer, as the entries
+                        attribute(counters, node_to_layer(onnx.load_from_string(blobs[key]), model, example)).items()}
             pred = predict(model, prof)
             cmp = compare(pred["per_layer"], by_layer)
             row = {

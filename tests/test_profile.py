@@ -261,6 +261,14 @@ def test_own_counters_keep_the_layers_nodes_and_drop_reorders() -> None:
     probed = {**counters, "probe_y_nchwc": 0.125, "ReorderOutput_token_4": 64.0}
     assert sum(lut.own_counters(g, probed).values()) == pytest.approx(7.75)
     assert lut.probe_ms(probed) == pytest.approx(0.125) and lut.probe_ms({"probe": 0.5}) == pytest.approx(0.5)
+    assert lut.own_counters(lut.own_names(g), probed) == lut.own_counters(g, probed)
+
+
+def test_net_of_probe_leaves_clipping_to_the_layer_sum() -> None:
+    """A node faster than the profiler's per-node cost reads below the probe: kept negative, so a
+    layer's sum is unbiased (clipping each node at 0 would push narrow layers up)."""
+    net = lut.net_of_probe({"a": 0.003, "b": 0.006, "probe_y_nchwc": 0.005})
+    assert net == pytest.approx({"a": -0.002, "b": 0.001})
 
 
 def test_with_probe_runs_beside_the_layer_on_onnxruntime(fast_target: Target) -> None:

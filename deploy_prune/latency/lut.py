@@ -386,21 +386,29 @@ def probe_ms(counters: Mapping[str, float]) -> float:
 
 
 def net_of_probe(counters: Mapping[str, float]) -> dict[str, float]:
-    """Counters of a graph run ``with_probe``, less the probe's counter per node, the probe left out:
-    each node's own time, as the LUT's entries hold it."""
+    """Counters of a graph run ``with_probe``, less the probe's counter per node, the probe left out.
+
+    Not clipped: a node that computes in less than the profiler's per-node cost reads below the
+    probe as often as above it, so clipping each node at 0 would bias narrow layers up. Clip a
+    layer's sum instead, as ``profile.chunk_counters`` does for the entries."""
     floor = probe_ms(counters)
-    return {n: max(ms - floor, 0.0) for n, ms in counters.items() if not _is_probe(n)}
+    return {n: ms - floor for n, ms in counters.items() if not _is_probe(n)}
 
 
-def own_counters(graph: bytes, counters: Mapping[str, float]) -> dict[str, float]:
-    """The counters of a standalone layer graph that are the layer's own nodes.
+def own_names(graph: bytes) -> frozenset[str]:
+    """Names of a layer graph's nodes and of the tensors they write (what ``own_counters`` keeps)."""
+    proto = onnx.load_from_string(graph)
+    return frozenset({n.name for n in proto.graph.node} | {y for n in proto.graph.node for y in n.output})
+
+
+def own_counters(graph: bytes | frozenset[str], counters: Mapping[str, float]) -> dict[str, float]:
+    """The counters of a standalone layer graph (or its ``own_names``) that are the layer's own nodes.
 
     Backends name what they ran after the ONNX node (OpenVINO, torch) or after the tensor it
     writes (ONNX Runtime's ``<tensor>_nchwc``); layout reorders (named ``Reorder...`` by every
     backend's ``layer_ms``) are what the graph's boundary costs, which the layer inside a model
     does not pay; the probe of ``with_probe`` is not the layer's."""
-    proto = onnx.load_from_string(graph)
-    own = {n.name for n in proto.graph.node} | {y for n in proto.graph.node for y in n.output}
+    own = own_names(graph) if isinstance(graph, bytes) else graph
     return {name: ms for name, ms in counters.items()
             if node_key(name) in own and not name.startswith("Reorder") and not _is_probe(name)}
 

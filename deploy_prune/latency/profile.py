@@ -322,13 +322,14 @@ def chunk_counters(m: Measurer, graphs: Mapping[str, bytes]) -> dict[str, dict[s
     the model's latency stays in the remainder.
     """
     probed = {k: lut.with_probe(g) for k, g in graphs.items()}
+    names = {k: lut.own_names(g) for k, g in graphs.items()}
     raw: dict[str, list[float]] = {k: [] for k in graphs}
     net: dict[str, list[float]] = {k: [] for k in graphs}
     floors: dict[str, list[float]] = {k: [] for k in graphs}
     for _ in range(COUNTER_ROUNDS):
         counters = m.layer_times(probed, COUNTER_ROUND_RUNS)
-        for k, g in graphs.items():
-            own = lut.own_counters(g, counters[k])
+        for k in graphs:
+            own = lut.own_counters(names[k], counters[k])
             floor = lut.probe_ms(counters[k])
             raw[k].append(sum(own.values()))
             net[k].append(max(sum(own.values()) - len(own) * floor, 0.0))
@@ -371,8 +372,9 @@ def fit_weight_stream(spec: ProfileSpec, prof: Mapping[str, Any], m: Measurer, i
         probed = m.layer_times({"full": lut.with_probe(blob)}, COUNTER_RUNS)["full"]
     except UserError as e:
         return {**rec, "why_none": f"no per-layer counters: {e}"}
-    counters = lut.net_of_probe(probed)  # as the entries: less what the profiler adds to each node
-    by_layer = attribute(counters, node_to_layer(onnx.load_from_string(blob), spec.model, torch.zeros(1, *spec.input_shape)))
+    counters = lut.net_of_probe(probed)  # as the entries: less what the profiler adds to each node...
+    by_layer = {k: max(v, 0.0) for k, v in  # ...and clipped per layer, as the entries
+                attribute(counters, node_to_layer(onnx.load_from_string(blob), spec.model, torch.zeros(1, *spec.input_shape))).items()}
     hot = lut.predict(spec.model, {**prof, "weight_stream": None, "calibration": None})["per_layer"]
     names = [n for n in hot if n in by_layer and n in wb]
     xs = np.array([wb[n] / 1e6 for n in names])
