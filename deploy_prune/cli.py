@@ -567,11 +567,12 @@ def targets() -> None:
     from deploy_prune.config import list_targets, load_target
 
     table = Table(title="targets")
-    for col in ("name", "backend", "device", "threads", "description", "file"):
+    for col in ("name", "backend", "device", "threads", "channel multiple", "description", "file"):
         table.add_column(col)
     for name, path in list_targets().items():
         t = load_target(str(path))
-        table.add_row(name, t.backend, t.device, str(t.threads or "all"), t.description, str(path))
+        multiple = f"{t.channel_multiple}{' (auto)' if t.channel_multiple_from else ''}"
+        table.add_row(name, t.backend, t.device, str(t.threads or "all"), multiple, t.description, str(path))
     console.print(table)
 
 

@@ -76,6 +76,6 @@ def test_doctor_and_targets() -> None:
     rep = json.loads(r.stdout)
     assert rep["backends"]["onnxruntime"]["available"] and "cpu-ort" in rep["targets"]
     r = runner.invoke(app, ["targets"])
-    assert r.exit_code == 0 and "cpu-ort-1t" in r.output
+    assert r.exit_code == 0 and "cpu-ort-1t" in r.output and "(auto)" in r.output  # what auto resolved to
     r = runner.invoke(app, ["models"])
     assert "mobilenet_v3_large" in r.output
