@@ -97,8 +97,10 @@ def channel_block(target: Target) -> tuple[int, str]:
     fn = getattr(backend, "channel_block", None)
     if fn is None:
         return 1, f"auto: 1 ({target.backend} has no channel-blocked layout)"
-    block = int(fn(target))
-    return max(1, block), f"auto: {block} ({target.backend}'s channel block on this machine)"
+    block = max(1, int(fn(target)))
+    if block == 1:
+        return 1, f"auto: 1 ({target.backend} keeps no channel-blocked layout on this machine)"
+    return block, f"auto: {block} ({target.backend}'s channel block on this machine)"
 
 
 def get_backend(name: str) -> Backend:

@@ -114,9 +114,11 @@ class OpenVinoBackend:
         """The block of the layout the plugin gives a conv's output (oneDNN's ``aBcd16b`` is
         nChw16c: 16), read from the compiled model of a 32-channel conv and pool; 1 for a plain
         or channels-last layout."""
-        layouts = [str(op.get_rt_info()["outputLayouts"].astype(str))
-                   for op in self.load(conv_pool_graph(32), target).compiled.get_runtime_model().get_ordered_ops()
-                   if str(op.get_rt_info()["layerType"].astype(str)) == "Convolution"]
+        layouts = []
+        for op in self.load(conv_pool_graph(32), target).compiled.get_runtime_model().get_ordered_ops():
+            rt = op.get_rt_info()
+            if "layerType" in rt and "outputLayouts" in rt and str(rt["layerType"].astype(str)) == "Convolution":
+                layouts.append(str(rt["outputLayouts"].astype(str)))
         return max((layout_block(lay) for lay in layouts), default=1)
 
     def load(self, model: Path | bytes, target: Target, per_layer: bool = False) -> OvSession:
