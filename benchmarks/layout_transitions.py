@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 
-from deploy_prune.backends.onnxruntime import nchwc_block
-from deploy_prune.config import load_target
+from deploy_prune.backends import get_backend, layer_times
+from deploy_prune.backends.onnxruntime import nchwc_block, optimized_graph
+from deploy_prune.config import Target, load_target
 from deploy_prune.export import onnx_bytes
 from deploy_prune.io import provenance, provenance_line, write_json, write_text
+from deploy_prune.latency.measure import feed_for
 from deploy_prune.latency.profile import ProfileSpec, describe, plan_variant, pruned_copy, random_shares
 from deploy_prune.models import build_model
 
@@ -38,28 +36,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 HEAD = {"ReduceMean", "GlobalAveragePool", "Reshape", "Flatten", "Gemm", "MatMul"}  # plain at any width
 
 
-def outside_block(model_bytes: bytes, x: np.ndarray, runs: int) -> dict[str, Any]:
-    """Nodes outside the blocked layout in ORT's optimized graph, and their share of node time."""
-    with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.optimized_model_filepath = f"{tmp}/opt.onnx"
-        so.enable_profiling, so.profile_file_prefix = True, f"{tmp}/p"
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name: x}
-        for _ in range(2 * runs):
-            sess.run(None, feed)
-        events = json.loads(Path(sess.end_profiling()).read_text())
-        opt = onnx.load(so.optimized_model_filepath)
+def outside_block(model_bytes: bytes, target: Target, runs: int) -> dict[str, Any]:
+    """Nodes outside the blocked layout in ORT's optimized graph, and their share of node time
+    (the backend's per-node counters, as the LUT reads them)."""
+    opt = optimized_graph(model_bytes)
     outside = {n.name for n in opt.graph.node
                if n.op_type.startswith("Reorder") or (n.domain == "" and n.op_type not in HEAD and n.op_type != "Conv")}
-    times: dict[str, list[float]] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            times.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"] / 1e3)
-    node_ms = {n: float(np.median(v[len(v) // 2:])) for n, v in times.items()}  # the timed half of the runs
+    sess = get_backend("onnxruntime").load(model_bytes, target, per_layer=True)
+    node_ms = layer_times(sess, feed_for(sess, target), runs)
     total = sum(node_ms.values())
     out_ms = sum(ms for n, ms in node_ms.items() if n in outside)
     reorders = sum(1 for n in opt.graph.node if n.op_type.startswith("Reorder"))
@@ -82,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = (3, int(size), int(size))
         torch.manual_seed(0)
         base = build_model(name, 10, 3).eval()
-        x = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
-        full = outside_block(onnx_bytes(base, shape), x, args.runs)
+        full = outside_block(onnx_bytes(base, shape), base_target, args.runs)
         for mult in (int(v) for v in args.multiples.split(",")):
             target = dataclasses.replace(base_target, channel_multiple=mult)
             graph, _, _ = describe(ProfileSpec(base, name, shape, target))
@@ -91,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             found = []
             for i in range(args.variants):
                 plan = plan_variant(graph, random_shares(graph, rng, uniform=(i % 3 == 0)))
-                found.append(outside_block(onnx_bytes(pruned_copy(base, shape, plan, multiple=mult).eval(), shape), x, args.runs))
+                found.append(outside_block(onnx_bytes(pruned_copy(base, shape, plan, multiple=mult).eval(), shape), target, args.runs))
             shares = [f["outside_share"] for f in found]
             rows.append({"case": case, "multiple": mult, "variants": found, "full": full,
                          "median_share": float(np.median(shares)), "max_share": float(max(shares)),
@@ -103,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out.with_suffix(".json"), {"rows": rows, "nchwc_block": nchwc_block(), "provenance": prov})
     lines = [f"# Nodes outside ONNX Runtime's blocked layout (cpu-ort-1t, NCHWc block {nchwc_block()} here)", "",
              f"{args.variants} random variants per row (LUT validation's recipe, same shares in every row of a case); "
-             f"ORT's optimized graph and profiler, {args.runs} runs.", "",
+             f"ORT's optimized graph and its per-node counters (interquartile mean of {args.runs} runs).", "",
              "| case | channel multiple | share of node time outside the block (median / max) | reorders (median) "
              "| variants with more such nodes than the full model |", "|---|---|---|---|---|"]
     for r in rows:

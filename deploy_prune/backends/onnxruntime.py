@@ -61,23 +61,28 @@ class OrtSession:
         return center_by_node(per_run)
 
 
+def optimized_graph(model: bytes) -> Any:
+    """The graph ONNX Runtime's CPU provider runs for ``model`` after every optimization (NCHWc
+    layout included), as an ``onnx.ModelProto``: which ops it fused, blocked or left plain."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        return onnx.load(so.optimized_model_filepath)
+
+
 @functools.lru_cache(maxsize=1)
 def nchwc_block() -> int:
     """The channel block of ORT's NCHWc layout on this CPU (MLAS: 8 with AVX2, 16 with AVX-512),
     1 where it has none. ORT does not expose it, so ask its optimizer: the smallest width whose
     MaxPool it moves into the blocked layout (pooling needs whole blocks; convs pad instead)."""
-    import onnx
-    import onnxruntime as ort
-
     for c in (4, 8, 16, 32):
-        with tempfile.TemporaryDirectory() as tmp:
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
-            so.log_severity_level = 3
-            ort.InferenceSession(conv_pool_graph(c), so, providers=["CPUExecutionProvider"])
-            opt = onnx.load(so.optimized_model_filepath)
-        if any(n.op_type == "MaxPool" and n.domain == "com.microsoft.nchwc" for n in opt.graph.node):
+        if any(n.op_type == "MaxPool" and n.domain == "com.microsoft.nchwc" for n in optimized_graph(conv_pool_graph(c)).graph.node):
             return c
     return 1
 
