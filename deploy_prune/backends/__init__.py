@@ -88,8 +88,8 @@ def channel_block(target: Target) -> tuple[int, str]:
     multiple up (the kernels pad), and an op the blocked layout cannot take at that width runs in
     the plain layout behind reorders. On ONNX Runtime with AVX-512, ResNet-18@224 pruned to
     multiples of 8 gained a MaxPool and two Add + Relu outside the blocked layout and seven
-    reorders, about 8 % of its latency, which no one-layer entry of the LUT sees (multiples of 16:
-    none). 1 where the backend is missing or has no blocked layout."""
+    reorders, up to 10 % of its latency (benchmarks/results/layout_transitions.md), which no one-layer
+    entry of the LUT sees (multiples of 16: none). 1 where the backend is missing or has no blocked layout."""
     backend = BACKENDS.get(target.backend)
     ok, why = backend.available()
     if not ok:
