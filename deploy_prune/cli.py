@@ -332,6 +332,11 @@ def profile(
     console.print(f"{prof['configs_total']} configurations ({prof['configs_measured']} measured, {prof['configs_resumed']} resumed) "
                   f"in {prof['profile_seconds']:.1f} s; full model {quiet_of(prof['full_model']['latency_ms']):.3f} ms measured (quiet rounds), "
                   f"layer sum {prof['full_model']['layer_sum_ms']:.3f} ms; calibration a={cal['a']:.3f} b={cal['b']:.3f} ms")
+    con = prof.get("contention") or {}
+    if con.get("configs_remeasured"):
+        console.print(f"{con['configs_remeasured']} configuration timings repeated because the machine ran slow while they were timed "
+                      f"(sentinel above {100 * con['band']:.0f} % of its quiet {con['quiet_sentinel_ms']:.4f} ms); "
+                      f"{con['configs_still_contended']} still slow")
     if "validation" in prof:
         for kind in ("raw", "calibrated", "calibrated_same_session"):
             v = prof["validation"][kind]

@@ -20,8 +20,10 @@ from deploy_prune.errors import UserError
 from deploy_prune.latency import lut
 from deploy_prune.latency.measure import LocalMeasurer
 from deploy_prune.latency.profile import (
+    SENTINEL,
     ProfileSpec,
     check_profile,
+    contended,
     describe,
     fit_calibration,
     layer_protocol,
@@ -159,6 +161,51 @@ def test_profile_predicts_and_resumes_after_a_crash(tmp_path: Path, fast_target:
     v = prof["validation"]
     assert v["n_variants"] == 4 and set(v["raw"]) >= {"median_abs_error_pct", "within_10pct_share", "spearman"}
     assert all(r["measured_ms"] > 0 and r["raw_ms"] > 0 for r in v["variants"])
+
+
+def test_contended_flags_chunks_whose_sentinel_read_slow() -> None:
+    entries = {f"c{c}k{i}": {"chunk": c, "sentinel_ms": s} for c, s in enumerate([0.030, 0.031, 0.032, 0.050]) for i in range(2)}
+    entries["old"] = {"predict_ms": 1.0}  # resumed from a profile without a sentinel: taken as it is
+    ref, slow = contended(entries)
+    assert ref == pytest.approx(0.031) and sorted(slow) == ["c3k0", "c3k1"]
+    assert contended({"old": {"predict_ms": 1.0}}) == (None, [])
+
+
+def test_profile_times_again_the_chunks_measured_while_the_machine_was_slow(tmp_path: Path, fast_target: Target) -> None:
+    """The first chunk runs in a contention episode (every figure 1.6x): its entries are timed
+    again later and replaced by the quieter reading; the profile records how many."""
+    from dataclasses import replace as dc_replace
+
+    import deploy_prune.latency.profile as prof_mod
+
+    real = LocalMeasurer(fast_target)
+    slowed: list[str] = []
+
+    class SlowFirstChunk:
+        target, shapes = fast_target, real.shapes
+
+        def info(self) -> dict[str, Any]:
+            return real.info()
+
+        def time(self, models: Any, protocol: Any = None, on_round: Any = None) -> Any:
+            stats = real.time(models, protocol)
+            if SENTINEL in models and not slowed:
+                slowed.extend(k for k in models if k not in (SENTINEL, prof_mod.OVERHEAD))
+                return {k: dc_replace(st, median=st.median * 1.6) for k, st in stats.items()}
+            return stats
+
+    old_chunk = prof_mod.CHUNK
+    prof_mod.CHUNK = 4
+    try:
+        _, prof = run_profile(ProfileSpec(tiny(), "tiny-cnn", SHAPE, fast_target), tmp_path, calibrate=(0.5,), measurer=SlowFirstChunk())
+    finally:
+        prof_mod.CHUNK = old_chunk
+    assert len(slowed) == 4
+    for k in slowed:
+        e = prof["entries"][k]
+        assert "replaced" in e and e["sentinel_ms"] < e["replaced"]["sentinel_ms"] and e["chunk"] != e["replaced"]["chunk"]
+    con = prof["contention"]
+    assert con["configs_remeasured"] >= 4 and con["quiet_sentinel_ms"] > 0 and "32 -> 32" in con["sentinel"]
 
 
 @pytest.fixture(scope="module")
