@@ -338,7 +338,7 @@ def profile(
                       f"(sentinel above {100 * con['band']:.0f} % of its quiet {con['quiet_sentinel_ms']:.4f} ms); "
                       f"{con['configs_still_contended']} still slow")
     if "validation" in prof:
-        for kind in ("raw", "calibrated", "calibrated_same_session"):
+        for kind in ("raw", "calibrated", "calibrated_anchored", "calibrated_same_session"):
             v = prof["validation"][kind]
             console.print(f"validation ({kind}, {v['n_variants']} variants): median |error| {v['median_abs_error_pct']:.1f} %, "
                           f"{100 * v['within_10pct_share']:.0f} % within ±10 %, Spearman {v['spearman']:.3f}")

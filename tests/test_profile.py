@@ -160,6 +160,9 @@ def test_profile_predicts_and_resumes_after_a_crash(tmp_path: Path, fast_target:
     assert checked >= 3 and set(per_layer) == set(pred["per_layer"])
     v = prof["validation"]
     assert v["n_variants"] == 4 and set(v["raw"]) >= {"median_abs_error_pct", "within_10pct_share", "spearman"}
+    # anchored: the profile-time prediction scaled by one factor, the full model measured now / predicted
+    assert v["anchor"] > 0 and v["calibrated_anchored"]["n_variants"] == 4
+    assert all(r["calibrated_anchored_ms"] == pytest.approx(r["calibrated_ms"] * v["anchor"]) for r in v["variants"])
     assert all(r["measured_ms"] > 0 and r["raw_ms"] > 0 for r in v["variants"])
 
 
@@ -280,7 +283,7 @@ def test_sensitivity_reports_latency_saved_from_the_profile(small_profile: tuple
     assert hi > lo
 
 
-def test_weight_stream_term_applies_only_above_the_cache(small_profile: tuple[Path, dict[str, Any]]) -> None:
+def test_weight_stream_term_grows_with_the_weights_beyond_the_cache(small_profile: tuple[Path, dict[str, Any]]) -> None:
     _, prof = small_profile
     model = tiny()
     total = sum(lut.weight_bytes(model).values())
@@ -291,6 +294,15 @@ def test_weight_stream_term_applies_only_above_the_cache(small_profile: tuple[Pa
     assert over["weight_stream_ms"] == pytest.approx(total / 1e6 * 2.0)
     assert over["raw_ms"] == pytest.approx(base["raw_ms"] + over["weight_stream_ms"])
     assert fits["weight_stream_ms"] == 0 and fits["raw_ms"] == pytest.approx(base["raw_ms"])
+    # Profiles made from now on store the ramp: the share streamed grows from 0 at half the cache
+    # to 1 at 1.4x (the step above is what a profile without it keeps).
+    ramp = {"ms_per_mb": 2.0, "bytes_per_weight": 4, "ramp": list(lut.STREAM_RAMP)}
+    assert lut.STREAM_RAMP == (0.5, 1.4)
+    share = {c: lut.predict(model, {**prof, "weight_stream": {**ramp, "cache_bytes": c}})["weight_stream_ms"] / (total / 1e6 * 2.0)
+             for c in (2 * total + 8, total, total // 2, int(total / 1.4) - 8)}
+    assert share[2 * total + 8] == 0 and share[int(total / 1.4) - 8] == pytest.approx(1.0)
+    assert share[total] == pytest.approx(0.5 / 0.9) and share[total // 2] == pytest.approx(1.0)
+    assert lut.streamed_share(0.95 * total, {"cache_bytes": total, "ramp": [0.5, 1.4]}) == pytest.approx(0.45 / 0.9)
     # The tiny model's weights fit in any CPU's L2, so its own profile records why there is no term.
     assert prof["weight_stream"]["ms_per_mb"] is None and prof["weight_stream"]["why_none"]
 

@@ -404,11 +404,12 @@ BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 def fit_weight_stream(spec: ProfileSpec, prof: Mapping[str, Any], m: Measurer, info: Mapping[str, Any]) -> dict[str, Any]:
     """The LUT's weight-streaming term (``latency.lut`` docstring): the cache, and the ms per MB
-    of weights a run pays when they do not fit in it, fitted on the full model.
+    of weights a run pays when it streams them all in, fitted on the full model.
 
     The slope comes from the full model's own per-layer counters against the layers' (hot)
     entries: a least-squares line of (counter - entry) on weight bytes, layer by layer. It is
-    kept only when the full model's weights exceed the cache (below it there is nothing to fit),
+    kept only when the full model streams at least half its weights (``lut.streamed_share``; below
+    that there is little to fit, and the slope is divided by that share),
     the backend has counters, the slope is positive and the correlation at least 0.5; the
     record says which. The cache is ``cache_kib`` of the target, else this machine's L2 per
     thread (a CPU measured locally: each thread's core has its own), else unknown."""
@@ -424,10 +425,12 @@ def fit_weight_stream(spec: ProfileSpec, prof: Mapping[str, Any], m: Measurer, i
         rec["cache_bytes"], rec["cache_from"] = l2 * max(1, int(info.get("threads") or 1)), "L2 per thread x threads (sysfs)"
     else:
         return {**rec, "why_none": "cache size unknown: set cache_kib in the target"}
+    rec["ramp"] = list(lut.STREAM_RAMP)
     wb = lut.weight_bytes(spec.model, bpw)
     rec["full_model_bytes"] = sum(wb.values())
-    if rec["full_model_bytes"] <= rec["cache_bytes"]:
-        return {**rec, "why_none": "the full model's weights fit in the cache"}
+    share = rec["full_model_streamed_share"] = lut.streamed_share(rec["full_model_bytes"], rec)
+    if share < 0.5:  # too little streaming to fit a slope on; pruned variants stream less still
+        return {**rec, "why_none": f"the full model's weights mostly fit in the cache (share streamed {share:.2f})"}
     blob = onnx_bytes(spec.model, tuple(spec.input_shape), target.batch)
     try:
         probed = m.layer_times({"full": lut.with_probe(blob)}, COUNTER_RUNS)["full"]
@@ -447,7 +450,7 @@ def fit_weight_stream(spec: ProfileSpec, prof: Mapping[str, Any], m: Measurer, i
     rec.update({"fit_slope_ms_per_mb": float(slope), "fit_intercept_ms": float(intercept), "fit_corr": corr, "layers": len(names)})
     if not (slope > 0 and corr >= 0.5):
         return {**rec, "why_none": f"no clear cost of cold weights (slope {slope:.4f} ms/MB, correlation {corr:.2f})"}
-    rec["ms_per_mb"] = float(slope)
+    rec["ms_per_mb"] = float(slope) / share  # the layers' excess is the full model's share of the whole cost
     return rec
 
 
@@ -525,6 +528,10 @@ def validate_profile(spec: ProfileSpec, prof: Mapping[str, Any], graph: ModelGra
     interleaved with the random ones, and the calibration refitted on them: on a shared machine
     the load drifts between profiling and validation, and ``calibrated_same_session`` separates
     the table's accuracy from that drift (``drift`` = full model now / at profile time).
+    ``calibrated_anchored`` is the table as compress uses it: the profile-time calibrated
+    prediction times (the full model measured now / its calibrated prediction), compress's scaling
+    of the budget by the baseline it measures; it corrects the drift with one measurement that
+    every use of the table has, and fits nothing on the variants.
     """
     rng = np.random.default_rng(seed + 1)
     cal = calibration_variants(spec, graph, prof.get("calibration", {}).get("shares", (0.75, 0.5, 0.3)))
@@ -540,16 +547,20 @@ def validate_profile(spec: ProfileSpec, prof: Mapping[str, Any], graph: ModelGra
             progress("validation: prune", i + 1, n)
     measured, predicted = measure_variants(m, variants, spec.input_shape, spec.target, prof, progress, "validation")
     refit = fit_calibration(measured, predicted, [f"cal:{k}" for k in cal])
+    anchor = measured["cal:full"]["quiet"] / predicted["cal:full"]["calibrated_ms"]
     rows = [{"variant": k, "measured_ms": measured[k]["quiet"], "measured_median_ms": measured[k]["median"],
              "measured_p90_ms": measured[k]["p90"], "quiet_rounds": measured[k]["quiet_rounds"],
-             "round_cv": measured[k]["round_cv"], "raw_ms": predicted[k]["raw_ms"], "calibrated_ms": predicted[k]["calibrated_ms"],
+             "round_cv": measured[k]["round_cv"], "round_medians": measured[k]["round_medians"],
+             "raw_ms": predicted[k]["raw_ms"], "calibrated_ms": predicted[k]["calibrated_ms"],
+             "calibrated_anchored_ms": predicted[k]["calibrated_ms"] * anchor,
              "calibrated_same_session_ms": refit["a"] * predicted[k]["layer_sum_ms"] + refit["b"], "keep": kinds[k]}
             for k in variants if k in kinds]
     meas = [r["measured_ms"] for r in rows]
     return {"raw": fidelity([r["raw_ms"] for r in rows], meas),
             "calibrated": fidelity([r["calibrated_ms"] for r in rows], meas),
+            "calibrated_anchored": fidelity([r["calibrated_anchored_ms"] for r in rows], meas),
             "calibrated_same_session": fidelity([r["calibrated_same_session_ms"] for r in rows], meas),
-            "refit_calibration": refit, "drift": measured["cal:full"]["quiet"] / quiet_of(prof["full_model"]["latency_ms"]),
+            "refit_calibration": refit, "anchor": anchor, "drift": measured["cal:full"]["quiet"] / quiet_of(prof["full_model"]["latency_ms"]),
             "n_variants": n, "seed": seed, "variants": rows}
 
 
@@ -569,7 +580,7 @@ def plot_validation(val: Mapping[str, Any], path: Path, title: str) -> Path:
     xs = np.linspace(lo, hi, 10)
     ax.plot(xs, xs, "k-", lw=1, label="exact")
     ax.fill_between(xs, xs * 0.9, xs * 1.1, color="0.9", label="±10 %")
-    for key, mark in (("raw", "o"), ("calibrated", "x"), ("calibrated_same_session", "+")):
+    for key, mark in (("raw", "o"), ("calibrated", "x"), ("calibrated_anchored", "^"), ("calibrated_same_session", "+")):
         if key not in val:
             continue
         f = val[key]
