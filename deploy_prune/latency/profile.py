@@ -357,7 +357,8 @@ def time_chunk(m: Measurer, target: Target, configs: Mapping[str, tuple[lut.Fami
              "p90_ms": st.p90, "iqr_ms": st.iqr, "n": st.n, "round_cv": st.round_cv, **counters.get(k, {})}
         e["predict_ms"] = e["counter_net_ms" if counters else "net_ms"]
         out[k] = e
-    sent = out.pop(SENTINEL)["predict_ms"]
+    s = out.pop(SENTINEL)  # gross, not net of the run's or the profiler's overhead: never 0, and those slow down too
+    sent = s["counter_ms"] if counters else s["median_ms"]
     return {k: {"config": {**configs[k][0].as_dict(), "cin": configs[k][1], "cout": configs[k][2]}, **e,
                 "chunk": chunk, "sentinel_ms": sent} for k, e in out.items()}
 
@@ -369,6 +370,8 @@ def contended(entries: Mapping[str, Mapping[str, Any]]) -> tuple[float | None, l
     if not by_chunk:
         return None, []
     ref = quiet_estimate(list(by_chunk.values()))
+    if ref <= 0:
+        return ref, []
     return ref, [k for k, e in entries.items() if e.get("sentinel_ms", 0.0) > ref * (1.0 + QUIET_BAND)]
 
 
