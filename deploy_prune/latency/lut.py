@@ -35,8 +35,8 @@ sweep would switch from none to all at its size, but a real one does not (set-as
 not strictly LRU, shared with activations, code and the other hyperthread, with an L3 behind
 it): uniform MobileNetV2 variants from 0.6 to 5.7 MB of weights measured end to end fit this
 ramp with a sixth of the step's squared error (``benchmarks/results/weight_stream_knee.md``:
-relative SSE 0.018 against 0.115; the best ramp on a grid, 0.6x-1.3x, 0.014; an earlier sweep's
-best was 0.55x-1.4x), and a validation variant with 1.99 MB of weights, just under the 2 MiB L2,
+relative SSE 0.018 against 0.115; the best ramp on a grid, 0.6x-1.3x, 0.014; an earlier,
+uncommitted sweep's best was 0.55x-1.4x), and a validation variant with 1.99 MB of weights, just under the 2 MiB L2,
 had been predicted 13-27 % low by the step. The allocator's additive cost model does
 not see the term (it depends on the whole plan); compress's measured loop corrects for it.
 

@@ -47,9 +47,10 @@ COUNTER_ROUNDS = 3
 COUNTER_ROUND_RUNS = 7
 OVERHEAD = "__overhead__"
 # Every chunk also times one fixed layer, the sentinel. A shared VM has episodes, seconds to
-# minutes long, in which everything runs 30-50 % slower (a MobileNetV2 profile had 5 of its 15
-# chunks in one: the sentinel, the overhead graph and the profiler's per-node cost all up by
-# about half); entries timed then would be priced as if their layers were slow. Chunks whose
+# minutes long, in which everything runs slower (a MobileNetV2 profile had 5 of its 15 chunks in
+# one: the overhead graph and the profiler's per-node cost up by about half; in another the
+# sentinel read 1.74x and the layers a median 1.24x); entries timed then would be priced as if
+# their layers were slow, and not by one factor that could be divided out. Chunks whose
 # sentinel reads above the quiet band of all chunks' sentinels (``timing.QUIET_BAND``) are timed
 # again, at most REMEASURE_PASSES times, and an entry is replaced only by a quieter reading.
 SENTINEL = "__sentinel__"
