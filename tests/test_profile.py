@@ -212,6 +212,7 @@ def test_profile_times_again_the_chunks_measured_while_the_machine_was_slow(tmp_
         assert "replaced" in e and e["sentinel_ms"] < e["replaced"]["sentinel_ms"] and e["chunk"] != e["replaced"]["chunk"]
     con = prof["contention"]
     assert con["configs_remeasured"] >= 4 and con["quiet_sentinel_ms"] > 0 and "32 -> 32" in con["sentinel"]
+    assert con["configs_remeasured"] <= prof_mod.REMEASURE_SHARE * prof["configs_total"]  # the cap on re-timing
 
 
 @pytest.fixture(scope="module")
