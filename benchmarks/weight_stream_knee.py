@@ -42,8 +42,10 @@ def fit_share(hot: np.ndarray, mb: np.ndarray, y: np.ndarray, slope: float, shar
     return float(a), float(b), float(np.sum(((y - a_mat @ np.array([a, b])) / y) ** 2))
 
 
-def ramp(mb: np.ndarray, cache_mb: float, lo: float, hi: float) -> np.ndarray:
-    return np.clip((mb - lo * cache_mb) / ((hi - lo) * cache_mb), 0.0, 1.0)
+def shares(mb: np.ndarray, cache_bytes: float, ramp: tuple[float, float] | None) -> np.ndarray:
+    """``lut.streamed_share`` of each variant's weights: with the ramp (lo, hi), or the step at the cache (None)."""
+    ws = {"cache_bytes": cache_bytes, "ramp": list(ramp) if ramp else None}
+    return np.array([lut.streamed_share(b * 1e6, ws) for b in mb])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     hot = np.array([r["hot_layer_sum_ms"] for r in rows])
     mb = np.array([r["weight_mb"] for r in rows])
     y = np.array([r["measured_ms"] for r in rows])
-    cache_mb, slope = ws["cache_bytes"] / 1e6, float(ws["ms_per_mb"])
+    cache, cache_mb, slope = float(ws["cache_bytes"]), ws["cache_bytes"] / 1e6, float(ws["ms_per_mb"])
     grid = [(round(lo, 2), round(hi, 2)) for lo in np.arange(0.3, 1.21, 0.05) for hi in np.arange(0.5, 2.51, 0.05) if hi > lo + 1e-9]
-    fits = {f"ramp {lo:.2f}-{hi:.2f}": fit_share(hot, mb, y, slope, ramp(mb, cache_mb, lo, hi)) for lo, hi in grid}
+    fits = {f"ramp {lo:.2f}-{hi:.2f}": fit_share(hot, mb, y, slope, shares(mb, cache, (lo, hi))) for lo, hi in grid}
     best = min(fits, key=lambda k: fits[k][2])
     chosen = f"ramp {lut.STREAM_RAMP[0]:.2f}-{lut.STREAM_RAMP[1]:.2f}"
     models = {"none": fit_share(hot, mb, y, slope, np.zeros_like(mb)),
-              "step at the cache": fit_share(hot, mb, y, slope, (mb > cache_mb).astype(float)),
-              f"{chosen} (lut.STREAM_RAMP)": fits.get(chosen) or fit_share(hot, mb, y, slope, ramp(mb, cache_mb, *lut.STREAM_RAMP)),
+              "step at the cache": fit_share(hot, mb, y, slope, shares(mb, cache, None)),
+              f"{chosen} (lut.STREAM_RAMP)": fits.get(chosen) or fit_share(hot, mb, y, slope, shares(mb, cache, lut.STREAM_RAMP)),
               f"{best} (best on the grid)": fits[best]}
     result = {"benchmark": "weight_stream_knee", "target": target.name, "model": args.model, "input_shape": list(shape),
               "cache_bytes": ws["cache_bytes"], "cache_from": ws.get("cache_from"), "ms_per_mb": slope,

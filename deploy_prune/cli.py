@@ -335,7 +335,7 @@ def profile(
     con = prof.get("contention") or {}
     if con.get("configs_remeasured"):
         console.print(f"{con['configs_remeasured']} configuration timings repeated because the machine ran slow while they were timed "
-                      f"(sentinel above {100 * con['band']:.0f} % of its quiet {con['quiet_sentinel_ms']:.4f} ms); "
+                      f"(sentinel more than {100 * con['band']:.0f} % above its quiet {con['quiet_sentinel_ms']:.4f} ms); "
                       f"{con['configs_still_contended']} still slow")
     if "validation" in prof:
         for kind in ("raw", "calibrated", "calibrated_anchored", "calibrated_same_session"):
