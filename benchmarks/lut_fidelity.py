@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                    "full_model_round_cv": prof["full_model"]["latency_ms"]["round_cv"], "calibration": prof["calibration"],
                    "raw": val["raw"], "calibrated": val["calibrated"], "anchored": val["calibrated_anchored"],
                    "same_session": val["calibrated_same_session"], "drift": val["drift"], "anchor": val["anchor"],
-                   "contention": prof["contention"], "meets_goals_raw": meets(val["raw"]),
+                   "contention": prof["contention"], "entry_field": prof.get("entry_field", "predict_ms"),
+                   "entry_choice": prof.get("entry_choice"), "meets_goals_raw": meets(val["raw"]),
                    "meets_goals_calibrated": meets(val["calibrated"]), "meets_goals_anchored": meets(val["calibrated_anchored"]),
                    "meets_goals_same_session": meets(val["calibrated_same_session"]), "variants": val["variants"],
                    "model_protocol": prof["protocol"]["model"], "layer_protocol": prof["protocol"]["layer"]}
@@ -108,12 +109,19 @@ def main(argv: list[str] | None = None) -> int:
              "as compress scales its budget by the baseline it measures; "
              "*same session* refits the calibration on the 4 calibration variants re-measured interleaved with the validation ones "
              "(drift = full model at validation / at profile time). *Re-timed*: layer configurations timed again because the "
-             "profile's sentinel said the machine was slow (still slow after two passes in brackets). "
+             "profile's sentinel said the machine was slow (still slow after two passes in brackets). *Entries*: the "
+             "layer figure the table predicts from (wall: `net_ms`, counters: `counter_net_ms`; with `layer_timing: auto`, "
+             "the one whose calibration fitted the whole-model measurements better, relative RMS residuals in brackets). "
              f"Goals: median |error| <= {GOALS['median_abs_error_pct']:.0f} %, "
              f">= {GOALS['within_10pct_share']:.0%} within ±10 %, Spearman >= {GOALS['spearman']}.", "",
-             "| target | model | configs | re-timed | profile s | full model ms (round CV) | raw: med |err| / ≤10 % / ρ | "
+             "| target | model | configs | re-timed | profile s | entries | full model ms (round CV) | raw: med |err| / ≤10 % / ρ | "
              "calibrated: med |err| / ≤10 % / ρ | anchored | same session | drift | goals met (cal. / anch. / same s.) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def entries(r: dict) -> str:
+        ch = r.get("entry_choice")
+        fits = ", ".join(f"{k} {v['calibration_rms_pct']:.1f} %" for k, v in ch["candidates"].items()) if ch else ""
+        return f"{r.get('entry_field', '-')} ({fits})" if fits else str(r.get("entry_field", "-"))
 
     def cell(v: dict) -> str:
         return f"{v['median_abs_error_pct']:.1f} % / {v['within_10pct_share']:.0%} / {v['spearman']:.3f}"
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         con = r.get("contention") or {}
         lines.append(f"| {r['target']} ({r['threads']} thr) | {r['case']} | {r['configs_total']} | "
                      f"{con.get('configs_remeasured', 0)} ({con.get('configs_still_contended', 0)}) | "
-                     f"{r['profile_seconds_without_validation']} | {r['full_model_ms']:.3f} ({100 * r['full_model_round_cv']:.1f} %) | "
+                     f"{r['profile_seconds_without_validation']} | {entries(r)} | {r['full_model_ms']:.3f} ({100 * r['full_model_round_cv']:.1f} %) | "
                      f"{cell(r['raw'])} | {cell(r['calibrated'])} | {cell(r['anchored'])} | {cell(r['same_session'])} | {r['drift']:.3f} | "
                      f"{yes(r['meets_goals_calibrated'])} / {yes(r['meets_goals_anchored'])} / {yes(r['meets_goals_same_session'])} |")
     prov = provenance()

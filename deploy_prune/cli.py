@@ -332,6 +332,10 @@ def profile(
     console.print(f"{prof['configs_total']} configurations ({prof['configs_measured']} measured, {prof['configs_resumed']} resumed) "
                   f"in {prof['profile_seconds']:.1f} s; full model {quiet_of(prof['full_model']['latency_ms']):.3f} ms measured (quiet rounds), "
                   f"layer sum {prof['full_model']['layer_sum_ms']:.3f} ms; calibration a={cal['a']:.3f} b={cal['b']:.3f} ms")
+    choice = prof.get("entry_choice")
+    if choice:
+        fits = ", ".join(f"{f} {c['calibration_rms_pct']:.1f} %" for f, c in choice["candidates"].items())
+        console.print(f"layer entries: {choice['chosen']} (calibration residual, relative RMS: {fits})")
     con = prof.get("contention") or {}
     if con.get("configs_remeasured"):
         console.print(f"{con['configs_remeasured']} configuration timings repeated because the machine ran slow while they were timed "

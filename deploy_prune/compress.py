@@ -430,9 +430,11 @@ def _narrowest_or_unreachable(run: Run, budget: dict[str, Any]) -> float:
     to plan at."""
     from deploy_prune.allocate import allowed_keeps
 
+    # allocate's narrowest plan: the least allowed width of every group (the same for the
+    # baseline's widths and any pruned ones, as allowed_keeps starts at the channel multiple)
+    floor = {g: allowed_keeps(c, run.graph.channel_multiple)[0] for g, c in run.baseline_widths.items()}
     narrow = copy.deepcopy(run.teacher)
-    plan = {g: allowed_keeps(c, run.target.channel_multiple)[0] for g, c in run.baseline_widths.items()}
-    prune_to_widths(narrow, run.data.input_shape, plan, run.cfg.ignore)
+    prune_to_widths(narrow, run.data.input_shape, floor, run.cfg.ignore)
     meas = run.measure(narrow)
     r, fig = _pooled_over([meas], budget)
     low = quiet_of(meas["candidate"])
@@ -442,8 +444,6 @@ def _narrowest_or_unreachable(run: Run, budget: dict[str, Any]) -> float:
         raise BudgetUnreachable(f"the budget ({want}) cannot be met on {run.target.name}: even the narrowest allowed "
                                 f"widths measure {got}, the lowest reachable; raise the budget")
     run.say(f"the LUT puts the budget below the narrowest widths, but they measure {100 * r:.0f} % of it: planning from them")
-    mult = run.graph.channel_multiple
-    floor = {g: allowed_keeps(c, mult)[0] for g, c in group_widths(run.graph).items()}  # as allocate's narrowest
     return run.cost.total(run.graph, floor) * (1 + 1e-9)
 
 

@@ -59,8 +59,10 @@ class Target:
     # resolved to on this machine (the backend's blocked channel layout; backends.channel_block).
     channel_multiple_from: str = ""
     # How a LUT entry's layer time is taken: "wall" (the standalone graph's median minus the
-    # backend's fixed cost of a run) or "counters" (the backend's own per-node times of the
-    # layer's nodes in that graph, leaving out the layout reorders at its boundary).
+    # backend's fixed cost of a run), "counters" (the backend's own per-node times of the
+    # layer's nodes in that graph, leaving out the layout reorders at its boundary) or "auto"
+    # (both are timed; the profile keeps the one whose calibration fits the whole-model
+    # measurements better: latency.profile.choose_entries).
     layer_timing: str = "wall"
     # Cache a model's weights must fit in to stay resident between runs (KiB, per thread); None:
     # this machine's L2 when a CPU is measured locally (latency.lut, the weight-streaming term).
@@ -85,7 +87,7 @@ class Target:
         return d
 
 
-LAYER_TIMINGS = ("wall", "counters")
+LAYER_TIMINGS = ("wall", "counters", "auto")
 _TARGET_KEYS = {f.name for f in dataclasses.fields(Target)} - {"protocol", "source", "channel_multiple_from"}
 _PROTOCOL_KEYS = {"warmup", "repeats", "rounds", "min_time_s"}
 

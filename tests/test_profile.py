@@ -311,6 +311,35 @@ def test_weight_stream_term_grows_with_the_weights_beyond_the_cache(small_profil
     assert prof["weight_stream"]["ms_per_mb"] is None and prof["weight_stream"]["why_none"]
 
 
+def test_allocator_prices_the_weight_stream_as_predict_does(small_profile: tuple[Path, dict[str, Any]]) -> None:
+    import copy
+
+    from deploy_prune.allocate import allocate, latency_cost
+    from deploy_prune.graph import ModelGraph
+    from deploy_prune.transforms import group_widths, prune_to_widths
+
+    _, prof = small_profile
+    model = tiny()
+    total = sum(lut.weight_bytes(model).values())
+    # the full model streams, a half-width one hardly (the ramp makes the term non-additive)
+    streams = {**prof, "weight_stream": {"cache_bytes": total, "ms_per_mb": 50.0, "bytes_per_weight": 4,
+                                         "ramp": list(lut.STREAM_RAMP)}}
+    graph = ModelGraph(model, SHAPE, (), 8)
+    cost, plain = latency_cost(streams), latency_cost(prof)
+    full = group_widths(graph)
+    half = {g: max(8, c // 2) for g, c in full.items()}
+    for plan in (full, half):
+        pruned = prune_to_widths(copy.deepcopy(model), SHAPE, plan)
+        pred = lut.predict(pruned, streams)
+        assert cost.total(graph, plan) == pytest.approx(pred["calibrated_ms"])
+        assert cost.total(graph, plan) - plain.total(graph, plan) == pytest.approx(cost.a * pred["weight_stream_ms"])
+    assert lut.predict(model, streams)["weight_stream_ms"] > 0
+    # the knapsack's plan meets the budget on the exact total, streaming included
+    budget = 0.5 * (cost.total(graph, full) + cost.total(graph, half))
+    plan, got = allocate(graph, lambda g, k: float(k), cost, budget)
+    assert got == pytest.approx(cost.total(graph, plan)) and got <= budget
+
+
 def test_calibration_never_has_a_non_positive_slope() -> None:
     pred = {"full": {"layer_sum_ms": 1.0}, "half": {"layer_sum_ms": 0.5}}
     ok = fit_calibration({"full": {"quiet": 1.2}, "half": {"quiet": 0.7}}, pred, ["full", "half"])
@@ -381,8 +410,8 @@ def test_profile_with_counter_timing(tmp_path: Path, fast_target: Target) -> Non
         assert e["counter_net_ms"] < e["counter_ms"]
     pred = lut.predict(model, prof)
     assert pred["raw_ms"] == pytest.approx(prof["full_model"]["latency_ms"]["quiet"], rel=1e-6)
-    e = next(iter(prof["entries"].values()))
-    assert e["predict_ms"] != e["net_ms"]
+    # (one entry may read 0 both ways: a layer faster than the run's or the profiler's overhead)
+    assert any(e["predict_ms"] != e["net_ms"] for e in prof["entries"].values())
     with pytest.raises(UserError, match="layer timing 'counters', not 'wall'"):
         check_profile(prof, fast_target, None, None)
     # a wall-clock profile at the same path is not resumed from counter entries
@@ -390,9 +419,44 @@ def test_profile_with_counter_timing(tmp_path: Path, fast_target: Target) -> Non
     assert all("counter_ms" not in e and e["predict_ms"] == e["net_ms"] for e in wall["entries"].values())
 
 
+def test_auto_layer_timing_keeps_the_entries_whose_calibration_fits(small_profile: tuple[Path, dict[str, Any]],
+                                                                    fast_target: Target) -> None:
+    from dataclasses import replace
+
+    from deploy_prune.graph import ModelGraph
+    from deploy_prune.latency.profile import calibration_rms_pct, calibration_variants, choose_entries
+
+    _, prof = small_profile
+    model = tiny()
+    # every entry has a wall figure and a counter one that is not proportional to it
+    entries = {k: {**e, "counter_net_ms": float(np.sqrt(e["net_ms"] * 1e-3)) + 1e-4 * i}
+               for i, (k, e) in enumerate(prof["entries"].items())}
+    base = {**prof, "entries": entries, "weight_stream": None, "calibration": None}
+    auto = replace(fast_target, layer_timing="auto")
+    spec = ProfileSpec(model, "tiny-cnn", SHAPE, auto)
+    variants = calibration_variants(spec, ModelGraph(model, SHAPE, (), 8), (0.75, 0.5, 0.3))
+    no_stream = {"rec": {"ms_per_mb": None, "why_none": "test"}}
+
+    def measured_as(field: str) -> dict[str, dict[str, Any]]:  # whole models that behave like one field's sum
+        p = {**base, "entries": {k: {**e, "predict_ms": e[field]} for k, e in entries.items()}}
+        return {k: {"quiet": 2.0 * lut.predict(m, p)["layer_sum_ms"] + 0.1} for k, m in variants.items()}
+
+    for field in ("net_ms", "counter_net_ms"):
+        out = choose_entries(dict(base), auto, spec, no_stream, variants, measured_as(field))
+        assert out["entry_field"] == out["entry_choice"]["chosen"] == field
+        fits = out["entry_choice"]["candidates"]
+        other = next(f for f in fits if f != field)
+        assert fits[field]["calibration_rms_pct"] == pytest.approx(0, abs=1e-6) and fits[other]["calibration_rms_pct"] > 0.1
+        assert fits[field]["a"] == pytest.approx(2.0) and calibration_rms_pct(out["calibration"]) == pytest.approx(0, abs=1e-6)
+        assert all(e["predict_ms"] == e[field] for e in out["entries"].values())
+    # a target that names its timing gets it, fit or not, and no choice is recorded
+    counters = choose_entries(dict(base), replace(fast_target, layer_timing="counters"), spec, no_stream, variants, measured_as("net_ms"))
+    assert counters["entry_field"] == "counter_net_ms" and "entry_choice" not in counters
+
+
 def test_target_layer_timing_is_validated() -> None:
     from deploy_prune.config import target_from_dict
 
     assert target_from_dict({"name": "t", "backend": "onnxruntime", "layer_timing": "counters"}).layer_timing == "counters"
-    with pytest.raises(UserError, match="layer_timing must be one of wall, counters"):
+    with pytest.raises(UserError, match="layer_timing must be one of wall, counters, auto"):
         target_from_dict({"name": "t", "backend": "onnxruntime", "layer_timing": "cycles"})

@@ -7,7 +7,8 @@
 
 Costs come from a ``CostModel``: predicted latency from the target's LUT, FLOPs, parameters or
 channels. Each one prices a single conv/linear layer at (cin, cout) channels; a plan's total
-is the sum over layers (then the LUT's calibration ``a * sum + b`` for latency).
+is the sum over layers (for latency, plus the LUT's weight-streaming term, which depends on all
+the plan's weights at once, then the LUT's calibration ``a * sum + b``).
 
 A layer's cost depends on two groups at once (its input channels belong to one, its outputs
 to another), so the knapsack is not separable. As hardware-aware pruning does, each group is
@@ -85,30 +86,51 @@ def plan_widths(graph: ModelGraph, plan: Mapping[str, int]) -> dict[str, tuple[i
 
 @dataclass
 class CostModel:
-    """Prices a layer at (cin, cout); ``a * sum + b`` is the plan's total (``unit`` names it)."""
+    """Prices a layer at (cin, cout); ``a * (sum + plan_term) + b`` is the plan's total (``unit``
+    names it). ``plan_term``, when set, prices what no single layer owns: the LUT's
+    weight-streaming term, a function of every layer's widths at once."""
 
     kind: str  # latency | flops | params | channels
     layer_cost: Callable[[LayerInfo, int, int], float]
     unit: str
     a: float = 1.0
     b: float = 0.0
+    plan_term: Callable[[ModelGraph, Mapping[str, tuple[int, int]]], float] | None = None
 
     def total(self, graph: ModelGraph, plan: Mapping[str, int]) -> float:
         if self.kind == "channels":
             return float(sum(plan.get(g.name, g.channels) for g in graph.groups()))
         widths = plan_widths(graph, plan)
-        return self.a * sum(self.layer_cost(graph.layers[n], ci, co) for n, (ci, co) in widths.items()) + self.b
+        s = sum(self.layer_cost(graph.layers[n], ci, co) for n, (ci, co) in widths.items())
+        return self.a * (s + (self.plan_term(graph, widths) if self.plan_term else 0.0)) + self.b
+
+
+def layer_weights(li: LayerInfo, cin: int, cout: int) -> int:
+    """Weights of a conv/linear layer at (cin, cout) (no bias, as ``lut.weight_bytes`` counts)."""
+    kh, kw = li.kernel
+    per_out = 1 if _depthwise(li) else cin // max(1, li.groups)
+    return cout * per_out * kh * kw
 
 
 def latency_cost(profile: Mapping) -> CostModel:
-    """Predicted latency (ms) from a LUT profile, with the profile's calibration."""
-    from deploy_prune.latency.lut import layer_ms
+    """Predicted latency (ms) from a LUT profile, with the profile's calibration and, when the
+    profile fitted one, its weight-streaming term (``lut.weight_stream_ms``), so a plan's total
+    is what ``lut.predict`` gives the pruned model."""
+    from deploy_prune.latency.lut import layer_ms, streamed_share
 
     cal = profile.get("calibration") or {}
     a, b = float(cal.get("a", 1.0)), float(cal.get("b", profile.get("remainder_ms", 0.0)))
     if a <= 0:  # a degenerate fit (noise): fall back to the raw sum + remainder
         a, b = 1.0, float(profile.get("remainder_ms", 0.0))
-    return CostModel("latency", lambda li, ci, co: layer_ms(profile, li.name, ci, co), "ms", a, b)
+    ws = profile.get("weight_stream") or {}
+    term = None
+    if ws.get("ms_per_mb"):
+        bpw, per_mb = int(ws.get("bytes_per_weight", 4)), float(ws["ms_per_mb"])
+
+        def term(graph: ModelGraph, widths: Mapping[str, tuple[int, int]]) -> float:
+            total = bpw * sum(layer_weights(graph.layers[n], ci, co) for n, (ci, co) in widths.items())
+            return total / 1e6 * per_mb * streamed_share(total, ws)
+    return CostModel("latency", lambda li, ci, co: layer_ms(profile, li.name, ci, co), "ms", a, b, term)
 
 
 def _scaled(attr: str) -> Callable[[LayerInfo, int, int], float]:
@@ -149,10 +171,13 @@ def group_costs(graph: ModelGraph, cost: CostModel, plan: Mapping[str, int], nam
     touched = set(g.out_layers) | set(g.in_layers)
     if cost.kind == "channels":
         return [float(k) for k in keeps]
+    # the plan-wide term, first order as the layers: its change with this group alone moving
+    at_plan = cost.plan_term(graph, plan_widths(graph, plan)) if cost.plan_term else 0.0
     out = []
     for k in keeps:
         widths = plan_widths(graph, {**plan, name: k})
-        out.append(cost.a * sum(cost.layer_cost(graph.layers[n], *widths[n]) for n in touched if n in widths))
+        layers = sum(cost.layer_cost(graph.layers[n], *widths[n]) for n in touched if n in widths)
+        out.append(cost.a * (layers + (cost.plan_term(graph, widths) - at_plan if cost.plan_term else 0.0)))
     return out
 
 

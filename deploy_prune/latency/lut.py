@@ -12,12 +12,13 @@ with identical shapes share entries.
 
 Each entry stores the measured median and ``net_ms``, the median minus the backend's fixed cost
 of one run (``overhead_graph``, timed in the same interleaved chunk), which a layer inside a
-whole model does not pay. A target with ``layer_timing: counters`` also stores ``counter_ms``,
+whole model does not pay. A target with ``layer_timing: counters`` (or ``auto``) also stores ``counter_ms``,
 the backend's own per-node times of the layer's nodes in that graph (``own_counters``), which
 leave out the layout reorders a standalone graph pays at its boundary and a whole model pays
 once, and ``counter_net_ms``: the same less what the profiler itself adds to each node
 (``with_probe``, measured in the same runs). Prediction uses ``predict_ms``: ``net_ms`` or
-``counter_net_ms``, as the target chose.
+``counter_net_ms``, as the target chose (with ``auto``, the one whose calibration fits the
+whole-model measurements better: ``profile.choose_entries``; the profile's ``entry_field``).
 
 Prediction = sum of the layers' interpolated entries + the constant *remainder* (the part of
 the measured whole-model latency the entries do not account for: pooling, reshapes, layout
@@ -29,7 +30,7 @@ about 0.03 ms per MB of weights on top of its hot entries (the in-model counters
 entries, layer by layer, correlate with weight bytes at 0.88-0.94 above the cache and not below
 it). So ``predict`` adds the *weight-streaming term* ``weight bytes x share streamed x ms_per_mb``,
 with ``ms_per_mb`` fitted at profile time from the full model's own per-layer counters
-(``fit_weight_stream``). The share streamed grows linearly from 0 at half the cache to 1 at 1.4x
+(``profile.fit_stream``). The share streamed grows linearly from 0 at half the cache to 1 at 1.4x
 the cache (``STREAM_RAMP``; activations are left out). A least-recently-used cache under a cyclic
 sweep would switch from none to all at its size, but a real one does not (set-associative,
 not strictly LRU, shared with activations, code and the other hyperthread, with an L3 behind
@@ -37,8 +38,9 @@ it): uniform MobileNetV2 variants from 0.6 to 5.7 MB of weights measured end to 
 ramp with a sixth of the step's squared error (``benchmarks/results/weight_stream_knee.md``:
 relative SSE 0.018 against 0.115; the best ramp on a grid, 0.6x-1.3x, 0.014; an earlier,
 uncommitted sweep's best was 0.55x-1.4x), and a validation variant with 1.99 MB of weights, just under the 2 MiB L2,
-had been predicted 13-27 % low by the step. The allocator's additive cost model does
-not see the term (it depends on the whole plan); compress's measured loop corrects for it.
+had been predicted 13-27 % low by the step. The allocator prices the term too
+(``allocate.latency_cost``: a plan-wide term beside the layers', first order in the knapsack,
+exact in the plan's total).
 
 That "raw" prediction is exact at full width by construction; a linear *calibration*
 ``measured ~ a * layer_sum + b`` fitted on whole-model measurements of a few pruned variants
