@@ -336,6 +336,9 @@ def profile(
     if choice:
         fits = ", ".join(f"{f} {c['calibration_rms_pct']:.1f} %" for f, c in choice["candidates"].items())
         console.print(f"layer entries: {choice['chosen']} (calibration residual, relative RMS: {fits})")
+        for f, v in prof.get("validation", {}).get("calibrated_by_entry_field", {}).items():
+            console.print(f"  validation (calibrated) predicting from {f}: median |error| {v['median_abs_error_pct']:.1f} %, "
+                          f"{100 * v['within_10pct_share']:.0f} % within ±10 %")
     con = prof.get("contention") or {}
     if con.get("configs_remeasured"):
         console.print(f"{con['configs_remeasured']} configuration timings repeated because the machine ran slow while they were timed "

@@ -454,6 +454,19 @@ def test_auto_layer_timing_keeps_the_entries_whose_calibration_fits(small_profil
     assert counters["entry_field"] == "counter_net_ms" and "entry_choice" not in counters
 
 
+def test_auto_profile_scores_every_candidate_in_its_validation(tmp_path: Path, fast_target: Target) -> None:
+    from dataclasses import replace
+
+    target = replace(fast_target, layer_timing="auto")
+    _, prof = run_profile(ProfileSpec(tiny(), "tiny-cnn", SHAPE, target), tmp_path, validate=4, calibrate=(0.75, 0.5))
+    choice, val = prof["entry_choice"], prof["validation"]
+    assert set(choice["candidates"]) == {"net_ms", "counter_net_ms"} == set(val["calibrated_by_entry_field"])
+    assert prof["entry_field"] == choice["chosen"] == min(choice["candidates"], key=lambda f: choice["candidates"][f]["calibration_rms_pct"])
+    # the chosen candidate, rebuilt from its record, is the profile's own calibrated prediction
+    assert val["calibrated_by_entry_field"][choice["chosen"]] == val["calibrated"]
+    assert all(e["predict_ms"] == e[choice["chosen"]] for e in prof["entries"].values())
+
+
 def test_target_layer_timing_is_validated() -> None:
     from deploy_prune.config import target_from_dict
 

@@ -432,7 +432,7 @@ def choose_entries(prof: dict[str, Any], target: Target, spec: ProfileSpec, stre
     choice and both fits are recorded under ``entry_choice``."""
     fits: dict[str, dict[str, Any]] = {}
     for f in ENTRY_FIELDS[target.layer_timing]:
-        cand = {**prof, "entries": {k: {**e, "predict_ms": e.get(f, e["predict_ms"])} for k, e in prof["entries"].items()}}
+        cand = predicting_from(prof, f)
         cand["weight_stream"] = fit_stream(spec, cand, stream)
         predicted = {k: lut.predict(model, cand) for k, model in variants.items()}
         s_full = predicted["full"]["layer_sum_ms"]
@@ -446,8 +446,17 @@ def choose_entries(prof: dict[str, Any], target: Target, spec: ProfileSpec, stre
     out["entry_field"] = best
     if len(fits) > 1:
         out["entry_choice"] = {"chosen": best, "by": "relative RMS residual of the calibration fit",
-                               "candidates": {f: {"calibration_rms_pct": rms[f], "a": c["calibration"]["a"], "b": c["calibration"]["b"]}
-                                              for f, c in fits.items()}}
+                               "candidates": {f: {"calibration_rms_pct": rms[f], "a": c["calibration"]["a"], "b": c["calibration"]["b"],
+                                                  "weight_stream": c["weight_stream"]} for f, c in fits.items()}}
+    return out
+
+
+def predicting_from(prof: Mapping[str, Any], field: str, fit: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``prof`` predicting from the entries' ``field``; with ``fit`` (an ``entry_choice``
+    candidate), also with that candidate's calibration and weight-streaming term."""
+    out = {**prof, "entries": {k: {**e, "predict_ms": e.get(field, e["predict_ms"])} for k, e in prof["entries"].items()}}
+    if fit is not None:
+        out.update(weight_stream=fit["weight_stream"], calibration={"a": fit["a"], "b": fit["b"]})
     return out
 
 
@@ -623,7 +632,11 @@ def validate_profile(spec: ProfileSpec, prof: Mapping[str, Any], graph: ModelGra
              "calibrated_same_session_ms": refit["a"] * predicted[k]["layer_sum_ms"] + refit["b"], "keep": kinds[k]}
             for k in variants if k in kinds]
     meas = [r["measured_ms"] for r in rows]
+    # With layer_timing auto, every candidate's calibrated prediction is scored too: was the choice right?
+    by_field = {f: fidelity([lut.predict(variants[r["variant"]], predicting_from(prof, f, c))["calibrated_ms"] for r in rows], meas)
+                for f, c in (prof.get("entry_choice") or {}).get("candidates", {}).items()}
     return {"raw": fidelity([r["raw_ms"] for r in rows], meas),
+            **({"calibrated_by_entry_field": by_field} if by_field else {}),
             "calibrated": fidelity([r["calibrated_ms"] for r in rows], meas),
             "calibrated_anchored": fidelity([r["calibrated_anchored_ms"] for r in rows], meas),
             "calibrated_same_session": fidelity([r["calibrated_same_session_ms"] for r in rows], meas),
