@@ -59,6 +59,7 @@ from deploy_prune.train import TrainConfig, distillation_loss, evaluate, fit
 from deploy_prune.transforms import (
     Masks,
     apply_masks,
+    architecture_widths,
     combine_masks,
     group_widths,
     nm_masks,
@@ -317,7 +318,7 @@ class Run:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def meta_pruned(self) -> dict[str, Any]:
-        return {**self.meta, "pruned": {"widths": group_widths(self.graph), "ignore": list(self.cfg.ignore)}}
+        return {**self.meta, "pruned": {"widths": architecture_widths(self.graph), "ignore": list(self.cfg.ignore)}}
 
     def checkpoint(self, stage: str) -> None:
         self.done.append(stage)

@@ -20,7 +20,7 @@ from deploy_prune.graph import ModelGraph
 from deploy_prune.methods.df import _cost, _Layer, _layers, _svt
 from deploy_prune.models import build_model
 from deploy_prune.models.checkpoint import load_model
-from deploy_prune.transforms import group_widths, prune_to_widths, rebuild_pruned
+from deploy_prune.transforms import architecture_widths, group_widths, prune_to_widths, rebuild_pruned
 from deploy_prune.transforms.lowrank import factorize, factorize_conv, lowrank_layers
 
 runner = CliRunner()
@@ -64,6 +64,14 @@ def test_rank_groups_are_named_and_rebuild_reproduces_the_model() -> None:
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(fresh.eval()(x), m(x))
     assert lowrank_layers(fresh) == {"layer1.0.conv1": 4, "layer2.1.conv2": 10}
+    # A rank of 1 has no group (a one-channel group cannot be pruned): the record reads it off the
+    # layer (a DF run on the AMD VM chose rank 1 and wrote a model.pt that could not be loaded).
+    factorize(m, {"layer3.0.conv1": 1})
+    g = ModelGraph(m, (1, 28, 28))
+    assert "layer3.0.conv1:rank" not in group_widths(g) and architecture_widths(g)["layer3.0.conv1:rank"] == 1
+    fresh = rebuild_pruned(build_model("resnet20", 10, 1), {"widths": architecture_widths(g)}, (1, 28, 28))
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), m(x))
 
 
 def test_svt_soft_thresholds_singular_values_and_counts_the_rank() -> None:

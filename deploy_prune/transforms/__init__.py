@@ -37,6 +37,15 @@ def prune_to_widths(model: nn.Module, input_shape: Sequence[int], widths: Mappin
 RANK_SUFFIX = ":rank"
 
 
+def architecture_widths(graph: ModelGraph) -> dict[str, int]:
+    """What ``rebuild_pruned`` needs to rebuild ``graph.model``: every group's width and every
+    factorised layer's rank (``<layer>:rank``). The ranks are read off the layers: the dependency
+    graph has no group for a rank of 1 (a one-channel group cannot be pruned)."""
+    from deploy_prune.transforms.lowrank import lowrank_layers
+
+    return {**{f"{n}{RANK_SUFFIX}": r for n, r in lowrank_layers(graph.model).items()}, **group_widths(graph)}
+
+
 def rebuild_pruned(model: nn.Module, pruned: Mapping[str, object], input_shape: Sequence[int]) -> nn.Module:
     """Apply a checkpoint's ``pruned`` record ({"widths": ..., "ignore": ...}) to a freshly built
     model: cut the groups to their widths, then factorise the layers whose ``<layer>:rank``
