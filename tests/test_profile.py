@@ -273,7 +273,15 @@ def test_sensitivity_reports_latency_saved_from_the_profile(small_profile: tuple
     from deploy_prune.data import DataOptions, load_data
     from deploy_prune.sensitivity import SensitivityConfig, run_sensitivity
 
-    _, prof = small_profile
+    _, measured = small_profile
+    # Entries priced by their MACs: the tiny layers' measured entries are microseconds of noise
+    # (on one VM the 75 % plan came out slower than the 25 % one), and this test is about how
+    # sensitivity reads a profile, not about the timing.
+    def macs(c: dict[str, Any]) -> float:
+        return c["cin"] * c["cout"] / c["groups"] * c["kernel"][0] * c["kernel"][1] * c["in_hw"][0] * c["in_hw"][1]
+
+    prof = {**measured, "calibration": {"a": 1.0, "b": 0.0}, "weight_stream": None,
+            "entries": {k: {**e, "predict_ms": 1e-6 * macs(e["config"])} for k, e in measured["entries"].items()}}
     data = load_data("digits", DataOptions(image_size=16, train_limit=200, val_limit=100))
     res = run_sensitivity(tiny(), data, SensitivityConfig(criterion="l1", ratios=(0.25, 0.75), val_samples=100, score_batches=1),
                           channel_multiple=8, profile=prof)
