@@ -431,11 +431,9 @@ def _narrowest_or_unreachable(run: Run, budget: dict[str, Any]) -> float:
     to plan at."""
     from deploy_prune.allocate import allowed_keeps
 
-    # allocate's narrowest plan: the least allowed width of every group (the same for the
-    # baseline's widths and any pruned ones, as allowed_keeps starts at the channel multiple)
-    floor = {g: allowed_keeps(c, run.graph.channel_multiple)[0] for g, c in run.baseline_widths.items()}
     narrow = copy.deepcopy(run.teacher)
-    prune_to_widths(narrow, run.data.input_shape, floor, run.cfg.ignore)
+    plan = {g: allowed_keeps(c, run.target.channel_multiple)[0] for g, c in run.baseline_widths.items()}
+    prune_to_widths(narrow, run.data.input_shape, plan, run.cfg.ignore)
     meas = run.measure(narrow)
     r, fig = _pooled_over([meas], budget)
     low = quiet_of(meas["candidate"])
@@ -445,6 +443,10 @@ def _narrowest_or_unreachable(run: Run, budget: dict[str, Any]) -> float:
         raise BudgetUnreachable(f"the budget ({want}) cannot be met on {run.target.name}: even the narrowest allowed "
                                 f"widths measure {got}, the lowest reachable; raise the budget")
     run.say(f"the LUT puts the budget below the narrowest widths, but they measure {100 * r:.0f} % of it: planning from them")
+    # The floor is priced on the current graph, whose groups can differ from the baseline's
+    # measured above (a factorised layer's rank group): as allocate's narrowest plan.
+    mult = run.graph.channel_multiple
+    floor = {g: allowed_keeps(c, mult)[0] for g, c in group_widths(run.graph).items()}
     return run.cost.total(run.graph, floor) * (1 + 1e-9)
 
 

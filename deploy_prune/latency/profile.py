@@ -423,13 +423,16 @@ def choose_entries(prof: dict[str, Any], target: Target, spec: ProfileSpec, stre
 
     ``layer_timing: auto`` has both a wall and a counter figure for every entry, and keeps the
     one whose calibration fits the calibration variants' measurements with the smaller relative
-    RMS residual. Neither is better everywhere: on one AMD EPYC core MobileNetV2's counter
-    entries miss the narrow variants' cost (calibration residuals to +12 %, against +4 % for the
-    wall entries; 4.2 % median error on 30 variants against 2.5 %), while on two threads the
-    wall entries carry each one-layer graph's thread dispatch (residuals to +7 % against +4 %;
-    4.1 % against 1.8 %). Choosing on 4 points is a 2-degree-of-freedom test, but it is a test
-    against the very measurements prediction must match, and it costs no extra timing. The
-    choice and both fits are recorded under ``entry_choice``."""
+    RMS residual. Neither is better everywhere, nor on one machine every time (AMD EPYC VM,
+    ``benchmarks/results/lut_fidelity_*_epyc*.md``): MobileNetV2 on one core with counter entries
+    missed the 5 % median goal (5.3 %), and with ``auto`` one profile's counter calibration was
+    off by 7.3 % RMS against 3.6 % for the wall entries (kept: 1.4 % median error on 30 variants),
+    while the next profile's were level (3.5 % and 3.6 %); on two threads one profile kept
+    counters (2.7 % against 5.4 %) and another wall entries (7.1 % against 3.9 %; 4.0 % median
+    error out of sample, against 5.4 % with the counters). Choosing on 4 points is a
+    2-degree-of-freedom test, but it is a test against the very measurements prediction must
+    match, and it costs no extra timing. The choice and both fits are recorded under
+    ``entry_choice``, and ``validate_profile`` scores every candidate out of sample."""
     fits: dict[str, dict[str, Any]] = {}
     for f in ENTRY_FIELDS[target.layer_timing]:
         cand = predicting_from(prof, f)
@@ -509,7 +512,9 @@ def fit_stream(spec: ProfileSpec, prof: Mapping[str, Any], stream: Mapping[str, 
     The slope is a least-squares line of (in-model counter - hot entry) on weight bytes, layer
     by layer. It is kept only when the backend had counters, the slope is positive and the
     correlation at least 0.5, and it is divided by the full model's share streamed; the record
-    says which."""
+    says which. Against wall entries, which carry each one-layer graph's boundary costs, the
+    counters differ by more than the streaming, and the fit mostly finds no clear slope (then
+    there is no term: the calibration's slope is all the wall candidate has)."""
     rec = dict(stream["rec"])
     if "by_layer" not in stream:
         return rec
