@@ -116,7 +116,7 @@ def latency_cost(profile: Mapping) -> CostModel:
     """Predicted latency (ms) from a LUT profile, with the profile's calibration and, when the
     profile fitted one, its weight-streaming term (``lut.weight_stream_ms``), so a plan's total
     is what ``lut.predict`` gives the pruned model."""
-    from deploy_prune.latency.lut import layer_ms, streamed_share
+    from deploy_prune.latency.lut import layer_ms, stream_ms
 
     cal = profile.get("calibration") or {}
     a, b = float(cal.get("a", 1.0)), float(cal.get("b", profile.get("remainder_ms", 0.0)))
@@ -125,11 +125,10 @@ def latency_cost(profile: Mapping) -> CostModel:
     ws = profile.get("weight_stream") or {}
     term = None
     if ws.get("ms_per_mb"):
-        bpw, per_mb = int(ws.get("bytes_per_weight", 4)), float(ws["ms_per_mb"])
+        bpw = int(ws.get("bytes_per_weight", 4))
 
         def term(graph: ModelGraph, widths: Mapping[str, tuple[int, int]]) -> float:
-            total = bpw * sum(layer_weights(graph.layers[n], ci, co) for n, (ci, co) in widths.items())
-            return total / 1e6 * per_mb * streamed_share(total, ws)
+            return stream_ms(bpw * sum(layer_weights(graph.layers[n], ci, co) for n, (ci, co) in widths.items()), ws)
     return CostModel("latency", lambda li, ci, co: layer_ms(profile, li.name, ci, co), "ms", a, b, term)
 
 

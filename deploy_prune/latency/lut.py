@@ -572,9 +572,16 @@ def streamed_share(total_bytes: float, ws: Mapping[str, Any]) -> float:
     return min(max((total_bytes - lo * cache) / ((hi - lo) * cache), 0.0), 1.0)
 
 
-def weight_stream_ms(model: nn.Module, ws: Mapping[str, Any] | None) -> float:
-    """The weight-streaming term (module docstring): 0 when the weights fit in the cache."""
+def stream_ms(total_bytes: float, ws: Mapping[str, Any] | None) -> float:
+    """The weight-streaming term (module docstring) of ``total_bytes`` of weights: 0 when the
+    profile has no term or the weights fit in the cache."""
     if not ws or not ws.get("ms_per_mb"):
         return 0.0
-    total = sum(weight_bytes(model, int(ws.get("bytes_per_weight", 4))).values())
-    return total / 1e6 * float(ws["ms_per_mb"]) * streamed_share(total, ws)
+    return total_bytes / 1e6 * float(ws["ms_per_mb"]) * streamed_share(total_bytes, ws)
+
+
+def weight_stream_ms(model: nn.Module, ws: Mapping[str, Any] | None) -> float:
+    """``stream_ms`` of ``model``'s conv/linear weights."""
+    if not ws or not ws.get("ms_per_mb"):
+        return 0.0
+    return stream_ms(sum(weight_bytes(model, int(ws.get("bytes_per_weight", 4))).values()), ws)
