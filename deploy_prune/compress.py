@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from deploy_prune.allocate import CostModel, channels_cost, flops_cost, latency_cost, params_cost
+from deploy_prune.allocate import CostModel, allowed_keeps, channels_cost, flops_cost, latency_cost, params_cost
 from deploy_prune.config import Target, load_target
 from deploy_prune.data import DataBundle, DataOptions, load_data, make_loader
 from deploy_prune.errors import BudgetUnreachable, UserError
@@ -52,6 +52,7 @@ from deploy_prune.graph import ModelGraph
 from deploy_prune.io import atomic_write, ensure_dir, provenance, write_json
 from deploy_prune.latency.measure import Measurer, measurer_for
 from deploy_prune.latency.timing import QUIET_BAND, quiet_estimate, quiet_of
+from deploy_prune.measured_search import Point, between, line_search
 from deploy_prune.methods import Method, get_method
 from deploy_prune.models import check_runs_on
 from deploy_prune.models.checkpoint import load_checkpoint, load_model, save_checkpoint
@@ -423,18 +424,30 @@ def _over(run: Run, meas: dict[str, Any], budget: dict[str, Any]) -> float:
     return _pooled_over([meas], budget)[0]
 
 
+def _keeps(widths: dict[str, int], multiple: int) -> dict[str, list[int]]:
+    """Every allowed width of every group."""
+    return {g: allowed_keeps(c, multiple) for g, c in widths.items()}
+
+
+def _narrowest(widths: dict[str, int], multiple: int) -> dict[str, int]:
+    """The narrowest allowed width of every group."""
+    return {g: ks[0] for g, ks in _keeps(widths, multiple).items()}
+
+
 def _narrowest_or_unreachable(run: Run, budget: dict[str, Any]) -> float:
     """The planner put the corrected budget below the narrowest allowed widths' predicted cost.
     Only a measurement decides whether that is so: the narrowest widths are measured, and if they
     are over the budget it is unreachable (exit 3, giving the lowest latency reachable); if not,
     the prediction (or a noisy round) was wrong, and their predicted cost is returned as the floor
-    to plan at."""
-    from deploy_prune.allocate import allowed_keeps
-
-    narrow = copy.deepcopy(run.teacher)
-    plan = {g: allowed_keeps(c, run.target.channel_multiple)[0] for g, c in run.baseline_widths.items()}
-    prune_to_widths(narrow, run.data.input_shape, plan, run.cfg.ignore)
-    meas = run.measure(narrow)
+    to plan at. The measurement is kept (``state["narrowest"]``): it is the one architecture
+    known to meet the budget when the table misleads (``measured_search``)."""
+    plan = _narrowest(run.baseline_widths, run.target.channel_multiple)
+    if "narrowest" in run.state:  # measured once per run: the loop can hit the floor again and again
+        meas = run.state["narrowest"]["meas"]
+    else:
+        narrow = copy.deepcopy(run.teacher)
+        prune_to_widths(narrow, run.data.input_shape, plan, run.cfg.ignore)
+        meas = run.measure(narrow)
     r, fig = _pooled_over([meas], budget)
     low = quiet_of(meas["candidate"])
     if r > 1.0:
@@ -442,12 +455,31 @@ def _narrowest_or_unreachable(run: Run, budget: dict[str, Any]) -> float:
         want = f"ratio {budget['value']:.3f} of the baseline" if budget["kind"] == "latency_ratio" else f"{budget['latency_ms']:.3f} ms"
         raise BudgetUnreachable(f"the budget ({want}) cannot be met on {run.target.name}: even the narrowest allowed "
                                 f"widths measure {got}, the lowest reachable; raise the budget")
+    run.state["narrowest"] = {"widths": plan, "r": r, "meas": meas}
     run.say(f"the LUT puts the budget below the narrowest widths, but they measure {100 * r:.0f} % of it: planning from them")
     # The floor is priced on the current graph, whose groups can differ from the baseline's
     # measured above (a factorised layer's rank group): as allocate's narrowest plan.
-    mult = run.graph.channel_multiple
-    floor = {g: allowed_keeps(c, mult)[0] for g, c in group_widths(run.graph).items()}
+    floor = _narrowest(group_widths(run.graph), run.graph.channel_multiple)
     return run.cost.total(run.graph, floor) * (1 + 1e-9)
+
+
+def _search_measured(run: Run, budget: dict[str, Any], under: Point, over: Point, stage: str) -> Point:
+    """``measured_search.line_search`` between two measured architectures of the current model,
+    each candidate measured as a pruned copy (latency does not depend on weight values) and
+    recorded as a step of ``stage``."""
+    def measure(widths: dict[str, int]) -> Point:
+        cand = copy.deepcopy(run.model)
+        prune_to_widths(cand, run.data.input_shape, widths, run.cfg.ignore)
+        meas = run.measure(cand)
+        r = _pooled_over([meas], budget)[0]
+        record_step(run, stage, cand, candidate=True, measured_latency_ms=meas["candidate"], search="measured",
+                    baseline_same_session_ms=quiet_of(meas["baseline"]), cost_budget=None, accuracy=None)
+        run.say(f"{stage} (measured search): {quiet_of(meas['candidate']):.3f} ms ({100 * r:.0f} % of the budget)")
+        return Point(widths, r)
+
+    keeps = _keeps(group_widths(run.graph), run.graph.channel_multiple)
+    best, _ = line_search(under, over, measure, _window(run.cfg), keeps, run.cfg.max_loops)
+    return best
 
 
 def _window(cfg: CompressConfig) -> tuple[float, float, float]:
@@ -492,24 +524,54 @@ def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float
         if again:
             break
         pred *= aim / r
-    under = [v for v in seen.values() if v["r"] <= high]
-    best = max(under, key=lambda v: v["r"]) if under else min(seen.values(), key=lambda v: v["r"])
+    points = [Point(dict(k), v["r"], {"pred": v["pred"]}) for k, v in seen.items()]
+    if "narrowest" in run.state:
+        points.append(Point(dict(run.state["narrowest"]["widths"]), run.state["narrowest"]["r"]))
+    under = [p for p in points if p.r <= high]
+    over = [p for p in points if p.r > high]
+    if under and over:
+        # Corrections of the table's budget did not land: the table and the target disagree.
+        # Measurement alone decides between the widest architecture measured under the budget
+        # and the fastest one over it, and the steps then prune to those widths.
+        a, b = max(under, key=lambda p: p.r), min(over, key=lambda p: p.r)
+        run.say(f"plan: no plan the LUT priced lands in {100 * low:.0f}-{100 * high:.0f} % of the budget (measured "
+                f"{', '.join(f'{100 * p.r:.0f} %' for p in points)}); searching between the architectures measured at "
+                f"{100 * a.r:.0f} % and {100 * b.r:.0f} % on measured latency alone")
+        best = _search_measured(run, budget, a, b, "plan")
+        return _pin(run, best, "plan")
+    best = max(under, key=lambda p: p.r) if under else min(points, key=lambda p: p.r)
     run.say(f"plan: no architecture lands in {100 * low:.0f}-{100 * high:.0f} % of the budget; taking the best "
-            f"measured ({100 * best['r']:.0f} %)")
-    return float(best["pred"])
+            f"measured ({100 * best.r:.0f} %)")
+    return float(best.info["pred"]) if "pred" in best.info else _pin(run, best, "plan")
+
+
+def _pin(run: Run, best: Point, stage: str) -> float:
+    """From here on the structured steps and the verification prune to ``best``'s measured widths
+    instead of re-planning on the table; returns their predicted cost (for the record)."""
+    run.state["pinned"] = {"widths": dict(best.widths), "r": best.r, "stage": stage}
+    run.report["notes"].append(f"the latency table and the measurements disagreed; the {stage} stage chose widths on "
+                               f"measured latency alone (measured {100 * best.r:.0f} % of the budget)")
+    return float(run.cost.total(run.graph, best.widths))
 
 
 def _structured(run: Run, method: Method, budget: dict[str, Any]) -> None:
     steps = run.cfg.steps or method.default_steps
     start = run.cost.total(run.graph, group_widths(run.graph))
     goal = run.state["cost_budget"]
+    pinned = run.state.get("pinned")
+    if pinned:  # the widths before the first step, for resumed runs too
+        run.state.setdefault("step_start_widths", group_widths(run.graph))
     for i in range(1, steps + 1):
         stage = f"step-{i}"
         if stage in run.done:
             continue
         t0 = time.perf_counter()
         b = start * (goal / start) ** (i / steps)  # geometric: equal relative cuts per step
-        method.prune(run, b)
+        if pinned:  # widths chosen on measurement: walk to them, the method choosing which channels go
+            start_w = run.state["step_start_widths"]
+            _prune_to(run, method, between(start_w, pinned["widths"], i / steps, _keeps(start_w, run.graph.channel_multiple)))
+        else:
+            method.prune(run, b)
         t_prune = time.perf_counter() - t0
         run._add_seconds("structured", t_prune)
         acc = run.finetune(run.cfg.step_fraction, stage) if i < steps or budget["measured"] else None
@@ -524,7 +586,10 @@ def _structured(run: Run, method: Method, budget: dict[str, Any]) -> None:
 
 def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
     """Measure the pruned architecture; while over ``1 - margin`` of the budget, tighten the
-    predicted budget by the measured/predicted ratio and prune further."""
+    predicted budget by the measured/predicted ratio and prune further. When the widths were
+    chosen on measurement (``_pin``), or a tightening leaves them where they were (the table
+    calls the cuts free), the next widths come from a measured search between the narrowest
+    widths and the current ones instead."""
     if run.state.get("verified"):  # a resumed run that had already met the budget
         return
     for i in range(run.cfg.max_loops):
@@ -544,16 +609,54 @@ def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
             run.state["verified"] = True
             run.checkpoint(stage)
             return
-        pred = run.cost.total(run.graph, group_widths(run.graph))
-        run.state["cost_budget"] = pred * _window(run.cfg)[2] / r
-        try:
-            method.prune(run, run.state["cost_budget"])
-        except BudgetUnreachable:
-            run.state["cost_budget"] = _narrowest_or_unreachable(run, budget)
-            method.prune(run, run.state["cost_budget"])
+        before = group_widths(run.graph)
+        if not run.state.get("pinned"):
+            pred = run.cost.total(run.graph, before)
+            run.state["cost_budget"] = pred * _window(run.cfg)[2] / r
+            try:
+                method.prune(run, run.state["cost_budget"])
+            except BudgetUnreachable:
+                run.state["cost_budget"] = _narrowest_or_unreachable(run, budget)
+                method.prune(run, run.state["cost_budget"])
+        if run.state.get("pinned") or group_widths(run.graph) == before:
+            run.say(f"verify {i + 1}: the LUT's tightening leaves the widths as they are; choosing them on measured latency")
+            _prune_to(run, method, _verified_widths(run, budget, Point(before, r), stage).widths)
         run.state["loop_accuracy"] = run.finetune(run.cfg.step_fraction, stage)
         run.checkpoint(stage)
     run.report["notes"].append(f"the closed loop stopped after {run.cfg.max_loops} tightenings still over budget")
+
+
+def _verified_widths(run: Run, budget: dict[str, Any], over: Point, stage: str) -> Point:
+    """Widths under the budget for the current model, chosen on measurement: a search between its
+    narrowest widths (measured here; over the budget: unreachable, exit 3) and ``over``."""
+    floor = _narrowest(group_widths(run.graph), run.graph.channel_multiple)
+    narrow = copy.deepcopy(run.model)
+    prune_to_widths(narrow, run.data.input_shape, floor, run.cfg.ignore)
+    meas = run.measure(narrow)
+    r = _pooled_over([meas], budget)[0]
+    if r > _window(run.cfg)[1]:
+        raise BudgetUnreachable(f"the budget cannot be met on {run.target.name}: even the narrowest allowed widths "
+                                f"measure {100 * r:.0f} % of it; raise the budget")
+    best = _search_measured(run, budget, Point(floor, r), over, stage)
+    _pin(run, best, stage)
+    return best
+
+
+def _prune_to(run: Run, method: Method, widths: dict[str, int]) -> None:
+    """Prune the current model to ``widths`` (never wider than it is), the method choosing which
+    channels go (``prune_to``), else its criterion's lowest-scoring channels (L1 without one)."""
+    current = group_widths(run.graph)
+    widths = {g: min(k, current[g]) for g, k in widths.items() if g in current and k < current[g]}
+    if not widths:
+        return
+    fn = getattr(method, "prune_to", None)
+    if fn is not None:
+        fn(run, widths)
+        return
+    from deploy_prune.importance import score_groups
+
+    scores = score_groups(run.model, run.graph, getattr(method, "criterion", "l1"), run.score_batches(), seed=run.cfg.seed)
+    run.graph.prune_by_scores(widths, scores)
 
 
 def _pooled_over(meas: list[dict[str, Any]], budget: dict[str, Any]) -> tuple[float, float]:

@@ -46,6 +46,23 @@ def test_openvino_runs_like_torch_and_reports_layer_times(tiny: tuple[torch.nn.M
     assert "openvino" in backend.versions() and backend_status()["openvino"]["available"]
 
 
+def test_openvino_binds_each_feed_without_copying_into_the_last(tiny: tuple[torch.nn.Module, bytes]) -> None:
+    # time_once shares the feed's memory with the request's input tensor; a later feed must be
+    # bound anew, never copied into the memory of the one before.
+    model, proto = tiny
+    sess = get_backend("openvino").load(proto, _target())
+    name = sess.inputs[0][0]
+    rng = np.random.default_rng(1)
+    a, b = (rng.random((1, 1, 16, 16), dtype=np.float32) for _ in range(2))
+    a_before = a.copy()
+    assert sess.time_once({name: a}) > 0
+    out_b = sess.run({name: b})[0]
+    np.testing.assert_array_equal(a, a_before)
+    np.testing.assert_allclose(out_b, model(torch.from_numpy(b)).detach().numpy(), rtol=1e-4, atol=1e-5)
+    out_a = sess.run({name: a})[0]
+    np.testing.assert_allclose(out_a, model(torch.from_numpy(a)).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_openvino_bad_input(tiny: tuple[torch.nn.Module, bytes]) -> None:
     _, proto = tiny
     backend = get_backend("openvino")

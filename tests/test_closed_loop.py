@@ -1,0 +1,96 @@
+"""The closed loop when the latency table misprices widths: measurement decides, and a budget the
+narrowest widths meet ends MET.
+
+The device here is deterministic (latency proportional to the ONNX model's weights): the test is
+about the loop's decisions, which a noisy timer on a shared machine would make flaky; the timing
+itself is tested against real backends elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from deploy_prune.compress import CompressConfig, compress
+from deploy_prune.data import DataOptions
+from deploy_prune.latency.timing import Stats, summarize
+from deploy_prune.measured_search import Point, between, line_search
+
+
+def _weights_ms(model: bytes | str | Path) -> float:
+    """A device whose latency is 1 us per thousand weights plus 10 us."""
+    m = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+    n = sum(numpy_helper.to_array(t).size for t in m.graph.initializer)
+    return 0.01 + 1e-6 * n
+
+
+@pytest.fixture
+def deterministic_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deploy_prune.latency.measure import LocalMeasurer
+
+    def time(self: LocalMeasurer, models: Mapping[str, Any], protocol: Any = None, on_round: Any = None) -> dict[str, Stats]:
+        return {k: summarize([[_weights_ms(src)] * 3] * 3) for k, src in models.items()}
+
+    monkeypatch.setattr(LocalMeasurer, "time", time)
+
+
+@pytest.fixture
+def flat_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layer costs the same at every width: to the table, widening is free, as OpenVINO's
+    one-layer entries made it look on MobileNetV2."""
+    import deploy_prune.latency.lut as lut
+
+    monkeypatch.setattr(lut, "layer_ms", lambda profile, name, cin, cout: 0.01)
+
+
+@pytest.mark.parametrize("method", ["uniform", "deeplsp"])
+def test_a_table_that_misprices_on_purpose_still_ends_met(method: str, tiny_run: Path, quick_target_yaml: Callable[[int], Path],
+                                                          tmp_path: Path, deterministic_device: None, flat_table: None) -> None:
+    cfg = CompressConfig(out=tmp_path / "run", weights=str(tiny_run), data="digits", data_options=DataOptions(train_limit=300),
+                         target=str(quick_target_yaml(8)), latency_ratio=0.6, method=method, epochs=1, step_fraction=0.5,
+                         sensitivity_samples=200, score_batches=2, batch_size=64, profiles=tmp_path / "profiles")
+    rep = compress(cfg)
+    assert rep["met_budget"] is True, rep["budget_note"]
+    base_ms = rep["baseline"]["latency_ms"]["quiet"]
+    assert rep["final"]["latency_ms"]["quiet"] <= 0.6 * base_ms * (1 + 1e-9)
+    assert any("measured latency alone" in n for n in rep["notes"])
+    searched = [s for s in rep["steps"] if s.get("search") == "measured"]
+    assert searched, [s["stage"] for s in rep["steps"]]
+    # The loop spends its measurements on the search, not on re-planning the same architecture.
+    plans = [tuple(sorted(s["widths"].items())) for s in rep["steps"] if s["stage"] == "plan" and not s.get("search")]
+    assert len(plans) - len(set(plans)) <= 1
+
+
+def _linear(total: int) -> Callable[[dict[str, int]], Point]:
+    return lambda w: Point(dict(w), sum(w.values()) / total)
+
+
+def test_line_search_lands_in_the_window_and_never_returns_an_over_point() -> None:
+    keeps = {"a": list(range(8, 65, 8)), "b": list(range(8, 129, 8))}
+    under, over = Point({"a": 8, "b": 8}, 16 / 100), Point({"a": 64, "b": 128}, 192 / 100)
+    calls: list[dict[str, int]] = []
+
+    def measure(w: dict[str, int]) -> Point:
+        calls.append(w)
+        return _linear(100)(w)
+
+    best, tried = line_search(under, over, measure, (0.9, 0.97, 0.935), keeps, evals=5)
+    assert 0.9 <= best.r <= 0.97 and len(calls) <= 5 and tried[0] is under
+    # a staircase that never lands: the widest point measured under the budget
+    best, tried = line_search(under, over, lambda w: Point(w, 0.5 if sum(w.values()) < 120 else 1.2), (0.9, 0.97, 0.935),
+                              keeps, evals=4)
+    assert best.r == 0.5 and len(tried) >= 2
+    with pytest.raises(ValueError, match="one over it"):
+        line_search(under, Point(over.widths, 0.5), measure, (0.9, 0.97, 0.935), keeps, evals=3)
+
+
+def test_between_snaps_to_allowed_widths() -> None:
+    keeps = {"a": [8, 16, 24, 32], "b": [4, 8, 12]}
+    assert between({"a": 8, "b": 4}, {"a": 32, "b": 12}, 0.0, keeps) == {"a": 8, "b": 4}
+    assert between({"a": 8, "b": 4}, {"a": 32, "b": 12}, 1.0, keeps) == {"a": 32, "b": 12}
+    assert between({"a": 8, "b": 4}, {"a": 32, "b": 12}, 0.5, keeps) == {"a": 16, "b": 8}  # 20 -> 16 on a tie
