@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -151,7 +152,7 @@ def benchmark(
     if out is not None:
         write_json(out, res)
     if json_out:
-        sys.stdout.write(json.dumps(res, indent=2) + "\n")
+        sys.stdout.write(json.dumps(res, indent=2, allow_nan=False) + "\n")
         return
     console.print(benchmark_table(res))
     for name, r in {r["target"]: r for r in res["results"]}.items():
@@ -221,6 +222,8 @@ def parse_options(items: list[str]) -> dict[str, Any]:
                     break
                 except ValueError:
                     pass
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"-O {item!r}: {key.strip()} must be a finite number, got {raw.strip()}")
         out[key.strip().replace("-", "_")] = value
     return out
 
@@ -369,15 +372,15 @@ def compress(
     sparsity: Annotated[float | None, typer.Option("--sparsity", help="budget of unstructured methods: share of the weights zeroed")] = None,
     keep_ratio: Annotated[float, typer.Option("--keep-ratio", help="with no other budget: share of channels kept")] = 0.5,
     method: Annotated[str, typer.Option(help="compression method (deploy-prune methods)")] = "deeplsp",
-    criterion: Annotated[str, typer.Option(help="importance criterion ranking channels")] = "taylor",
-    amount: Annotated[str, typer.Option(help="unstructured share of remaining weights masked, or 'adaptive'")] = "0.05",
-    tolerance: Annotated[float, typer.Option(help="--amount adaptive: accuracy drop allowed per layer (0.005 = 0.5 points)")] = 0.005,
+    criterion: Annotated[str | None, typer.Option(help="importance criterion ranking channels [default: the method's; deeplsp: taylor]")] = None,
+    amount: Annotated[str | None, typer.Option(help="unstructured share of remaining weights masked, or 'adaptive' [default: the method's; deeplsp: 0.05]")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="--amount adaptive: accuracy drop allowed per layer (0.005 = 0.5 points) [default: 0.005]")] = None,
     steps: Annotated[int | None, typer.Option(help="structured pruning steps (default: the method's)")] = None,
-    df_mode: Annotated[str, typer.Option(help="df: hybrid (filters + ranks), filters (DML-S only) or ranks (DTL-S only)")] = "hybrid",
-    df_epochs: Annotated[float, typer.Option(help="df: epochs of mask/threshold learning (more, up to 2x, while off budget)")] = 2.0,
-    df_lr: Annotated[float, typer.Option(help="df: Adam learning rate of the masks and thresholds")] = 0.01,
-    df_beta: Annotated[float, typer.Option(help="df: rise of the sigmoid scale mu per epoch (paper: 4; alpha = 50, mu0 = 5)")] = 4.0,
-    df_c: Annotated[float, typer.Option(help="df: C in the rank estimate's tau = C / sigma_1 (paper: 2)")] = 2.0,
+    df_mode: Annotated[str | None, typer.Option(help="df (-O mode=): hybrid (filters + ranks), filters (DML-S only) or ranks (DTL-S only) [default: hybrid]")] = None,
+    df_epochs: Annotated[float | None, typer.Option(help="df (-O df_epochs=): epochs of mask/threshold learning (more, up to 2x, while off budget) [default: 2]")] = None,
+    df_lr: Annotated[float | None, typer.Option(help="df (-O df_lr=): Adam learning rate of the masks and thresholds [default: 0.01]")] = None,
+    df_beta: Annotated[float | None, typer.Option(help="df (-O beta=): rise of the sigmoid scale mu per epoch (paper: 4; alpha = 50, mu0 = 5) [default: 4]")] = None,
+    df_c: Annotated[float | None, typer.Option(help="df (-O c=): C in the rank estimate's tau = C / sigma_1 (paper: 2) [default: 2]")] = None,
     option: Annotated[list[str], typer.Option("--option", "-O", help="a method setting KEY=VALUE (repeatable), e.g. -O iterations=15 -O flow=gf; see deploy-prune methods")] = [],  # noqa: B006
     nm: Annotated[str | None, typer.Option("--nm", help="N:M semi-structured masks (e.g. 2:4, for sparse tensor cores) on top of the method's")] = None,
     step_fraction: Annotated[float, typer.Option(help="share of an epoch of fine-tuning after each step")] = 0.25,
@@ -392,26 +395,29 @@ def compress(
     force: Annotated[bool, typer.Option("--force", help="use a profile made for another tool/backend version")] = False,
     train_limit: Annotated[int | None, typer.Option(help="use only N training samples (quick runs)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from OUT/checkpoints")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run already in --out")] = False,
     trust_checkpoint: TrustOpt = False,
     seed: SeedOpt = 0,
 ) -> None:
     """Prune to a budget measured on the target, fine-tune, export, and report."""
     from deploy_prune.compress import CompressConfig
     from deploy_prune.compress import compress as run_compress
-    from deploy_prune.methods import check_options
 
     explicit = parse_options(option)
-    check_options(method, explicit)
+    # DF's flags are aliases of its -O settings, for df alone: SAP has a beta of its own.
+    df_flags = {k: v for k, v in (("mode", df_mode), ("df_epochs", df_epochs), ("df_lr", df_lr), ("beta", df_beta),
+                                  ("c", df_c)) if v is not None}
+    if df_flags and method != "df":
+        raise UserError(f"--df-* flags are settings of --method df, not {method}; give {method}'s settings as -O KEY=VALUE")
     cfg = CompressConfig(
         out=out, weights=weights, model=model, data=data,
         data_options=_data_options(data_dir, image_size, seed, train_limit=train_limit), target=target,
         latency_ms=latency_ms, latency_ratio=latency_ratio, flops_ratio=flops_ratio, params_ratio=params_ratio,
         keep_ratio=keep_ratio, sparsity=sparsity, nm=nm, method=method, criterion=criterion,
-        method_options={"mode": df_mode, "df_epochs": df_epochs, "df_lr": df_lr, "beta": df_beta, "c": df_c,
-                        **explicit}, amount=amount, tolerance=tolerance, steps=steps,
+        method_options={**df_flags, **explicit}, amount=amount, tolerance=tolerance, steps=steps,
         step_fraction=step_fraction, epochs=epochs, kd=kd, lr=lr, batch_size=batch_size, sensitivity=sensitivity,
         ignore=[s for s in ignore.split(",") if s], workers=workers, profiles=profiles, force_profile=force,
-        trust=trust_checkpoint, resume=resume, seed=seed,
+        trust=trust_checkpoint, resume=resume, overwrite=overwrite, seed=seed,
     )
     try:
         rep = run_compress(cfg, progress=lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
@@ -609,7 +615,7 @@ def doctor(json_out: Annotated[bool, typer.Option("--json", help="print as JSON"
 
     rep = doctor_report()
     if json_out:
-        sys.stdout.write(json.dumps(rep, indent=2) + "\n")
+        sys.stdout.write(json.dumps(rep, indent=2, allow_nan=False) + "\n")
         return
     console.print(f"deploy-prune {rep['deploy_prune']}  python {rep['python']}  torch {rep['torch']}  "
                   f"CUDA: {rep['cuda']}")

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from deploy_prune.allocate import CostModel, allowed_keeps, channels_cost, flops_cost, latency_cost, params_cost
+from deploy_prune.checks import check_number
 from deploy_prune.config import Target, load_target
 from deploy_prune.data import DataBundle, DataOptions, load_data, make_loader
 from deploy_prune.errors import BudgetUnreachable, UserError
@@ -94,9 +95,11 @@ class CompressConfig:
     keep_ratio: float = 0.5
     method: str = "deeplsp"
     method_options: dict[str, Any] = field(default_factory=dict)  # method-specific settings (e.g. df's mode)
-    criterion: str = "taylor"
-    amount: float | str = 0.05
-    tolerance: float = 0.005  # adaptive amount: accuracy drop allowed per layer (0.005 = half a point)
+    # Settings several methods share; None: the method's own default. A method that does not take
+    # one that is set refuses the run (methods.check_options).
+    criterion: str | None = None
+    amount: float | str | None = None
+    tolerance: float | None = None  # adaptive amount: accuracy drop allowed per layer (0.005 = half a point)
     steps: int | None = None  # None: the method's default
     step_fraction: float = 0.25  # share of an epoch of fine-tuning after each structured step
     epochs: int = 3
@@ -117,7 +120,28 @@ class CompressConfig:
     force_profile: bool = False
     trust: bool = False
     resume: bool = False
+    overwrite: bool = False  # replace the run already in ``out`` (else it is refused, unless resumed)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Every number checked here, where it enters (the CLI and the API build this), before
+        anything loads: NaN passes every comparison, so a budget of NaN would run the whole
+        pipeline to the narrowest widths."""
+        share = dict(lo=0.0, hi=1.0, lo_open=True, hi_open=True, optional=True)
+        for name, rng in (("latency_ms", dict(lo=0.0, lo_open=True, optional=True)), ("latency_ratio", share),
+                          ("flops_ratio", share), ("params_ratio", share), ("sparsity", share),
+                          ("keep_ratio", dict(lo=0.0, hi=1.0, lo_open=True)), ("tolerance", dict(lo=0.0, hi=1.0, optional=True)),
+                          ("step_fraction", dict(lo=0.0, hi=100.0)), ("lr", dict(lo=0.0, lo_open=True)),
+                          ("slack", dict(lo=0.0, hi=1.0, lo_open=True, hi_open=True)),
+                          ("margin", dict(lo=0.0, hi=1.0, hi_open=True))):
+            check_number(_flag(name), getattr(self, name), **rng)  # type: ignore[arg-type]
+        for name, lo in (("epochs", 0), ("batch_size", 1), ("max_loops", 1), ("sensitivity_samples", 1),
+                         ("score_batches", 1), ("workers", 1), ("seed", 0)):
+            check_number(_flag(name), getattr(self, name), lo=lo, integer=True)
+        check_number("--steps", self.steps, lo=1, integer=True, optional=True)
+        if self.margin >= self.slack:
+            raise UserError(f"--margin {self.margin} must be below --slack {self.slack}: the window a measured latency "
+                            "must land in is between them under the budget")
 
     def budget_kind(self) -> tuple[str, float]:
         given = {k: v for k, v in (("latency_ms", self.latency_ms), ("latency_ratio", self.latency_ratio),
@@ -135,6 +159,10 @@ class CompressConfig:
         if kind not in ("latency_ms", "sparsity") and value >= 1:
             raise UserError(f"--{kind.replace('_', '-')} {value} keeps the whole model: nothing to do (give a share below 1)")
         return kind, float(value)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def quietest_take(take: Callable[[], dict[str, Any]], quietest: float) -> tuple[dict[str, Any], float]:
@@ -702,12 +730,19 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None)
     kind, _ = cfg.budget_kind()  # conflicting or empty budgets fail before anything loads
     if cfg.nm:
         parse_nm(cfg.nm)
-    method = get_method(cfg.method, criterion=cfg.criterion, amount=cfg.amount, tolerance=cfg.tolerance,
-                        **cfg.method_options)
+    common = {k: v for k, v in (("criterion", cfg.criterion), ("amount", cfg.amount), ("tolerance", cfg.tolerance))
+              if v is not None}
+    method = get_method(cfg.method, **{**common, **cfg.method_options})
     if kind not in method.budget_kinds:
         takes = ", ".join("--" + k.replace("_", "-") for k in method.budget_kinds)
         raise UserError(f"--method {method.name} cannot honour --{kind.replace('_', '-')}; it takes {takes}")
-    run = Run(cfg, progress)
+    fresh = _claim_out(cfg)
+    try:
+        run = Run(cfg, progress)
+    except BaseException:
+        if fresh and cfg.out.is_dir() and not any(cfg.out.iterdir()):  # nothing half-made left behind
+            cfg.out.rmdir()
+        raise
     try:
         return _pipeline(run, method, t_start)
     except UserError as e:
@@ -716,6 +751,33 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None)
             raise
         # e.g. the agent became unreachable mid-run: what was done is kept
         raise type(e)(f"{e} (stages done so far are kept in {state}; fix this and rerun with --resume)") from None
+
+
+# What a compress run writes in its directory: --overwrite removes these, and nothing else.
+RUN_FILES = ("model.onnx", "model.onnx.json", "model.pt", "model.pt2", "report.json", "report.md", "report.html",
+             "sensitivity.json")
+RUN_DIRS = ("checkpoints", "finetune")
+
+
+def _claim_out(cfg: CompressConfig) -> bool:
+    """Refuse to mix two runs in one directory: one that holds a run needs ``--resume`` (continue
+    it) or ``--overwrite`` (replace it). Returns whether the directory is new."""
+    import shutil
+
+    held = [n for n in ("report.json", "checkpoints/state.pt") if (cfg.out / n).is_file()]
+    if held and cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if held and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{str(cfg.out)!r} already holds a compress run ({held[0]}); pass --resume to continue it, "
+                        "--overwrite to replace it, or another --out")
+    if held and cfg.overwrite:
+        for name in RUN_FILES:
+            (cfg.out / name).unlink(missing_ok=True)
+        for name in RUN_DIRS:
+            shutil.rmtree(cfg.out / name, ignore_errors=True)
+        for stale in cfg.out.glob("*.png"):
+            stale.unlink()
+    return not cfg.out.exists()
 
 
 def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:

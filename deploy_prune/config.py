@@ -1,5 +1,9 @@
 """Targets: YAML files naming a backend, device, threads and the measurement protocol.
 
+A target file is validated in one place, ``TargetFile`` (a pydantic model of the YAML: every
+key's type and range, unknown keys refused), before a ``Target`` is built from it; the first
+problem found becomes one ``UserError`` line naming the file, the key and what it must be.
+
 Lookup order for ``--target NAME``: a path to a ``.yaml`` file; ``$DEPLOY_PRUNE_TARGETS``
 (colon-separated directories); ``./targets``; the ``targets/`` folder shipped beside the package.
 """
@@ -10,13 +14,20 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from deploy_prune.checks import check_number
 from deploy_prune.errors import UserError
 
 PACKAGE_TARGETS = Path(__file__).resolve().parent.parent / "targets"
+
+
+# Ranges a measurement protocol may take: beyond them a run would take hours, not seconds.
+PROTOCOL_MAX = {"warmup": 100_000, "repeats": 10_000_000, "rounds": 10_000, "min_time_s": 600.0}
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclass
@@ -36,6 +47,9 @@ class Protocol:
     min_time_s: float = 2.0
 
     def __post_init__(self) -> None:
+        for name in ("warmup", "repeats", "rounds"):
+            check_number(f"protocol {name}", getattr(self, name), integer=True, lo=0, hi=PROTOCOL_MAX[name])
+        check_number("protocol min_time_s", self.min_time_s, lo=0, hi=PROTOCOL_MAX["min_time_s"])
         if self.warmup < 0 or self.repeats < 1 or self.rounds < 1 or self.repeats < self.rounds or self.min_time_s < 0:
             raise UserError(
                 f"bad measurement protocol (warmup={self.warmup}, repeats={self.repeats}, rounds={self.rounds}, "
@@ -129,7 +143,50 @@ def load_target(name_or_path: str) -> Target:
     return target_from_dict(raw, source=str(p))
 
 
+class _AgentFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    url: str
+    token_env: str = Field("DEPLOY_PRUNE_AGENT_TOKEN", min_length=1)
+    timeout_s: float = Field(600.0, gt=0, le=86_400, allow_inf_nan=False)
+
+
+class TargetFile(BaseModel):
+    """The target YAML's schema: what each key may hold (``Target`` documents what it means)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1)
+    backend: str = Field(min_length=1)
+    device: str = "cpu"
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
+    threads: int = Field(0, ge=0, le=4096)
+    batch: int = Field(1, ge=1, le=65_536)
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1, max_length=4)
+    channel_multiple: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1
+    layer_timing: Literal["wall", "counters", "auto"] = "wall"
+    cache_kib: int | None = Field(None, ge=1)
+    description: str = ""
+    agent: _AgentFile | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    warmup: int = Field(50, ge=0, le=PROTOCOL_MAX["warmup"])
+    repeats: int = Field(300, ge=1, le=PROTOCOL_MAX["repeats"])
+    rounds: int = Field(5, ge=1, le=PROTOCOL_MAX["rounds"])
+    min_time_s: float = Field(2.0, ge=0, le=PROTOCOL_MAX["min_time_s"], allow_inf_nan=False)
+
+
+def _first_problem(e: ValidationError) -> str:
+    """A pydantic error as one line: ``key: what it must be, got VALUE``."""
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and ("[" in x or x.startswith("function"))))
+    key = loc.split(".")[0]
+    if key == "channel_multiple":  # a union: pydantic lists one complaint per branch
+        return f"channel_multiple must be an integer from 1 to 1024 or auto, got {e.errors()[0]['input']!r}"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}"
+    return f"{loc}: {err['msg'][0].lower()}{err['msg'][1:]}, got {err.get('input')!r}"
+
+
 def target_from_dict(raw: Any, source: str = "<dict>") -> Target:
+    """Validate a target mapping (``TargetFile``) and build the ``Target``."""
     if not isinstance(raw, dict):
         raise UserError(f"target {source!r} must be a YAML mapping")
     unknown = set(raw) - _TARGET_KEYS - _PROTOCOL_KEYS
@@ -138,6 +195,10 @@ def target_from_dict(raw: Any, source: str = "<dict>") -> Target:
     for key in ("name", "backend"):
         if key not in raw:
             raise UserError(f"target {source!r} lacks the required key {key!r}")
+    try:
+        TargetFile.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"target {source!r}: {_first_problem(e)}; fix the YAML") from None
     fields = {k: v for k, v in raw.items() if k in _TARGET_KEYS}
     auto = fields.get("channel_multiple") == "auto"
     if auto:
@@ -145,19 +206,7 @@ def target_from_dict(raw: Any, source: str = "<dict>") -> Target:
             raise UserError(f"target {source!r}: channel_multiple: auto asks this machine's runtime, but the target is measured "
                             "through an agent on another device; give the device's number (e.g. 8)")
         fields["channel_multiple"] = 1  # resolved below, once the rest is valid
-    types = {"threads": int, "batch": int, "channel_multiple": int, "cache_kib": int}
-    for k, t in types.items():
-        if k in fields and not isinstance(fields[k], t) and not (k == "cache_kib" and fields[k] is None):
-            raise UserError(f"target {source!r}: {k} must be an integer{' or auto' if k == 'channel_multiple' else ''}, "
-                            f"got {fields[k]!r}")
-    if fields.get("layer_timing", "wall") not in LAYER_TIMINGS:
-        raise UserError(f"target {source!r}: layer_timing must be one of {', '.join(LAYER_TIMINGS)}, got {fields['layer_timing']!r}")
-    if fields.get("batch", 1) < 1 or fields.get("channel_multiple", 1) < 1 or fields.get("threads", 0) < 0:
-        raise UserError(f"target {source!r}: batch and channel_multiple must be >= 1, threads >= 0")
     proto = {k: raw[k] for k in _PROTOCOL_KEYS if k in raw}
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in proto.values()):
-        raise UserError(f"target {source!r}: warmup, repeats, rounds and min_time_s must be numbers")
-    proto = {k: (v if k == "min_time_s" else int(v)) for k, v in proto.items()}
     target = Target(**fields, protocol=Protocol(**proto), source=source)
     if auto:
         from deploy_prune.backends import channel_block  # backends import this module

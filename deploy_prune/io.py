@@ -52,7 +52,11 @@ def _umask() -> int:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    """Strict JSON (no bare NaN or Infinity, which other readers reject), written atomically."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n"
+    except ValueError as e:  # a non-finite number reached an output: a bug upstream, never written
+        raise ValueError(f"not writing {os.fspath(path)!r}: {e}") from None
     return atomic_write(path, lambda p: p.write_text(text))
 
 

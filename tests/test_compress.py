@@ -154,8 +154,8 @@ def test_interrupted_run_resumes(tiny_run: Path, target_yaml: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("args, code, message", [
     (["--latency-ms", "1", "--flops-ratio", "0.5"], 2, "conflicting budgets"),
-    (["--latency-ratio", "0"], 2, "must be > 0"),
-    (["--flops-ratio", "1.5"], 2, "nothing to do"),
+    (["--latency-ratio", "0"], 2, "--latency-ratio must be a finite number in (0, 1), got 0.0"),
+    (["--flops-ratio", "1.5"], 2, "--flops-ratio must be a finite number in (0, 1), got 1.5"),
     (["--latency-ms", "1000"], 2, "nothing to do"),
     (["--latency-ms", "0.000001"], 3, "lowest reachable"),
     (["--flops-ratio", "0.5", "--amount", "lots"], 2, "--amount"),

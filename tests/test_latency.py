@@ -102,7 +102,7 @@ def test_channel_multiple_auto_bad_input() -> None:
     with pytest.raises(UserError, match="through an agent on another device; give the device's number"):
         target_from_dict({"name": "x", "backend": "onnxruntime", "channel_multiple": "auto",
                           "agent": {"url": "http://127.0.0.1:1", "token_env": "T"}})
-    with pytest.raises(UserError, match="channel_multiple must be an integer or auto, got 'eight'"):
+    with pytest.raises(UserError, match="channel_multiple must be an integer from 1 to 1024 or auto, got 'eight'"):
         target_from_dict({"name": "x", "backend": "onnxruntime", "channel_multiple": "eight"})
     with pytest.raises(UserError, match="unknown key"):
         target_from_dict({"name": "x", "backend": "onnxruntime", "channel_multiple_from": "me"})
@@ -118,7 +118,7 @@ def test_bad_targets(tmp_path: Path) -> None:
         load_target(str(tmp_path / "bad.yaml"))
     with pytest.raises(UserError, match="bad measurement protocol"):
         target_from_dict({"name": "x", "backend": "onnxruntime", "repeats": 2, "rounds": 5})
-    with pytest.raises(UserError, match="cache_kib must be an integer"):
+    with pytest.raises(UserError, match="cache_kib: input should be a valid integer, got '2M'"):
         target_from_dict({"name": "x", "backend": "onnxruntime", "cache_kib": "2M"})
     assert target_from_dict({"name": "x", "backend": "onnxruntime", "cache_kib": 2048}).cache_kib == 2048
     assert target_from_dict({"name": "x", "backend": "onnxruntime", "cache_kib": None}).cache_kib is None

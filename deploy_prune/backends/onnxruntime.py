@@ -114,6 +114,9 @@ class OnnxRuntimeBackend:
 
         if target.device != "cpu":
             raise UserError(f"backend onnxruntime here runs on device 'cpu', not {target.device!r}; fix the target's device")
+        if target.precision != "fp32":
+            raise UserError(f"backend onnxruntime here runs the ONNX model as exported (fp32), not precision "
+                            f"{target.precision!r}; set precision: fp32 in the target")
         src = model if isinstance(model, bytes) else str(model)
 
         def open_session(extra: Callable[[Any], None] | None = None) -> Any:

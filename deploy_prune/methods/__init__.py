@@ -61,23 +61,28 @@ class Method(Protocol):
 METHODS: Registry[type] = Registry("method")
 
 
-def check_options(name: str, options: dict[str, Any]) -> None:
-    """Options the user set explicitly (``-O KEY=VALUE``) must be settings of the method."""
+def method_settings(name: str) -> list[str]:
+    """The settings method ``name`` takes (its constructor's parameters)."""
     import inspect
 
-    accepted = [p for p in inspect.signature(METHODS.get(name)).parameters if p not in ("args", "kwargs")]
+    return [p for p in inspect.signature(METHODS.get(name)).parameters if p not in ("args", "kwargs")]
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Every setting given (``--criterion``, ``--amount``, ``--tolerance``, ``-O KEY=VALUE``) must be
+    one the method takes: a setting dropped silently runs another experiment than the one asked
+    for (``beta`` is DF's sigmoid rise and SAP's own beta)."""
+    accepted = method_settings(name)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise UserError(f"--method {name} has no setting {', '.join(unknown)}; it takes {', '.join(accepted) or 'none'}")
+        raise UserError(f"--method {name} has no setting {', '.join(unknown)}; it takes {', '.join(accepted) or 'none'} "
+                        "(see deploy-prune methods)")
 
 
 def get_method(name: str, **settings: Any) -> Method:
-    """Instantiate a registered method with the settings it accepts (others are ignored)."""
-    import inspect
-
-    cls = METHODS.get(name)
-    accepted = inspect.signature(cls).parameters
-    return cls(**{k: v for k, v in settings.items() if k in accepted})  # type: ignore[no-any-return]
+    """Instantiate a registered method; a setting it does not take is an error (``check_options``)."""
+    check_options(name, settings)
+    return METHODS.get(name)(**settings)  # type: ignore[no-any-return]
 
 
 # Register the built-in methods.

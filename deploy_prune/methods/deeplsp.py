@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deploy_prune.allocate import allocate, weighted_retained_value
+from deploy_prune.checks import check_number
 from deploy_prune.errors import UserError
-from deploy_prune.importance import score_groups
+from deploy_prune.importance import CRITERIA, score_groups
 from deploy_prune.methods import BUDGET_KINDS, METHODS
 from deploy_prune.transforms import Masks, apply_masks, magnitude_masks, weight_layers
 
@@ -91,6 +92,8 @@ class DeepLSP:
                 raise UserError(f"--amount must be a share in [0, 1) or 'adaptive', got {amount!r}") from None
         if isinstance(amount, float) and not 0.0 <= amount < 1.0:
             raise UserError(f"--amount must be a share in [0, 1) or 'adaptive', got {amount}")
+        CRITERIA.get(criterion)  # an unknown name fails now, not after profiling and sensitivity
+        check_number("--tolerance", tolerance, lo=0.0, hi=1.0)
         self.criterion, self.amount, self.tolerance = criterion, amount, tolerance
         self.weights: dict[str, float] = {}
         self.powers: dict[str, float] = {}

@@ -325,14 +325,18 @@ class Snip(IterativePruning):
         super().__init__(iterations, retrain_epochs)
 
 
+WEIGHT_CRITERIA = ("taylor", "magnitude", "random")
+
+
 @_register("loss-based", "loss-model pruning: taylor, magnitude or random weight importance, global, with retraining")
 class LossModel(IterativePruning):
     scope = "global"
 
     def __init__(self, iterations: int = 3, retrain_epochs: float = 1.0, criterion: str = "taylor") -> None:
         super().__init__(iterations, retrain_epochs)
-        if criterion not in ("taylor", "magnitude", "random"):
-            criterion = "taylor"  # --criterion names channel criteria; only these three score single weights
+        if criterion not in WEIGHT_CRITERIA:  # --criterion names channel criteria too; these three score single weights
+            raise UserError(f"--method loss-based scores single weights by {', '.join(WEIGHT_CRITERIA)}, not {criterion!r}; "
+                            "give --criterion taylor, magnitude or random")
         self.score = criterion
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from deploy_prune.errors import BudgetUnreachable
 from deploy_prune.graph import round_channels
-from deploy_prune.importance import score_groups
+from deploy_prune.importance import CRITERIA, score_groups
 from deploy_prune.methods import BUDGET_KINDS, METHODS
 from deploy_prune.transforms import Masks
 
@@ -29,6 +29,7 @@ class Uniform:
     budget_kinds = BUDGET_KINDS
 
     def __init__(self, criterion: str = "l1") -> None:
+        CRITERIA.get(criterion)  # an unknown name fails before anything is measured
         self.criterion = criterion
 
     def settings(self) -> dict[str, Any]:
