@@ -18,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from deploy_prune.compress import CompressConfig, compress
-from deploy_prune.config import load_target
 from deploy_prune.data import DataOptions
 from deploy_prune.export import onnx_bytes
 from deploy_prune.io import atomic_write, provenance, provenance_line, write_json, write_text
 from deploy_prune.latency.benchmark import benchmark
 from deploy_prune.models.checkpoint import load_model
+from deploy_prune.pipeline import CompressConfig, compress
+from deploy_prune.target import load_target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -31,12 +31,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from deploy_prune.config import Protocol, load_target
+from deploy_prune.config import Protocol
 from deploy_prune.export import onnx_bytes
 from deploy_prune.io import provenance, provenance_line, write_json, write_text
 from deploy_prune.latency.measure import LocalMeasurer
 from deploy_prune.latency.timing import measure, quiet_estimate
 from deploy_prune.models import build_model
+from deploy_prune.target import load_target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

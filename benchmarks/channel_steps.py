@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy_prune.config import Protocol, load_target
+from deploy_prune.config import Protocol
 from deploy_prune.io import provenance, write_json, write_text
 from deploy_prune.latency import lut
 from deploy_prune.latency.measure import LocalMeasurer
+from deploy_prune.target import load_target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

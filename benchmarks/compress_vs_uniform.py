@@ -16,11 +16,11 @@ import json
 import time
 from pathlib import Path
 
-from deploy_prune.compress import CompressConfig, compress
 from deploy_prune.data import DataOptions
 from deploy_prune.errors import BudgetUnreachable
 from deploy_prune.io import provenance, provenance_line, write_json, write_text
 from deploy_prune.latency.timing import quiet_of
+from deploy_prune.pipeline import CompressConfig, compress
 
 
 def main() -> None:

@@ -24,9 +24,9 @@ import json
 import time
 from pathlib import Path
 
-from deploy_prune.compress import CompressConfig, compress
 from deploy_prune.data import DataOptions
 from deploy_prune.io import provenance, provenance_line, write_json, write_text
+from deploy_prune.pipeline import CompressConfig, compress
 
 HERE = Path(__file__).parent
 

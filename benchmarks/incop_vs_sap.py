@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from deploy_prune.compress import CompressConfig, compress
 from deploy_prune.data import DataOptions
 from deploy_prune.io import provenance, provenance_line, write_json, write_text
+from deploy_prune.pipeline import CompressConfig, compress
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"sap": ("sap", {}), "incop-if": ("incop", {"flow": "if"}), "incop-gf": ("incop", {"flow": "gf"})}

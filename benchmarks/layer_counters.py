@@ -22,7 +22,6 @@ import onnx
 import torch
 
 from deploy_prune.backends import get_backend, layer_times
-from deploy_prune.config import load_target
 from deploy_prune.export import onnx_bytes
 from deploy_prune.io import provenance, provenance_line, write_json, write_text
 from deploy_prune.latency import lut
@@ -31,6 +30,7 @@ from deploy_prune.latency.lut import predict
 from deploy_prune.latency.measure import LocalMeasurer, feed_for
 from deploy_prune.latency.profile import ProfileSpec, describe, plan_variant, pruned_copy, run_profile
 from deploy_prune.models import build_model
+from deploy_prune.target import load_target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -25,12 +25,13 @@ import torch
 
 from deploy_prune.backends import get_backend, layer_times
 from deploy_prune.backends.onnxruntime import nchwc_block, optimized_graph
-from deploy_prune.config import Target, load_target
+from deploy_prune.config import Target
 from deploy_prune.export import onnx_bytes
 from deploy_prune.io import provenance, provenance_line, write_json, write_text
 from deploy_prune.latency.measure import feed_for
 from deploy_prune.latency.profile import ProfileSpec, describe, plan_variant, pruned_copy, random_shares
 from deploy_prune.models import build_model
+from deploy_prune.target import load_target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEAD = {"ReduceMean", "GlobalAveragePool", "Reshape", "Flatten", "Gemm", "MatMul"}  # plain at any width

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from deploy_prune.config import Protocol, load_target
+from deploy_prune.config import Protocol
 from deploy_prune.io import provenance, write_json, write_text
 from deploy_prune.latency.profile import ProfileSpec, run_profile
 from deploy_prune.models import build_model
+from deploy_prune.target import load_target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = {  # name -> (model spec, C,H,W)

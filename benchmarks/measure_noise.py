@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deploy_prune.config import load_target
 from deploy_prune.export import onnx_bytes
 from deploy_prune.graph import ModelGraph
 from deploy_prune.io import provenance, provenance_line, write_json, write_text
 from deploy_prune.latency.measure import LocalMeasurer
 from deploy_prune.latency.timing import measure, quiet_estimate
 from deploy_prune.models import build_model
+from deploy_prune.target import load_target
 from deploy_prune.transforms import group_widths, prune_to_widths
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from deploy_prune.config import load_target
 from deploy_prune.export import export_onnx
 from deploy_prune.io import provenance, write_json, write_text
 from deploy_prune.latency.benchmark import benchmark
 from deploy_prune.models import build_model
+from deploy_prune.target import load_target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

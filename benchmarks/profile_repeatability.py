@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deploy_prune.config import load_target
 from deploy_prune.io import provenance, provenance_line, write_json, write_text
 from deploy_prune.latency import lut
 from deploy_prune.latency.profile import ProfileSpec, describe, plan_variant, pruned_copy, random_shares, run_profile
 from deploy_prune.models import build_model
+from deploy_prune.target import load_target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deploy_prune.config import load_target
 from deploy_prune.export import onnx_bytes
 from deploy_prune.io import provenance, provenance_line, write_json, write_text
 from deploy_prune.latency import lut
 from deploy_prune.latency.measure import measurer_for
 from deploy_prune.latency.profile import ProfileSpec, describe, plan_variant, pruned_copy, run_profile
 from deploy_prune.models import build_model
+from deploy_prune.target import load_target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

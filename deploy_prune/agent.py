@@ -1,7 +1,7 @@
 """The remote profiling agent: measure latency on a device, drive everything else from a workstation.
 
 ``deploy-prune agent serve`` runs on the device (a Jetson, a phone dev board, a bare server)
-and times ONNX models with one local backend; ``AgentMeasurer`` is its client, picked by
+and times ONNX models with one local backend; ``latency.remote.AgentMeasurer`` is its client, picked by
 ``measurer_for`` when a target YAML has an ``agent:`` block::
 
     agent:
@@ -25,21 +25,30 @@ Protocol (HTTP/1.0, JSON bodies, one request per connection):
     that two clients never disturb each other's timings.
 
 Errors are JSON ``{"error": message}`` with 400 (bad request, bad model, wrong backend, any
-``UserError``), 401 (token), 404, 405, 411 (no Content-Length), 413 (over ``--max-body-mb``)
-or 500 (unexpected failure: exception type and first line). The client turns each into one
-``UserError`` line naming the URL and the fix.
+``UserError``; also a body shorter than its Content-Length, a model with external data, bad JSON
+including bare ``NaN``/``Infinity``, and a protocol number out of range), 401 (token), 404, 405,
+411 (no Content-Length), 413 (over ``--max-body-mb``), 503 (over ``MAX_CONNECTIONS`` open
+connections; retry shortly) or 500 (unexpected failure: exception type and first line). The client
+turns each into one ``UserError`` line naming the URL and the fix.
 
 Security model: the agent runs models it is sent, so only holders of the shared token may talk
 to it. The token lives in an environment variable on both ends (never on a command line, where
-``ps`` would show it, and never in the target YAML, which gets committed). Every request, even
-to an unknown path, must carry ``Authorization: Bearer <token>``; it is compared in constant time
-(``hmac.compare_digest``) before anything else is looked at. Request size is checked from
-``Content-Length`` before the body is read, so an oversized upload is refused without being
-buffered, and every model must parse and pass ``onnx.checker`` before a backend sees it. The
-log names method, path, status and duration, never headers or the token. Plain HTTP carries the
-token and the models unencrypted, so the agent listens on 127.0.0.1 by default; across a network,
-forward the port through SSH (``ssh -N -L 8765:127.0.0.1:8765 device``) rather than binding to
-a public address, or put it behind a TLS-terminating proxy (``https://`` URLs work).
+``ps`` would show it, and never in the target YAML, which gets committed), and must be at least
+``MIN_TOKEN_CHARS`` long. Every request, even to an unknown path, must carry
+``Authorization: Bearer <token>``; it is compared in constant time (``hmac.compare_digest``)
+before anything else is looked at. Request size is checked from ``Content-Length`` before the
+body is read, so an oversized upload is refused without being buffered; the body is read with a
+``BODY_TIMEOUT_S`` stall limit, so a client that sends less than it announced gets a quick 400
+instead of holding a thread. At most ``MAX_CONNECTIONS`` connections are served at once (one
+thread each); the accepting thread answers any beyond that with 503 itself. Every number of the
+protocol is checked against a range (``_PROTOCOL_LIMITS``), every model must parse, keep its
+weights inside (external data would make the backend open files on the device, relative to the
+agent's working directory) and pass ``onnx.checker`` before a backend sees it, and every answer is
+strict JSON (no ``NaN``). The log names method, path, status and duration, never headers or the
+token. Plain HTTP carries the token and the models unencrypted, so the agent listens on 127.0.0.1
+by default; across a network, forward the port through SSH (``ssh -N -L 8765:127.0.0.1:8765
+device``) rather than binding to a public address, or put it behind a TLS-terminating proxy
+(``https://`` URLs work).
 """
 
 from __future__ import annotations
@@ -48,9 +57,8 @@ import base64
 import binascii
 import dataclasses
 import hmac
-import http.client
 import ipaddress
-import json
+import math
 import os
 import platform
 import signal
@@ -59,31 +67,70 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from deploy_prune import __version__
-from deploy_prune.config import Protocol, Target, target_from_dict
+from deploy_prune.config import PROTOCOL_MAX, Protocol, Target
 from deploy_prune.errors import UserError
 from deploy_prune.io import cpu_model
-from deploy_prune.latency.timing import Stats
+from deploy_prune.latency.remote import (
+    _CLIENT_ONLY_KEYS,
+    _MIB,
+    _PROTOCOL_FIELDS,
+    _dumps,
+    _first_line,
+    _loads,
+)
+from deploy_prune.target import target_from_dict
 
-DEFAULT_TOKEN_ENV = "DEPLOY_PRUNE_AGENT_TOKEN"
-DEFAULT_TIMEOUT_S = 900.0  # read time-out of a measurement request
-CONNECT_TIMEOUT_S = 10.0  # connect time-out, and read time-out of short requests (/info)
-_MIB = 1024 * 1024
-_AGENT_KEYS = {"url", "token_env", "timeout_s"}
-_PROTOCOL_FIELDS = ("warmup", "repeats", "rounds", "min_time_s")
-# Target.as_dict() keys that describe the client, not the measurement.
-_CLIENT_ONLY_KEYS = {"threads_resolved", "protocol", "source", "agent", "channel_multiple_from"}
+MIN_TOKEN_CHARS = 16  # shorter shared tokens are refused at start
+REQUEST_TIMEOUT_S = 30.0  # per socket operation for the request line, headers and answer
+BODY_TIMEOUT_S = 5.0  # per read of the body: a client that stalls this long gets a 400
+MAX_CONNECTIONS = 32  # connections (threads) served at once; more get a 503 from the accepting thread
+REFUSE_TIMEOUT_S = 0.5  # bound on each socket operation while answering such a 503
+# Valid ranges of the request's numbers: (int or float, lowest, highest). Beyond them a request
+# would run for hours or overflow a conversion, so it is refused with a 400 naming the range.
+# The same ranges as a target file's (config.PROTOCOL_MAX), so what is valid locally is valid here.
+_PROTOCOL_LIMITS: dict[str, tuple[type, float, float]] = {
+    "warmup": (int, 0, PROTOCOL_MAX["warmup"]), "repeats": (int, 1, PROTOCOL_MAX["repeats"]),
+    "rounds": (int, 1, PROTOCOL_MAX["rounds"]), "min_time_s": (float, 0, PROTOCOL_MAX["min_time_s"]),
+}
+_TARGET_LIMITS: dict[str, tuple[type, float, float]] = {"threads": (int, 0, 4096), "batch": (int, 1, 65536)}
+_MAX_DIM = 65536  # largest entry of input_shape
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """``repr`` cut short: a refused value is echoed in the error, but never a whole upload."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int over Python's digit limit
+        text = f"an integer of about {value.bit_length() * 0.30103:.0f} digits"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+
+
+
+
+
+
+def _check_number(where: str, value: Any, kind: type, lo: float, hi: float) -> Any:
+    """``value`` if it is a finite ``kind`` (int, or any number for float) in [lo, hi], else a 400 naming the range."""
+    span = "[" + ", ".join(str(int(x)) if float(x).is_integer() else f"{x:g}" for x in (lo, hi)) + "]"
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+        what = f"an integer in {span}"
+    else:
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and lo <= value <= hi)
+        what = f"a number in {span}"
+    if not ok:
+        raise _HTTPError(400, f"{where} must be {what}, got {_show(value)}")
+    return value
 
 
 def _cpu_count() -> int:
@@ -114,6 +161,53 @@ class _AgentServer(ThreadingHTTPServer):
     max_body: int
     info: dict[str, Any]
     lock: threading.Lock
+    max_connections: int
+    slots: threading.BoundedSemaphore  # one per connection being served (MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection on a thread if a slot is free, else answer 503 here.
+
+        ``ThreadingHTTPServer`` would start one thread per connection without limit; the slot
+        is given back when the thread ends (``process_request_thread``).
+        """
+        if not self.slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # the thread did not start: it will not release the slot
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def _refuse(self, request: Any, client_address: Any) -> None:
+        """Answer 503 on the accepting thread, spending about a second at most and no thread.
+
+        The answer goes out before the request is read (HTTP clients accept that); what the
+        client sends is then read and dropped for a moment, so that closing does not reset the
+        connection and hide the answer from it.
+        """
+        message = (f"too many connections: this agent serves at most {self.max_connections} at once; "
+                   "retry shortly")
+        body = _dumps({"error": message})
+        head = ("HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode("ascii")
+        try:
+            request.settimeout(REFUSE_TIMEOUT_S)
+            request.sendall(head + body)
+            request.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + REFUSE_TIMEOUT_S
+            while time.monotonic() < deadline and request.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+        self.shutdown_request(request)
+        print(f"agent: {client_address[0]} - - 503 0.000s (too many connections)", file=sys.stderr, flush=True)
 
 
 class _AgentServer6(_AgentServer):
@@ -122,8 +216,13 @@ class _AgentServer6(_AgentServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: _AgentServer
-    timeout = 120  # seconds per socket operation: a stalled client releases its thread
     server_version = f"deploy-prune-agent/{__version__}"
+
+    def setup(self) -> None:
+        # Seconds per socket operation, read here (not at import) so that tests can shorten it:
+        # a client that stalls in its request line or headers releases its thread.
+        super().setup()
+        self.connection.settimeout(REQUEST_TIMEOUT_S)
 
     # The default access log prints the request line to stderr; we log our own line instead.
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
@@ -164,7 +263,11 @@ class _Handler(BaseHTTPRequestHandler):
             traceback.print_exc(file=sys.stderr)
             status, answer = 500, {"error": f"{type(e).__name__}: {_first_line(e)}"}
         try:
-            self._reply(status, answer)
+            data = _dumps(answer)
+        except ValueError as e:  # a NaN or infinity in the answer: strict JSON has no token for it
+            status, data = 500, _dumps({"error": f"the agent's answer holds a non-finite number ({_first_line(e)})"})
+        try:
+            self._reply(status, data)
         except OSError:  # the client went away
             pass
         print(f"agent: {self.client_address[0]} {method} {path} {status} {time.perf_counter() - t0:.3f}s",
@@ -190,17 +293,38 @@ class _Handler(BaseHTTPRequestHandler):
             limit = self.server.max_body / _MIB
             raise _HTTPError(413, f"request body is {length / _MIB:.1f} MiB, over this agent's limit of {limit:g} MiB "
                                   "(restart the agent with a larger --max-body-mb)")
-        body = self.rfile.read(length)
-        self._body_read = True
-        if len(body) != length:
-            raise _HTTPError(400, f"body ended after {len(body)} of {length} bytes")
-        return body
+        return self._read_exactly(length)
+
+    def _read_exactly(self, length: int) -> bytes:
+        """The body's ``length`` bytes, or a 400 as soon as the client closes or stalls for ``BODY_TIMEOUT_S``."""
+        self._body_read = True  # whatever happens next, there is nothing left to drain
+        chunks: list[bytes] = []
+        got = 0
+        stalled = False
+        self.connection.settimeout(BODY_TIMEOUT_S)
+        try:
+            while got < length:
+                chunk = self.rfile.read1(min(length - got, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+        except TimeoutError:
+            stalled = True
+        except OSError:  # reset by the client: the answer will not reach it anyway
+            pass
+        finally:
+            self.connection.settimeout(REQUEST_TIMEOUT_S)
+        if got < length:
+            why = f"; nothing arrived for {BODY_TIMEOUT_S:g} s" if stalled else ""
+            raise _HTTPError(400, f"the body ended before its Content-Length ({got} of {length} bytes){why}")
+        return b"".join(chunks)
 
     def _time(self) -> dict[str, Any]:
         body = self._read_body()
         try:
-            req = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            req = _loads(body)
+        except (ValueError, RecursionError) as e:  # also bare NaN, over-long integers, deep nesting
             raise _HTTPError(400, f"body is not valid JSON: {_first_line(e)}") from None
         if not isinstance(req, dict):
             raise _HTTPError(400, "body must be a JSON object with target, protocol and models")
@@ -216,9 +340,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         from deploy_prune.latency.measure import LocalMeasurer
 
-        layer_runs = req.get("layer_runs", 0)
-        if not isinstance(layer_runs, int) or isinstance(layer_runs, bool) or not 0 <= layer_runs <= 10000:
-            raise _HTTPError(400, f"layer_runs must be an integer in [0, 10000], got {layer_runs!r}")
+        layer_runs = _check_number("layer_runs", req.get("layer_runs", 0), int, 0, 10000)
         with self.server.lock:  # one measurement at a time: concurrent runs would skew each other
             m = LocalMeasurer(dataclasses.replace(target, agent=None))
             stats = m.time(models, protocol)
@@ -228,8 +350,7 @@ class _Handler(BaseHTTPRequestHandler):
             answer["layers"] = layers
         return answer
 
-    def _reply(self, status: int, answer: dict[str, Any]) -> None:
-        data = json.dumps(answer).encode("utf-8")
+    def _reply(self, status: int, data: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -266,9 +387,20 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _target_from_request(raw: Any) -> Target:
+    """The target sent, its numbers checked first: ``target_from_dict`` trusts YAML-sized values."""
     if not isinstance(raw, dict):
         raise _HTTPError(400, "target must be a JSON object with the fields of a target YAML")
-    fields = {k: v for k, v in raw.items() if k not in _CLIENT_ONLY_KEYS}
+    for k, (kind, lo, hi) in (_TARGET_LIMITS | _PROTOCOL_LIMITS).items():
+        if k in raw:
+            _check_number(f"target.{k}", raw[k], kind, lo, hi)
+    shape = raw.get("input_shape")
+    if shape is not None:
+        if not isinstance(shape, list) or not 1 <= len(shape) <= 8:
+            raise _HTTPError(400, f"target.input_shape must be a list of 1 to 8 integers (C,H,W), got {_show(shape)}")
+        for d in shape:
+            _check_number("target.input_shape entries", d, int, 1, _MAX_DIM)
+    # The request's protocol is the one used: protocol keys in the target are checked, then dropped.
+    fields = {k: v for k, v in raw.items() if k not in _CLIENT_ONLY_KEYS and k not in _PROTOCOL_LIMITS}
     return target_from_dict(fields, source="sent to the agent")
 
 
@@ -278,10 +410,8 @@ def _protocol_from_request(raw: Any) -> Protocol:
     missing = [k for k in _PROTOCOL_FIELDS if k not in raw]
     if missing:
         raise _HTTPError(400, f"protocol lacks {', '.join(missing)}")
-    vals = {k: raw[k] for k in _PROTOCOL_FIELDS}
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals.values()):
-        raise _HTTPError(400, f"protocol fields must be numbers, got {vals}")
-    return Protocol(warmup=int(vals["warmup"]), repeats=int(vals["repeats"]), rounds=int(vals["rounds"]),
+    vals = {k: _check_number(f"protocol.{k}", raw[k], *_PROTOCOL_LIMITS[k]) for k in _PROTOCOL_FIELDS}
+    return Protocol(warmup=vals["warmup"], repeats=vals["repeats"], rounds=vals["rounds"],
                     min_time_s=float(vals["min_time_s"]))
 
 
@@ -299,11 +429,68 @@ def _models_from_request(raw: Any) -> dict[str, bytes]:
         except (binascii.Error, ValueError) as e:
             raise _HTTPError(400, f"model {key} is not valid base64: {_first_line(e)}") from None
         try:
-            onnx.checker.check_model(onnx.load_from_string(data))
-        except Exception as e:  # protobuf DecodeError, onnx ValidationError, ...
+            model = onnx.load_from_string(data)
+        except Exception as e:  # protobuf DecodeError, ...
+            raise _HTTPError(400, f"model {key} is not a valid ONNX model: {_first_line(e)}") from None
+        # Before the checker and any backend: both would resolve the locations on this machine.
+        external = _external_locations(model)
+        if external:
+            shown = ", ".join(_show(loc) for loc in external[:3]) + (", ..." if len(external) > 3 else "")
+            raise _HTTPError(400, f"model {key} refers to external data files ({shown}); "
+                                  "send a model with its weights inside")
+        try:
+            onnx.checker.check_model(model)
+        except Exception as e:  # onnx ValidationError, ...
             raise _HTTPError(400, f"model {key} is not a valid ONNX model: {_first_line(e)}") from None
         out[key] = data
     return out
+
+
+def _external_locations(model: Any) -> list[str]:
+    """The ``location`` of every tensor kept outside ``model`` (sorted, unique).
+
+    Looks at initializers, sparse initializers, tensor attributes (``Constant``) and, through
+    graph attributes (``If``, ``Loop``, ``Scan``) and functions, at every subgraph.
+    """
+    import onnx
+
+    found: set[str] = set()
+
+    def tensor(t: Any) -> None:
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
+            found.add(next((e.value for e in t.external_data if e.key == "location"), "(no location)"))
+
+    def sparse(s: Any) -> None:
+        tensor(s.values)
+        tensor(s.indices)
+
+    def nodes(ns: Any) -> None:
+        for n in ns:
+            for a in n.attribute:
+                if a.HasField("t"):
+                    tensor(a.t)
+                if a.HasField("sparse_tensor"):
+                    sparse(a.sparse_tensor)
+                if a.HasField("g"):
+                    graph(a.g)
+                for t in a.tensors:
+                    tensor(t)
+                for s in a.sparse_tensors:
+                    sparse(s)
+                for g in a.graphs:
+                    graph(g)
+
+    def graph(g: Any) -> None:
+        for t in g.initializer:
+            tensor(t)
+        for s in g.sparse_initializer:
+            sparse(s)
+        nodes(g.node)
+
+    graph(model.graph)
+    for f in model.functions:
+        nodes(f.node)
+    return sorted(found)
 
 
 def _is_loopback(host: str) -> bool:
@@ -315,19 +502,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def serve(backend: str, host: str, port: int, token_env: str, max_body_mb: float) -> None:
-    """Serve ``GET /info`` and ``POST /time`` for ``backend`` until interrupted (see the module doc)."""
+def make_server(backend: str, host: str, port: int, token_env: str, max_body_mb: float) -> _AgentServer:
+    """The agent's server, bound and configured but not serving yet (``serve`` runs it; tests
+    run ``serve_forever`` on a thread and stop it with ``shutdown``)."""
     from deploy_prune.backends import get_backend
 
-    token = os.environ.get(token_env, "")
-    if not token.strip():
+    token = os.environ.get(token_env, "").strip()
+    make_one = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    if not token:
         raise UserError(f"${token_env} is not set; export {token_env}=<a long random token> "
-                        "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))') "
-                        "and set the same variable on the machine that sends models")
-    if max_body_mb <= 0:
-        raise UserError(f"--max-body-mb must be positive, got {max_body_mb:g}")
+                        f"(e.g. {make_one}) and set the same variable on the machine that sends models")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise UserError(f"${token_env} holds a {len(token)}-character token; the agent needs at least "
+                        f"{MIN_TOKEN_CHARS} characters: make one with {make_one} and set it on both machines")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {port!r}")
+    if (isinstance(max_body_mb, bool) or not isinstance(max_body_mb, (int, float)) or not math.isfinite(max_body_mb)
+            or max_body_mb <= 0):
+        raise UserError(f"--max-body-mb must be a finite number > 0, got {max_body_mb!r}")
     b = get_backend(backend)
-    max_body = int(max_body_mb * _MIB)
     info = {
         "tool_version": __version__,
         "backend": b.name,
@@ -345,19 +538,25 @@ def serve(backend: str, host: str, port: int, token_env: str, max_body_mb: float
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
     httpd.backend_name = b.name
-    httpd.token = token.strip().encode("utf-8")
-    httpd.max_body = max_body
+    httpd.token = token.encode("utf-8")
+    httpd.max_body = int(max_body_mb * _MIB)
     httpd.info = info
     httpd.lock = threading.Lock()
+    httpd.max_connections = MAX_CONNECTIONS
+    httpd.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+    return httpd
 
+
+def serve(backend: str, host: str, port: int, token_env: str, max_body_mb: float) -> None:
+    """Serve ``GET /info`` and ``POST /time`` for ``backend`` until interrupted (see the module doc)."""
+    httpd = make_server(backend, host, port, token_env, max_body_mb)
+    port = httpd.server_address[1]  # the one chosen when --port is 0
+    name = httpd.backend_name
     shown = f"[{host}]" if ":" in host else host
-    print(f"agent: serving {b.name} on http://{shown}:{port} (token from ${token_env})", file=sys.stderr, flush=True)
+    print(f"agent: serving {name} on http://{shown}:{port} (token from ${token_env})", file=sys.stderr, flush=True)
     if not _is_loopback(host):
         print(f"agent: warning: listening on {host}, not loopback; the token and the models travel unencrypted "
               f"over HTTP. Prefer --host 127.0.0.1 and an SSH tunnel: ssh -N -L {port}:127.0.0.1:{port} <device>",
-              file=sys.stderr, flush=True)
-    if len(token.strip()) < 16:
-        print("agent: warning: the token is shorter than 16 characters; use a long random one",
               file=sys.stderr, flush=True)
 
     def _stop(signum: int, frame: Any) -> None:
@@ -376,198 +575,3 @@ def serve(backend: str, host: str, port: int, token_env: str, max_body_mb: float
             signal.signal(signal.SIGTERM, old)
 
 
-# --------------------------------------------------------------------------------------------
-# Client
-# --------------------------------------------------------------------------------------------
-
-
-def _where(target: Target) -> str:
-    if target.source and not target.source.startswith("<"):
-        return f"target file {target.source!r}"
-    return f"target {target.name!r}"
-
-
-class AgentMeasurer:
-    """Measures on a device through ``deploy-prune agent serve`` (the target's ``agent:`` block)."""
-
-    def __init__(self, target: Target) -> None:
-        self.target = target
-        self.shapes: dict[str, list[int]] = {}
-        self._agent_info: dict[str, Any] | None = None
-        where = self.where = _where(target)
-        cfg = target.agent
-        if not isinstance(cfg, dict):
-            raise UserError(f"{where}: agent must be a mapping with url, and optionally token_env and timeout_s")
-        unknown = set(cfg) - _AGENT_KEYS
-        if unknown:
-            raise UserError(f"{where}: unknown agent key(s) {sorted(unknown)}; valid keys: {sorted(_AGENT_KEYS)}")
-        url = cfg.get("url")
-        if not isinstance(url, str) or not url.strip():
-            raise UserError(f"{where}: agent.url is missing; set it to the agent's address, e.g. http://127.0.0.1:8765")
-        parts = urlsplit(url.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UserError(f"{where}: agent.url {url!r} must be an http:// or https:// URL, e.g. http://127.0.0.1:8765")
-        try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise UserError(f"{where}: agent.url {url!r} has a bad port; e.g. http://127.0.0.1:8765") from None
-        self.url = url.strip().rstrip("/")
-        self._parts = parts
-        token_env = cfg.get("token_env", DEFAULT_TOKEN_ENV)
-        if not isinstance(token_env, str) or not token_env:
-            raise UserError(f"{where}: agent.token_env must name an environment variable, e.g. {DEFAULT_TOKEN_ENV}")
-        self.token_env = token_env
-        token = os.environ.get(token_env, "").strip()
-        if not token:
-            raise UserError(f"{where} measures through the agent at {self.url}, but ${token_env} is not set; "
-                            f"export {token_env}=<the token the agent was started with>")
-        self._token = token
-        timeout = cfg.get("timeout_s", DEFAULT_TIMEOUT_S)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise UserError(f"{where}: agent.timeout_s must be a positive number of seconds, got {timeout!r}")
-        self.timeout_s = float(timeout)
-
-    # -- HTTP ------------------------------------------------------------------------------
-
-    def _unreachable(self, reason: str) -> UserError:
-        return UserError(f"agent at {self.url} is unreachable ({reason}); "
-                         f"start `deploy-prune agent serve` on the device or fix agent.url in {self.where}")
-
-    def _call(self, method: str, path: str, body: bytes | None = None, read_timeout: float = CONNECT_TIMEOUT_S) -> Any:
-        p = self._parts
-        cls = http.client.HTTPSConnection if p.scheme == "https" else http.client.HTTPConnection
-        conn = cls(p.hostname, p.port, timeout=CONNECT_TIMEOUT_S)  # type: ignore[arg-type]
-        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        try:
-            conn.connect()
-            if conn.sock is not None:
-                conn.sock.settimeout(read_timeout)
-            conn.request(method, p.path.rstrip("/") + path, body=body, headers=headers)
-            resp = conn.getresponse()
-            status, data = resp.status, resp.read()
-        except TimeoutError:  # socket.timeout
-            if conn.sock is None:
-                raise self._unreachable(f"no connection within {CONNECT_TIMEOUT_S:g} s") from None
-            hint = "; a long measurement may need a larger agent.timeout_s" if body is not None else ""
-            raise self._unreachable(f"no answer within {read_timeout:g} s{hint}") from None
-        except (OSError, http.client.HTTPException) as e:
-            reason = getattr(e, "strerror", None) or _first_line(e)
-            raise self._unreachable(reason) from None
-        finally:
-            conn.close()
-        try:
-            answer = json.loads(data) if data else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            answer = None
-        message = answer.get("error") if isinstance(answer, dict) else None
-        if status == 401:
-            raise UserError(f"agent at {self.url} rejected the token (HTTP 401); "
-                            f"set ${self.token_env} to the token the agent was started with")
-        if status == 413:
-            raise UserError(f"request to agent at {self.url} is too large (HTTP 413: {message or 'body too large'}); "
-                            "restart the agent with a larger --max-body-mb")
-        if status != 200:
-            detail = message or data[:200].decode("utf-8", "replace").strip() or "no details"
-            raise UserError(f"agent at {self.url} answered HTTP {status}: {detail}")
-        if not isinstance(answer, dict):
-            raise UserError(f"agent at {self.url} sent an answer that is not a JSON object; is agent.url in {self.where} "
-                            "really a deploy-prune agent?")
-        return answer
-
-    def agent_info(self) -> dict[str, Any]:
-        """The agent's ``GET /info`` (fetched once)."""
-        if self._agent_info is None:
-            info = self._call("GET", "/info")
-            missing = [k for k in ("backend", "backend_versions", "device", "cpu_count") if k not in info]
-            if missing:
-                raise UserError(f"agent at {self.url} sent /info without {', '.join(missing)}; "
-                                "is it a deploy-prune agent of a matching version?")
-            self._agent_info = info
-        return self._agent_info
-
-    # -- Measurer protocol -------------------------------------------------------------------
-
-    def info(self) -> dict[str, Any]:
-        a = self.agent_info()
-        return {
-            "where": self.url, "backend": a["backend"], "backend_versions": a["backend_versions"],
-            "device": a["device"], "threads": self.target.threads if self.target.threads > 0 else a["cpu_count"],
-            "precision": self.target.precision,
-        }
-
-    def _payload_target(self) -> dict[str, Any]:
-        d = self.target.as_dict()
-        return {k: v for k, v in d.items() if k not in _CLIENT_ONLY_KEYS}
-
-    def time(
-        self, models: Mapping[str, bytes | str | Path], protocol: Protocol | None = None,
-        on_round: Callable[[int], None] | None = None,
-    ) -> dict[str, Stats]:
-        return self._request(models, protocol or self.target.protocol, on_round)[0]
-
-    def layer_times(self, models: Mapping[str, bytes | str | Path], runs: int = 20) -> dict[str, dict[str, float]]:
-        # The agent times each model once in passing (a one-run protocol) and adds its counters.
-        return self._request(models, Protocol(warmup=0, repeats=1, rounds=1, min_time_s=0.0), None, runs)[1]
-
-    def _request(
-        self, models: Mapping[str, bytes | str | Path], proto: Protocol, on_round: Callable[[int], None] | None,
-        layer_runs: int = 0,
-    ) -> tuple[dict[str, Stats], dict[str, dict[str, float]]]:
-        a = self.agent_info()  # reachability and token are checked before a large upload
-        if a["backend"] != self.target.backend:
-            raise UserError(f"agent at {self.url} serves backend {a['backend']!r}, but {self.where} asks for "
-                            f"{self.target.backend!r}; start the agent with --backend {self.target.backend}")
-        encoded = {key: base64.b64encode(_model_bytes(src)).decode("ascii") for key, src in models.items()}
-        limit = a.get("max_body_mb")
-        budget = int(limit * _MIB) - 64 * 1024 if isinstance(limit, (int, float)) else None
-        # Models that do not fit one request under the agent's limit go in several; each
-        # request is interleaved within itself (a profile chunk rarely needs splitting).
-        batches: list[dict[str, str]] = [{}]
-        size = 0
-        for key, text in encoded.items():
-            if budget is not None and len(text) + 1024 > budget:
-                raise UserError(f"request to agent at {self.url} is too large (model {key!r} is {len(text) / _MIB:.1f} MiB "
-                                f"encoded; the agent accepts at most {limit:g} MiB); restart the agent with a larger --max-body-mb")
-            if budget is not None and batches[-1] and size + len(text) + 1024 > budget:
-                batches.append({})
-                size = 0
-            batches[-1][key] = text
-            size += len(text) + len(key) + 8
-        stats: dict[str, Stats] = {}
-        shapes: dict[str, list[int]] = {}
-        layers: dict[str, dict[str, float]] = {}
-        names = [f.name for f in dataclasses.fields(Stats)]
-        for batch in batches:
-            body = json.dumps({
-                "target": self._payload_target(),
-                "protocol": {k: getattr(proto, k) for k in _PROTOCOL_FIELDS},
-                "models": batch,
-                **({"layer_runs": layer_runs} if layer_runs else {}),
-            }).encode("utf-8")
-            if budget is not None and isinstance(limit, (int, float)) and len(body) > limit * _MIB:
-                raise UserError(f"request to agent at {self.url} is too large ({len(body) / _MIB:.1f} MiB; the agent accepts "
-                                f"at most {limit:g} MiB); restart the agent with a larger --max-body-mb")
-            answer = self._call("POST", "/time", body, read_timeout=self.timeout_s)
-            try:
-                stats.update({key: Stats(**{n: answer["stats"][key][n] for n in names}) for key in batch})
-                shapes.update({key: [int(d) for d in answer["shapes"][key]] for key in batch})
-                if layer_runs:
-                    layers.update({key: {str(n): float(v) for n, v in answer["layers"][key].items()} for key in batch})
-            except (KeyError, TypeError, ValueError) as e:
-                raise UserError(f"agent at {self.url} sent incomplete timings (missing {_first_line(e)}); "
-                                "is it a deploy-prune agent of a matching version?") from None
-        self.shapes.update(shapes)
-        if on_round is not None:
-            on_round(proto.rounds)
-        return stats, layers
-
-
-def _model_bytes(src: bytes | str | Path) -> bytes:
-    if isinstance(src, bytes):
-        return src
-    p = Path(src)
-    if not p.is_file():
-        raise UserError(f"ONNX model {str(p)!r} not found")
-    return p.read_bytes()

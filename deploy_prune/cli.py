@@ -80,6 +80,7 @@ def train(
     weights: Annotated[str | None, typer.Option(help="start from this checkpoint or run directory")] = None,
     trust_checkpoint: TrustOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from OUT/checkpoints/last.pt")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run already in OUT (removes its model.onnx)")] = False,
     seed: SeedOpt = 0,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
@@ -90,7 +91,7 @@ def train(
         out=out, model_spec=model, data_spec=data,
         data_options=_data_options(data_dir, image_size, seed, val_fraction=val_fraction, train_limit=train_limit),
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-        weights=weights, trust=trust_checkpoint, resume=resume, seed=seed, progress=progress,
+        weights=weights, trust=trust_checkpoint, resume=resume, overwrite=overwrite, seed=seed, progress=progress,
     )
     if metrics.get("rank", 0) == 0:
         console.print(f"val accuracy {metrics['val_accuracy']:.4f} after {metrics['epochs']} epochs "
@@ -108,13 +109,14 @@ def export(
     input_shape: Annotated[str | None, typer.Option(help="C,H,W when the checkpoint does not record it")] = None,
     batch: Annotated[int, typer.Option(help="static batch size of the exported graph")] = 1,
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 18,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing ONNX file and its record")] = False,
     trust_checkpoint: TrustOpt = False,
 ) -> None:
     """Export to ONNX, check it with onnx.checker, and compare outputs with torch."""
     from deploy_prune.export import export_run
 
     rec = export_run(weights, out=out, model_spec=model, data_spec=data, data_dir=data_dir, input_shape=input_shape,
-                     batch=batch, opset=opset, trust=trust_checkpoint)
+                     batch=batch, opset=opset, trust=trust_checkpoint, overwrite=overwrite)
     status = "[green]ok[/]" if rec["parity_ok"] else "[red]OVER TOLERANCE[/]"
     console.print(f"wrote {rec['onnx']} (opset {rec['opset']}, input {rec['input_shape']}); parity max |diff| "
                   f"{rec['max_abs_diff']:.2e} over {rec['parity_samples']} samples {status}")
@@ -135,9 +137,10 @@ def benchmark(
     min_time: Annotated[float | None, typer.Option(help="override the minimum seconds timed per model")] = None,
 ) -> None:
     """Measure ONNX latency on one or more targets: median, p90, spread; interleaved."""
-    from deploy_prune.config import Protocol, load_target
+    from deploy_prune.config import Protocol
     from deploy_prune.io import write_json
     from deploy_prune.latency.benchmark import benchmark as run_benchmark
+    from deploy_prune.target import load_target
 
     targets = [load_target(t) for t in target]
     base = targets[0].protocol
@@ -257,11 +260,11 @@ def sensitivity(
     seed: SeedOpt = 0,
 ) -> None:
     """Prune each group alone at several ratios and record the accuracy drop (no fine-tuning)."""
-    from deploy_prune.config import load_target
     from deploy_prune.data import load_data
     from deploy_prune.models import check_runs_on
     from deploy_prune.models.checkpoint import load_model
     from deploy_prune.sensitivity import SensitivityConfig, sensitivity_run
+    from deploy_prune.target import load_target
 
     cfg = SensitivityConfig(criterion=criterion, ratios=_parse_floats(ratios, "--ratios"), val_samples=val_samples,
                             score_batches=score_batches, workers=workers, seed=seed)
@@ -310,8 +313,8 @@ def profile(
     trust_checkpoint: TrustOpt = False,
 ) -> None:
     """Measure per-layer latency on the target and store the lookup table under profiles/."""
-    from deploy_prune.config import load_target
     from deploy_prune.latency.profile import ProfileSpec, resolve_model, run_profile
+    from deploy_prune.target import load_target
 
     tgt = load_target(target)
     if validate < 0:
@@ -400,8 +403,8 @@ def compress(
     seed: SeedOpt = 0,
 ) -> None:
     """Prune to a budget measured on the target, fine-tune, export, and report."""
-    from deploy_prune.compress import CompressConfig
-    from deploy_prune.compress import compress as run_compress
+    from deploy_prune.pipeline import CompressConfig
+    from deploy_prune.pipeline import compress as run_compress
 
     explicit = parse_options(option)
     # DF's flags are aliases of its -O settings, for df alone: SAP has a beta of its own.
@@ -582,7 +585,8 @@ def methods() -> None:
 @_errors
 def targets() -> None:
     """List the targets found on the lookup path."""
-    from deploy_prune.config import list_targets, load_target
+    from deploy_prune.config import list_targets
+    from deploy_prune.target import load_target
 
     table = Table(title="targets")
     for col in ("name", "backend", "device", "threads", "channel multiple", "description", "file"):

@@ -128,11 +128,11 @@ def compare(cfg: CompareConfig, on_method: Callable[[str, int, int], None] | Non
 
 def _measure_together(cfg: CompareConfig, rows: list[dict[str, Any]]) -> None:
     """The baseline and every result, timed interleaved in one session on the target."""
-    from deploy_prune.config import load_target
     from deploy_prune.export import onnx_bytes
     from deploy_prune.io import atomic_write
     from deploy_prune.latency.benchmark import benchmark
     from deploy_prune.models.checkpoint import load_model
+    from deploy_prune.target import load_target
 
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:

@@ -4,6 +4,9 @@ A target file is validated in one place, ``TargetFile`` (a pydantic model of the
 key's type and range, unknown keys refused), before a ``Target`` is built from it; the first
 problem found becomes one ``UserError`` line naming the file, the key and what it must be.
 
+Parsing here is pure: ``deploy_prune.target`` is the door callers use, which resolves what
+only the backend can say (``channel_multiple: auto``).
+
 Lookup order for ``--target NAME``: a path to a ``.yaml`` file; ``$DEPLOY_PRUNE_TARGETS``
 (colon-separated directories); ``./targets``; the ``targets/`` folder shipped beside the package.
 """
@@ -69,8 +72,9 @@ class Target:
     batch: int = 1
     input_shape: list[int] | None = None  # C,H,W; None = the model's own
     channel_multiple: int = 1
-    # Where channel_multiple came from: "" when the YAML gives a number, else what ``auto``
-    # resolved to on this machine (the backend's blocked channel layout; backends.channel_block).
+    # Where channel_multiple came from: "" when the YAML gives a number, "auto" until
+    # ``target.resolve`` asks the backend, then what ``auto`` resolved to on this machine (the
+    # backend's blocked channel layout; backends.channel_block).
     channel_multiple_from: str = ""
     # How a LUT entry's layer time is taken: "wall" (the standalone graph's median minus the
     # backend's fixed cost of a run), "counters" (the backend's own per-node times of the
@@ -102,6 +106,7 @@ class Target:
 
 
 LAYER_TIMINGS = ("wall", "counters", "auto")
+AUTO = "auto"  # channel_multiple_from of a parsed target whose channel multiple the backend has not yet given
 _TARGET_KEYS = {f.name for f in dataclasses.fields(Target)} - {"protocol", "source", "channel_multiple_from"}
 _PROTOCOL_KEYS = {"warmup", "repeats", "rounds", "min_time_s"}
 
@@ -127,8 +132,9 @@ def list_targets() -> dict[str, Path]:
     return found
 
 
-def load_target(name_or_path: str) -> Target:
-    """Load and validate a target; errors name the file, the key and the fix."""
+def parse_target(name_or_path: str) -> Target:
+    """Find and validate a target (no backend is asked anything: ``target.load_target`` resolves
+    what only the backend can say); errors name the file, the key and the fix."""
     p = Path(name_or_path)
     if not (p.suffix in (".yaml", ".yml") and p.is_file()):
         targets = list_targets()
@@ -140,7 +146,7 @@ def load_target(name_or_path: str) -> Target:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"target file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return target_from_dict(raw, source=str(p))
+    return parse_target_dict(raw, source=str(p))
 
 
 class _AgentFile(BaseModel):
@@ -185,8 +191,9 @@ def _first_problem(e: ValidationError) -> str:
     return f"{loc}: {err['msg'][0].lower()}{err['msg'][1:]}, got {err.get('input')!r}"
 
 
-def target_from_dict(raw: Any, source: str = "<dict>") -> Target:
-    """Validate a target mapping (``TargetFile``) and build the ``Target``."""
+def parse_target_dict(raw: Any, source: str = "<dict>") -> Target:
+    """Validate a target mapping (``TargetFile``) and build the ``Target``. ``channel_multiple:
+    auto`` is left for ``target.resolve`` (``channel_multiple_from == "auto"``)."""
     if not isinstance(raw, dict):
         raise UserError(f"target {source!r} must be a YAML mapping")
     unknown = set(raw) - _TARGET_KEYS - _PROTOCOL_KEYS
@@ -205,11 +212,7 @@ def target_from_dict(raw: Any, source: str = "<dict>") -> Target:
         if raw.get("agent"):
             raise UserError(f"target {source!r}: channel_multiple: auto asks this machine's runtime, but the target is measured "
                             "through an agent on another device; give the device's number (e.g. 8)")
-        fields["channel_multiple"] = 1  # resolved below, once the rest is valid
+        fields["channel_multiple"] = 1  # until target.resolve asks the backend
+        fields["channel_multiple_from"] = AUTO
     proto = {k: raw[k] for k in _PROTOCOL_KEYS if k in raw}
-    target = Target(**fields, protocol=Protocol(**proto), source=source)
-    if auto:
-        from deploy_prune.backends import channel_block  # backends import this module
-
-        target.channel_multiple, target.channel_multiple_from = channel_block(target)
-    return target
+    return Target(**fields, protocol=Protocol(**proto), source=source)

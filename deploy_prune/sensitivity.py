@@ -76,7 +76,7 @@ def _job(job: tuple[str, float]) -> dict[str, Any]:
     total = graph_channels = next(g.channels for g in graph.groups() if g.name == name)
     keep = round_channels(total * (1.0 - ratio), total, s["channel_multiple"])
     graph.prune_by_scores({name: keep}, {name: s["scores"][name]})
-    acc = _accuracy(model, s["x"], s["y"])
+    acc = s["metric"](model) if s.get("metric") else _accuracy(model, s["x"], s["y"])
     flops, params = graph.flops_params()
     saved = None
     if s.get("profile") is not None:  # LUT prediction (calibrated) of the model pruned at this group alone
@@ -100,16 +100,22 @@ def run_sensitivity(
     on_job: Callable[[int, int], None] | None = None,
     meta: dict[str, Any] | None = None,
     profile: dict[str, Any] | None = None,
+    metric: Callable[[nn.Module], float] | None = None,
 ) -> dict[str, Any]:
     """Score channels, then prune each group alone at each ratio and record the accuracy drop,
-    and, given the target's latency ``profile`` of this model, the predicted latency saved."""
+    and, given the target's latency ``profile`` of this model, the predicted latency saved.
+    ``metric(model)`` (higher is better), when given, replaces accuracy on the validation subset
+    (the drops are then in its units), and the jobs run in this process."""
     t0 = time.perf_counter()
     input_shape = data.input_shape
     graph = ModelGraph(model, input_shape, ignore, channel_multiple)
     # Fixed validation subset: the first ``val_samples`` of the seeded validation split.
-    n = min(cfg.val_samples, len(data.val))  # type: ignore[arg-type]
-    xs, ys = zip(*(data.val[i] for i in range(n)), strict=True)
-    x, y = torch.stack(xs), torch.as_tensor(ys)
+    x = y = None
+    n = 0
+    if metric is None:
+        n = min(cfg.val_samples, len(data.val))  # type: ignore[arg-type]
+        xs, ys = zip(*(data.val[i] for i in range(n)), strict=True)
+        x, y = torch.stack(xs), torch.as_tensor(ys)
     batches = []
     for i, b in enumerate(make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed)):
         if i >= cfg.score_batches:
@@ -119,15 +125,15 @@ def run_sensitivity(
     scores = score_groups(model, graph, cfg.criterion, batches, seed=cfg.seed)
     t_score = time.perf_counter() - t_score
     flops0, params0 = graph.flops_params()
-    baseline = _accuracy(model, x, y)
+    baseline = metric(model) if metric else _accuracy(model, x, y)  # type: ignore[arg-type]
     lat0 = lut.predict(model, profile)["calibrated_ms"] if profile else None
     _STATE.clear()
     _STATE.update(model=model, input_shape=input_shape, ignore=list(ignore), channel_multiple=channel_multiple,
-                  scores=scores, x=x, y=y, baseline=baseline, flops0=flops0, params0=params0, profile=profile, lat0=lat0)
+                  scores=scores, x=x, y=y, metric=metric, baseline=baseline, flops0=flops0, params0=params0, profile=profile, lat0=lat0)
     jobs = [(g.name, r) for g in graph.groups() for r in cfg.ratios]
     results: list[dict[str, Any]] = []
     try:
-        if cfg.workers > 1:
+        if cfg.workers > 1 and metric is None:
             with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("fork"), initializer=_init_forked) as ex:
                 for res in ex.map(_job, jobs):
                     results.append(res)

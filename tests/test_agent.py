@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 
-from deploy_prune.agent import AgentMeasurer
-from deploy_prune.config import Protocol, Target, target_from_dict
+from deploy_prune.config import Protocol, Target
 from deploy_prune.errors import UserError
 from deploy_prune.latency.benchmark import benchmark
 from deploy_prune.latency.measure import LocalMeasurer, measurer_for
+from deploy_prune.latency.remote import AgentMeasurer
+from deploy_prune.target import target_from_dict
 
 TOKEN_ENV = "DP_TEST_AGENT_TOKEN"
 TOKEN = "test-token-0123456789abcdef-not-secret"
@@ -217,14 +218,14 @@ def test_agent_config_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match=rf"targets/remote.yaml.*\${TOKEN_ENV} is not set; export {TOKEN_ENV}="):
         AgentMeasurer(_target("http://127.0.0.1:1"))
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    with pytest.raises(UserError, match="targets/remote.yaml.*agent.url is missing"):
+    with pytest.raises(UserError, match="targets/remote.yaml.*agent.url: field required"):
         measurer_for(target_from_dict({"name": "r", "backend": "onnxruntime", "agent": {"token_env": TOKEN_ENV}},
                                       source="targets/remote.yaml"))
     with pytest.raises(UserError, match="must be an http:// or https:// URL"):
         AgentMeasurer(_target("ftp://device:8765"))
-    with pytest.raises(UserError, match="timeout_s must be a positive number"):
+    with pytest.raises(UserError, match="agent.timeout_s: input should be greater than 0, got 0"):
         AgentMeasurer(_target("http://device:8765", timeout_s=0))
-    with pytest.raises(UserError, match="unknown agent key"):
+    with pytest.raises(UserError, match="unknown key .agent.tokn."):
         AgentMeasurer(_target("http://device:8765", tokn="x"))
 
 

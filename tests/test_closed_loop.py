@@ -1,42 +1,20 @@
 """The closed loop when the latency table misprices widths: measurement decides, and a budget the
 narrowest widths meet ends MET.
 
-The device here is deterministic (latency proportional to the ONNX model's weights): the test is
-about the loop's decisions, which a noisy timer on a shared machine would make flaky; the timing
-itself is tested against real backends elsewhere.
+The device here is deterministic (``deterministic_device`` in conftest: latency proportional to
+the ONNX model's weights): the test is about the loop's decisions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import onnx
 import pytest
-from onnx import numpy_helper
 
-from deploy_prune.compress import CompressConfig, compress
 from deploy_prune.data import DataOptions
-from deploy_prune.latency.timing import Stats, summarize
 from deploy_prune.measured_search import Point, between, line_search
-
-
-def _weights_ms(model: bytes | str | Path) -> float:
-    """A device whose latency is 1 us per thousand weights plus 10 us."""
-    m = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
-    n = sum(numpy_helper.to_array(t).size for t in m.graph.initializer)
-    return 0.01 + 1e-6 * n
-
-
-@pytest.fixture
-def deterministic_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    from deploy_prune.latency.measure import LocalMeasurer
-
-    def time(self: LocalMeasurer, models: Mapping[str, Any], protocol: Any = None, on_round: Any = None) -> dict[str, Stats]:
-        return {k: summarize([[_weights_ms(src)] * 3] * 3) for k, src in models.items()}
-
-    monkeypatch.setattr(LocalMeasurer, "time", time)
+from deploy_prune.pipeline import CompressConfig, compress
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from deploy_prune.cli import app
-from deploy_prune.compress import REMEASURE, CompressConfig, compress, quietest_take
 from deploy_prune.data import DataOptions, load_data
 from deploy_prune.errors import UserError
 from deploy_prune.models.checkpoint import load_model
+from deploy_prune.pipeline import REMEASURE, CompressConfig, compress, quietest_take
 from deploy_prune.train import evaluate
 
 runner = CliRunner()
@@ -128,7 +128,7 @@ def test_a_planner_floor_the_measurement_contradicts_is_not_unreachable(tiny_run
 
 
 def test_interrupted_run_resumes(tiny_run: Path, target_yaml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import deploy_prune.compress as C
+    import deploy_prune.pipeline as C
 
     out = tmp_path / "res"
     cfg = _cfg(tiny_run, out, target_yaml, params_ratio=0.5, amount=0.0, steps=2)

@@ -6,11 +6,11 @@ import onnx
 import pytest
 import torch
 
-from deploy_prune.config import load_target
 from deploy_prune.export import onnx_bytes
 from deploy_prune.latency.counters import OTHER, attribute, compare, node_to_layer
 from deploy_prune.latency.measure import LocalMeasurer
 from deploy_prune.models import build_model
+from deploy_prune.target import load_target
 
 
 @pytest.fixture(scope="module")

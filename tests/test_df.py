@@ -13,13 +13,13 @@ from torch import nn
 from typer.testing import CliRunner
 
 from deploy_prune.cli import app
-from deploy_prune.compress import CompressConfig, compress
 from deploy_prune.data import DataOptions, load_data
 from deploy_prune.errors import BudgetUnreachable, UserError
 from deploy_prune.graph import ModelGraph
 from deploy_prune.methods.df import _cost, _Layer, _layers, _svt
 from deploy_prune.models import build_model
 from deploy_prune.models.checkpoint import load_model
+from deploy_prune.pipeline import CompressConfig, compress
 from deploy_prune.transforms import architecture_widths, group_widths, prune_to_widths, rebuild_pruned
 from deploy_prune.transforms.lowrank import factorize, factorize_conv, lowrank_layers
 
@@ -232,9 +232,9 @@ def test_df_skips_depthwise_convs_with_a_note() -> None:
 
     m = build_model("mobilenet_v2", 10, 3).eval()
     g = ModelGraph(m, (3, 32, 32))
-    run = SimpleNamespace(model=m, graph=g, cfg=SimpleNamespace(ignore=[]), report={"notes": []})
+    run = SimpleNamespace(model=m, graph=g, ignore=[], notes=[])  # the narrow MethodContext is all a method needs
     rankable = DF()._rankable(run)  # type: ignore[arg-type]
     depthwise = {n for n, li in g.layers.items() if li.groups > 1}
     assert depthwise and rankable and not depthwise & rankable
     assert "classifier.1" not in rankable  # the output layer is never touched
-    assert "cannot be factorised" in run.report["notes"][0]
+    assert "cannot be factorised" in run.notes[0]

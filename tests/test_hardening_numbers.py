@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 
 from deploy_prune.checks import check_number
 from deploy_prune.cli import app
-from deploy_prune.config import Protocol, target_from_dict
+from deploy_prune.config import Protocol
 from deploy_prune.errors import UserError
 from deploy_prune.io import write_json
+from deploy_prune.target import target_from_dict
 
 runner = CliRunner()
 

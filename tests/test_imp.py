@@ -10,12 +10,12 @@ import torch
 from typer.testing import CliRunner
 
 from deploy_prune.cli import app
-from deploy_prune.compress import CompressConfig, compress
 from deploy_prune.data import DataOptions
 from deploy_prune.errors import UserError
 from deploy_prune.methods import get_method
 from deploy_prune.methods.imp import pq_index, sap_count
 from deploy_prune.models import build_model
+from deploy_prune.pipeline import CompressConfig, compress
 from deploy_prune.train.flows import FlowStop, flow_distance, gradient_flow, information_flow
 from deploy_prune.transforms import sparsity
 
@@ -139,10 +139,12 @@ def test_incop_stops_retraining_on_flow_consistency(cfg: Callable[..., CompressC
 
 def test_sparsity_budget_and_options_bad_input(cfg: Callable[..., CompressConfig], tmp_path: Path, tiny_run: Path) -> None:
     with pytest.raises(UserError, match="cannot honour --sparsity"):
-        compress(cfg(tmp_path / "a", method="deeplsp"))
+        compress(cfg(tmp_path / "a", method="deeplsp", method_options={}))
+    with pytest.raises(UserError, match="--method deeplsp has no setting iterations, retrain_epochs"):
+        compress(cfg(tmp_path / "a2", method="deeplsp"))  # network's settings do not reach another method
     with pytest.raises(UserError, match="cannot honour --flops-ratio"):
         compress(cfg(tmp_path / "b", sparsity=None, flops_ratio=0.5))
-    with pytest.raises(UserError, match="would zero every weight"):
+    with pytest.raises(UserError, match=r"--sparsity must be a finite number in \(0, 1\), got 1.0"):
         compress(cfg(tmp_path / "c", sparsity=1.0))
     with pytest.raises(UserError, match="need 0 < p < q"):
         get_method("sap", p=2.0, q=1.0)

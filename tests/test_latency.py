@@ -5,11 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy_prune.config import Protocol, Target, load_target, target_from_dict
+from deploy_prune.config import Protocol, Target
 from deploy_prune.errors import UserError
 from deploy_prune.io import write_text
 from deploy_prune.latency.benchmark import benchmark
 from deploy_prune.latency.timing import measure, pool_sittings, quiet_estimate, quiet_of, split_protocol, summarize
+from deploy_prune.target import load_target, target_from_dict
 
 
 def test_summarize_known_sample() -> None:

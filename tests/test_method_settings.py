@@ -22,7 +22,7 @@ def _compress(tiny_run: Path, out: Path, *args: str) -> Any:
 
 def test_sap_through_the_cli_gets_only_what_was_given(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The CLI once passed DF's --df-beta default (4.0) to every method, and SAP took it as its own beta.
-    import deploy_prune.compress as C
+    import deploy_prune.pipeline.stages as C
 
     seen: dict[str, Any] = {}
 

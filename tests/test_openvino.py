@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from deploy_prune.backends import backend_status, get_backend, layer_times
-from deploy_prune.config import Protocol, Target, load_target, target_from_dict
+from deploy_prune.config import Protocol, Target
 from deploy_prune.errors import UserError
 from deploy_prune.export import onnx_bytes
 from deploy_prune.models import build_model
+from deploy_prune.target import load_target, target_from_dict
 
 pytest.importorskip("openvino")
 

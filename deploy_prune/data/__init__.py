@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from deploy_prune.checks import check_number
 from deploy_prune.data.idx import find_idx, read_idx
 from deploy_prune.errors import UserError
 from deploy_prune.registry import Registry
@@ -62,12 +63,22 @@ class DataBundle:
 
 @dataclass
 class DataOptions:
+    """How to load a dataset. Numbers are checked here, where they enter, so a bad value is one
+    clear line before any file is read (not a ValueError from deep inside torch)."""
+
     data_dir: str | None = None
     image_size: int | None = None
     seed: int = 0
     val_fraction: float | None = None
     train_limit: int | None = None
     val_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        check_number("--image-size", self.image_size, lo=1, integer=True, optional=True)
+        check_number("--seed", self.seed, integer=True)
+        check_number("--val-fraction", self.val_fraction, lo=0, hi=1, lo_open=True, hi_open=True, optional=True)
+        check_number("--train-limit", self.train_limit, lo=1, integer=True, optional=True)
+        check_number("val_limit", self.val_limit, lo=1, integer=True, optional=True)
 
 
 Loader = Callable[[str, DataOptions], DataBundle]
@@ -88,19 +99,37 @@ def load_data(spec: str, options: DataOptions | None = None) -> DataBundle:
     return bundle
 
 
-def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"val fraction must be in (0, 1), got {val_fraction}")
+def _split(n: int, val_fraction: float, seed: int, what: str = "the dataset") -> tuple[list[int], list[int]]:
+    check_number("--val-fraction", val_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, int(round(n * val_fraction)))
+    if n - n_val < 1:
+        raise UserError(f"{what} has only {n} sample(s): too few to split into training and validation; add data")
     return perm[n_val:], perm[:n_val]
+
+
+def _check_labels(y: np.ndarray, num_classes: int | None, where: str, need_two: bool = True) -> None:
+    """Labels must be integers in [0, classes) with at least two classes: a one-class
+    "classifier" trains to accuracy 1.0 and means nothing, and a label out of range fails deep
+    inside the loss."""
+    if y.ndim != 1 or (len(y) and y.dtype.kind not in "iu"):
+        raise UserError(f"{where}: labels must be a flat list of integers, got {y.dtype} of shape {list(y.shape)}; "
+                        "regenerate the dataset files")
+    if len(y) and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
+        top = f"{num_classes - 1}" if num_classes is not None else "the number of classes - 1"
+        raise UserError(f"{where}: labels must be in 0..{top}, found {int(y.min())}..{int(y.max())}; "
+                        "regenerate the dataset files")
+    if need_two and len(np.unique(y)) < 2:
+        raise UserError(f"{where}: all samples have the same label; a classifier needs at least 2 classes, "
+                        "add data of another class")
 
 
 def _tensor_bundle(
     name: str, x: np.ndarray, y: np.ndarray, x_test: np.ndarray | None, y_test: np.ndarray | None,
-    opts: DataOptions, default_val: float, classes: list[str], scale: float,
+    opts: DataOptions, default_val: float, classes: list[str], scale: float, where: str | None = None,
 ) -> DataBundle:
-    """Normalise uint8-like arrays (N,C,H,W), resize if asked, split, wrap as TensorDatasets."""
+    """Normalise uint8-like arrays (N,C,H,W), resize if asked, split, wrap as TensorDatasets.
+    ``where`` names the source in error messages (default: ``name``)."""
 
     def prep(a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a)).float().div_(scale)
@@ -108,9 +137,13 @@ def _tensor_bundle(
             t = F.interpolate(t, size=(opts.image_size, opts.image_size), mode="bilinear", align_corners=False)
         return t
 
+    where = where or name
+    _check_labels(np.asarray(y), len(classes) or None, where)
+    if x_test is not None and y_test is not None:
+        _check_labels(np.asarray(y_test), len(classes) or int(np.asarray(y).max()) + 1, f"{where} (test split)", need_two=False)
     xt = prep(x)
     # Statistics from the training portion only, one per channel.
-    tr_idx, va_idx = _split(len(xt), opts.val_fraction or default_val, opts.seed)
+    tr_idx, va_idx = _split(len(xt), opts.val_fraction or default_val, opts.seed, where)
     mean = xt[tr_idx].mean(dim=(0, 2, 3))
     std = xt[tr_idx].std(dim=(0, 2, 3)).clamp_min(1e-6)
 
@@ -155,7 +188,8 @@ def _fashion(arg: str, opts: DataOptions) -> DataBundle:
     yt = read_idx(find_idx(root, "t10k-labels-idx1-ubyte"))
     if len(x) != len(y) or len(xt) != len(yt):
         raise UserError(f"Fashion-MNIST files in {str(root)!r} disagree on sample counts; re-install them")
-    return _tensor_bundle("fashion-mnist", x[:, None], y, xt[:, None], yt, opts, 0.1, FASHION_CLASSES, 255.0)
+    return _tensor_bundle("fashion-mnist", x[:, None], y, xt[:, None], yt, opts, 0.1, FASHION_CLASSES, 255.0,
+                          where=f"Fashion-MNIST in {str(root)!r}")
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -172,13 +206,40 @@ class _BatchUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
 
 
+_CIFAR_FIX = "replace it with the file from the extracted cifar-10-batches-py"
+
+
 def _read_cifar_batch(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             d = _BatchUnpickler(f, encoding="bytes").load()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise UserError(f"cannot read CIFAR batch {str(path)!r}: {e}") from None
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise UserError(f"cannot read CIFAR batch {str(path)!r}: {str(e) or type(e).__name__}; {_CIFAR_FIX}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"CIFAR batch {str(path)!r} holds a pickled {type(d).__name__}, not a dict; {_CIFAR_FIX}")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def _cifar_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) of one batch, checked: a batch with no
+    ``labels``, rows that are not 3072 bytes, or counts that disagree is refused by name."""
+    d = _read_cifar_batch(path)
+    missing = [k for k in ("data", "labels") if k not in d]
+    if missing:
+        raise UserError(f"CIFAR batch {str(path)!r} has no {' or '.join(repr(k) for k in missing)} entry "
+                        f"(it has {sorted(map(str, d))}); {_CIFAR_FIX}")
+    try:
+        x, y = np.asarray(d["data"]), np.asarray(d["labels"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"CIFAR batch {str(path)!r} has unreadable data or labels ({e}); {_CIFAR_FIX}") from None
+    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or x.dtype.kind not in "iu" or (x.size and (x.min() < 0 or x.max() > 255)):
+        raise UserError(f"CIFAR batch {str(path)!r}: 'data' must be rows of 3072 bytes (3x32x32 images), got "
+                        f"{x.dtype} of shape {list(x.shape)}; {_CIFAR_FIX}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise UserError(f"CIFAR batch {str(path)!r} has {len(x)} images but labels of shape {list(y.shape)}; {_CIFAR_FIX}")
+    if len(y) and y.dtype.kind not in "iu":
+        raise UserError(f"CIFAR batch {str(path)!r}: labels must be integers, got {y.dtype}; {_CIFAR_FIX}")
+    return x.astype(np.uint8).reshape(-1, 3, 32, 32), y.astype(np.int64)
 
 
 @DATASETS.register("cifar10", "CIFAR-10 python batches: cifar10:PATH (data_batch_1..5, test_batch)")
@@ -187,18 +248,33 @@ def _cifar10(arg: str, opts: DataOptions) -> DataBundle:
     batches = sorted(root.glob("data_batch_*")) if arg or opts.data_dir else []
     if not batches:
         raise UserError(f"no CIFAR-10 data_batch_* files in {str(root)!r}; use cifar10:PATH to the extracted cifar-10-batches-py")
-    parts = [_read_cifar_batch(b) for b in batches]
-    x = np.concatenate([np.asarray(p["data"], dtype=np.uint8) for p in parts]).reshape(-1, 3, 32, 32)
-    y = np.concatenate([np.asarray(p["labels"]) for p in parts])
+    parts = [_cifar_arrays(b) for b in batches]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
     xt = yt = None
     if (root / "test_batch").is_file():
-        t = _read_cifar_batch(root / "test_batch")
-        xt, yt = np.asarray(t["data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(t["labels"])
+        xt, yt = _cifar_arrays(root / "test_batch")
     classes: list[str] = []
     if (root / "batches.meta").is_file():
         meta = _read_cifar_batch(root / "batches.meta")
-        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get("label_names", [])]
-    return _tensor_bundle("cifar10", x, y, xt, yt, opts, 0.1, classes, 255.0)
+        names = meta.get("label_names", [])
+        if not isinstance(names, list):
+            raise UserError(f"{str(root / 'batches.meta')!r}: 'label_names' must be a list; {_CIFAR_FIX}")
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
+    return _tensor_bundle("cifar10", x, y, xt, yt, opts, 0.1, classes, 255.0, where=f"CIFAR-10 in {str(root)!r}")
+
+
+def _open_image(path: str) -> Any:
+    """torchvision's default loader, but a file PIL cannot decode (truncated, not an image) is a
+    UserError naming it, raised when the sample is read; decoding every file up front would
+    double the time to open a large folder."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as e:  # PIL's UnidentifiedImageError and "Truncated File Read" are OSErrors
+        raise UserError(f"cannot decode image {path!r} ({e}); delete or replace the file") from None
 
 
 @DATASETS.register("imagefolder", "imagefolder:PATH, one sub-folder per class (or PATH/train + PATH/val)")
@@ -213,17 +289,27 @@ def _imagefolder(arg: str, opts: DataOptions) -> DataBundle:
     tf = transforms.Compose([
         transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(mean, std),
     ])
+    train: Dataset
+    val: Dataset
     try:
         if (root / "train").is_dir() and (root / "val").is_dir():
-            train: Dataset = datasets.ImageFolder(str(root / "train"), tf)
-            val: Dataset = datasets.ImageFolder(str(root / "val"), tf)
-            classes = train.classes  # type: ignore[attr-defined]
+            train_f = datasets.ImageFolder(str(root / "train"), tf, loader=_open_image)
+            val_f = datasets.ImageFolder(str(root / "val"), tf, loader=_open_image)
+            if train_f.classes != val_f.classes:
+                raise UserError(f"image folder {str(root)!r}: train/ has classes {train_f.classes} but val/ has "
+                                f"{val_f.classes}; give both the same class sub-folders")
+            train, val, classes = train_f, val_f, train_f.classes
         else:
-            full = datasets.ImageFolder(str(root), tf)
-            tr, va = _split(len(full), opts.val_fraction or 0.1, opts.seed)
-            train, val, classes = Subset(full, tr), Subset(full, va), full.classes
+            full = datasets.ImageFolder(str(root), tf, loader=_open_image)
+            classes = full.classes
+            if len(classes) >= 2:
+                tr, va = _split(len(full), opts.val_fraction or 0.1, opts.seed, f"image folder {str(root)!r}")
+                train, val = Subset(full, tr), Subset(full, va)
     except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(f"cannot read image folder {str(root)!r}: {e}") from None
+        raise UserError(f"cannot read image folder {str(root)!r}: {str(e).splitlines()[0]}") from None
+    if len(classes) < 2:
+        raise UserError(f"image folder {str(root)!r} has {len(classes)} class sub-folder(s) {list(classes)}; "
+                        "a classifier needs at least 2 classes: add a sub-folder of images per class")
     return DataBundle("imagefolder", train, val, None, len(classes), 3, (size, size), mean, std, list(classes))
 
 

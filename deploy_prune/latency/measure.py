@@ -109,7 +109,7 @@ class LocalMeasurer:
 def measurer_for(target: Target) -> Measurer:
     """A remote measurer when the target names an agent, else a local one."""
     if target.agent:
-        from deploy_prune.agent import AgentMeasurer
+        from deploy_prune.latency.remote import AgentMeasurer
 
         return AgentMeasurer(target)
     return LocalMeasurer(target)

@@ -1,6 +1,6 @@
 """Compression recipes registered by name; ``compress`` drives whichever one the user picks.
 
-A method answers three questions for the pipeline in ``deploy_prune/compress.py``:
+A method answers three questions for the pipeline in ``deploy_prune.pipeline``:
 
 - ``setup(run)``: anything it needs before pruning (DeepLSP: the sensitivity analysis);
 - ``plan(run, budget)``: the per-group widths it would cut the *current* model to for a cost
@@ -17,7 +17,7 @@ Optional attributes: ``plans = False`` for a method whose structure is learned r
 planned (the measured loop then skips the plan stage and tightens after pruning), and
 ``lowrank_profile = True`` for one whose latency budgets need the LUT's low-rank tables, and
 ``prune_to(run, widths)`` for one that chooses which channels go by its own rule when the closed
-loop fixes the widths on measurement (``compress._prune_to``; without it, the method's
+loop fixes the widths on measurement (``pipeline.loop._prune_to``; without it, the method's
 ``criterion``, or L1, ranks them).
 
 The pipeline owns everything else (budgets, steps and their fine-tuning, the measured closed
@@ -33,7 +33,7 @@ from deploy_prune.registry import Registry
 from deploy_prune.transforms import Masks
 
 if TYPE_CHECKING:
-    from deploy_prune.compress import Run
+    from deploy_prune.methods.context import MethodContext
 
 
 BUDGET_KINDS = ("latency_ms", "latency_ratio", "flops_ratio", "params_ratio", "keep_ratio")  # structured methods
@@ -49,13 +49,13 @@ class Method(Protocol):
 
     def settings(self) -> dict[str, Any]: ...
 
-    def setup(self, run: Run) -> None: ...
+    def setup(self, run: MethodContext) -> None: ...
 
-    def plan(self, run: Run, budget: float) -> dict[str, int]: ...
+    def plan(self, run: MethodContext, budget: float) -> dict[str, int]: ...
 
-    def prune(self, run: Run, budget: float) -> None: ...
+    def prune(self, run: MethodContext, budget: float) -> None: ...
 
-    def masks(self, run: Run) -> Masks: ...
+    def masks(self, run: MethodContext) -> Masks: ...
 
 
 METHODS: Registry[type] = Registry("method")

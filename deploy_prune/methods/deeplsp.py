@@ -37,7 +37,7 @@ from deploy_prune.methods import BUDGET_KINDS, METHODS
 from deploy_prune.transforms import Masks, apply_masks, magnitude_masks, weight_layers
 
 if TYPE_CHECKING:
-    from deploy_prune.compress import Run
+    from deploy_prune.methods.context import MethodContext
 
 ADAPTIVE_LADDER = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -105,7 +105,7 @@ class DeepLSP:
                 "sensitivity_powers": self.powers,
                 "adaptive_amounts": self.chosen_amounts or None}
 
-    def setup(self, run: Run) -> None:
+    def setup(self, run: MethodContext) -> None:
         import copy
 
         from deploy_prune.graph import ModelGraph
@@ -114,31 +114,31 @@ class DeepLSP:
         # The sensitivity was measured on the unpruned model: fit its weights with that model's
         # scores (also when a resumed run's model is already pruned).
         base = copy.deepcopy(run.teacher)
-        graph = ModelGraph(base, run.data.input_shape, run.cfg.ignore, run.target.channel_multiple)
+        graph = ModelGraph(base, run.input_shape, run.ignore, run.graph.channel_multiple)
         self.weights, self.powers = sensitivity_weights(sens, self._scores(run, base, graph))
 
-    def _scores(self, run: Run, model: Any = None, graph: Any = None) -> dict[str, Any]:
+    def _scores(self, run: MethodContext, model: Any = None, graph: Any = None) -> dict[str, Any]:
         return {k: v.numpy() for k, v in score_groups(model or run.model, graph or run.graph, self.criterion,
-                                                       run.score_batches(), seed=run.cfg.seed).items()}
+                                                       run.score_batches(), seed=run.seed).items()}
 
-    def plan(self, run: Run, budget: float, scores: dict[str, Any] | None = None) -> dict[str, int]:
+    def plan(self, run: MethodContext, budget: float, scores: dict[str, Any] | None = None) -> dict[str, int]:
         value = weighted_retained_value(scores or self._scores(run), self.weights, self.powers)
         plan, _ = allocate(run.graph, value, run.cost, budget)
         return plan
 
-    def prune(self, run: Run, budget: float) -> None:
+    def prune(self, run: MethodContext, budget: float) -> None:
         import torch
 
         scores = self._scores(run)
         plan = self.plan(run, budget, scores)
         run.graph.prune_by_scores(plan, {k: torch.as_tensor(v) for k, v in scores.items()})
 
-    def masks(self, run: Run) -> Masks:
+    def masks(self, run: MethodContext) -> Masks:
         if self.amount == "adaptive":
             return self._adaptive(run)
         return magnitude_masks(run.model, float(self.amount))
 
-    def _adaptive(self, run: Run) -> Masks:
+    def _adaptive(self, run: MethodContext) -> Masks:
         """Per layer, the largest share of the ladder within ``tolerance`` of accuracy drop, alone."""
         import copy
 

@@ -68,7 +68,7 @@ from deploy_prune.transforms import Masks
 from deploy_prune.transforms.lowrank import LowRankConv2d, factorize, full_rank
 
 if TYPE_CHECKING:
-    from deploy_prune.compress import Run
+    from deploy_prune.methods.context import MethodContext
 
 MODES = ("hybrid", "filters", "ranks")
 
@@ -196,17 +196,17 @@ class DF:
                 "history": [h for r in self.rounds for h in r["history"]],
                 "factorized": sorted({n for r in self.rounds for n in r.get("factorized", [])})}
 
-    def setup(self, run: Run) -> None:
+    def setup(self, run: MethodContext) -> None:
         pass
 
-    def plan(self, run: Run, budget: float) -> dict[str, int]:
+    def plan(self, run: MethodContext, budget: float) -> dict[str, int]:
         raise UserError("df learns its structure during pruning; it has no separate plan for a latency loop")
 
-    def masks(self, run: Run) -> Masks:
+    def masks(self, run: MethodContext) -> Masks:
         return {}
 
     # -- which layers ---------------------------------------------------------------------------
-    def _rankable(self, run: Run) -> set[str]:
+    def _rankable(self, run: MethodContext) -> set[str]:
         if self.mode == "filters":
             return set()
         inside = {f"{n}.{i}" for n, m in run.model.named_modules() if isinstance(m, LowRankConv2d) for i in (0, 1)}
@@ -215,12 +215,12 @@ class DF:
         grouped = sorted(n for n, li in run.graph.layers.items() if li.kind == "conv" and li.groups > 1)
         note = (f"df: {len(grouped)} grouped/depthwise conv(s) cannot be factorised (scheme 1 needs groups = 1); "
                 f"they lose filters only: {', '.join(grouped[:5])}{' ...' if len(grouped) > 5 else ''}")
-        if grouped and note not in run.report["notes"]:
-            run.report["notes"].append(note)
+        if grouped and note not in run.notes:
+            run.notes.append(note)
         return {n for n, li in run.graph.layers.items()
                 if li.kind == "conv" and li.groups == 1 and n not in skip and isinstance(mods[n], nn.Conv2d)}
 
-    def prune(self, run: Run, budget: float) -> None:
+    def prune(self, run: MethodContext, budget: float) -> None:
         graph = run.graph
         rankable = self._rankable(run)
         layers = _layers(graph, run.cost.kind, rankable)
@@ -246,7 +246,7 @@ class DF:
         graph.prune(remove)
         fact = {n: ranks[n] for n in sorted(chosen)}
         factorize(run.model, fact)
-        run.graph = ModelGraph(run.model, run.data.input_shape, run.cfg.ignore, m)
+        run.graph = ModelGraph(run.model, run.input_shape, run.ignore, m)
         done = run.cost.total(run.graph, {g.name: g.channels for g in run.graph.groups()})
         self.rounds.append({
             **learned, "threshold_shift": shift, "cost_ratio": round(done / full, 4),
@@ -257,7 +257,7 @@ class DF:
                 f"{run.cost.kind} {done / full:.3f} of the model")
 
     # -- learning (Algorithm 1) -----------------------------------------------------------------
-    def _learn(self, run: Run, groups: dict[str, Any], rankable: set[str], target: float,
+    def _learn(self, run: MethodContext, groups: dict[str, Any], rankable: set[str], target: float,
                ratio_of: Callable[[dict[str, Any], dict[str, Any]], Any],
                ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float], dict[str, Any]]:
         """Masks, normalised thresholds and sigma_1 per layer, and a record of the learning."""
@@ -277,11 +277,11 @@ class DF:
         mask = {g: torch.ones(x.channels, device=device, requires_grad=True) for g, x in groups.items()}
         gnorm = {n: torch.zeros((), device=device, requires_grad=True) for n in rankable}
         opt = torch.optim.Adam([*mask.values(), *gnorm.values()], lr=self.lr)
-        loader = make_loader(run.data.train, run.cfg.batch_size, shuffle=True, seed=run.cfg.seed)
+        loader = make_loader(run.train_data, run.batch_size, shuffle=True, seed=run.seed)
         per_epoch = max(1, len(loader))
         quarter = max(1, per_epoch // 4)
         steps, cap = math.ceil(self.epochs * per_epoch), math.ceil(self.max_epochs * per_epoch)
-        torch.manual_seed(run.cfg.seed)
+        torch.manual_seed(run.seed)
         step, ratio, history, lam = 0, 1.0, [], self.lam
         while step < cap and (step < steps or abs(ratio - target) >= self.eps):
             for x, y in loader:
@@ -327,7 +327,7 @@ class DF:
             p.requires_grad_(r)
 
     # -- materialising ----------------------------------------------------------------------------
-    def _materialise(self, run: Run, groups: dict[str, Any], mask: dict[str, torch.Tensor], gnorm: dict[str, float],
+    def _materialise(self, run: MethodContext, groups: dict[str, Any], mask: dict[str, torch.Tensor], gnorm: dict[str, float],
                      sig1: dict[str, float], budget: float,
                      price: Callable[[dict[str, int], dict[str, int]], float]) -> tuple[dict[str, int], dict[str, int], float]:
         """Round the learned structure (raising every threshold by ``d`` until it fits the budget);

@@ -33,7 +33,7 @@ from deploy_prune.methods.imp import SCORES, IterativePruning, _register
 from deploy_prune.transforms import Masks, apply_masks, weight_layers
 
 if TYPE_CHECKING:
-    from deploy_prune.compress import Run
+    from deploy_prune.methods.context import MethodContext
 
 GRANULARITIES = ("filter", "kernel", "intra-kernel")
 
@@ -91,7 +91,7 @@ class StructuredPruning(IterativePruning):
             out[n] = unit_mask(w, self.granularity, shares[n]) & (w != 0)
         return out
 
-    def prune_once(self, run: Run, layers: dict[str, nn.Module], t: int, target: float) -> Masks:
+    def prune_once(self, run: MethodContext, layers: dict[str, nn.Module], t: int, target: float) -> Masks:
         share = 1 - (1 - target) ** (t / self.iterations)  # this iteration's target, as the engine's schedule
         shares = {n: share for n in layers}
         if self.search == "particle-filter":
@@ -99,13 +99,13 @@ class StructuredPruning(IterativePruning):
         self.shares = shares
         return self._masks(layers, shares)
 
-    def _particle_filter(self, run: Run, layers: dict[str, nn.Module], share: float) -> dict[str, float]:
+    def _particle_filter(self, run: MethodContext, layers: dict[str, nn.Module], share: float) -> dict[str, float]:
         import copy
 
         names = list(layers)
         mods: dict[str, Any] = layers
         sizes = np.array([mods[n].weight.numel() for n in names], dtype=np.float64)
-        rng = np.random.default_rng(run.cfg.seed)
+        rng = np.random.default_rng(run.seed)
 
         def normalise(z: np.ndarray) -> np.ndarray:
             z = np.clip(z, 0.0, 0.95)
@@ -115,7 +115,7 @@ class StructuredPruning(IterativePruning):
 
         def score(z: np.ndarray) -> float:
             trial = copy.deepcopy(run.model)
-            tl = weight_layers(trial, list(run.cfg.ignore))
+            tl = weight_layers(trial, list(run.ignore))
             apply_masks(trial, self._masks({n: tl[n] for n in names}, dict(zip(names, z, strict=True))))
             return run.subset_accuracy(trial)
 
@@ -133,13 +133,13 @@ class StructuredPruning(IterativePruning):
         return dict(zip(names, best.tolist(), strict=True))
 
 
-def weight_to_node_scores(layers: dict[str, nn.Module], run: Run) -> dict[str, torch.Tensor]:
+def weight_to_node_scores(layers: dict[str, nn.Module], run: MethodContext) -> dict[str, torch.Tensor]:
     """log(|w| * node importance) + Gumbel noise: the lowest are a draw favouring unimportant weights."""
     from deploy_prune.importance import pooled_outputs
 
     pooled, _ = pooled_outputs(run.model, list(layers), run.score_batches(), absolute=True)
     acts = {n: v.sum(0) for n, v in pooled.items()}
-    g = torch.Generator().manual_seed(run.cfg.seed + len(run.report["steps"]))
+    g = torch.Generator().manual_seed(run.seed + run.steps_recorded)
     out = {}
     for n, m in layers.items():
         w = m.weight.detach().abs()  # type: ignore[union-attr,operator]

@@ -2,7 +2,7 @@
 
 An iteration scores the remaining weights of every conv/linear layer (``--ignore`` excepted),
 counts how many to prune, zeroes them through masks, optionally rewinds the survivors, then
-retrains with the masks held (``Run.finetune``: the same optimiser, learning rate and
+retrains with the masks held (``MethodContext.finetune``: the same optimiser, learning rate and
 distillation for every method) until the method's stop rule ends it. The run stops when the
 sparsity target is reached (the last count is clamped to it) or after ``iterations``. Methods
 differ only in their parts:
@@ -54,7 +54,7 @@ from deploy_prune.train.flows import FlowStop
 from deploy_prune.transforms import Masks, apply_masks, weight_layers
 
 if TYPE_CHECKING:
-    from deploy_prune.compress import Run
+    from deploy_prune.methods.context import MethodContext
 
 Scores = dict[str, torch.Tensor]
 
@@ -62,11 +62,11 @@ Scores = dict[str, torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 # Scores of the weights
 # ---------------------------------------------------------------------------------------------
-def magnitude_scores(layers: dict[str, nn.Module], run: Run) -> Scores:
+def magnitude_scores(layers: dict[str, nn.Module], run: MethodContext) -> Scores:
     return {n: m.weight.detach().abs() for n, m in layers.items()}  # type: ignore[union-attr,operator]
 
 
-def _grad_times_weight(layers: dict[str, nn.Module], run: Run, batches: list[Any]) -> Scores:
+def _grad_times_weight(layers: dict[str, nn.Module], run: MethodContext, batches: list[Any]) -> Scores:
     import torch.nn.functional as F
 
     model = run.model
@@ -83,24 +83,24 @@ def _grad_times_weight(layers: dict[str, nn.Module], run: Run, batches: list[Any
     return acc
 
 
-def taylor_scores(layers: dict[str, nn.Module], run: Run) -> Scores:
+def taylor_scores(layers: dict[str, nn.Module], run: MethodContext) -> Scores:
     """|g w| accumulated over the run's score batches (first-order loss change of removing w)."""
     return _grad_times_weight(layers, run, run.score_batches())
 
 
-def snip_scores(layers: dict[str, nn.Module], run: Run) -> Scores:
+def snip_scores(layers: dict[str, nn.Module], run: MethodContext) -> Scores:
     """SNIP's connection sensitivity: |g w| on one batch, normalised to sum to 1 over the network."""
     s = _grad_times_weight(layers, run, run.score_batches()[:1])
     total = sum(float(v.sum()) for v in s.values()) or 1.0
     return {n: v / total for n, v in s.items()}
 
 
-def random_scores(layers: dict[str, nn.Module], run: Run) -> Scores:
-    g = torch.Generator().manual_seed(run.cfg.seed + len(run.report["steps"]))
+def random_scores(layers: dict[str, nn.Module], run: MethodContext) -> Scores:
+    g = torch.Generator().manual_seed(run.seed + run.steps_recorded)
     return {n: torch.rand(m.weight.shape, generator=g).to(m.weight.device) for n, m in layers.items()}  # type: ignore[union-attr,arg-type]
 
 
-SCORES: dict[str, Callable[[dict[str, nn.Module], Run], Scores]] = {
+SCORES: dict[str, Callable[[dict[str, nn.Module], MethodContext], Scores]] = {
     "magnitude": magnitude_scores, "taylor": taylor_scores, "snip": snip_scores, "random": random_scores,
 }
 
@@ -156,16 +156,16 @@ class IterativePruning:
         return {"score": self.score, "count": self.count, "scope": self.scope, "rewind": self.rewind,
                 "iterations": self.iterations, "retrain_epochs": self.retrain_epochs}
 
-    def setup(self, run: Run) -> None:
+    def setup(self, run: MethodContext) -> None:
         pass
 
-    def plan(self, run: Run, budget: float) -> dict[str, int]:
+    def plan(self, run: MethodContext, budget: float) -> dict[str, int]:
         raise UserError(f"--method {self.name} prunes weights, not channels: give it a --sparsity budget")
 
-    def masks(self, run: Run) -> Masks:
+    def masks(self, run: MethodContext) -> Masks:
         return run.masks
 
-    def stop_rule(self, run: Run) -> Callable[[nn.Module, int], bool] | None:
+    def stop_rule(self, run: MethodContext) -> Callable[[nn.Module, int], bool] | None:
         return None
 
     # -- counting --------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class IterativePruning:
         keep = (1 - target) ** (t / self.iterations)
         return {n: max(0, int((m.weight != 0).sum()) - round(keep * m.weight.numel())) for n, m in layers.items()}  # type: ignore[union-attr,operator]
 
-    def prune_once(self, run: Run, layers: dict[str, nn.Module], t: int, target: float) -> Masks:
+    def prune_once(self, run: MethodContext, layers: dict[str, nn.Module], t: int, target: float) -> Masks:
         total = sum(m.weight.numel() for m in layers.values())  # type: ignore[union-attr,misc,operator]
         remaining = {n: int((m.weight != 0).sum()) for n, m in layers.items()}  # type: ignore[union-attr,misc]
         counts = self.layer_counts(layers, t, target)
@@ -206,13 +206,12 @@ class IterativePruning:
         return masks
 
     # -- the loop ---------------------------------------------------------------------------------
-    def prune(self, run: Run, target: float) -> None:
-        from deploy_prune.compress import record_step
+    def prune(self, run: MethodContext, target: float) -> None:
         from deploy_prune.transforms import sparsity
 
         if not 0 < target < 1:
             raise UserError(f"--sparsity must be in (0, 1), got {target}")
-        skip = list(run.cfg.ignore)
+        skip = list(run.ignore)
         stop = self.stop_rule(run)
         for t in range(1, self.iterations + 1):
             stage = f"imp-{t}"
@@ -235,7 +234,7 @@ class IterativePruning:
             if isinstance(stop, FlowStop):
                 rec["flow_after_prune"] = round(stop.after_prune, 5)
                 rec["flow_distances"] = [round(d, 5) for d in stop.distances]
-            record_step(run, "imp", **rec)
+            run.record_step("imp", **rec)
             run.say(f"iteration {t}/{self.iterations}: sparsity {rec['sparsity']:.4f}, accuracy {acc:.4f}, "
                     f"{rec['epochs_run']} epoch(s)")
             run.checkpoint(stage)
@@ -309,9 +308,9 @@ class InformationConsistent(SparsityAdaptive):
         return {**super().settings(), "flow": self.flow, "eps": self.eps, "eps_scale": self.eps_scale,
                 "retraining": "stops at flow consistency"}
 
-    def stop_rule(self, run: Run) -> FlowStop:
+    def stop_rule(self, run: MethodContext) -> FlowStop:
         if self._stop is None:
-            self._stop = FlowStop(self.flow, self.eps, run.score_batches(), list(run.cfg.ignore), self.eps_scale)
+            self._stop = FlowStop(self.flow, self.eps, run.score_batches(), list(run.ignore), self.eps_scale)
             self._stop.reference(run.teacher)
         return self._stop
 

@@ -1,7 +1,7 @@
 """Unstructured methods that shape the weights by training before they cut: GReg, ADMM, learnable thresholds.
 
 Each trains ``reg_epochs`` with a penalty added to the (distillation) loss through
-``Run.finetune(penalty=...)``, then cuts to the sparsity target by the engine's layer-wise
+``MethodContext.finetune(penalty=...)``, then cuts to the sparsity target by the engine's layer-wise
 magnitude rule (``methods.imp``) and retrains ``retrain_epochs`` with the masks held. The seed
 (Pruning Pathways) names them without equations; our readings, each a published method:
 
@@ -34,7 +34,7 @@ from deploy_prune.methods.imp import IterativePruning, _register
 from deploy_prune.transforms import Masks, weight_layers
 
 if TYPE_CHECKING:
-    from deploy_prune.compress import Run
+    from deploy_prune.methods.context import MethodContext
 
 
 def _keep_largest(v: torch.Tensor, share: float) -> torch.Tensor:
@@ -62,20 +62,19 @@ class _Regularized(IterativePruning):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "reg_epochs": self.reg_epochs}
 
-    def penalty(self, run: Run, target: float) -> tuple[Callable[[nn.Module], torch.Tensor], Callable[[nn.Module, int], bool] | None]:
+    def penalty(self, run: MethodContext, target: float) -> tuple[Callable[[nn.Module], torch.Tensor], Callable[[nn.Module, int], bool] | None]:
         raise NotImplementedError
 
-    def before_cut(self, run: Run) -> None:
+    def before_cut(self, run: MethodContext) -> None:
         """Undo whatever the penalty phase added to the model (parametrizations)."""
 
-    def prune(self, run: Run, target: float) -> None:
-        from deploy_prune.compress import record_step
+    def prune(self, run: MethodContext, target: float) -> None:
 
         if "regularize" not in run.done:
             penalty, after_epoch = self.penalty(run, target)
             acc = run.finetune(self.reg_epochs, "regularize", penalty=penalty, stop=after_epoch)
             self.before_cut(run)
-            record_step(run, "regularize", accuracy=acc, train_seconds=(run.last_fit or {}).get("train_seconds", 0.0))
+            run.record_step("regularize", accuracy=acc, train_seconds=(run.last_fit or {}).get("train_seconds", 0.0))
             run.say(f"{self.name}: regularised for {self.reg_epochs} epoch(s), accuracy {acc:.4f}")
             run.checkpoint("regularize")
         super().prune(run, target)  # the cut (one iteration: the whole target) and the retraining
@@ -90,10 +89,10 @@ class GrowingRegularization(_Regularized):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "reg_max": self.reg_max, "selection": "layer-wise smallest magnitude at the start"}
 
-    def penalty(self, run: Run, target: float) -> tuple[Callable[[nn.Module], torch.Tensor], None]:
-        skip = list(run.cfg.ignore)
+    def penalty(self, run: MethodContext, target: float) -> tuple[Callable[[nn.Module], torch.Tensor], None]:
+        skip = list(run.ignore)
         going = {n: ~m for n, m in topk_masks(run.model, target, skip).items()}
-        steps = max(1, math.ceil(self.reg_epochs * len(run.data.train) / run.cfg.batch_size))  # type: ignore[arg-type]
+        steps = max(1, math.ceil(self.reg_epochs * len(run.train_data) / run.batch_size))  # type: ignore[arg-type]
         state = {"step": 0}
 
         def pen(model: nn.Module) -> torch.Tensor:
@@ -120,8 +119,8 @@ class ADMM(_Regularized):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "rho": self.rho, "stages": self.stages}
 
-    def penalty(self, run: Run, target: float) -> tuple[Callable[[nn.Module], torch.Tensor], Callable[[nn.Module, int], bool]]:
-        skip = list(run.cfg.ignore)
+    def penalty(self, run: MethodContext, target: float) -> tuple[Callable[[nn.Module], torch.Tensor], Callable[[nn.Module, int], bool]]:
+        skip = list(run.ignore)
         epochs = max(1, math.floor(self.reg_epochs))
         u: dict[str, torch.Tensor] = {}
         z: dict[str, torch.Tensor] = {}
@@ -182,8 +181,8 @@ class LearnableThreshold(_Regularized):
         return {**super().settings(), "lam": self.lam, "temperature": self.temperature,
                 "learned_thresholds": {k: round(v, 6) for k, v in self.thresholds.items()} or None}
 
-    def penalty(self, run: Run, target: float) -> tuple[Callable[[nn.Module], torch.Tensor], None]:
-        skip = list(run.cfg.ignore)
+    def penalty(self, run: MethodContext, target: float) -> tuple[Callable[[nn.Module], torch.Tensor], None]:
+        skip = list(run.ignore)
         for m in weight_layers(run.model, skip).values():
             parametrize.register_parametrization(m, "weight", SoftThreshold(m.weight, self.temperature))  # type: ignore[arg-type]
 
@@ -198,9 +197,9 @@ class LearnableThreshold(_Regularized):
 
         return pen, None
 
-    def before_cut(self, run: Run) -> None:
+    def before_cut(self, run: MethodContext) -> None:
         """Bake the hard cut |w| > t into the weights and drop the parametrizations."""
-        for name, m in weight_layers(run.model, list(run.cfg.ignore)).items():
+        for name, m in weight_layers(run.model, list(run.ignore)).items():
             if not parametrize.is_parametrized(m, "weight"):
                 continue
             p: Any = m.parametrizations.weight  # type: ignore[union-attr]

@@ -17,7 +17,7 @@ from deploy_prune.methods import BUDGET_KINDS, METHODS
 from deploy_prune.transforms import Masks
 
 if TYPE_CHECKING:
-    from deploy_prune.compress import Run
+    from deploy_prune.methods.context import MethodContext
 
 
 @METHODS.register("uniform", "one keep share in every group, L1 magnitude ranking (torch-pruning's MagnitudePruner)")
@@ -35,14 +35,14 @@ class Uniform:
     def settings(self) -> dict[str, Any]:
         return {"criterion": self.criterion, "allocation": "uniform share, bisection on the budget"}
 
-    def setup(self, run: Run) -> None:
+    def setup(self, run: MethodContext) -> None:
         pass
 
-    def _share_plan(self, run: Run, share: float) -> dict[str, int]:
+    def _share_plan(self, run: MethodContext, share: float) -> dict[str, int]:
         m = run.graph.channel_multiple
         return {g.name: round_channels(g.channels * share, g.channels, m) for g in run.graph.groups()}
 
-    def plan(self, run: Run, budget: float) -> dict[str, int]:
+    def plan(self, run: MethodContext, budget: float) -> dict[str, int]:
         graph, cost = run.graph, run.cost
         lo_plan = self._share_plan(run, 0.0)
         if cost.total(graph, lo_plan) > budget:
@@ -57,12 +57,12 @@ class Uniform:
                 hi = mid
         return self._share_plan(run, lo)
 
-    def prune(self, run: Run, budget: float) -> None:
+    def prune(self, run: MethodContext, budget: float) -> None:
         plan = self.plan(run, budget)
-        scores = score_groups(run.model, run.graph, self.criterion, run.score_batches(), seed=run.cfg.seed)
+        scores = score_groups(run.model, run.graph, self.criterion, run.score_batches(), seed=run.seed)
         run.graph.prune_by_scores(plan, scores)
 
-    def masks(self, run: Run) -> Masks:
+    def masks(self, run: MethodContext) -> Masks:
         return {}
 
 

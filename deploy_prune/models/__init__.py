@@ -1,8 +1,10 @@
 """Model registry: ``build_model(spec, num_classes, in_channels)`` is the one door.
 
-``spec`` is a registered name (``deploy-prune models`` lists them) or ``path/to/file.py:factory``
-for a user model; the factory is called with ``num_classes`` and ``in_channels`` when it
-accepts them.
+``spec`` is a registered name (``deploy-prune models`` lists them), ``timm:NAME`` (any model
+timm can create, random init), ``torchvision:NAME`` (any torchvision classification model, random
+init), or ``path/to/file.py:factory`` for a user model; the factory is called with
+``num_classes`` and ``in_channels`` when it accepts them. Nothing is ever downloaded: trained
+weights come from a local checkpoint or state-dict file (``--weights``).
 """
 
 from __future__ import annotations
@@ -101,13 +103,46 @@ def _load_user_factory(spec: str) -> ModelFactory:
     return fn
 
 
+def _timm(name: str) -> ModelFactory:
+    def factory(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
+        try:
+            import timm
+        except ImportError:
+            raise UserError("timm models need timm: pip install 'deploy-prune[timm]'") from None
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name}*")[:8]
+            raise UserError(f"timm has no model {name!r}" + (f"; close names: {', '.join(close)}" if close else ""))
+        # pretrained=False: no download, ever; trained weights come from --weights
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)  # type: ignore[no-any-return]
+    return factory
+
+
+def _torchvision_any(name: str) -> ModelFactory:
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise UserError(f"torchvision has no classification model {name!r}; see torchvision.models.list_models()")
+    return _torchvision(name)
+
+
+def _factory(spec: str) -> ModelFactory:
+    lib, colon, name = spec.partition(":")
+    if colon and lib == "timm":
+        return _timm(name)
+    if colon and lib == "torchvision":
+        return _torchvision_any(name)
+    return _load_user_factory(spec) if is_user_model(spec) else MODELS.get(spec)
+
+
 def build_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:
-    """Instantiate a registered or user model adapted to the data's channels and classes."""
-    factory = _load_user_factory(spec) if is_user_model(spec) else MODELS.get(spec)
+    """Instantiate a registered, timm, torchvision or user model adapted to the data's channels and classes."""
+    factory = _factory(spec)
     params = inspect.signature(factory).parameters
     kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if k in params}
     try:
         model = factory(**kwargs)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"building model {spec!r} failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):

@@ -105,6 +105,12 @@ def _ms(x: float | None) -> str:
     return f"{x:.3f}" if abs(x) < 10 else f"{x:.2f}" if abs(x) < 100 else f"{x:.1f}"
 
 
+def _metric(rep: Mapping[str, Any]) -> str:
+    """The name of the run's metric (``accuracy`` unless the run had the user's ``evaluate``);
+    figures hold it under ``accuracy`` in schema 1, shown x100 as for accuracy."""
+    return str((rep.get("metric") or {}).get("name") or "accuracy")
+
+
 def _pct(x: float | None, digits: int = 2) -> str:
     return _DASH if x is None else f"{100 * x:.{digits}f}"
 
@@ -169,7 +175,7 @@ def _headline_rows(rep: Mapping[str, Any]) -> list[list[str]]:
     rows: list[list[str]] = []
     ba, fa = _num(base.get("accuracy")), _num(fin.get("accuracy"))
     drop = f"{100 * (fa - ba):+.2f} pp" if ba is not None and fa is not None else _DASH
-    rows.append(["accuracy (%)", _pct(ba), _pct(fa), drop])
+    rows.append([f"{_metric(rep)} (%)", _pct(ba), _pct(fa), drop])
     for label, get, fmt in (
         ("latency median (ms)", lambda d: _lat(d.get("latency_ms"), "median"), _ms),
         ("latency p90 (ms)", lambda d: _lat(d.get("latency_ms"), "p90"), _ms),
@@ -299,7 +305,7 @@ def render_markdown(rep: Mapping[str, Any], plots: Mapping[str, str | os.PathLik
     if rep.get("steps"):
         lines += ["## Steps", ""]
         lines += _md_table(
-            ["step", "stage", "predicted (ms)", "measured median (ms)", "measured p90 (ms)", "accuracy (%)",
+            ["step", "stage", "predicted (ms)", "measured median (ms)", "measured p90 (ms)", f"{_metric(rep)} (%)",
              "FLOPs (M)", "params (M)", "seconds"], _step_rows(rep), "rlrrrrrrr")
         lines.append("")
     if rep.get("layers"):
@@ -389,7 +395,7 @@ def render_html(rep: Mapping[str, Any], plots: Mapping[str, str] | None = None) 
     if rep.get("steps"):
         parts.append("<h2>Steps</h2>")
         parts.append(_html_table(
-            ["step", "stage", "predicted (ms)", "measured median (ms)", "measured p90 (ms)", "accuracy (%)",
+            ["step", "stage", "predicted (ms)", "measured median (ms)", "measured p90 (ms)", f"{_metric(rep)} (%)",
              "FLOPs (M)", "params (M)", "seconds"], _step_rows(rep), "rlrrrrrrr"))
     if rep.get("layers"):
         parts.append("<h2>Channels per group</h2>")
@@ -473,8 +479,8 @@ def _plot_accuracy(rep: Mapping[str, Any], plt: Any) -> Any:
         ax.axvline(budget_ms, color="#d62728", ls="--", lw=1, label=f"budget {_ms(budget_ms)} ms")
     target = (rep.get("target") or {}).get("name")
     ax.set_xlabel("measured latency, median (ms)" + (f" on {target}" if target else ""))
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{_run_name(rep)}: accuracy vs latency", fontsize=10)
+    ax.set_ylabel(f"{_metric(rep)} (%)")
+    ax.set_title(f"{_run_name(rep)}: {_metric(rep)} vs latency", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig

@@ -131,6 +131,7 @@ def run_gate(
         result.checks.append(_latency_check(median, p90, max_latency_ms, where, fix))
 
     fa, ba = _num(fin.get("accuracy")), _num(base.get("accuracy"))
+    name = str((rep.get("metric") or {}).get("name") or "accuracy")  # the user's metric, when compress had one
     if min_accuracy is not None:
         if fa is None:
             result.checks.append(GateCheck("accuracy", False, None, min_accuracy,
@@ -139,7 +140,7 @@ def run_gate(
             ok = fa >= min_accuracy - _EPS
             v, lim = _pair(100 * fa, 100 * min_accuracy)
             result.checks.append(GateCheck("accuracy", ok, fa, min_accuracy,
-                                           f"accuracy {v} % {'>=' if ok else '<'} {lim} % (final, validation)"))
+                                           f"{name} {v} % {'>=' if ok else '<'} {lim} % (final, validation)"))
     if max_accuracy_drop is not None:
         if fa is None or ba is None:
             result.checks.append(GateCheck("accuracy_drop", False, None, max_accuracy_drop,
@@ -150,7 +151,7 @@ def run_gate(
             v, lim = _pair(100 * drop, 100 * max_accuracy_drop)
             result.checks.append(GateCheck(
                 "accuracy_drop", ok, drop, max_accuracy_drop,
-                f"accuracy drop {v} pp {'<=' if ok else '>'} {lim} pp ({100 * ba:.2f} % -> {100 * fa:.2f} %)"))
+                f"{name} drop {v} pp {'<=' if ok else '>'} {lim} pp ({100 * ba:.2f} % -> {100 * fa:.2f} %)"))
 
     if not explicit:
         budget_ms = _num((rep.get("budget") or {}).get("latency_ms"))
@@ -172,8 +173,8 @@ def run_gate(
 
 def remeasure(run_dir: str | os.PathLike[str], target_name: str) -> dict[str, Any]:
     """Time ``run_dir/model.onnx`` on ``target_name``; the Stats as a dict, with ``target``."""
-    from deploy_prune.config import load_target
     from deploy_prune.latency.measure import measurer_for
+    from deploy_prune.target import load_target
 
     model = Path(run_dir) / "model.onnx"
     if not model.is_file():

@@ -4,14 +4,22 @@ The loop knows nothing about pruning: methods hook in through ``after_step`` cal
 (e.g. to re-apply masks) and an optional ``loss_fn`` (e.g. knowledge distillation).
 Under ``torchrun --nproc-per-node N`` it uses DistributedDataParallel with the gloo backend
 (CPU) or nccl (CUDA); rank 0 writes checkpoints and metrics.
+
+A run directory holds ``model.pt``, ``metrics.json``, ``checkpoints/last.pt`` and, once
+exported, ``model.onnx`` (+ ``.json``). ``train_model`` refuses a directory that already holds
+a run unless told to ``resume`` it or ``overwrite`` it (which first deletes the old run's files,
+so no stale ``model.onnx`` survives beside a new ``model.pt``); ``fit`` deletes the exports
+beside ``model.pt`` whenever it writes a changed one. A failed run leaves no empty ``out`` or
+``checkpoints/`` directory, and temp files of a killed write are removed by the next run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +31,23 @@ from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from deploy_prune.checks import check_number
 from deploy_prune.data import DataBundle, make_loader
 from deploy_prune.errors import UserError
 from deploy_prune.io import ensure_dir, provenance, write_json
-from deploy_prune.models.checkpoint import _unwrap, load_checkpoint, save_checkpoint
+from deploy_prune.models.checkpoint import _unwrap, load_checkpoint, remove_stale_temps, save_checkpoint
+
+OPTIMIZERS = ("sgd", "adamw")
+RUN_FILES = ("model.pt", "metrics.json", "model.onnx", "model.onnx.json", "checkpoints/last.pt")  # one run's results
+EXPORTS = ("model.onnx", "model.onnx.json")  # derived from model.pt: stale once it changes
 
 
 @dataclass
 class TrainConfig:
+    """Training settings, checked on construction: a zero batch size or a NaN learning rate is
+    one line naming the flag, not a ZeroDivisionError or a diverged run. ``epochs=0`` is valid:
+    it evaluates and saves the starting model (e.g. ``--weights`` made into a run directory)."""
+
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.05
@@ -40,6 +57,18 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        check_number("--epochs", self.epochs, lo=0, integer=True)
+        check_number("--batch-size", self.batch_size, lo=1, integer=True)
+        check_number("--lr", self.lr, lo=0, lo_open=True)
+        check_number("momentum", self.momentum, lo=0, hi=1, hi_open=True)
+        check_number("--weight-decay", self.weight_decay, lo=0)
+        check_number("label_smoothing", self.label_smoothing, lo=0, hi=1, hi_open=True)
+        check_number("--seed", self.seed, integer=True)
+        check_number("eval_batch_size", self.eval_batch_size, lo=1, integer=True)
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
 
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -82,6 +111,57 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     raise UserError(f"unknown optimizer {cfg.optimizer!r}; valid: sgd, adamw")
 
 
+@contextlib.contextmanager
+def _no_empty_dirs(out: Path) -> Iterator[None]:
+    """On failure, remove an empty ``checkpoints/`` and an ``out`` left empty, unless ``out``
+    was already an empty directory before (then it is left as it was)."""
+    was_empty = out.is_dir() and not any(out.iterdir())
+    try:
+        yield
+    except BaseException:
+        for d in (out / "checkpoints", out):
+            with contextlib.suppress(OSError):  # not empty, not there, or not ours to remove
+                if d.is_dir() and not any(d.iterdir()) and not (d == out and was_empty):
+                    d.rmdir()
+        raise
+
+
+def _remove(out: Path, names: Sequence[str]) -> None:
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+
+
+def _resume_point(last: Path, meta: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """``last.pt`` checked against this run: the same architecture and data shape (else
+    ``load_state_dict`` fails with a traceback), the same optimizer (else its state does not
+    load), and no more epochs done than asked (we refuse rather than report ``epochs: 1`` for a
+    model trained 3)."""
+    if not last.is_file():
+        raise UserError(f"nothing to resume: {str(last)!r} does not exist; run without --resume")
+    ck = load_checkpoint(last)
+    if not isinstance(ck, dict) or not all(k in ck for k in ("state_dict", "optimizer", "scheduler", "epoch", "history")):
+        raise UserError(f"{str(last)!r} is not a training checkpoint (no optimizer state or epoch); "
+                        "run without --resume, with --overwrite to replace the run")
+    old, new = ck.get("model") or {}, meta.get("model") or {}
+    run = last.parent.parent
+    if old.get("spec") != new.get("spec"):
+        raise UserError(f"{str(run)!r} holds a {old.get('spec')!r} run, not {new.get('spec')!r}; resume it with "
+                        f"--model {old.get('spec')} (or no --model), or train {new.get('spec')} into a new --out")
+    was = (old.get("num_classes"), ck.get("input_shape"))
+    now = (new.get("num_classes"), meta.get("input_shape"))
+    if was != now:
+        raise UserError(f"{str(run)!r} was trained on {was[0]} classes of shape {was[1]}, but this data has {now[0]} "
+                        f"classes of shape {now[1]}; resume with the run's --data/--image-size, or use a new --out")
+    opt = (ck.get("config") or {}).get("optimizer", cfg.optimizer)
+    if opt != cfg.optimizer:
+        raise UserError(f"{str(run)!r} was trained with --optimizer {opt}, not {cfg.optimizer}; resume with "
+                        f"--optimizer {opt}, or use a new --out")
+    if ck["epoch"] > cfg.epochs:
+        raise UserError(f"{str(run)!r} already has {ck['epoch']} epochs, more than the {cfg.epochs} asked; give "
+                        f"--epochs {ck['epoch']} or more to continue it, or a new --out")
+    return ck
+
+
 def fit(
     model: nn.Module,
     data: DataBundle,
@@ -100,13 +180,24 @@ def fit(
 
     ``stop(model, epochs_done)``, called after each epoch, ends training early when it returns
     True (InCoP's flow criterion); ``epochs_run`` in the metrics says how many epochs ran.
+    A resumed run must match ``last.pt`` (see ``_resume_point``).
     """
-    if cfg.epochs < 0:
-        raise UserError(f"--epochs must be >= 0, got {cfg.epochs}")
-    rank, world = _distributed()
     out = Path(out_dir)
+    with _no_empty_dirs(out):
+        return _fit(model, data, cfg, out, meta, resume=resume, loss_fn=loss_fn, after_step=after_step,
+                    progress=progress, stop=stop)
+
+
+def _fit(
+    model: nn.Module, data: DataBundle, cfg: TrainConfig, out: Path, meta: dict[str, Any], *, resume: bool,
+    loss_fn: LossFn | None, after_step: Sequence[Callable[[nn.Module], None]], progress: bool,
+    stop: Callable[[nn.Module, int], bool] | None,
+) -> dict[str, Any]:
+    rank, world = _distributed()
     if rank == 0:
         ensure_dir(out / "checkpoints")
+        remove_stale_temps(out, ("model.pt", "metrics.json", *EXPORTS))
+        remove_stale_temps(out / "checkpoints", ("last.pt",))
     last = out / "checkpoints" / "last.pt"
     device = default_device()
     model.to(device)
@@ -115,13 +206,16 @@ def fit(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
     start_epoch, history, train_seconds = 0, [], 0.0
     if resume:
-        if not last.is_file():
-            raise UserError(f"nothing to resume: {str(last)!r} does not exist; run without --resume")
-        ck = load_checkpoint(last)
-        _unwrap(model).load_state_dict(ck["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start_epoch, history, train_seconds = ck["epoch"], list(ck["history"]), float(ck["train_seconds"])
+        ck = _resume_point(last, meta, cfg)
+        try:
+            _unwrap(model).load_state_dict(ck["state_dict"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(f"cannot resume from {str(last)!r}: it does not fit this model ({str(e).splitlines()[0]}); "
+                            "use a new --out") from None
+        start_epoch, history, train_seconds = ck["epoch"], list(ck["history"]), float(ck.get("train_seconds", 0.0))
+    resumed_epochs = len(history)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model)
     sampler: DistributedSampler | None = DistributedSampler(data.train, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
@@ -159,7 +253,7 @@ def fit(
                             "val_loss": ev["loss"], "lr": lr, "seconds": time.perf_counter() - t0})
             if rank == 0:
                 save_checkpoint(last, model, meta, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                                epoch=epoch + 1, history=history, train_seconds=train_seconds)
+                                epoch=epoch + 1, history=history, train_seconds=train_seconds, config=asdict(cfg))
             if stop is not None and stop(_unwrap(model), epoch + 1):
                 break
     final = evaluate(_unwrap(model), data.val, cfg.eval_batch_size, device)
@@ -171,6 +265,8 @@ def fit(
     if data.test is not None:
         metrics["test_accuracy"] = evaluate(_unwrap(model), data.test, cfg.eval_batch_size, device)["accuracy"]
     if rank == 0:
+        if not resume or len(history) > resumed_epochs:  # a changed model.pt: its old exports are stale
+            _remove(out, EXPORTS)
         save_checkpoint(out / "model.pt", model, {**meta, "metrics": {k: metrics[k] for k in ("val_accuracy", "epochs")}})
         metrics["provenance"] = provenance(threads=torch.get_num_threads())
         write_json(out / "metrics.json", metrics)
@@ -204,39 +300,61 @@ def train_model(
     resume: bool = False,
     seed: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """``deploy-prune train``: build or load a model, check it fits the data, and ``fit`` it."""
+    """``deploy-prune train``: build or load a model, check it fits the data, and ``fit`` it.
+
+    ``out`` must not hold a run (any of ``RUN_FILES``) unless ``resume`` (continue it: same
+    model, data and optimizer, ``epochs`` at least those done) or ``overwrite`` (delete that
+    run's files, then train afresh). Settings are checked before any data is read.
+    """
     from deploy_prune.data import load_data
     from deploy_prune.models import check_runs_on
     from deploy_prune.models.checkpoint import load_model
 
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                      weight_decay=weight_decay, seed=seed)
+    out = Path(out)
+    _check_out(out, resume, overwrite)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # share the cores between the processes instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    data = load_data(data_spec, data_options)
-    if resume and model_spec is None and weights is None:
-        last = Path(out) / "checkpoints" / "last.pt"
-        if not last.is_file():
-            raise UserError(f"nothing to resume: {str(last)!r} does not exist; run without --resume")
-        model_spec = load_checkpoint(last)["model"]["spec"]
-    if weights is not None:
-        model, _ = load_model(weights, model_spec, num_classes=data.num_classes, in_channels=data.in_channels, trust=trust)
-        spec = model_spec or _ckpt_spec(weights, trust) or "unknown"
-    else:
-        spec = model_spec or "tiny-cnn"
-        torch.manual_seed(seed)
-        model, _ = load_model(None, spec, num_classes=data.num_classes, in_channels=data.in_channels)
-    check_runs_on(model, data.input_shape, data.num_classes)
-    meta = {
-        "model": {"spec": spec, "num_classes": data.num_classes, "in_channels": data.in_channels},
-        "input_shape": list(data.input_shape),
-        "data": data.describe(),
-    }
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                      weight_decay=weight_decay, seed=seed)
-    metrics = fit(model, data, cfg, out, meta, resume=resume, progress=progress)
+    with _no_empty_dirs(out):
+        data = load_data(data_spec, data_options)
+        if resume and model_spec is None and weights is None:
+            last = out / "checkpoints" / "last.pt"
+            if not last.is_file():
+                raise UserError(f"nothing to resume: {str(last)!r} does not exist; run without --resume")
+            ck = load_checkpoint(last)
+            model_spec = (ck.get("model") or {}).get("spec") if isinstance(ck, dict) else None
+        if weights is not None:
+            model, _ = load_model(weights, model_spec, num_classes=data.num_classes, in_channels=data.in_channels, trust=trust)
+            spec = model_spec or _ckpt_spec(weights, trust) or "unknown"
+        else:
+            spec = model_spec or "tiny-cnn"
+            torch.manual_seed(seed)
+            model, _ = load_model(None, spec, num_classes=data.num_classes, in_channels=data.in_channels)
+        check_runs_on(model, data.input_shape, data.num_classes)
+        meta = {
+            "model": {"spec": spec, "num_classes": data.num_classes, "in_channels": data.in_channels},
+            "input_shape": list(data.input_shape),
+            "data": data.describe(),
+        }
+        if overwrite and int(os.environ.get("RANK", "0")) == 0:  # the inputs are good: now the old run goes
+            _remove(out, RUN_FILES)
+        metrics = fit(model, data, cfg, out, meta, resume=resume, progress=progress)
     metrics["rank"] = dist.get_rank() if dist.is_initialized() else 0
     return metrics
+
+
+def _check_out(run: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train over a run without being told what to do with it."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it; pass only one")
+    found = [n for n in RUN_FILES if (run / n).exists()]
+    if found and not (resume or overwrite):
+        raise UserError(f"{str(run)!r} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                        "--overwrite to replace it, or choose another --out")
 
 
 def _ckpt_spec(weights: str, trust: bool) -> str | None:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deploy_prune.checks import check_number
 from deploy_prune.transforms import Masks, weight_layers
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -96,6 +97,8 @@ class FlowStop:
             raise ValueError(f"flow kind must be 'if' or 'gf', got {kind!r}")
         if scale not in ("dense", "pruned"):
             raise ValueError(f"epsilon scale must be 'dense' or 'pruned', got {scale!r}")
+        # A NaN epsilon would never stop retraining early, silently: refuse it where it enters.
+        check_number("-O eps", eps, lo=0)
         self.kind, self.eps, self.batches, self.skip, self.scale = kind, eps, batches, list(skip), scale
         self.star: Any = None
         self.masks: Masks | None = None

@@ -1,0 +1,223 @@
+"""deploy-prune as a library: the user's own model, data, training loop and metric, pruned until
+its latency *measured on the target* meets a budget.
+
+The functions here only turn Python objects into the pipeline's inputs and call it; the CLI calls
+the same pipeline (``deploy_prune.pipeline``), so a notebook gets exactly what the CLI gets.
+
+    import torch, deploy_prune as dp
+
+    result = dp.compress(model, torch.zeros(1, 3, 32, 32), target="cpu-ort-1t", budget=dp.Latency(ms=5),
+                         train=train_set, val=val_set, out="runs/mine", epochs=2)
+    result.model              # the pruned nn.Module
+    result.report["met_budget"], result.paths["onnx"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from deploy_prune.budget import Budget
+from deploy_prune.config import Target
+from deploy_prune.data import DataBundle
+from deploy_prune.errors import UserError
+from deploy_prune.latency.timing import Stats
+from deploy_prune.pipeline import CompressConfig, FinetuneContext, UserParts
+from deploy_prune.pipeline import compress as _run_pipeline
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(CompressConfig)}
+# Set by compress() itself from its own arguments, never through **settings.
+_RESERVED = {"out", "weights", "model", "data", "data_options", "target", "method", "method_options",
+             "latency_ms", "latency_ratio", "flops_ratio", "params_ratio", "sparsity", "keep_ratio"}
+
+
+@dataclass
+class Result:
+    """What ``compress`` returns: the pruned model, the report (``report.json``'s content) and the
+    files written in the run directory."""
+
+    model: nn.Module
+    report: dict[str, Any]
+    out: Path
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def met_budget(self) -> bool:
+        return bool(self.report["met_budget"])
+
+
+def model_spec(model: nn.Module) -> str:
+    """How a user's model is recorded: its class, and a hash of its architecture and weights (never
+    a path on this machine)."""
+    h = hashlib.sha256(repr(model).encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return f"{type(model).__module__}.{type(model).__qualname__}@{h.hexdigest()[:12]}"
+
+
+def _dataset(data: Dataset | DataLoader | None) -> Dataset | None:
+    return data.dataset if isinstance(data, DataLoader) else data
+
+
+def _check_items(ds: Dataset, what: str) -> None:
+    """Without a ``loss``, the built-in loop and metric read ``(input, target)`` items."""
+    try:
+        item = ds[0]
+    except Exception as e:
+        raise UserError(f"{what}[0] cannot be read ({type(e).__name__}: {e}); pass a Dataset of (input, target) items") from None
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor)):
+        raise UserError(f"{what} items must be (input tensor, target) pairs, got {type(item).__name__}; "
+                        "pass loss=(model, batch) -> Tensor and evaluate=(model) -> float for other items")
+
+
+def _bundle(model: nn.Module, example: torch.Tensor, train: Dataset | None, val: Dataset | None, items_checked: bool) -> DataBundle:
+    if example.ndim != 4:
+        raise UserError(f"example_input must be one batch of images (N, C, H, W), got shape {list(example.shape)}")
+    try:
+        with torch.no_grad():
+            out = model.eval()(example)
+    except Exception as e:
+        raise UserError(f"the model cannot run on example_input of shape {list(example.shape)}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    classes = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else 0
+    if items_checked:
+        for ds, what in ((train, "train"), (val, "val")):
+            if ds is not None:
+                _check_items(ds, what)
+    c, h, w = (int(d) for d in example.shape[1:])
+    return DataBundle(name="user", train=train if train is not None else [], val=val if val is not None else [],  # type: ignore[arg-type]
+                      test=None, num_classes=classes, in_channels=c, image_size=(h, w), mean=[], std=[])
+
+
+def compress(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    target: str | Target,
+    budget: Budget,
+    method: str = "deeplsp",
+    train: Dataset | DataLoader | None = None,
+    val: Dataset | DataLoader | None = None,
+    finetune: Callable[[nn.Module, float, FinetuneContext], object] | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    loss: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    metric: str | None = None,
+    out: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    **settings: Any,
+) -> Result:
+    """Prune ``model`` (not modified: a copy is pruned) until its latency measured on ``target``
+    meets ``budget``, fine-tune, export ONNX and report.
+
+    - ``train``: a Dataset or DataLoader; its first batches score channels, and the built-in loop
+      fine-tunes on it when no ``finetune`` is given. Items are ``(input, target)`` unless ``loss``
+      is given.
+    - ``val``: held-out data for the built-in metric (top-1 accuracy) when no ``evaluate`` is given.
+    - ``finetune(model, epochs, ctx)``: your training loop, called for every fine-tuning the
+      method and the pipeline ask for (``epochs`` may be a fraction; call ``ctx.apply_masks(model)``
+      after each optimiser step to hold unstructured masks).
+    - ``evaluate(model) -> float``: your metric, higher is better, named ``metric`` in the report
+      (default: the function's name).
+    - ``loss(model, batch) -> Tensor``: your task's loss inside the built-in loop.
+    - ``**settings``: pipeline settings (``epochs``, ``lr``, ``steps``, ``seed``, ``criterion``, ...,
+      as the CLI's flags) and the method's own (``deploy-prune methods``); an unknown one is an error.
+
+    >>> result = compress(model, torch.zeros(1, 3, 32, 32), target="cpu-ort-1t", budget=LatencyRatio(0.5),
+    ...                   train=train_set, val=val_set, epochs=1)   # doctest: +SKIP
+    """
+    train_ds, val_ds = _dataset(train), _dataset(val)
+    if train_ds is None:
+        raise UserError("compress needs train data (a Dataset or DataLoader): its first batches rank the channels")
+    if val_ds is None and evaluate is None:
+        raise UserError("give val (a Dataset of (input, target)) for the built-in accuracy, or evaluate=(model) -> float")
+    reserved = sorted(set(settings) & _RESERVED)
+    if reserved:
+        raise UserError(f"compress takes {', '.join(reserved)} as its own arguments (budget=, method=, target=, out=), "
+                        "not as settings")
+    config = {k: v for k, v in settings.items() if k in _CONFIG_FIELDS}
+    method_options = {k: v for k, v in settings.items() if k not in _CONFIG_FIELDS}
+    if loss is not None:
+        config.setdefault("kd", False)  # the user's loss is the task's; distillation would replace it
+    data = _bundle(model, example_input, train_ds, val_ds, items_checked=loss is None)
+    name = metric or (str(getattr(evaluate, "__name__", "metric")) if evaluate is not None else "accuracy")
+    out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="deploy-prune-"))
+    given: dict[str, Any] = {**budget.settings(), **config}
+    cfg = CompressConfig(out=out_dir, weights="", data="user", target=target if isinstance(target, str) else target.name,
+                         method=method, method_options=method_options, **given)
+    parts = UserParts(model=model, spec=model_spec(model), data=data, target=target if isinstance(target, Target) else None,
+                      finetune=finetune, evaluate=evaluate, metric=name if name != "<lambda>" else "metric", loss=loss,
+                      parity_input=example_input)
+    report, pruned = _run_pipeline(cfg, progress, parts=parts, return_model=True)
+    paths = {k: out_dir / f for k, f in (("onnx", "model.onnx"), ("checkpoint", "model.pt"), ("program", "model.pt2"),
+                                         ("report", "report.json"), ("markdown", "report.md"), ("html", "report.html"))
+             if (out_dir / f).is_file()}
+    return Result(model=pruned, report=report, out=out_dir, paths=paths)
+
+
+def load(run_dir: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """The pruned model of a compress run. A registered architecture is rebuilt by name; a model
+    of your own needs a fresh instance of it (``model=``), which is cut to the run's widths and
+    loaded with its weights. Weights are loaded with ``weights_only=True``."""
+    from deploy_prune.models.checkpoint import load_checkpoint, load_model
+    from deploy_prune.transforms import rebuild_pruned
+
+    path = Path(run_dir)
+    path = path / "model.pt" if path.is_dir() else path
+    if model is None:
+        return load_model(path)[0]
+    ck = load_checkpoint(path)
+    if not isinstance(ck, dict) or "pruned" not in ck:
+        raise UserError(f"{str(path)!r} is not the model.pt of a compress run")
+    rebuild_pruned(model, ck["pruned"], ck["input_shape"])
+    model.load_state_dict(ck["state_dict"])
+    return model
+
+
+def profile(model: nn.Module, example_input: torch.Tensor, target: str | Target, profiles: str | Path = "profiles") -> dict[str, Any]:
+    """The target's latency table of ``model`` (found under ``profiles/`` or measured now)."""
+    from deploy_prune.latency.profile import ProfileSpec, run_profile
+    from deploy_prune.target import load_target
+
+    t = load_target(target) if isinstance(target, str) else target
+    _, table = run_profile(ProfileSpec(model, model_spec(model), tuple(int(d) for d in example_input.shape[1:]), t),
+                           Path(profiles), reuse=True)
+    return table
+
+
+def measure(model: nn.Module | str | Path | bytes, target: str | Target, example_input: torch.Tensor | None = None) -> Stats:
+    """Latency of one model on the target (an ``nn.Module`` with its ``example_input``, or ONNX)."""
+    from deploy_prune.export import onnx_bytes
+    from deploy_prune.latency.measure import measurer_for
+    from deploy_prune.target import load_target
+
+    t = load_target(target) if isinstance(target, str) else target
+    if isinstance(model, nn.Module):
+        if example_input is None:
+            raise UserError("measure(model, target, example_input): a module needs an example input to be exported")
+        model = onnx_bytes(model, tuple(int(d) for d in example_input.shape[1:]), int(example_input.shape[0]))
+    return measurer_for(t).time({"model": model})["model"]
+
+
+def list_targets() -> list[str]:
+    """Names of the targets found (``targets/``, ``$DEPLOY_PRUNE_TARGETS``)."""
+    from deploy_prune.config import list_targets
+
+    return sorted(list_targets())
+
+
+def list_methods() -> list[str]:
+    """Names of the registered compression methods (``list_``: ``deploy_prune.methods`` is the
+    subpackage that holds them)."""
+    from deploy_prune.methods import METHODS
+
+    return METHODS.names()

@@ -1,0 +1,296 @@
+"""The measured closed loop: a budget in the cost model's units, plans corrected by what the
+target measures, verification after pruning, and the fall-back on measurement alone when the
+latency table and the target disagree (``measured_search``)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from deploy_prune.allocate import allowed_keeps, channels_cost, flops_cost, latency_cost, params_cost
+from deploy_prune.errors import BudgetUnreachable, UserError
+from deploy_prune.latency.timing import quiet_estimate, quiet_of
+from deploy_prune.measured_search import Point, line_search
+from deploy_prune.methods import Method
+from deploy_prune.pipeline.config import CompressConfig
+from deploy_prune.pipeline.run import Run, record_step
+from deploy_prune.transforms import (
+    group_widths,
+    prune_to_widths,
+    sparsity,
+)
+
+
+def _budget(run: Run) -> dict[str, Any]:
+    """The user's budget, and the same budget in the cost model's units."""
+    kind, value = run.cfg.budget_kind()
+    base = run.report["baseline"]
+    graph = run.graph
+    if kind in ("latency_ms", "latency_ratio"):
+        base_ms = quiet_of(base["latency_ms"])
+        ms = value if kind == "latency_ms" else value * base_ms
+        if ms >= base_ms:
+            raise UserError(f"the budget {ms:.3f} ms is not below the unpruned model's measured {base_ms:.3f} ms on "
+                            f"{run.target.name}: nothing to do")
+        run.cost = latency_cost(run.profile or {})
+        # Predicted ms for the budget: scale by the model's own predicted/measured ratio.
+        predicted = ms * run.cost.total(graph, group_widths(graph)) / base_ms
+        return {"kind": kind, "value": value, "latency_ms": ms, "cost_budget": predicted, "measured": True}
+    if kind == "sparsity":  # unstructured: the budget is on weights; FLOPs stay the cost reported per step
+        run.cost = flops_cost()
+        return {"kind": kind, "value": value, "latency_ms": None, "cost_budget": value, "measured": False}
+    if kind == "flops_ratio":
+        run.cost = flops_cost()
+    elif kind == "params_ratio":
+        run.cost = params_cost()
+    else:
+        run.cost = channels_cost()
+    full = run.cost.total(graph, group_widths(graph))
+    return {"kind": kind, "value": value, "latency_ms": None, "cost_budget": value * full, "measured": False}
+
+
+def _over(run: Run, meas: dict[str, Any], budget: dict[str, Any]) -> float:
+    """Measured latency / budget (> 1: over), as ``_pooled_over`` computes it for one measurement."""
+    return _pooled_over([meas], budget)[0]
+
+
+def _keeps(widths: dict[str, int], multiple: int) -> dict[str, list[int]]:
+    """Every allowed width of every group."""
+    return {g: allowed_keeps(c, multiple) for g, c in widths.items()}
+
+
+def _narrowest(widths: dict[str, int], multiple: int) -> dict[str, int]:
+    """The narrowest allowed width of every group."""
+    return {g: ks[0] for g, ks in _keeps(widths, multiple).items()}
+
+
+def _narrowest_or_unreachable(run: Run, budget: dict[str, Any]) -> float:
+    """The planner put the corrected budget below the narrowest allowed widths' predicted cost.
+    Only a measurement decides whether that is so: the narrowest widths are measured, and if they
+    are over the budget it is unreachable (exit 3, giving the lowest latency reachable); if not,
+    the prediction (or a noisy round) was wrong, and their predicted cost is returned as the floor
+    to plan at. The measurement is kept (``state["narrowest"]``): it is the one architecture
+    known to meet the budget when the table misleads (``measured_search``)."""
+    plan = _narrowest(run.baseline_widths, run.target.channel_multiple)
+    if "narrowest" in run.state:  # measured once per run: the loop can hit the floor again and again
+        meas = run.state["narrowest"]["meas"]
+    else:
+        narrow = copy.deepcopy(run.teacher)
+        prune_to_widths(narrow, run.data.input_shape, plan, run.cfg.ignore)
+        meas = run.measure(narrow)
+    r, fig = _pooled_over([meas], budget)
+    low = quiet_of(meas["candidate"])
+    if r > 1.0:
+        got = f"{low:.3f} ms ({fig:.3f} of the baseline timed with it)" if budget["kind"] == "latency_ratio" else f"{low:.3f} ms"
+        want = f"ratio {budget['value']:.3f} of the baseline" if budget["kind"] == "latency_ratio" else f"{budget['latency_ms']:.3f} ms"
+        raise BudgetUnreachable(f"the budget ({want}) cannot be met on {run.target.name}: even the narrowest allowed "
+                                f"widths measure {got}, the lowest reachable; raise the budget")
+    run.state["narrowest"] = {"widths": plan, "r": r, "meas": meas}
+    run.say(f"the LUT puts the budget below the narrowest widths, but they measure {100 * r:.0f} % of it: planning from them")
+    # The floor is priced on the current graph, whose groups can differ from the baseline's
+    # measured above (a factorised layer's rank group): as allocate's narrowest plan.
+    floor = _narrowest(group_widths(run.graph), run.graph.channel_multiple)
+    return run.cost.total(run.graph, floor) * (1 + 1e-9)
+
+
+def _search_measured(run: Run, budget: dict[str, Any], under: Point, over: Point, stage: str) -> Point:
+    """``measured_search.line_search`` between two measured architectures of the current model,
+    each candidate measured as a pruned copy (latency does not depend on weight values) and
+    recorded as a step of ``stage``."""
+    def measure(widths: dict[str, int]) -> Point:
+        cand = copy.deepcopy(run.model)
+        prune_to_widths(cand, run.data.input_shape, widths, run.cfg.ignore)
+        meas = run.measure(cand)
+        r = _pooled_over([meas], budget)[0]
+        record_step(run, stage, cand, candidate=True, measured_latency_ms=meas["candidate"], search="measured",
+                    baseline_same_session_ms=quiet_of(meas["baseline"]), cost_budget=None, accuracy=None)
+        run.say(f"{stage} (measured search): {quiet_of(meas['candidate']):.3f} ms ({100 * r:.0f} % of the budget)")
+        return Point(widths, r)
+
+    keeps = _keeps(group_widths(run.graph), run.graph.channel_multiple)
+    best, _ = line_search(under, over, measure, _window(run.cfg), keeps, run.cfg.max_loops)
+    return best
+
+
+def _window(cfg: CompressConfig) -> tuple[float, float, float]:
+    """Where a measured latency should land, as shares of the budget: (low, high, aim). Between
+    ``slack`` and ``margin`` under it; a correction aims at the middle."""
+    low, high = 1.0 - cfg.slack, 1.0 - cfg.margin
+    return low, high, (low + high) / 2
+
+
+def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float:
+    """Correct the predicted budget until the planned architecture, measured, lands between
+    ``slack`` and ``margin`` under the real budget. Returns the corrected predicted budget.
+
+    A plan met again (the corrections oscillate between two neighbouring architectures, as
+    coarse channel steps make them) pools its measurements and ends the search, and so does
+    ``max_loops``: then the best plan *measured* is taken (the widest one under the margin, else
+    the fastest), never a correction that was not measured."""
+    pred = budget["cost_budget"]
+    low, high, aim = _window(run.cfg)
+    seen: dict[tuple[tuple[str, int], ...], dict[str, Any]] = {}
+    for i in range(run.cfg.max_loops):
+        try:
+            plan = method.plan(run, pred)
+        except BudgetUnreachable:
+            pred = _narrowest_or_unreachable(run, budget)
+            plan = method.plan(run, pred)
+        key = tuple(sorted(plan.items()))
+        cand = copy.deepcopy(run.model)
+        prune_to_widths(cand, run.data.input_shape, plan, run.cfg.ignore)
+        meas = run.measure(cand)
+        again = key in seen
+        rec = seen.setdefault(key, {"pred": pred, "meas": []})
+        rec["meas"].append(meas)
+        r = rec["r"] = _pooled_over(rec["meas"], budget)[0]
+        p = run.predicted_ms(cand)
+        record_step(run, "plan", cand, candidate=True, measured_latency_ms=meas["candidate"],
+              baseline_same_session_ms=quiet_of(meas["baseline"]), cost_budget=pred, accuracy=None)
+        run.say(f"plan {i + 1}: predicted {p:.3f} ms, measured {quiet_of(meas['candidate']):.3f} ms "
+                f"({100 * r:.0f} % of the budget{', pooled with its earlier measurements' if again else ''})")
+        if low <= r <= high:
+            return float(pred)
+        if again:
+            break
+        pred *= aim / r
+    points = [Point(dict(k), v["r"], {"pred": v["pred"]}) for k, v in seen.items()]
+    if "narrowest" in run.state:
+        points.append(Point(dict(run.state["narrowest"]["widths"]), run.state["narrowest"]["r"]))
+    under = [p for p in points if p.r <= high]
+    over = [p for p in points if p.r > high]
+    if under and over:
+        # Corrections of the table's budget did not land: the table and the target disagree.
+        # Measurement alone decides between the widest architecture measured under the budget
+        # and the fastest one over it, and the steps then prune to those widths.
+        a, b = max(under, key=lambda p: p.r), min(over, key=lambda p: p.r)
+        run.say(f"plan: no plan the LUT priced lands in {100 * low:.0f}-{100 * high:.0f} % of the budget (measured "
+                f"{', '.join(f'{100 * p.r:.0f} %' for p in points)}); searching between the architectures measured at "
+                f"{100 * a.r:.0f} % and {100 * b.r:.0f} % on measured latency alone")
+        best = _search_measured(run, budget, a, b, "plan")
+        return _pin(run, best, "plan")
+    best = max(under, key=lambda p: p.r) if under else min(points, key=lambda p: p.r)
+    run.say(f"plan: no architecture lands in {100 * low:.0f}-{100 * high:.0f} % of the budget; taking the best "
+            f"measured ({100 * best.r:.0f} %)")
+    return float(best.info["pred"]) if "pred" in best.info else _pin(run, best, "plan")
+
+
+def _pin(run: Run, best: Point, stage: str) -> float:
+    """From here on the structured steps and the verification prune to ``best``'s measured widths
+    instead of re-planning on the table; returns their predicted cost (for the record)."""
+    run.state["pinned"] = {"widths": dict(best.widths), "r": best.r, "stage": stage}
+    run.report["notes"].append(f"the latency table and the measurements disagreed; the {stage} stage chose widths on "
+                               f"measured latency alone (measured {100 * best.r:.0f} % of the budget)")
+    return float(run.cost.total(run.graph, best.widths))
+
+
+def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
+    """Measure the pruned architecture; while over ``1 - margin`` of the budget, tighten the
+    predicted budget by the measured/predicted ratio and prune further. When the widths were
+    chosen on measurement (``_pin``), or a tightening leaves them where they were (the table
+    calls the cuts free), the next widths come from a measured search between the narrowest
+    widths and the current ones instead."""
+    if run.state.get("verified"):  # a resumed run that had already met the budget
+        return
+    for i in range(run.cfg.max_loops):
+        stage = f"verify-{i + 1}"
+        if stage in run.done:
+            continue
+        # The last structured step was just measured; later rounds measure the further-pruned model.
+        meas = run.state.pop("last_measurement", None) or run.measure(run.model)
+        r = _over(run, meas, budget)
+        if i > 0:
+            record_step(run, "closed-loop", measured_latency_ms=meas["candidate"], accuracy=run.state.get("loop_accuracy"),
+                  baseline_same_session_ms=quiet_of(meas["baseline"]))
+        run.say(f"verify {i + 1}: measured {quiet_of(meas['candidate']):.3f} ms ({100 * r:.0f} % of the budget)")
+        # The plan loop's margin, not the budget itself: the final check re-measures, and the
+        # steps' re-planning on fine-tuned weights may have moved the architecture off the plan.
+        if r <= _window(run.cfg)[1]:
+            run.state["verified"] = True
+            run.checkpoint(stage)
+            return
+        before = group_widths(run.graph)
+        if not run.state.get("pinned"):
+            pred = run.cost.total(run.graph, before)
+            run.state["cost_budget"] = pred * _window(run.cfg)[2] / r
+            try:
+                method.prune(run, run.state["cost_budget"])
+            except BudgetUnreachable:
+                run.state["cost_budget"] = _narrowest_or_unreachable(run, budget)
+                method.prune(run, run.state["cost_budget"])
+        if run.state.get("pinned") or group_widths(run.graph) == before:
+            run.say(f"verify {i + 1}: the LUT's tightening leaves the widths as they are; choosing them on measured latency")
+            _prune_to(run, method, _verified_widths(run, budget, Point(before, r), stage).widths)
+        run.state["loop_accuracy"] = run.finetune(run.cfg.step_fraction, stage)
+        run.checkpoint(stage)
+    run.report["notes"].append(f"the closed loop stopped after {run.cfg.max_loops} tightenings still over budget")
+
+
+def _verified_widths(run: Run, budget: dict[str, Any], over: Point, stage: str) -> Point:
+    """Widths under the budget for the current model, chosen on measurement: a search between its
+    narrowest widths (measured here; over the budget: unreachable, exit 3) and ``over``."""
+    floor = _narrowest(group_widths(run.graph), run.graph.channel_multiple)
+    narrow = copy.deepcopy(run.model)
+    prune_to_widths(narrow, run.data.input_shape, floor, run.cfg.ignore)
+    meas = run.measure(narrow)
+    r = _pooled_over([meas], budget)[0]
+    if r > _window(run.cfg)[1]:
+        raise BudgetUnreachable(f"the budget cannot be met on {run.target.name}: even the narrowest allowed widths "
+                                f"measure {100 * r:.0f} % of it; raise the budget")
+    best = _search_measured(run, budget, Point(floor, r), over, stage)
+    _pin(run, best, stage)
+    return best
+
+
+def _prune_to(run: Run, method: Method, widths: dict[str, int]) -> None:
+    """Prune the current model to ``widths`` (never wider than it is), the method choosing which
+    channels go (``prune_to``), else its criterion's lowest-scoring channels (L1 without one)."""
+    current = group_widths(run.graph)
+    widths = {g: min(k, current[g]) for g, k in widths.items() if g in current and k < current[g]}
+    if not widths:
+        return
+    fn = getattr(method, "prune_to", None)
+    if fn is not None:
+        fn(run, widths)
+        return
+    from deploy_prune.importance import score_groups
+
+    scores = score_groups(run.model, run.graph, getattr(method, "criterion", "l1"), run.score_batches(), seed=run.cfg.seed)
+    run.graph.prune_by_scores(widths, scores)
+
+
+def _pooled_over(meas: list[dict[str, Any]], budget: dict[str, Any]) -> tuple[float, float]:
+    """(measured / budget, the figure compared) pooled over several measurements: the quiet
+    estimate (``latency.timing``) over all their rounds; for a ratio budget, the candidate's over
+    the baseline's, both from the same measurements. Contention episodes on a shared machine
+    slow a small model by a larger share than the baseline, so pairing rounds does not cancel
+    them; dropping the contended rounds does."""
+    cand = quiet_estimate([v for m in meas for v in m["candidate"]["round_medians"]])
+    if budget["kind"] == "latency_ratio":
+        r = cand / quiet_estimate([v for m in meas for v in m["baseline"]["round_medians"]])
+        return r / budget["value"], r
+    return cand / budget["latency_ms"], cand
+
+
+def _final_measure(run: Run, budget: dict[str, Any]) -> tuple[dict[str, Any], bool, str]:
+    """Measure the exported model twice; the budget is met when the pooled figure is within it."""
+    meas = run.measure(run.model)
+    if budget["kind"] == "sparsity":
+        got = sparsity(run.model, run.cfg.ignore)
+        met = got >= budget["value"] - 1e-3  # the last iteration rounds counts down, never past the target
+        return meas, met, f"sparsity {got:.4f} {'>=' if met else '<'} target {budget['value']:.4f} (conv/linear weights)"
+    if not budget["measured"]:
+        got = run.cost.total(run.graph, group_widths(run.graph))
+        met = got <= budget["cost_budget"] * (1 + 1e-9)
+        return meas, met, f"{run.cost.kind} {got:.4g} {'<=' if met else '>'} budget {budget['cost_budget']:.4g} {run.cost.unit}"
+    again = run.measure(run.model)
+    r, fig = _pooled_over([meas, again], budget)
+    ms = (f"measured {quiet_of(meas['candidate']):.3f} ms, re-measured {quiet_of(again['candidate']):.3f} ms "
+          f"(quiet rounds; overall medians {meas['candidate']['median']:.3f} and {again['candidate']['median']:.3f} ms)")
+    if budget["kind"] == "latency_ratio":
+        verdict = f"{ms}; pooled ratio to the baseline {fig:.3f} {'<=' if r <= 1 else '>'} budget {budget['value']:.3f}"
+    else:
+        verdict = f"{ms}; pooled {fig:.3f} ms {'<=' if r <= 1 else '>'} budget {budget['latency_ms']:.3f} ms"
+    if r > 1.0:
+        verdict += f" ({100 * r:.0f} % of it): the model is returned anyway, NOT meeting the budget"
+    return again, r <= 1.0, verdict

@@ -1,0 +1,373 @@
+"""The state of one compress run (``Run``): the model, data, target and what has happened so far;
+measuring, fine-tuning and checkpoints. Methods see it as a ``methods.context.MethodContext``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from deploy_prune.allocate import CostModel, flops_cost
+from deploy_prune.config import Target
+from deploy_prune.data import DataBundle, load_data, make_loader
+from deploy_prune.errors import UserError
+from deploy_prune.export import onnx_bytes
+from deploy_prune.graph import ModelGraph
+from deploy_prune.io import ensure_dir
+from deploy_prune.latency.measure import Measurer, measurer_for
+from deploy_prune.latency.timing import QUIET_BAND
+from deploy_prune.models import check_runs_on
+from deploy_prune.models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from deploy_prune.pipeline.config import CompressConfig
+from deploy_prune.target import load_target
+from deploy_prune.train import TrainConfig, distillation_loss, evaluate, fit
+from deploy_prune.transforms import (
+    Masks,
+    apply_masks,
+    architecture_widths,
+    group_widths,
+    rebuild_pruned,
+    sparsity,
+)
+
+REMEASURE = 2  # extra takes of a measurement that fell wholly inside a contention episode (Run.measure)
+
+
+@dataclass
+class FinetuneContext:
+    """What a user's ``finetune(model, epochs, ctx)`` callback is given besides the model."""
+
+    teacher: nn.Module  # the unpruned model, e.g. for distillation (do not train it)
+    tag: str  # which fine-tuning this is: step-1, verify-2, final, ...
+    seed: int
+    masks: Masks  # unstructured masks the method holds: re-apply after each optimiser step
+
+    def apply_masks(self, model: nn.Module) -> None:
+        """Zero the masked weights again (call after each optimiser step)."""
+        apply_masks(model, self.masks)
+
+
+@dataclass
+class UserParts:
+    """What the Python API hands the pipeline in place of names resolved from flags: the user's
+    model and data, and callbacks that replace the built-in fine-tuning loop and metric."""
+
+    model: nn.Module | None = None
+    spec: str | None = None  # how the model is recorded in reports and profiles
+    data: DataBundle | None = None
+    target: Target | None = None
+    finetune: Callable[[nn.Module, float, FinetuneContext], object] | None = None
+    evaluate: Callable[[nn.Module], float] | None = None
+    metric: str = "accuracy"  # the name of what ``evaluate`` returns
+    loss: Callable[[nn.Module, Any], torch.Tensor] | None = None  # (model, (x, y)) -> loss, in the built-in loop
+    parity_input: torch.Tensor | None = None  # inputs for the ONNX parity check when there is no val data
+
+
+def quietest_take(take: Callable[[], dict[str, Any]], quietest: float) -> tuple[dict[str, Any], float]:
+    """One measurement (``take()``: candidate and baseline stats as dicts), taken again, up to
+    ``REMEASURE`` more times, while the baseline's quiet figure is over ``1 + QUIET_BAND`` times
+    ``quietest`` (the lowest seen in the run): such a take fell wholly inside a contention
+    episode. Returns the take with the quietest baseline (``takes``: how many were made) and
+    the updated ``quietest``."""
+    best: dict[str, Any] | None = None
+    for i in range(1 + REMEASURE):
+        got = take()
+        if best is None or got["baseline"]["quiet"] < best["baseline"]["quiet"]:
+            best = got
+        best["takes"] = i + 1
+        quietest = min(quietest, got["baseline"]["quiet"])
+        if best["baseline"]["quiet"] <= quietest * (1.0 + QUIET_BAND):
+            break
+    assert best is not None
+    return best, quietest
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: model, data, target and what has happened so far
+# ---------------------------------------------------------------------------------------------
+class Run:
+    """State of one compress run. The pipeline drives it; the method sees it as a
+    ``methods.context.MethodContext`` and nothing more."""
+
+    def __init__(self, cfg: CompressConfig, progress: Callable[[str], None] | None = None,
+                 parts: UserParts | None = None) -> None:
+        self.cfg = cfg
+        self.parts = parts or UserParts()
+        self.target: Target = self.parts.target or load_target(cfg.target)
+        self.data: DataBundle = self.parts.data or load_data(cfg.data, cfg.data_options)
+        if self.parts.model is not None:  # the API's model: pruned as a copy, the user's object untouched
+            self.model, meta = copy.deepcopy(self.parts.model).cpu(), dict[str, Any]()
+        else:
+            self.model, meta = load_model(cfg.weights, cfg.model, num_classes=self.data.num_classes,
+                                          in_channels=self.data.in_channels, trust=cfg.trust)
+        check_runs_on(self.model, self.data.input_shape, self.data.num_classes if self.parts.evaluate is None else None)
+        if meta.get("pruned"):
+            raise UserError(f"{cfg.weights!r} is already a compress result; compress its original weights instead")
+        self.out = ensure_dir(cfg.out)
+        self.say = progress or (lambda msg: None)
+        self.spec = self.parts.spec or cfg.model or meta.get("model", {}).get("spec")
+        if not self.spec:
+            raise UserError("the checkpoint does not record its architecture; pass --model")
+        self.meta: dict[str, Any] = {"model": {"spec": self.spec, "num_classes": self.data.num_classes, "in_channels": self.data.in_channels},
+                     "input_shape": list(self.data.input_shape), "data": self.data.describe()}
+        self.teacher = copy.deepcopy(self.model).eval()
+        self.measurer: Measurer = measurer_for(self.target)
+        self.graph = ModelGraph(self.model, self.data.input_shape, cfg.ignore, self.target.channel_multiple)
+        self.baseline_widths = group_widths(self.graph)
+        self.cost: CostModel = flops_cost()
+        self.profile: dict[str, Any] | None = None
+        self.masks: Masks = {}
+        self.report: dict[str, Any] = {"steps": [], "stage_seconds": {}, "notes": []}
+        self.done: list[str] = []
+        self.state: dict[str, Any] = {}
+        self.lowrank_profile = False  # the LUT must also time factorised convs (df under a latency budget)
+        self.last_fit: dict[str, Any] | None = None  # metrics of the last finetune call
+        self._baseline_onnx: bytes | None = None
+        self._quietest_baseline = math.inf  # the baseline's lowest quiet figure in this run (ms)
+        self._batches: list[Any] | None = None
+        self._subset: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- what methods see of the run (methods.context.MethodContext) -------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.input_shape)
+
+    @property
+    def train_data(self) -> Any:
+        return self.data.train
+
+    @property
+    def ignore(self) -> list[str]:
+        return self.cfg.ignore
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    @property
+    def notes(self) -> list[str]:
+        return self.report["notes"]  # type: ignore[no-any-return]
+
+    @property
+    def steps_recorded(self) -> int:
+        return len(self.report["steps"])
+
+    def record_step(self, stage: str, model: nn.Module | None = None, **rec: Any) -> None:
+        record_step(self, stage, model, **rec)
+
+    # -- data helpers used by methods --------------------------------------------------------
+    def score_batches(self) -> list[Any]:
+        """The same few training batches for every criterion call (seeded)."""
+        if self._batches is None:
+            it = make_loader(self.data.train, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed)
+            self._batches = [b for _, b in zip(range(self.cfg.score_batches), it, strict=False)]
+        return self._batches
+
+    def metric(self, model: nn.Module) -> float:
+        """The run's metric of ``model`` on the validation data: the user's ``evaluate`` (checked
+        to be a finite number), else top-1 accuracy."""
+        if self.parts.evaluate is None:
+            return float(evaluate(model, self.data.val)["accuracy"])
+        try:
+            value = self.parts.evaluate(model)
+        except Exception as e:
+            raise UserError(f"evaluate raised {type(e).__name__}: {e}") from None
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"evaluate returned {value!r}; it must return a finite number ({self.parts.metric}, higher is better)")
+        return float(value)
+
+    def subset_accuracy(self, model: nn.Module) -> float:
+        """Accuracy on the fixed validation subset the sensitivity analysis uses (the user's
+        metric on their validation data, when they gave one)."""
+        if self.parts.evaluate is not None:
+            return self.metric(model)
+        if self._subset is None:
+            n = min(self.cfg.sensitivity_samples, len(self.data.val))  # type: ignore[arg-type]
+            xs, ys = zip(*(self.data.val[i] for i in range(n)), strict=True)
+            self._subset = torch.stack(xs), torch.as_tensor(ys)
+        x, y = self._subset
+        model.eval()
+        with torch.no_grad():
+            return float(sum(int((model(x[i:i + 256]).argmax(1) == y[i:i + 256]).sum()) for i in range(0, len(x), 256)) / len(x))
+
+    def sensitivity(self, criterion: str) -> dict[str, Any]:
+        """The sensitivity analysis of the unpruned model: ``--sensitivity`` or the run's own
+        sensitivity.json when they match these weights and data, else computed now."""
+        from deploy_prune.sensitivity import SensitivityConfig, fingerprint, load_sensitivity, sensitivity_run
+
+        t0 = time.perf_counter()
+        for cand in [self.cfg.sensitivity, self.out / "sensitivity.json"]:
+            if cand is None:
+                continue
+            p = Path(cand)
+            p = p / "sensitivity.json" if p.is_dir() else p
+            if not p.is_file():
+                if cand == self.cfg.sensitivity:
+                    raise UserError(f"--sensitivity {str(cand)!r}: no sensitivity.json there; run deploy-prune sensitivity first")
+                continue
+            res = load_sensitivity(p)
+            c = res["config"]
+            scfg = SensitivityConfig(**{**c, "ratios": tuple(c["ratios"])})
+            fp = fingerprint(self.teacher, scfg, self.data.name, self.cfg.ignore, self.target.channel_multiple)
+            if res["fingerprint"] == fp:
+                self.say(f"sensitivity: reusing {p}")
+                self.report["sensitivity"] = {"path": str(p), "reused": True, "criterion": c["criterion"]}
+                return res
+            if cand == self.cfg.sensitivity:
+                raise UserError(f"--sensitivity {str(p)!r} was computed for other weights, data or --ignore; rerun sensitivity")
+        self.say("sensitivity: pruning each group alone on the validation subset")
+        scfg = SensitivityConfig(criterion=criterion, val_samples=self.cfg.sensitivity_samples,
+                                 score_batches=self.cfg.score_batches, batch_size=self.cfg.batch_size,
+                                 workers=self.cfg.workers, seed=self.cfg.seed)
+        res = sensitivity_run(self.out, copy.deepcopy(self.teacher), self.data, scfg, ignore=self.cfg.ignore,
+                              channel_multiple=self.target.channel_multiple, meta=self.meta["model"], profile=self.profile,
+                              metric=self.metric if self.parts.evaluate is not None else None)
+        self.report["sensitivity"] = {"path": str(self.out / "sensitivity.json"), "reused": False, "criterion": criterion}
+        self.report["stage_seconds"]["sensitivity"] = round(time.perf_counter() - t0, 2)
+        return res
+
+    # -- measurement ------------------------------------------------------------------------
+    def onnx(self, model: nn.Module) -> bytes:
+        return onnx_bytes(copy.deepcopy(model).cpu(), self.data.input_shape, self.target.batch)
+
+    def measure(self, model: nn.Module) -> dict[str, Any]:
+        """Measure ``model`` on the target, interleaved with the unpruned baseline; the baseline
+        is the run's yardstick for contention (``quietest_take``)."""
+        t0 = time.perf_counter()
+        if self._baseline_onnx is None:
+            self._baseline_onnx = self.onnx(self.teacher)
+        cand = self.onnx(model)
+        self._add_seconds("export", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+
+        def take() -> dict[str, Any]:
+            stats = self.measurer.time({"baseline": self._baseline_onnx, "candidate": cand})  # type: ignore[dict-item]
+            return {"candidate": stats["candidate"].as_dict(), "baseline": stats["baseline"].as_dict()}
+
+        best, self._quietest_baseline = quietest_take(take, self._quietest_baseline)
+        self._add_seconds("measure", time.perf_counter() - t0)
+        return best
+
+    def predicted_ms(self, model: nn.Module | None = None) -> float | None:
+        if self.profile is None:
+            return None
+        from deploy_prune.latency.lut import predict
+
+        try:
+            return float(predict(model or self.model, self.profile)["calibrated_ms"])
+        except UserError:  # e.g. factorised layers, which the profile has no entries for
+            return None
+
+    def _add_seconds(self, stage: str, s: float) -> None:
+        self.report["stage_seconds"][stage] = round(self.report["stage_seconds"].get(stage, 0.0) + s, 2)
+
+    # -- fine-tuning --------------------------------------------------------------------------
+    def finetune(self, epochs: float, tag: str, resume: bool = False, stop: Callable[[nn.Module, int], bool] | None = None,
+                 penalty: Callable[[nn.Module], torch.Tensor] | None = None) -> float:
+        """Fine-tune the current model (KD from the unpruned one by default), holding the masks.
+        A fractional epoch trains once on that share of the training set. Returns val accuracy;
+        ``last_fit`` keeps the training metrics (epochs run, seconds). ``stop`` may end training
+        after an epoch; ``penalty(model)`` is added to the loss (regularising methods)."""
+        self.last_fit = None
+        if epochs <= 0:
+            return self.metric(self.model)
+        t0 = time.perf_counter()
+        if self.parts.finetune is not None:
+            return self._user_finetune(epochs, tag, t0)
+        data = self.data
+        whole = max(1, math.floor(epochs))
+        if epochs < 1:
+            n = max(self.cfg.batch_size, int(len(data.train) * epochs))  # type: ignore[arg-type]
+            g = torch.Generator().manual_seed(self.cfg.seed + len(self.report["steps"]))
+            data = replace(data, train=Subset(data.train, torch.randperm(len(data.train), generator=g)[:n].tolist()))  # type: ignore[arg-type]
+        cfg = TrainConfig(epochs=whole, batch_size=self.cfg.batch_size, lr=self.cfg.lr, seed=self.cfg.seed)
+        loss = distillation_loss(self.teacher) if self.cfg.kd else None
+        user_loss = self.parts.loss
+        if user_loss is not None:
+            loss = lambda mod, x, y: user_loss(mod, (x, y))  # noqa: E731
+        if penalty is not None:
+            base = loss or (lambda mod, x, y: torch.nn.functional.cross_entropy(mod(x), y))
+            loss = lambda mod, x, y: base(mod, x, y) + penalty(mod)  # noqa: E731
+        masks = self.masks
+        try:
+            m = fit(self.model, data, cfg, self.out / "finetune" / tag, self.meta_pruned(), resume=resume, loss_fn=loss,
+                    after_step=[lambda mod: apply_masks(mod, masks)] if masks else [], progress=False, stop=stop)
+        except UserError as e:
+            raise UserError(f"{e}; the last good checkpoint is kept in {self.out}/checkpoints (resume with --resume "
+                            "and a lower --lr)") from None
+        self._add_seconds("finetune", time.perf_counter() - t0)
+        self.last_fit = m
+        return float(m["val_accuracy"]) if self.parts.evaluate is None else self.metric(self.model)
+
+    def _user_finetune(self, epochs: float, tag: str, t0: float) -> float:
+        """The user's ``finetune(model, epochs, ctx)``; masks are applied again after it."""
+        assert self.parts.finetune is not None
+        self.model.train()
+        try:
+            self.parts.finetune(self.model, epochs, FinetuneContext(self.teacher, tag, self.cfg.seed, self.masks))
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"finetune raised {type(e).__name__}: {e} (in the {tag!r} fine-tuning)") from None
+        apply_masks(self.model, self.masks)
+        self._add_seconds("finetune", time.perf_counter() - t0)
+        self.last_fit = {"epochs_run": epochs, "train_seconds": round(time.perf_counter() - t0, 2)}
+        return self.metric(self.model)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def meta_pruned(self) -> dict[str, Any]:
+        return {**self.meta, "pruned": {"widths": architecture_widths(self.graph), "ignore": list(self.cfg.ignore)}}
+
+    def checkpoint(self, stage: str) -> None:
+        self.done.append(stage)
+        save_checkpoint(self.out / "checkpoints" / "state.pt", self.model, self.meta_pruned(),
+                        masks={k: v.cpu() for k, v in self.masks.items()}, done=list(self.done),
+                        report=json.dumps(self.report), run_state=json.dumps(self.state))
+
+    def restore(self) -> None:
+        """Continue from ``checkpoints/state.pt``: rebuild the pruned architecture, load weights."""
+        path = self.out / "checkpoints" / "state.pt"
+        if not path.is_file():
+            raise UserError(f"nothing to resume: {str(path)!r} does not exist; run without --resume")
+        ck = load_checkpoint(path)
+        rebuild_pruned(self.model, ck["pruned"], self.data.input_shape)
+        self.model.load_state_dict(ck["state_dict"])
+        self.graph = ModelGraph(self.model, self.data.input_shape, self.cfg.ignore, self.target.channel_multiple)
+        self.masks = dict(ck.get("masks", {}))
+        self.done = list(ck["done"])
+        self.report = json.loads(ck["report"])
+        self.state = json.loads(ck["run_state"])
+        self.say(f"resuming after stage {self.done[-1]!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+def _model_figures(run: Run, model: nn.Module, accuracy: float | None, latency: dict[str, Any] | None) -> dict[str, Any]:
+    g = ModelGraph(model, run.data.input_shape, run.cfg.ignore, run.target.channel_multiple)
+    flops, params = g.flops_params()
+    return {"accuracy": accuracy, "latency_ms": latency, "predicted_latency_ms": run.predicted_ms(model),
+            "flops": flops, "params": params, "sparsity": round(sparsity(model), 6)}
+
+
+def record_step(run: Run, stage: str, model: nn.Module | None = None, **rec: Any) -> None:
+    """Record one step; figures are the current model's, or ``model``'s (a planned candidate)."""
+    g = run.graph if model is None else ModelGraph(model, run.data.input_shape, run.cfg.ignore, run.target.channel_multiple)
+    flops, params = g.flops_params()
+    run.report["steps"].append({"step": len(run.report["steps"]) + 1, "stage": stage, "flops": flops, "params": params,
+                                "predicted_latency_ms": run.predicted_ms(model), "widths": group_widths(g), **rec})

@@ -1,0 +1,351 @@
+"""``deploy-prune compress``: prune a trained model until its latency, *measured on the target*,
+meets a budget, then fine-tune, export and report.
+
+``compress(cfg)`` reads top to bottom:
+
+1. **baseline**: accuracy, FLOPs, params; the model exported and measured on the target; the
+   target's latency profile (LUT) of this model, made on the spot when missing.
+2. **budget**: ``--latency-ms`` / ``--latency-ratio`` (of the measured baseline) become a budget
+   in *predicted* ms on the LUT; ``--flops-ratio`` / ``--params-ratio`` / ``--keep-ratio``
+   budget MACs, parameters or channels (exact, so no measuring loop is needed for them).
+3. **method setup** (DeepLSP: the sensitivity analysis on real validation data).
+4. **closed loop on the plan**: the method plans widths for the predicted budget; that
+   architecture is exported and measured (latency does not depend on weight values, so no
+   training is needed to know it); the predicted budget is corrected by measured/predicted
+   until the measurement lands between ``slack`` and ``margin`` under the budget (the margin
+   absorbs the re-measurement noise of the final check).
+5. **structured pruning** in ``steps`` steps (geometric schedule of budgets), each followed by
+   a short fine-tuning; or, for a ``--sparsity`` budget, the unstructured method's own
+   prune-retrain schedule (``methods.imp``), checkpointed per iteration.
+6. **verification**: the pruned model is measured; over budget, the predicted budget is
+   tightened by the measured/predicted ratio and the model pruned further.
+7. **final fine-tuning** (knowledge distillation from the unpruned model by default) with the
+   method's unstructured masks held.
+8. **export and final measurement**, re-measured before the budget is declared met; reports.
+
+Each stage ends with a checkpoint (``checkpoints/state.pt``), so ``--resume`` continues an
+interrupted run; the final fine-tuning checkpoints every epoch too.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deploy_prune.errors import BudgetUnreachable, UserError
+from deploy_prune.export import export_onnx
+from deploy_prune.io import atomic_write, provenance, write_json
+from deploy_prune.latency.timing import quiet_of
+from deploy_prune.measured_search import between
+from deploy_prune.methods import Method, get_method
+from deploy_prune.models.checkpoint import save_checkpoint
+from deploy_prune.pipeline.config import CompressConfig, parse_nm
+from deploy_prune.pipeline.loop import (
+    _budget,
+    _final_measure,
+    _keeps,
+    _narrowest_or_unreachable,
+    _plan_closed_loop,
+    _prune_to,
+    _verify,
+)
+from deploy_prune.pipeline.run import Run, UserParts, _model_figures, record_step
+from deploy_prune.transforms import (
+    Masks,
+    apply_masks,
+    combine_masks,
+    group_widths,
+    nm_masks,
+    sparsity,
+)
+
+SCHEMA_VERSION = 1
+UNSTRUCTURED_NOTE = ("Unstructured zeros (magnitude masks) do not lower dense latency on {backend}: it runs every "
+                     "weight, zero or not. They shrink the compressed file and help only on sparse-aware runtimes.")
+
+
+def _ensure_profile(run: Run) -> None:
+    """The target's LUT of this model: found under ``profiles/``, or measured now."""
+    from deploy_prune.latency.profile import ProfileSpec, find_profile, run_profile
+
+    t0 = time.perf_counter()
+    prof = find_profile(run.teacher, run.spec, run.data.input_shape, run.target, run.cfg.profiles, run.cfg.ignore,
+                        run.cfg.force_profile)
+    lowrank = run.lowrank_profile and not (prof and any("lowrank" in la for la in prof["layers"].values()))
+    if prof is None or lowrank:
+        run.say(f"no latency profile of {run.spec} for {run.target.name} under {run.cfg.profiles}/"
+                f"{' with low-rank tables' if lowrank else ''}: profiling now")
+        _, prof = run_profile(ProfileSpec(copy.deepcopy(run.teacher), run.spec, tuple(run.data.input_shape), run.target,
+                                          ignore=run.cfg.ignore, lowrank=run.lowrank_profile), run.cfg.profiles,
+                              seed=run.cfg.seed, reuse=True)
+    run.profile = prof
+    run.report["profile"] = {"fingerprint": prof["fingerprint"], "calibration": prof.get("calibration"),
+                             "validation": {k: v for k, v in (prof.get("validation") or {}).items() if k == "calibrated"}}
+    run._add_seconds("profile", time.perf_counter() - t0)
+
+
+def _baseline(run: Run) -> None:
+    t0 = time.perf_counter()
+    run.say("baseline: accuracy and latency of the unpruned model")
+    acc = run.metric(run.model)
+    run._add_seconds("evaluate", time.perf_counter() - t0)  # stages are disjoint: profile/export/measure apart
+    _ensure_profile(run)
+    meas = run.measure(run.model)
+    run.report["baseline"] = _model_figures(run, run.model, acc, meas["candidate"])
+
+
+def _structured(run: Run, method: Method, budget: dict[str, Any]) -> None:
+    steps = run.cfg.steps or method.default_steps
+    start = run.cost.total(run.graph, group_widths(run.graph))
+    goal = run.state["cost_budget"]
+    pinned = run.state.get("pinned")
+    if pinned:  # the widths before the first step, for resumed runs too
+        run.state.setdefault("step_start_widths", group_widths(run.graph))
+    for i in range(1, steps + 1):
+        stage = f"step-{i}"
+        if stage in run.done:
+            continue
+        t0 = time.perf_counter()
+        b = start * (goal / start) ** (i / steps)  # geometric: equal relative cuts per step
+        if pinned:  # widths chosen on measurement: walk to them, the method choosing which channels go
+            start_w = run.state["step_start_widths"]
+            _prune_to(run, method, between(start_w, pinned["widths"], i / steps, _keeps(start_w, run.graph.channel_multiple)))
+        else:
+            method.prune(run, b)
+        t_prune = time.perf_counter() - t0
+        run._add_seconds("structured", t_prune)
+        acc = run.finetune(run.cfg.step_fraction, stage) if i < steps or budget["measured"] else None
+        meas = run.measure(run.model)
+        run.state["last_measurement"] = meas
+        record_step(run, "structured", cost_budget=b, accuracy=acc, measured_latency_ms=meas["candidate"],
+              baseline_same_session_ms=quiet_of(meas["baseline"]), seconds=round(time.perf_counter() - t0, 2))
+        run.say(f"step {i}/{steps}: {run.cost.kind} {run.cost.total(run.graph, group_widths(run.graph)):.4g} "
+                f"{run.cost.unit}" + (f", accuracy {acc:.4f}" if acc is not None else ""))
+        run.checkpoint(stage)
+
+
+def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None, parts: UserParts | None = None,
+             return_model: bool = False) -> Any:
+    """Run the whole pipeline; returns the report (also written to ``OUT/report.json``), and the
+    pruned model with it when ``return_model``. ``parts`` carries the API's in-memory model, data
+    and callbacks (``UserParts``); the CLI passes none."""
+    t_start = time.perf_counter()
+    kind, _ = cfg.budget_kind()  # conflicting or empty budgets fail before anything loads
+    if cfg.nm:
+        parse_nm(cfg.nm)
+    common = {k: v for k, v in (("criterion", cfg.criterion), ("amount", cfg.amount), ("tolerance", cfg.tolerance))
+              if v is not None}
+    method = get_method(cfg.method, **{**common, **cfg.method_options})
+    if kind not in method.budget_kinds:
+        takes = ", ".join("--" + k.replace("_", "-") for k in method.budget_kinds)
+        raise UserError(f"--method {method.name} cannot honour --{kind.replace('_', '-')}; it takes {takes}")
+    fresh = _claim_out(cfg)
+    try:
+        run = Run(cfg, progress, parts)
+    except BaseException:
+        if fresh and cfg.out.is_dir() and not any(cfg.out.iterdir()):  # nothing half-made left behind
+            cfg.out.rmdir()
+        raise
+    try:
+        rep = _pipeline(run, method, t_start)
+        return (rep, run.model) if return_model else rep
+    except UserError as e:
+        state = run.out / "checkpoints" / "state.pt"
+        if isinstance(e, BudgetUnreachable) or not state.is_file() or "--resume" in str(e):
+            raise
+        # e.g. the agent became unreachable mid-run: what was done is kept
+        raise type(e)(f"{e} (stages done so far are kept in {state}; fix this and rerun with --resume)") from None
+
+
+# What a compress run writes in its directory: --overwrite removes these, and nothing else.
+RUN_FILES = ("model.onnx", "model.onnx.json", "model.pt", "model.pt2", "report.json", "report.md", "report.html",
+             "sensitivity.json")
+RUN_DIRS = ("checkpoints", "finetune")
+
+
+def _claim_out(cfg: CompressConfig) -> bool:
+    """Refuse to mix two runs in one directory: one that holds a run needs ``--resume`` (continue
+    it) or ``--overwrite`` (replace it). Returns whether the directory is new."""
+    import shutil
+
+    held = [n for n in ("report.json", "checkpoints/state.pt") if (cfg.out / n).is_file()]
+    if held and cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if held and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{str(cfg.out)!r} already holds a compress run ({held[0]}); pass --resume to continue it, "
+                        "--overwrite to replace it, or another --out")
+    if held and cfg.overwrite:
+        for name in RUN_FILES:
+            (cfg.out / name).unlink(missing_ok=True)
+        for name in RUN_DIRS:
+            shutil.rmtree(cfg.out / name, ignore_errors=True)
+        for stale in cfg.out.glob("*.png"):
+            stale.unlink()
+    return not cfg.out.exists()
+
+
+def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:
+    cfg = run.cfg
+    run.lowrank_profile = getattr(method, "lowrank_profile", False) and cfg.budget_kind()[0].startswith("latency")
+    if cfg.resume:
+        run.restore()
+    # 1-2. baseline and budget
+    if "baseline" not in run.done:
+        _baseline(run)
+        run.state["budget"] = _budget(run)
+        run.state["cost_budget"] = run.state["budget"]["cost_budget"]
+        run.checkpoint("baseline")
+    else:
+        _ensure_profile(run)
+        _budget(run)  # sets the cost model again
+    budget = run.state["budget"]
+    # 3. method setup
+    method.setup(run)
+    # 4. closed loop on the plan (latency budgets only)
+    if budget["measured"] and "plan" not in run.done and getattr(method, "plans", True):
+        t0, sec = time.perf_counter(), run.report["stage_seconds"]
+        io_before = sec.get("export", 0.0) + sec.get("measure", 0.0)
+        run.state["cost_budget"] = _plan_closed_loop(run, method, budget)
+        io_spent = sec.get("export", 0.0) + sec.get("measure", 0.0) - io_before
+        run._add_seconds("plan", time.perf_counter() - t0 - io_spent)  # planning only; its measurements count apart
+        run.checkpoint("plan")
+    # 5. structured steps, or the unstructured method's own prune-retrain schedule
+    if budget["kind"] == "sparsity":
+        if "sparsify" not in run.done:
+            method.prune(run, budget["value"])
+            run.checkpoint("sparsify")
+    else:
+        try:
+            _structured(run, method, budget)
+        except BudgetUnreachable:
+            if not budget["measured"]:
+                raise
+            run.state["cost_budget"] = _narrowest_or_unreachable(run, budget)
+            _structured(run, method, budget)
+    # 6. verification
+    if budget["measured"]:
+        _verify(run, method, budget)
+    # 7. final fine-tuning with the unstructured masks
+    if "finetune" not in run.done:
+        run.masks = method.masks(run)
+        if cfg.nm:
+            run.masks = _with_nm(run, run.masks)
+        apply_masks(run.model, run.masks)
+        resume = (run.out / "finetune" / "final" / "checkpoints" / "last.pt").is_file() and cfg.resume
+        run.say(f"fine-tuning {cfg.epochs} epoch(s){' with distillation' if cfg.kd else ''}")
+        acc = run.finetune(cfg.epochs, "final", resume=resume)
+        record_step(run, "finetune", accuracy=acc, sparsity=round(sparsity(run.model), 6))
+        run.checkpoint("finetune")
+    # 8. export, final measurement, report
+    return _finish(run, method, budget, t_start)
+
+
+def _with_nm(run: Run, masks: Masks) -> Masks:
+    n, m = parse_nm(run.cfg.nm or "")
+    nm, skipped = nm_masks(run.model, n, m, run.cfg.ignore)
+    note = (f"{n}:{m} semi-structured masks: dense backends run them as ordinary zeros; sparse tensor cores (NVIDIA "
+            f"Ampere+, TensorRT with sparse weights) can run them faster")
+    if skipped:
+        note += f"; left dense (input channels not a multiple of {m}): {', '.join(skipped)}"
+    run.report["notes"].append(note)
+    return combine_masks(masks, nm)
+
+
+def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) -> dict[str, Any]:
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    meta = run.meta_pruned()
+    save_checkpoint(run.out / "model.pt", run.model, meta)
+    _save_program(run)
+    exp = export_onnx(run.model, run.data.input_shape, run.out / "model.onnx", batch=run.target.batch,
+                      parity_inputs=_parity_inputs(run))
+    run._add_seconds("export", time.perf_counter() - t0)
+    meas, met, why = _final_measure(run, budget)
+    t0 = time.perf_counter()
+    acc = run.metric(run.model)
+    run._add_seconds("evaluate", time.perf_counter() - t0)
+    final = _model_figures(run, run.model, acc, meas["candidate"])
+    if run.masks and final["sparsity"] > 0 and UNSTRUCTURED_NOTE.format(backend=run.target.backend) not in run.report["notes"]:
+        run.report["notes"].append(UNSTRUCTURED_NOTE.format(backend=run.target.backend))
+    if not exp.get("parity_ok", True):
+        run.report["notes"].append(f"ONNX parity over tolerance: max |diff| {exp['max_abs_diff']:.2e}")
+    run.report["stage_seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+    rep = {
+        "schema_version": SCHEMA_VERSION,
+        "run_dir": str(run.out),
+        "model": {**run.meta["model"], "input_shape": run.meta["input_shape"]},
+        "data": run.meta["data"],
+        "target": run.target.as_dict(),
+        "measurer": run.measurer.info(),
+        "budget": {"kind": budget["kind"], "value": budget["value"], "latency_ms": budget["latency_ms"],
+                   "cost_model": run.cost.kind, "cost_budget": run.state["cost_budget"]},
+        "method": {"name": method.name, "settings": {**method.settings(), **_run_settings(cfg, method)}},
+        "metric": {"name": run.parts.metric, "higher_is_better": True,
+                   "source": "evaluate callback" if run.parts.evaluate is not None else "top-1 accuracy on the validation split"},
+        "baseline": run.report["baseline"],
+        "final": {**final, "baseline_same_session_ms": quiet_of(meas["baseline"])},
+        "met_budget": met,
+        "budget_note": why,
+        "steps": run.report["steps"],
+        "layers": [{"group": n, "channels_before": c, "channels_after": group_widths(run.graph).get(n, c)}
+                   for n, c in run.baseline_widths.items()],
+        "ranks": _ranks(run.model),
+        "stage_seconds": run.report["stage_seconds"],
+        "notes": run.report["notes"],
+        "sensitivity": run.report.get("sensitivity"),
+        "profile": run.report.get("profile"),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "data_options"},
+        "provenance": provenance(threads=torch.get_num_threads(), target=run.target.name),
+    }
+    write_json(run.out / "report.json", rep)
+    run.checkpoint("done")
+    try:
+        from deploy_prune.report import write_reports
+
+        write_reports(run.out)
+    except ImportError:  # reports are optional extras; report.json is the truth
+        pass
+    return rep
+
+
+def _parity_inputs(run: Run) -> torch.Tensor:
+    """A few validation inputs for the ONNX parity check, or the API's example input."""
+    n = min(8, len(run.data.val))  # type: ignore[arg-type]
+    if n == 0 or run.parts.parity_input is not None:
+        assert run.parts.parity_input is not None, "no validation data and no example input"
+        return run.parts.parity_input
+    return torch.stack([run.data.val[i][0] for i in range(n)])
+
+
+def _ranks(model: nn.Module) -> list[dict[str, Any]]:
+    """Factorised layers: their rank, and the rank of the dense conv they replace."""
+    from deploy_prune.transforms.lowrank import LowRankConv2d
+
+    return [{"layer": n, "rank": m.rank, "full_rank": m.full_rank} for n, m in model.named_modules() if isinstance(m, LowRankConv2d)]
+
+
+def _run_settings(cfg: CompressConfig, method: Method) -> dict[str, Any]:
+    return {"steps": cfg.steps or method.default_steps, "step_fraction": cfg.step_fraction, "epochs": cfg.epochs,
+            "kd": cfg.kd, "lr": cfg.lr, "batch_size": cfg.batch_size, "slack": cfg.slack, "margin": cfg.margin, "seed": cfg.seed}
+
+
+def _save_program(run: Run) -> None:
+    """``model.pt2``: the pruned model as a ``torch.export`` program, loadable with
+    ``torch.export.load`` without deploy-prune or the model's code."""
+    example = torch.zeros(run.target.batch, *run.data.input_shape)
+    try:
+        ep = torch.export.export(copy.deepcopy(run.model).eval().cpu(), (example,))
+    except Exception as e:  # a model torch.export cannot capture still has model.pt and model.onnx
+        run.report["notes"].append(f"model.pt2 not written: torch.export failed ({type(e).__name__})")
+        return
+    buf = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer; the temp file has neither
+    torch.export.save(ep, buf)
+    atomic_write(run.out / "model.pt2", lambda p: p.write_bytes(buf.getvalue()))
