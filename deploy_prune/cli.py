@@ -493,14 +493,14 @@ def compare(
     names = METHODS.names() if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
         METHODS.get(name)
-    opts = parse_method_options(option, names)
-    for name, kvs in opts.items():
-        check_options(name, parse_options(kvs))
+    opts = {name: parse_options(kvs) for name, kvs in parse_method_options(option, names).items()}
+    for name, kv in opts.items():
+        check_options(name, kv)
     budgets = {k: v for k, v in (("latency_ms", latency_ms), ("latency_ratio", latency_ratio), ("flops_ratio", flops_ratio),
                                  ("params_ratio", params_ratio), ("sparsity", sparsity)) if v is not None}
-    extra = ["--epochs", str(epochs), "--lr", str(lr), "--kd" if kd else "--no-kd", "--profiles", str(profiles),
-             "--seed", str(seed)] + (["--train-limit", str(train_limit)] if train_limit else [])
-    cfg = CompareConfig(methods=names, out=out, weights=weights, budgets=budgets, target=target, data=data, extra=extra,
+    settings = {"epochs": epochs, "lr": lr, "kd": kd, "profiles": profiles, "seed": seed,
+                "data_options": _data_options(None, None, seed, train_limit=train_limit)}
+    cfg = CompareConfig(methods=names, out=out, weights=weights, budgets=budgets, target=target, data=data, settings=settings,
                         options=opts, timeout_s=timeout_min * 60 if timeout_min else None)
     with _progress_bar(True) as bar:
         task = bar.add_task("methods", total=len(names))

@@ -1,7 +1,8 @@
 """``deploy-prune compare``: several methods on one model, data and target, measured the same way.
 
-Each method runs ``deploy-prune compress`` in its own process (one failure or divergence does not
-sink the others; its row says why) with the same fine-tuning budget (epochs, learning rate,
+Each method runs the compress pipeline in its own process (one failure, divergence or crash does
+not sink the others; its row says why, from the structured result the worker sends back: the
+error's kind, message and exit code) with the same fine-tuning budget (epochs, learning rate,
 distillation, seed) and shared profiles. A method gets the first of the given budgets it can
 honour, so ``--latency-ratio 0.5 --sparsity 0.5`` serves structured and unstructured methods
 in one leaderboard. Afterwards every compressed model and the baseline are measured again
@@ -13,8 +14,8 @@ measured latency); each method's run directory is ``OUT/<method>/``.
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import dataclasses
+import multiprocessing as mp
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +36,8 @@ class CompareConfig:
     budgets: dict[str, float]  # budget kind -> value; each method takes the first it honours
     target: str = "cpu-ort-1t"
     data: str = "digits"
-    extra: list[str] = field(default_factory=list)  # further compress flags, the same for every method
-    options: dict[str, list[str]] = field(default_factory=dict)  # method -> ["KEY=VALUE", ...]
+    settings: dict[str, Any] = field(default_factory=dict)  # CompressConfig settings, the same for every method
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> its own settings
     timeout_s: float | None = None
 
 
@@ -61,6 +62,43 @@ def _cls(method: str) -> Any:
 def pick_budget(method: str, budgets: dict[str, float]) -> tuple[str, float] | None:
     kinds = _cls(method).budget_kinds
     return next(((k, v) for k, v in budgets.items() if k in kinds), None)
+
+
+def _worker(cfg: Any, conn: Any) -> None:
+    """One method's compress run in its own process; sends back what happened, never raises."""
+    from deploy_prune.pipeline import compress
+
+    try:
+        rep = compress(cfg)
+        conn.send({"exit_code": 0 if rep["met_budget"] else 1, "error": None})
+    except UserError as e:
+        conn.send({"exit_code": e.exit_code, "error": str(e), "error_kind": type(e).__name__})
+    except BaseException as e:  # a crash in one method is that method's result, not the leaderboard's
+        conn.send({"exit_code": 1, "error": f"{type(e).__name__}: {e}", "error_kind": "crash"})
+    finally:
+        conn.close()
+
+
+def _run_method(cfg: Any, timeout_s: float | None) -> dict[str, Any]:
+    """``_worker`` in a fresh (spawned) process; its answer, or what became of the process."""
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no torch or OpenMP state inherited
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker, args=(cfg, child), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if parent.poll(timeout_s):
+            return dict(parent.recv())
+        if proc.is_alive():
+            return {"exit_code": -1, "error": f"timed out after {timeout_s:.0f} s", "error_kind": "timeout"}
+        return {"exit_code": proc.exitcode, "error": f"the worker died (exit code {proc.exitcode})", "error_kind": "crash"}
+    except EOFError:  # the process ended without answering (killed, out of memory)
+        proc.join(5)
+        return {"exit_code": proc.exitcode, "error": f"the worker died (exit code {proc.exitcode})", "error_kind": "crash"}
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
 
 
 def _row(method: str, run_dir: Path, rc: int, err: str, wall: float) -> dict[str, Any]:
@@ -98,32 +136,46 @@ def compare(cfg: CompareConfig, on_method: Callable[[str, int, int], None] | Non
             continue
         kind, value = picked
         run_dir = out / method
-        argv = [sys.executable, "-m", "deploy_prune", "compress", "--weights", cfg.weights, "--data", cfg.data,
-                "--target", cfg.target, "--method", method, f"--{kind.replace('_', '-')}", str(value), "--out", str(run_dir),
-                *cfg.extra]
-        for kv in cfg.options.get(method, []):
-            argv += ["-O", kv]
-        if (run_dir / "checkpoints" / "state.pt").is_file() and not (run_dir / "report.json").is_file():
-            argv.append("--resume")  # an interrupted compare continues where each method stopped
         t0 = time.perf_counter()
         if (run_dir / "report.json").is_file():
             rc, err = 0, ""  # finished in an earlier, interrupted compare
         else:
             try:
-                proc = subprocess.run(argv, capture_output=True, text=True, timeout=cfg.timeout_s)
-                rc = proc.returncode
-                lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-                err = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
-            except subprocess.TimeoutExpired:
-                rc, err = -1, f"timed out after {cfg.timeout_s:.0f} s"
-        rows.append(_row(method, run_dir, rc, err.removeprefix("error: ").strip(), time.perf_counter() - t0))
+                run_cfg = _method_config(cfg, method, kind, value, run_dir)
+            except UserError as e:  # a setting this method cannot take: its row says so
+                rc, err = e.exit_code, str(e)
+            else:
+                got = _run_method(run_cfg, cfg.timeout_s)
+                rc, err = int(got["exit_code"] if got["exit_code"] is not None else 1), got.get("error") or ""
+        rows.append(_row(method, run_dir, rc, err, time.perf_counter() - t0))
     _measure_together(cfg, rows)
-    board = {"config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()}}, "rows": rows,
+    board = {"config": {k: _plain(v) for k, v in cfg.__dict__.items()}, "rows": rows,
              "provenance": provenance(target=cfg.target)}
     write_json(out / "leaderboard.json", board)
     write_text(out / "leaderboard.md", markdown(board))
     plot(board, out / "leaderboard.png")
     return board
+
+
+def _plain(v: Any) -> Any:
+    """A config value as JSON: paths as strings, dataclasses (DataOptions) as dicts."""
+    if isinstance(v, Path):
+        return str(v)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return _plain(dataclasses.asdict(v))
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def _method_config(cfg: CompareConfig, method: str, kind: str, value: float, run_dir: Path) -> Any:
+    """The compress settings of one method's run (resumed where an interrupted compare left it)."""
+    from deploy_prune.pipeline import CompressConfig
+
+    resume = (run_dir / "checkpoints" / "state.pt").is_file()
+    given: dict[str, Any] = {kind: value, **cfg.settings}
+    return CompressConfig(out=run_dir, weights=cfg.weights, data=cfg.data, target=cfg.target, method=method,
+                          method_options=dict(cfg.options.get(method, {})), resume=resume, **given)
 
 
 def _measure_together(cfg: CompareConfig, rows: list[dict[str, Any]]) -> None:
@@ -156,7 +208,8 @@ def markdown(board: dict[str, Any]) -> str:
     budgets = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in c["budgets"].items())
     lines = [f"# Method leaderboard on {c['target']}", "",
              f"Weights `{c['weights']}`, data `{c['data']}`, budgets {budgets} (each method takes the first it honours), "
-             f"same fine-tuning for all ({' '.join(c['extra']) or 'compress defaults'}). Latency: every result and the baseline "
+             f"same fine-tuning for all ({', '.join(f'{k} {v}' for k, v in c['settings'].items()) or 'compress defaults'}). "
+             "Latency: every result and the baseline "
              "re-measured together, interleaved, in one session.", "",
              "| method | kind | status | accuracy | sparsity | FLOPs kept | params kept | latency ms (p90) | speed-up | "
              "budget met | train s | total s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]

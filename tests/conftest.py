@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,3 +68,12 @@ def deterministic_device(monkeypatch: pytest.MonkeyPatch) -> None:
         return {k: summarize([[ms(src)] * 3] * 3) for k, src in models.items()}
 
     monkeypatch.setattr(LocalMeasurer, "time", time)
+
+
+@pytest.fixture
+def run(tiny_run: Path, tiny_onnx: Path, tmp_path: Path) -> Path:
+    """A private copy of the finished 3-epoch tiny run, exported (model.onnx + model.onnx.json)."""
+    dest = tmp_path / "run"
+    shutil.copytree(tiny_run, dest)
+    assert (dest / "model.onnx").is_file() and (dest / "model.onnx.json").is_file()
+    return dest

@@ -59,3 +59,18 @@ def test_compare_bad_input(tiny_run: Path, tmp_path: Path) -> None:
     r = runner.invoke(app, ["compare", "--methods", "sap", "--weights", str(tiny_run), "--sparsity", "0.5",
                             "-O", "sap:iteration=3", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "has no setting iteration" in r.output
+
+
+def test_a_crash_in_one_method_is_its_row_with_the_error_kind(tiny_run: Path, quick_target_yaml: Callable[[int], Path],
+                                                              tmp_path: Path) -> None:
+    """The worker sends back what happened (kind, message, exit code); nothing is scraped from stderr."""
+    from deploy_prune.compare import CompareConfig, compare
+
+    cfg = CompareConfig(methods=["uniform", "sap"], out=tmp_path / "cmp", weights=str(tiny_run),
+                        budgets={"flops_ratio": 0.6, "sparsity": 0.5}, target=str(quick_target_yaml(1)),
+                        settings={"epochs": 0, "profiles": tmp_path / "p"}, options={"sap": {"p": "abc"}})
+    rows = {r["method"]: r for r in compare(cfg)["rows"]}
+    assert rows["uniform"]["status"] == "ok"
+    assert rows["sap"]["status"] == "failed" and rows["sap"]["reason"].startswith("TypeError: ")
+    board = json.loads((tmp_path / "cmp" / "leaderboard.json").read_text())
+    assert board["config"]["settings"]["profiles"] == str(tmp_path / "p")

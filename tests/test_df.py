@@ -206,7 +206,7 @@ def test_lowrank_profile_prices_factorised_layers(tmp_path: Path) -> None:
     li = _Layer("features.3", 0.0, 1.0, 16, 32, 9, None, None, False, True)
     both = float(Measured(prof).factorized(li, 16, 8, 32))
     assert both == pytest.approx(pred["per_layer"]["features.3.0"] + pred["per_layer"]["features.3.1"])
-    assert layer_ms(prof, "features.3.1", 8, 32) > 0
+    assert layer_ms(prof, "features.3.1", 8, 32) >= 0  # has an entry (it raises without one); a layer this small can net to 0
     # adding nothing new to a finished profile measures nothing again
     _, again = run_profile(spec, tmp_path, calibrate=(0.5,), reuse=True)
     assert again["configs_measured"] == 0 and again["configs_total"] == prof["configs_total"]

@@ -1,5 +1,6 @@
-"""Bad numbers and corrupt or odd data: one clear UserError line naming the setting or the file
-and the fix, and no directory left behind by a training run that fails on them."""
+"""Corrupt or odd data: CIFAR batches of the wrong kind, truncated or non-image files, single-class
+folders, and exports against data that does not fit the checkpoint: one UserError line naming the
+file and the fix, nothing written, no directory left behind."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from deploy_prune.data import DataOptions, load_data
 from deploy_prune.errors import UserError
-from deploy_prune.train import TrainConfig, train_model
+from deploy_prune.export import export_record, export_run
+from deploy_prune.models import build_model
+from deploy_prune.models.checkpoint import save_checkpoint
+from deploy_prune.train import train_model
 
 
 def _one_line(e: pytest.ExceptionInfo[UserError]) -> str:
@@ -21,83 +26,15 @@ def _one_line(e: pytest.ExceptionInfo[UserError]) -> str:
     return msg
 
 
-# -- A. numbers ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("train_limit", 0, r"--train-limit must be an integer >= 1, got 0"),
-    ("train_limit", -5, r"--train-limit must be an integer >= 1, got -5"),
-    ("train_limit", 2.5, r"--train-limit must be an integer >= 1, got 2.5"),
-    ("train_limit", True, r"--train-limit must be an integer >= 1, got True"),
-    ("val_fraction", 0.0, r"--val-fraction must be a finite number in \(0, 1\), got 0.0"),
-    ("val_fraction", 1.0, r"--val-fraction must be a finite number in \(0, 1\), got 1.0"),
-    ("val_fraction", -0.2, r"--val-fraction must be a finite number in \(0, 1\), got -0.2"),
-    ("val_fraction", float("nan"), r"--val-fraction must be a finite number in \(0, 1\), got nan"),
-    ("val_fraction", float("inf"), r"--val-fraction must be a finite number in \(0, 1\), got inf"),
-    ("image_size", 0, r"--image-size must be an integer >= 1, got 0"),
-    ("image_size", float("nan"), r"--image-size must be an integer >= 1, got nan"),
-    ("val_limit", 0, r"val_limit must be an integer >= 1, got 0"),
-    ("seed", 1.5, r"--seed must be an integer, got 1.5"),
-])
-def test_data_options_refuse_bad_numbers(field: str, value: Any, message: str) -> None:
-    with pytest.raises(UserError, match=message) as e:
-        DataOptions(**{field: value})
-    _one_line(e)
+OPTS = DataOptions(train_limit=600)  # what tiny_run was trained with (3 epochs, batch 32)
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"batch_size": 0}, r"--batch-size must be an integer >= 1, got 0"),  # was ZeroDivisionError
-    ({"batch_size": -8}, r"--batch-size must be an integer >= 1, got -8"),
-    ({"batch_size": 16.0}, r"--batch-size must be an integer >= 1, got 16.0"),
-    ({"epochs": -1}, r"--epochs must be an integer >= 0, got -1"),
-    ({"epochs": float("nan")}, r"--epochs must be an integer >= 0, got nan"),
-    ({"lr": 0.0}, r"--lr must be a finite number > 0, got 0.0"),
-    ({"lr": -0.1}, r"--lr must be a finite number > 0, got -0.1"),
-    ({"lr": float("nan")}, r"--lr must be a finite number > 0, got nan"),
-    ({"lr": float("inf")}, r"--lr must be a finite number > 0, got inf"),
-    ({"weight_decay": -1e-4}, r"--weight-decay must be a finite number >= 0, got -0.0001"),
-    ({"weight_decay": float("nan")}, r"--weight-decay must be a finite number >= 0, got nan"),
-    ({"seed": 0.5}, r"--seed must be an integer, got 0.5"),
-    ({"optimizer": "adam"}, r"unknown optimizer 'adam'; valid: sgd, adamw"),
-])
-def test_train_refuses_bad_numbers_before_reading_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       kw: dict[str, Any], message: str) -> None:
-    import deploy_prune.data
-
-    def no_data(*a: Any, **k: Any) -> None:
-        raise AssertionError("data was loaded before the settings were checked")
-
-    monkeypatch.setattr(deploy_prune.data, "load_data", no_data)
-    with pytest.raises(UserError, match=message) as e:
-        train_model(tmp_path / "run", "tiny-cnn", "digits", DataOptions(train_limit=64), progress=False, **kw)
-    _one_line(e)
-    assert not (tmp_path / "run").exists()
+def _snapshot(d: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every directory under ``d``: equal snapshots, untouched directory."""
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"momentum": 1.0}, r"momentum must be a finite number in \[0, 1\), got 1.0"),
-    ({"label_smoothing": float("nan")}, r"label_smoothing must be a finite number in \[0, 1\), got nan"),
-    ({"eval_batch_size": 0}, r"eval_batch_size must be an integer >= 1, got 0"),
-])
-def test_train_config_checks_library_only_settings(kw: dict[str, Any], message: str) -> None:
-    with pytest.raises(UserError, match=message):
-        TrainConfig(**kw)
-
-
-def test_zero_epochs_means_evaluate_and_save(tmp_path: Path) -> None:
-    """epochs=0 is meaningful (a --weights checkpoint made into a run directory), so it stays valid."""
-    m = train_model(tmp_path / "run", "tiny-cnn", "digits", DataOptions(train_limit=64), epochs=0, batch_size=32,
-                    progress=False)
-    assert m["epochs_run"] == 0 and m["history"] == []
-    assert (tmp_path / "run" / "model.pt").is_file()
-
-
-def test_flow_epsilon_must_be_finite() -> None:
-    import torch
-
-    from deploy_prune.train.flows import FlowStop
-
-    with pytest.raises(UserError, match=r"-O eps must be a finite number >= 0, got nan"):
-        FlowStop("if", float("nan"), [(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))])
 
 
 # -- B. CIFAR batches ------------------------------------------------------------------------------
@@ -248,3 +185,53 @@ def test_too_few_images_to_split(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"has only 2 sample\(s\): too few to split") as e:
         load_data(f"imagefolder:{tmp_path}", DataOptions(image_size=8, val_fraction=0.9))
     assert str(tmp_path) in _one_line(e)
+
+
+# -- C. export against data that does not fit the checkpoint ---------------------------------------
+
+def _checkpoint(path: Path, classes: int, channels: int, data_spec: str = "synthetic") -> Path:
+    meta = {"model": {"spec": "tiny-cnn", "num_classes": classes, "in_channels": channels},
+            "input_shape": [channels, 32, 32],
+            "data": {"spec": data_spec, "mean": [0.0] * channels, "std": [1.0] * channels}}
+    return save_checkpoint(path, build_model("tiny-cnn", classes, channels), meta)
+
+
+@pytest.mark.parametrize(("classes", "channels", "data", "message"), [
+    (10, 3, "digits", r"--data digits has 1-channel images but .* takes 3 channel\(s\); pass the --data it was trained on"),
+    (3, 1, "digits", r"--data digits has 10 classes but .* predicts 3; pass the --data it was trained on"),
+    (10, 1, "synthetic:3x32x32", r"--data synthetic:3x32x32 has 3-channel images but .* takes 1 channel"),
+])
+def test_export_refuses_data_that_does_not_fit(tmp_path: Path, classes: int, channels: int, data: str,
+                                               message: str) -> None:
+    ck = _checkpoint(tmp_path / "ck.pt", classes, channels)
+    out = tmp_path / "new" / "model.onnx"
+    with pytest.raises(UserError, match=message) as e:
+        export_run(ck, out=out, data_spec=data)
+    _one_line(e)
+    assert not (tmp_path / "new").exists()  # no ONNX file, no record, no empty directory
+
+
+def test_export_refuses_recorded_data_that_does_not_fit(tmp_path: Path) -> None:
+    ck = _checkpoint(tmp_path / "ck.pt", 10, 3, data_spec="digits")  # e.g. a hand-edited or stale record
+    with pytest.raises(UserError, match="has 1-channel images but"):
+        export_run(ck)
+    assert not (tmp_path / "ck.onnx").exists()
+
+
+def test_export_refuses_input_shape_with_other_channels(run: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"--input-shape 3,32,32 has 3 channel\(s\) but .* takes 1; give C = 1"):
+        export_run(run, out=tmp_path / "x.onnx", input_shape="3,32,32")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_of_a_whole_module_checks_classes_from_its_output(tmp_path: Path) -> None:
+    torch.save(build_model("tiny-cnn", 3, 1), tmp_path / "whole.pt")
+    with pytest.raises(UserError, match="has 10 classes but .* predicts 3"):
+        export_run(tmp_path / "whole.pt", data_spec="digits", input_shape="1,32,32", trust=True)
+    assert not (tmp_path / "whole.onnx").exists()
+
+
+def test_export_with_fitting_data_still_works(tmp_path: Path) -> None:
+    ck = _checkpoint(tmp_path / "ck.pt", 10, 3)
+    rec = export_run(ck, data_spec="synthetic:3x32x32")
+    assert rec["parity_ok"] and rec["parity_samples"] > 2 and export_record(tmp_path / "ck.onnx") == rec

@@ -8,16 +8,19 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from deploy_prune.checks import check_number
 from deploy_prune.cli import app
 from deploy_prune.config import Protocol
+from deploy_prune.data import DataOptions
 from deploy_prune.errors import UserError
 from deploy_prune.io import write_json
-from deploy_prune.target import target_from_dict
+from deploy_prune.train import TrainConfig, train_model
 
 runner = CliRunner()
 
@@ -64,45 +67,6 @@ def test_benchmark_protocol_numbers(tiny_onnx: Path, args: list[str], message: s
     assert message in text or ("repeats" in message and "repeats >= rounds >= 1" in text), text
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"min_time_s": math.inf}, "min_time_s: input should be a finite number, got inf"),
-    ({"min_time_s": math.nan}, "min_time_s: input should be a finite number, got nan"),
-    ({"min_time_s": 1e9}, "min_time_s: input should be less than or equal to 600"),
-    ({"threads": [1, 2]}, "threads: input should be a valid integer, got [1, 2]"),
-    ({"device": ["cpu"]}, "device: input should be a valid string, got ['cpu']"),
-    ({"input_shape": "abc"}, "input_shape: input should be a valid list, got 'abc'"),
-    ({"input_shape": [3, 0, 32]}, "input_shape.1: input should be greater than or equal to 1, got 0"),
-    ({"cache_kib": -1}, "cache_kib: input should be greater than or equal to 1, got -1"),
-    ({"precision": "int3"}, "precision: input should be 'fp32', 'fp16', 'bf16' or 'int8', got 'int3'"),
-    ({"batch": 0}, "batch: input should be greater than or equal to 1, got 0"),
-    ({"threads": True}, "threads: input should be a valid integer, got True"),
-    ({"channel_multiple": 0}, "channel_multiple must be an integer from 1 to 1024 or auto, got 0"),
-    ({"agent": {"url": "http://127.0.0.1:1", "timeout_s": math.nan}}, "agent.timeout_s: input should be a finite number"),
-    ({"agent": {"url": "http://127.0.0.1:1", "tokens": "x"}}, "unknown key 'agent.tokens'"),
-])
-def test_target_yaml_schema(raw: dict, message: str) -> None:
-    with pytest.raises(UserError) as e:
-        target_from_dict({"name": "x", "backend": "onnxruntime", **raw}, source="t.yaml")
-    text = str(e.value)
-    assert "\n" not in text and text.startswith("target 't.yaml': ") and message in text, text
-
-
-def test_a_target_yaml_file_with_a_bad_value_is_one_line_through_the_cli(tiny_onnx: Path, tmp_path: Path) -> None:
-    y = tmp_path / "t.yaml"
-    y.write_text("name: t\nbackend: onnxruntime\nmin_time_s: .inf\n")
-    res = runner.invoke(app, ["benchmark", str(tiny_onnx), "--target", str(y)])
-    assert res.exit_code == 2
-    assert "min_time_s: input should be a finite number, got inf" in _one_error_line(res.output)
-
-
-def test_a_precision_the_backend_does_not_run_is_refused(tiny_onnx: Path) -> None:
-    from deploy_prune.backends import get_backend
-
-    t = target_from_dict({"name": "x", "backend": "onnxruntime", "precision": "int8"})
-    with pytest.raises(UserError, match="runs the ONNX model as exported .fp32., not precision 'int8'"):
-        get_backend("onnxruntime").load(tiny_onnx, t)
-
-
 def test_protocol_built_in_code_is_checked_too() -> None:
     with pytest.raises(UserError, match="protocol min_time_s must be a finite number in .0, 600., got nan"):
         Protocol(min_time_s=math.nan)
@@ -133,3 +97,87 @@ def test_json_is_written_strictly(tmp_path: Path) -> None:
 
 def _refuse(token: str) -> Callable[[], None]:
     raise AssertionError(f"non-strict JSON token {token}")
+
+
+# -- A. numbers ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("train_limit", 0, r"--train-limit must be an integer >= 1, got 0"),
+    ("train_limit", -5, r"--train-limit must be an integer >= 1, got -5"),
+    ("train_limit", 2.5, r"--train-limit must be an integer >= 1, got 2.5"),
+    ("train_limit", True, r"--train-limit must be an integer >= 1, got True"),
+    ("val_fraction", 0.0, r"--val-fraction must be a finite number in \(0, 1\), got 0.0"),
+    ("val_fraction", 1.0, r"--val-fraction must be a finite number in \(0, 1\), got 1.0"),
+    ("val_fraction", -0.2, r"--val-fraction must be a finite number in \(0, 1\), got -0.2"),
+    ("val_fraction", float("nan"), r"--val-fraction must be a finite number in \(0, 1\), got nan"),
+    ("val_fraction", float("inf"), r"--val-fraction must be a finite number in \(0, 1\), got inf"),
+    ("image_size", 0, r"--image-size must be an integer >= 1, got 0"),
+    ("image_size", float("nan"), r"--image-size must be an integer >= 1, got nan"),
+    ("val_limit", 0, r"val_limit must be an integer >= 1, got 0"),
+    ("seed", 1.5, r"--seed must be an integer, got 1.5"),
+])
+def test_data_options_refuse_bad_numbers(field: str, value: Any, message: str) -> None:
+    with pytest.raises(UserError, match=message) as e:
+        DataOptions(**{field: value})
+    _one_line(e)
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"batch_size": 0}, r"--batch-size must be an integer >= 1, got 0"),  # was ZeroDivisionError
+    ({"batch_size": -8}, r"--batch-size must be an integer >= 1, got -8"),
+    ({"batch_size": 16.0}, r"--batch-size must be an integer >= 1, got 16.0"),
+    ({"epochs": -1}, r"--epochs must be an integer >= 0, got -1"),
+    ({"epochs": float("nan")}, r"--epochs must be an integer >= 0, got nan"),
+    ({"lr": 0.0}, r"--lr must be a finite number > 0, got 0.0"),
+    ({"lr": -0.1}, r"--lr must be a finite number > 0, got -0.1"),
+    ({"lr": float("nan")}, r"--lr must be a finite number > 0, got nan"),
+    ({"lr": float("inf")}, r"--lr must be a finite number > 0, got inf"),
+    ({"weight_decay": -1e-4}, r"--weight-decay must be a finite number >= 0, got -0.0001"),
+    ({"weight_decay": float("nan")}, r"--weight-decay must be a finite number >= 0, got nan"),
+    ({"seed": 0.5}, r"--seed must be an integer, got 0.5"),
+    ({"optimizer": "adam"}, r"unknown optimizer 'adam'; valid: sgd, adamw"),
+])
+def test_train_refuses_bad_numbers_before_reading_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       kw: dict[str, Any], message: str) -> None:
+    import deploy_prune.data
+
+    def no_data(*a: Any, **k: Any) -> None:
+        raise AssertionError("data was loaded before the settings were checked")
+
+    monkeypatch.setattr(deploy_prune.data, "load_data", no_data)
+    with pytest.raises(UserError, match=message) as e:
+        train_model(tmp_path / "run", "tiny-cnn", "digits", DataOptions(train_limit=64), progress=False, **kw)
+    _one_line(e)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"momentum": 1.0}, r"momentum must be a finite number in \[0, 1\), got 1.0"),
+    ({"label_smoothing": float("nan")}, r"label_smoothing must be a finite number in \[0, 1\), got nan"),
+    ({"eval_batch_size": 0}, r"eval_batch_size must be an integer >= 1, got 0"),
+])
+def test_train_config_checks_library_only_settings(kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**kw)
+
+
+def test_zero_epochs_means_evaluate_and_save(tmp_path: Path) -> None:
+    """epochs=0 is meaningful (a --weights checkpoint made into a run directory), so it stays valid."""
+    m = train_model(tmp_path / "run", "tiny-cnn", "digits", DataOptions(train_limit=64), epochs=0, batch_size=32,
+                    progress=False)
+    assert m["epochs_run"] == 0 and m["history"] == []
+    assert (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_flow_epsilon_must_be_finite() -> None:
+
+    from deploy_prune.train.flows import FlowStop
+
+    with pytest.raises(UserError, match=r"-O eps must be a finite number >= 0, got nan"):
+        FlowStop("if", float("nan"), [(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))])
+
+
+def _one_line(e: pytest.ExceptionInfo[UserError]) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg

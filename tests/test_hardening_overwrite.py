@@ -1,28 +1,28 @@
-"""Run directories, exports and checkpoints under bad input: existing results are never replaced
-without being asked, an export and its record are replaced together, foreign checkpoints are
-never executed, and a resume that does not fit the run is refused. Every refusal is one line
-and leaves the directory exactly as it was."""
+"""Existing results are never overwritten without a word: train, export and compress refuse a
+directory or file that holds a result unless told to resume or overwrite it; an export and its
+record are replaced together; temp files of a killed write are cleaned up by the next run."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from typer.testing import CliRunner
 
+from deploy_prune.cli import app
 from deploy_prune.data import DataOptions
 from deploy_prune.errors import UserError
 from deploy_prune.export import export_record, export_run
-from deploy_prune.models import build_model
-from deploy_prune.models.checkpoint import FORMAT, load_checkpoint, load_model, save_checkpoint
+from deploy_prune.models.checkpoint import FORMAT, load_checkpoint
 from deploy_prune.train import train_model
 
+runner = CliRunner()
 OPTS = DataOptions(train_limit=600)  # what tiny_run was trained with (3 epochs, batch 32)
 
 
@@ -37,13 +37,6 @@ def _snapshot(d: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
 
 
-@pytest.fixture
-def run(tiny_run: Path, tiny_onnx: Path, tmp_path: Path) -> Path:
-    """A private copy of the finished 3-epoch tiny run, exported (model.onnx + model.onnx.json)."""
-    dest = tmp_path / "run"
-    shutil.copytree(tiny_run, dest)
-    assert (dest / "model.onnx").is_file() and (dest / "model.onnx.json").is_file()
-    return dest
 
 
 # -- D. train over an existing run ---------------------------------------------------------------
@@ -189,133 +182,45 @@ def test_export_removes_temps_of_a_killed_export(run: Path, tmp_path: Path) -> N
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.json"]
 
 
-# -- C. export against data that does not fit the checkpoint ---------------------------------------
+# -- compress over an existing run ---------------------------------------------------------------
 
-def _checkpoint(path: Path, classes: int, channels: int, data_spec: str = "synthetic") -> Path:
-    meta = {"model": {"spec": "tiny-cnn", "num_classes": classes, "in_channels": channels},
-            "input_shape": [channels, 32, 32],
-            "data": {"spec": data_spec, "mean": [0.0] * channels, "std": [1.0] * channels}}
-    return save_checkpoint(path, build_model("tiny-cnn", classes, channels), meta)
+def _args(tiny_run: Path, target: Path, out: Path, *more: str) -> list[str]:
+    return ["compress", "--weights", str(tiny_run), "--data", "digits", "--target", str(target), "--flops-ratio", "0.6",
+            "--epochs", "0", "--steps", "1", "--train-limit", "200", "--profiles", str(out.parent / "p"), "--out", str(out), *more]
 
 
-@pytest.mark.parametrize(("classes", "channels", "data", "message"), [
-    (10, 3, "digits", r"--data digits has 1-channel images but .* takes 3 channel\(s\); pass the --data it was trained on"),
-    (3, 1, "digits", r"--data digits has 10 classes but .* predicts 3; pass the --data it was trained on"),
-    (10, 1, "synthetic:3x32x32", r"--data synthetic:3x32x32 has 3-channel images but .* takes 1 channel"),
-])
-def test_export_refuses_data_that_does_not_fit(tmp_path: Path, classes: int, channels: int, data: str,
-                                               message: str) -> None:
-    ck = _checkpoint(tmp_path / "ck.pt", classes, channels)
-    out = tmp_path / "new" / "model.onnx"
-    with pytest.raises(UserError, match=message) as e:
-        export_run(ck, out=out, data_spec=data)
-    _one_line(e)
-    assert not (tmp_path / "new").exists()  # no ONNX file, no record, no empty directory
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def test_export_refuses_recorded_data_that_does_not_fit(tmp_path: Path) -> None:
-    ck = _checkpoint(tmp_path / "ck.pt", 10, 3, data_spec="digits")  # e.g. a hand-edited or stale record
-    with pytest.raises(UserError, match="has 1-channel images but"):
-        export_run(ck)
-    assert not (tmp_path / "ck.onnx").exists()
+def test_a_finished_run_is_not_overwritten_without_a_word(tiny_run: Path, quick_target_yaml: Callable[[int], Path],
+                                                          tmp_path: Path) -> None:
+    target = quick_target_yaml(8)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"met_budget": True}))
+    (out / "model.onnx").write_bytes(b"the old run's model")
+    (out / "accuracy_vs_latency.png").write_bytes(b"old plot")
+    (out / "mine.txt").write_text("not the tool's")
+    before = _snapshot(out)
+    res = runner.invoke(app, _args(tiny_run, target, out))
+    assert res.exit_code == 2 and "already holds a compress run (report.json)" in res.output
+    assert "--resume" in res.output and "--overwrite" in res.output
+    assert _snapshot(out) == before
+    both = runner.invoke(app, _args(tiny_run, target, out, "--resume", "--overwrite"))
+    assert both.exit_code == 2 and "give one of them" in both.output and _snapshot(out) == before
+
+    res = runner.invoke(app, _args(tiny_run, target, out, "--overwrite"))
+    assert res.exit_code == 0, res.output
+    assert (out / "model.onnx").read_bytes() != b"the old run's model"
+    assert (out / "accuracy_vs_latency.png").read_bytes() != b"old plot"  # made again by this run
+    assert (out / "mine.txt").read_text() == "not the tool's"  # only the tool's own files are replaced
+    assert json.loads((out / "report.json").read_text())["budget"]["kind"] == "flops_ratio"
 
 
-def test_export_refuses_input_shape_with_other_channels(run: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"--input-shape 3,32,32 has 3 channel\(s\) but .* takes 1; give C = 1"):
-        export_run(run, out=tmp_path / "x.onnx", input_shape="3,32,32")
-    assert not (tmp_path / "x.onnx").exists()
-
-
-def test_export_of_a_whole_module_checks_classes_from_its_output(tmp_path: Path) -> None:
-    torch.save(build_model("tiny-cnn", 3, 1), tmp_path / "whole.pt")
-    with pytest.raises(UserError, match="has 10 classes but .* predicts 3"):
-        export_run(tmp_path / "whole.pt", data_spec="digits", input_shape="1,32,32", trust=True)
-    assert not (tmp_path / "whole.onnx").exists()
-
-
-def test_export_with_fitting_data_still_works(tmp_path: Path) -> None:
-    ck = _checkpoint(tmp_path / "ck.pt", 10, 3)
-    rec = export_run(ck, data_spec="synthetic:3x32x32")
-    assert rec["parity_ok"] and rec["parity_samples"] > 2 and export_record(tmp_path / "ck.onnx") == rec
-
-
-# -- E. checkpoints that are not ours --------------------------------------------------------------
-
-class _Plant:
-    """Unpickling this would create ``marker``: proof that the file's code ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (str(self.marker), "w"))
-
-
-@pytest.mark.parametrize(("kind", "message"), [
-    ("pickle", r"is not a deploy-prune checkpoint: it is a plain Python pickle, which can run code"),
-    ("torch.save", r"is not a deploy-prune checkpoint: it contains pickled Python objects \(\S*open\) that "
-                   r"loading would run as code"),
-])
-def test_foreign_pickle_is_refused_and_never_run(tmp_path: Path, kind: str, message: str) -> None:
-    marker, path = tmp_path / "marker", tmp_path / "evil.pt"
-    if kind == "pickle":
-        with open(path, "wb") as f:
-            pickle.dump({"state_dict": _Plant(marker)}, f)
-    else:
-        torch.save({"state_dict": _Plant(marker)}, path)
-    loaders = [
-        lambda: load_model(path),
-        lambda: export_run(path, input_shape="1,32,32"),
-        lambda: train_model(tmp_path / "run", None, "digits", DataOptions(train_limit=64), weights=str(path),
-                            epochs=1, progress=False),
-    ]
-    for load in loaders:
-        with pytest.raises(UserError, match=message) as e:
-            load()
-        msg = _one_line(e)
-        assert "--trust-checkpoint" in msg and "weights_only" not in msg and "corrupt" not in msg
-    assert not marker.exists()
-    assert not (tmp_path / "run").exists() and not (tmp_path / "evil.onnx").exists()
-
-
-@pytest.mark.parametrize(("content", "message"), [
-    (b"not a checkpoint at all", "corrupt or not a torch file"),
-    (b"", r"corrupt or not a torch file \(EOFError\)"),
-])
-def test_damaged_files_are_called_corrupt_not_trusted(tmp_path: Path, content: bytes, message: str) -> None:
-    (tmp_path / "bad.pt").write_bytes(content)
-    with pytest.raises(UserError, match=message) as e:
-        load_model(tmp_path / "bad.pt")
-    assert "--trust-checkpoint" not in _one_line(e)
-
-
-@pytest.mark.parametrize(("ckpt", "message"), [
-    ({"format": FORMAT, "version": 1, "state_dict": {}}, "is a damaged deploy-prune checkpoint"),
-    ({"format": FORMAT, "version": 1, "model": {"spec": "tiny-cnn"}, "state_dict": {}}, "is a damaged deploy-prune"),
-    ({"format": FORMAT, "version": 99, "model": {}, "state_dict": {}}, r"version 99 checkpoint from a newer deploy-prune"),
-])
-def test_our_format_with_missing_parts(tmp_path: Path, ckpt: dict[str, Any], message: str) -> None:
-    torch.save(ckpt, tmp_path / "ck.pt")
-    with pytest.raises(UserError, match=message) as e:
-        load_model(tmp_path / "ck.pt")
-    _one_line(e)
-
-
-# -- F. resume on a run it does not fit ------------------------------------------------------------
-
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"model_spec": "resnet20", "epochs": 4},
-     r"holds a 'tiny-cnn' run, not 'resnet20'; resume it with --model tiny-cnn \(or no --model\), or train resnet20"),
-    ({"epochs": 1}, r"already has 3 epochs, more than the 1 asked; give --epochs 3 or more to continue it, or a new --out"),
-    ({"epochs": 0}, r"already has 3 epochs, more than the 0 asked"),
-    ({"epochs": 4, "optimizer": "adamw"}, r"was trained with --optimizer sgd, not adamw"),
-    ({"epochs": 4, "options": DataOptions(train_limit=600, image_size=16)},
-     r"was trained on 10 classes of shape \[1, 32, 32\], but this data has 10 classes of shape \[1, 16, 16\]"),
-])
-def test_resume_that_does_not_fit_the_run(run: Path, kw: dict[str, Any], message: str) -> None:
-    before = _snapshot(run)
-    spec, opts = kw.pop("model_spec", None), kw.pop("options", OPTS)
-    with pytest.raises(UserError, match=message) as e:
-        train_model(run, spec, "digits", opts, batch_size=32, resume=True, progress=False, **kw)
-    assert str(run) in _one_line(e)
-    assert _snapshot(run) == before  # metrics.json still says 3 epochs; nothing rewritten
+def test_a_failed_start_leaves_no_empty_directory(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "new"
+    res = runner.invoke(app, ["compress", "--weights", str(tiny_run), "--data", "digits", "--target", "no-such-target",
+                              "--flops-ratio", "0.5", "--out", str(out)])
+    assert res.exit_code == 2 and "unknown target 'no-such-target'" in res.output
+    assert not out.exists()
