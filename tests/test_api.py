@@ -125,7 +125,8 @@ def _tiny() -> tuple[nn.Module, TensorDataset]:
 def test_api_bad_input(tmp_path: Path, change: dict, message: str) -> None:
     model, ds = _tiny()
     args: dict[str, Any] = dict(example_input=torch.zeros(1, 1, 8, 8), target="cpu-ort-1t", budget=dp.Flops(0.5),
-                                method="uniform", train=ds, val=ds, out=tmp_path / "run", epochs=0, steps=1)
+                                method="uniform", train=ds, val=ds, out=tmp_path / "run", epochs=0, steps=1,
+                                profiles=tmp_path / "p")
     args.update(change)
     with pytest.raises(dp.UserError) as e:
         dp.compress(model, **args)
@@ -141,7 +142,7 @@ def test_a_finetune_that_raises_keeps_the_last_stage(tmp_path: Path) -> None:
 
     with pytest.raises(dp.UserError, match=r"finetune raised RuntimeError: CUDA out of memory \(simulated\).*--resume"):
         dp.compress(model, torch.zeros(1, 1, 8, 8), target="cpu-ort-1t", budget=dp.Flops(0.8), method="uniform", train=ds,
-                    val=ds, finetune=broken, out=tmp_path / "run", epochs=1, steps=1)
+                    val=ds, finetune=broken, out=tmp_path / "run", epochs=1, steps=1, profiles=tmp_path / "p")
     assert (tmp_path / "run" / "checkpoints" / "state.pt").is_file()
 
 
