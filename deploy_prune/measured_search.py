@@ -37,21 +37,57 @@ class Point:
     info: dict = field(default_factory=dict)  # whatever the caller keeps with the measurement
 
 
-def between(under: Mapping[str, int], over: Mapping[str, int], s: float, keeps: Mapping[str, Sequence[int]]) -> Widths:
-    """Per group, the allowed width nearest ``under + s * (over - under)`` (the narrower on a tie)."""
+def between(under: Mapping[str, int], over: Mapping[str, int], s: float, keeps: Mapping[str, Sequence[int]],
+            order: Sequence[str] | None = None) -> Widths:
+    """Per group, an allowed width for the point ``under + s * (over - under)`` of the line.
+
+    Rounding is dithered: between its two neighbouring allowed widths, group ``i`` of ``n`` takes
+    the wider one once the point is ``(i + 0.5) / n`` of the way there, not all at one half-way
+    mark. When every group has the same channel steps (uniform plans, one channel multiple),
+    plain rounding would move all groups at the same ``s`` and leave no architecture between two
+    measured ones; dithered, the line passes through ``n`` architectures per step. ``order``
+    (default: ``under``'s) ranks the groups: the first moves first. ``s = 0`` gives ``under`` and
+    ``s = 1`` gives ``over``."""
     out: Widths = {}
+    n = max(1, len(under))
+    rank = {g: i for i, g in enumerate([*(order or ()), *[g for g in under if g not in (order or ())]])}
     for g, lo in under.items():
-        want = lo + s * (over.get(g, lo) - lo)
-        out[g] = min(keeps.get(g, (lo,)), key=lambda k, w=want: (abs(k - w), k))  # type: ignore[misc]
+        i = rank[g]
+        hi = over.get(g, lo)
+        want = lo + s * (hi - lo)
+        ks = sorted(keeps.get(g, ()) or {lo, hi})
+        below = max((k for k in ks if k <= want), default=ks[0])
+        above = min((k for k in ks if k >= want), default=ks[-1])
+        if above == below:
+            out[g] = below
+            continue
+        step = (want - below) / (above - below)  # 0 at the narrower neighbour, 1 at the wider
+        rising = hi >= lo  # the share of the way is counted from under's side
+        out[g] = (above if step >= (i + 0.5) / n else below) if rising else (below if 1 - step >= (i + 0.5) / n else above)
     return out
 
 
+def _new_widths(under: Mapping[str, int], over: Mapping[str, int], s: float, bracket: tuple[float, float],
+                keeps: Mapping[str, Sequence[int]], seen: set[tuple[tuple[str, int], ...]],
+                order: Sequence[str] | None, tries: int = 24) -> tuple[float, Widths] | None:
+    """``(s, widths at s)``, or, where those snap to an architecture already measured (the allowed
+    widths are coarser than the bracket there), the nearest point of the bracket that snaps to a
+    new one; None when every point inside the bracket snaps to a measured one."""
+    lo, hi = bracket
+    grid = [lo + (hi - lo) * i / tries for i in range(1, tries)]
+    for t in [s, *sorted(grid, key=lambda t: abs(t - s))]:
+        widths = between(under, over, t, keeps, order)
+        if tuple(sorted(widths.items())) not in seen:
+            return t, widths
+    return None
+
+
 def line_search(under: Point, over: Point, measure: Callable[[Widths], Point], window: tuple[float, float, float],
-                keeps: Mapping[str, Sequence[int]], evals: int) -> tuple[Point, list[Point]]:
+                keeps: Mapping[str, Sequence[int]], evals: int, order: Sequence[str] | None = None) -> tuple[Point, list[Point]]:
     """The widest architecture measured within ``window[1]`` of the budget on the line from
     ``under`` (measured within it) to ``over`` (measured over it), in at most ``evals``
     measurements; stops early once one lands in ``[window[0], window[1]]``. ``measure(widths)``
-    measures an architecture. Returns the point chosen (``under`` when nothing better was
+    measures an architecture; ``order`` ranks the groups for ``between``'s dithering. Returns the point chosen (``under`` when nothing better was
     measured) and every point measured."""
     low, high, aim = window
     if under.r > high or over.r <= high:
@@ -64,11 +100,11 @@ def line_search(under: Point, over: Point, measure: Callable[[Widths], Point], w
         # Keep off the ends: regula falsi can creep along one side of a convex staircase.
         edge = 0.1 * (hi_s - lo_s)
         s = min(max(s, lo_s + edge), hi_s - edge)
-        widths = between(under.widths, over.widths, s, keeps)
-        key = tuple(sorted(widths.items()))
-        if key in seen:  # the bracket is narrower than one allowed width step
+        found = _new_widths(under.widths, over.widths, s, (lo_s, hi_s), keeps, seen, order)
+        if found is None:  # no allowed widths left strictly inside the bracket
             break
-        seen.add(key)
+        s, widths = found
+        seen.add(tuple(sorted(widths.items())))
         p = measure(widths)
         tried.append(p)
         if p.r <= high:

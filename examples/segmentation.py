@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> dp.Result:
     ap.add_argument("--train-images", type=int, default=512)
     ap.add_argument("--val-images", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=8, help="training of the unpruned model")
-    ap.add_argument("--finetune-epochs", type=int, default=2, help="final fine-tuning after pruning")
+    ap.add_argument("--finetune-epochs", type=int, default=8, help="final fine-tuning after pruning")
     ap.add_argument("--out", type=Path, default=Path("runs/segmentation"))
     ap.add_argument("--profiles", type=Path, default=Path("profiles"))
+    ap.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> dp.Result:
 
     result = dp.compress(model, torch.zeros(1, 1, 32, 32), target=args.target, budget=dp.LatencyRatio(args.latency_ratio),
                          method="uniform", train=train_set, finetune=finetune, evaluate=mIoU, out=args.out,
-                         profiles=args.profiles, epochs=args.finetune_epochs,
+                         profiles=args.profiles, epochs=args.finetune_epochs, overwrite=args.overwrite,
                          progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
     rep = result.report
     print(f"{rep['metric']['name']}: {rep['baseline']['accuracy']:.3f} -> {rep['final']['accuracy']:.3f}; "

@@ -71,4 +71,24 @@ def test_between_snaps_to_allowed_widths() -> None:
     keeps = {"a": [8, 16, 24, 32], "b": [4, 8, 12]}
     assert between({"a": 8, "b": 4}, {"a": 32, "b": 12}, 0.0, keeps) == {"a": 8, "b": 4}
     assert between({"a": 8, "b": 4}, {"a": 32, "b": 12}, 1.0, keeps) == {"a": 32, "b": 12}
-    assert between({"a": 8, "b": 4}, {"a": 32, "b": 12}, 0.5, keeps) == {"a": 16, "b": 8}  # 20 -> 16 on a tie
+    assert between({"a": 8, "b": 4}, {"a": 32, "b": 12}, 0.5, keeps) == {"a": 24, "b": 8}  # a: 20, a quarter's dither
+    assert between({"a": 32}, {"a": 8}, 0.3, keeps) == {"a": 24}  # narrowing: 24.8 rounds toward under's side
+
+
+def test_between_dithers_groups_with_the_same_steps() -> None:
+    # Five groups that each have one step between under and over: plain rounding would switch them
+    # all at s = 0.5; dithered, the line passes through an architecture per group.
+    under = {g: 16 for g in "abcde"}
+    over = {g: 32 for g in "abcde"}
+    seen = {tuple(sorted(between(under, over, i / 100, {g: [16, 32] for g in under}).items())) for i in range(101)}
+    assert len(seen) == 6
+
+
+def test_line_search_steps_past_widths_coarser_than_its_bracket() -> None:
+    # Regula falsi asks for a point that snaps back to the architecture already measured: the
+    # search takes the nearest point that snaps to a new one instead of giving up.
+    keeps = {"a": [16, 32, 48]}
+    r = {16: 0.8, 32: 0.95, 48: 2.0}
+    best, tried = line_search(Point({"a": 16}, 0.8), Point({"a": 48}, 2.0), lambda w: Point(w, r[w["a"]]),
+                              (0.9, 0.97, 0.935), keeps, evals=5)
+    assert best.widths == {"a": 32} and best.r == 0.95 and len(tried) == 2

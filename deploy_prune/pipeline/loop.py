@@ -108,7 +108,12 @@ def _search_measured(run: Run, budget: dict[str, Any], under: Point, over: Point
         return Point(widths, r)
 
     keeps = _keeps(group_widths(run.graph), run.graph.channel_multiple)
-    best, _ = line_search(under, over, measure, _window(run.cfg), keeps, run.cfg.max_loops)
+    # Groups that add the fewest MACs when widened move first along the line: FLOPs, unlike the
+    # table the search is working around, cannot call a wide layer cheap.
+    macs = flops_cost()
+    base = macs.total(run.graph, under.widths)
+    order = sorted(under.widths, key=lambda g: macs.total(run.graph, {**under.widths, g: over.widths.get(g, under.widths[g])}) - base)
+    best, _ = line_search(under, over, measure, _window(run.cfg), keeps, run.cfg.max_loops, order)
     return best
 
 
@@ -159,10 +164,14 @@ def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float
         points.append(Point(dict(run.state["narrowest"]["widths"]), run.state["narrowest"]["r"]))
     under = [p for p in points if p.r <= high]
     over = [p for p in points if p.r > high]
+    if under and not over:  # the unpruned model is an architecture measured over the budget
+        base = run.report["baseline"]["latency_ms"]
+        over = [Point(dict(run.baseline_widths), _pooled_over([{"candidate": base, "baseline": base}], budget)[0])]
     if under and over:
-        # Corrections of the table's budget did not land: the table and the target disagree.
-        # Measurement alone decides between the widest architecture measured under the budget
-        # and the fastest one over it, and the steps then prune to those widths.
+        # Corrections of the table's budget did not land: the table's prices, or its channel
+        # steps, do not match the target. Measurement alone decides between the widest
+        # architecture measured under the budget and the fastest one over it, and the steps then
+        # prune to those widths.
         a, b = max(under, key=lambda p: p.r), min(over, key=lambda p: p.r)
         run.say(f"plan: no plan the LUT priced lands in {100 * low:.0f}-{100 * high:.0f} % of the budget (measured "
                 f"{', '.join(f'{100 * p.r:.0f} %' for p in points)}); searching between the architectures measured at "
@@ -179,7 +188,8 @@ def _pin(run: Run, best: Point, stage: str) -> float:
     """From here on the structured steps and the verification prune to ``best``'s measured widths
     instead of re-planning on the table; returns their predicted cost (for the record)."""
     run.state["pinned"] = {"widths": dict(best.widths), "r": best.r, "stage": stage}
-    run.report["notes"].append(f"the latency table and the measurements disagreed; the {stage} stage chose widths on "
+    run.report["notes"].append(f"no widths the latency table priced landed within {100 * (1 - run.cfg.slack):.0f}-"
+                               f"{100 * (1 - run.cfg.margin):.0f} % of the budget; the {stage} stage chose widths on "
                                f"measured latency alone (measured {100 * best.r:.0f} % of the budget)")
     return float(run.cost.total(run.graph, best.widths))
 

@@ -128,7 +128,7 @@ def _structured(run: Run, method: Method, budget: dict[str, Any]) -> None:
         record_step(run, "structured", cost_budget=b, accuracy=acc, measured_latency_ms=meas["candidate"],
               baseline_same_session_ms=quiet_of(meas["baseline"]), seconds=round(time.perf_counter() - t0, 2))
         run.say(f"step {i}/{steps}: {run.cost.kind} {run.cost.total(run.graph, group_widths(run.graph)):.4g} "
-                f"{run.cost.unit}" + (f", accuracy {acc:.4f}" if acc is not None else ""))
+                f"{run.cost.unit}" + (f", {run.parts.metric} {acc:.4f}" if acc is not None else ""))
         run.checkpoint(stage)
 
 
@@ -240,7 +240,8 @@ def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:
             run.masks = _with_nm(run, run.masks)
         apply_masks(run.model, run.masks)
         resume = (run.out / "finetune" / "final" / "checkpoints" / "last.pt").is_file() and cfg.resume
-        run.say(f"fine-tuning {cfg.epochs} epoch(s){' with distillation' if cfg.kd else ''}")
+        how = " with your finetune" if run.parts.finetune else " with distillation" if cfg.kd and not run.parts.loss else ""
+        run.say(f"fine-tuning {cfg.epochs} epoch(s){how}")
         acc = run.finetune(cfg.epochs, "final", resume=resume)
         record_step(run, "finetune", accuracy=acc, sparsity=round(sparsity(run.model), 6))
         run.checkpoint("finetune")
