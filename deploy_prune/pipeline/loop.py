@@ -229,7 +229,9 @@ def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
                 run.state["cost_budget"] = _narrowest_or_unreachable(run, budget)
                 method.prune(run, run.state["cost_budget"])
         if run.state.get("pinned") or group_widths(run.graph) == before:
-            run.say(f"verify {i + 1}: the LUT's tightening leaves the widths as they are; choosing them on measured latency")
+            why = ("the widths were chosen on measurement" if run.state.get("pinned")
+                   else "the LUT's tightening leaves the widths as they are")
+            run.say(f"verify {i + 1}: {why}; searching between the narrowest widths and these on measured latency")
             _prune_to(run, method, _verified_widths(run, budget, Point(before, r), stage).widths)
         run.state["loop_accuracy"] = run.finetune(run.cfg.step_fraction, stage)
         run.checkpoint(stage)
