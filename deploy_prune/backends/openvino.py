@@ -9,8 +9,9 @@ and ``layer_ms(feed, runs)`` returns OpenVINO's own per-node times, interquartil
 
 ``time_once`` times what the runtime executes: the feed is bound once as zero-copy input tensors
 and each timed call is ``infer`` with shared inputs and outputs, so no per-call input copy or
-output dict is counted. ``infer(feed)`` with copies added 10 % (about 40 us) to a 0.41 ms
-MobileNetV2 at 32x32 against ``benchmark_app -api sync`` (``benchmarks/backend_vs_native.py``).
+output dict is counted. Against ``benchmark_app -api sync`` at the same settings, a MobileNetV2
+at 32x32 measured 1.06x its figure this way and 1.18x through ``infer(feed)``; ResNet-20 1.02x and
+1.09x (``benchmarks/results/backend_vs_native.md``).
 """
 
 from __future__ import annotations
