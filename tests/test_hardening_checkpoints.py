@@ -9,28 +9,13 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import one_line
 
 from deploy_prune.data import DataOptions
 from deploy_prune.errors import UserError
 from deploy_prune.export import export_run
 from deploy_prune.models.checkpoint import FORMAT, load_model
 from deploy_prune.train import train_model
-
-OPTS = DataOptions(train_limit=600)  # what tiny_run was trained with (3 epochs, batch 32)
-
-
-def _one_line(e: pytest.ExceptionInfo[UserError]) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    return msg
-
-
-def _snapshot(d: Path) -> dict[str, bytes | None]:
-    """Every file's bytes and every directory under ``d``: equal snapshots, untouched directory."""
-    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
-
-
-
 
 # -- E. checkpoints that are not ours --------------------------------------------------------------
 
@@ -65,7 +50,7 @@ def test_foreign_pickle_is_refused_and_never_run(tmp_path: Path, kind: str, mess
     for load in loaders:
         with pytest.raises(UserError, match=message) as e:
             load()
-        msg = _one_line(e)
+        msg = one_line(e)
         assert "--trust-checkpoint" in msg and "weights_only" not in msg and "corrupt" not in msg
     assert not marker.exists()
     assert not (tmp_path / "run").exists() and not (tmp_path / "evil.onnx").exists()
@@ -79,7 +64,7 @@ def test_damaged_files_are_called_corrupt_not_trusted(tmp_path: Path, content: b
     (tmp_path / "bad.pt").write_bytes(content)
     with pytest.raises(UserError, match=message) as e:
         load_model(tmp_path / "bad.pt")
-    assert "--trust-checkpoint" not in _one_line(e)
+    assert "--trust-checkpoint" not in one_line(e)
 
 
 @pytest.mark.parametrize(("ckpt", "message"), [
@@ -91,4 +76,4 @@ def test_our_format_with_missing_parts(tmp_path: Path, ckpt: dict[str, Any], mes
     torch.save(ckpt, tmp_path / "ck.pt")
     with pytest.raises(UserError, match=message) as e:
         load_model(tmp_path / "ck.pt")
-    _one_line(e)
+    one_line(e)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import one_line
 
 from deploy_prune.data import DataOptions, load_data
 from deploy_prune.errors import UserError
@@ -18,24 +19,6 @@ from deploy_prune.export import export_record, export_run
 from deploy_prune.models import build_model
 from deploy_prune.models.checkpoint import save_checkpoint
 from deploy_prune.train import train_model
-
-
-def _one_line(e: pytest.ExceptionInfo[UserError]) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    return msg
-
-
-
-OPTS = DataOptions(train_limit=600)  # what tiny_run was trained with (3 epochs, batch 32)
-
-
-def _snapshot(d: Path) -> dict[str, bytes | None]:
-    """Every file's bytes and every directory under ``d``: equal snapshots, untouched directory."""
-    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
-
-
-
 
 # -- B. CIFAR batches ------------------------------------------------------------------------------
 
@@ -71,7 +54,7 @@ def test_cifar_bad_batches_name_the_file(tmp_path: Path, content: Any, message: 
     _dump(tmp_path / "data_batch_1", content)
     with pytest.raises(UserError, match=message) as e:
         load_data(f"cifar10:{tmp_path}")
-    msg = _one_line(e)
+    msg = one_line(e)
     assert str(tmp_path / "data_batch_1") in msg and "cifar-10-batches-py" in msg
 
 
@@ -81,7 +64,7 @@ def test_cifar_truncated_pickle(tmp_path: Path) -> None:
     (tmp_path / "data_batch_1").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(UserError, match="cannot read CIFAR batch") as e:
         load_data(f"cifar10:{tmp_path}")
-    assert str(tmp_path / "data_batch_1") in _one_line(e)
+    assert str(tmp_path / "data_batch_1") in one_line(e)
 
 
 def test_cifar_bad_test_batch_is_named(tmp_path: Path) -> None:
@@ -89,7 +72,7 @@ def test_cifar_bad_test_batch_is_named(tmp_path: Path) -> None:
     _dump(tmp_path / "test_batch", _batch(labels=None))
     with pytest.raises(UserError, match="has no 'labels' entry") as e:
         load_data(f"cifar10:{tmp_path}")
-    assert str(tmp_path / "test_batch") in _one_line(e)
+    assert str(tmp_path / "test_batch") in one_line(e)
 
 
 @pytest.mark.parametrize(("labels", "message"), [
@@ -102,7 +85,7 @@ def test_cifar_labels_must_make_a_classification_task(tmp_path: Path, labels: li
     _dump(tmp_path / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
     with pytest.raises(UserError, match=message) as e:
         load_data(f"cifar10:{tmp_path}")
-    assert str(tmp_path) in _one_line(e)
+    assert str(tmp_path) in one_line(e)
 
 
 def test_good_cifar_batches_still_load(tmp_path: Path) -> None:
@@ -137,7 +120,7 @@ def test_truncated_jpeg_is_named_and_train_leaves_nothing(tmp_path: Path) -> Non
     with pytest.raises(UserError, match=r"cannot decode image .*2\.jpg.*; delete or replace the file") as e:
         train_model(out, "tiny-cnn", f"imagefolder:{data}", DataOptions(image_size=8, val_fraction=0.25),
                     epochs=1, batch_size=4, progress=False)
-    assert str(data / "dog" / "2.jpg") in _one_line(e)
+    assert str(data / "dog" / "2.jpg") in one_line(e)
     assert not out.exists()  # was: an empty checkpoints/ left behind
 
 
@@ -149,7 +132,7 @@ def test_image_that_is_not_an_image(tmp_path: Path) -> None:
         for ds in (b.train, b.val):
             for i in range(len(ds)):  # type: ignore[arg-type]
                 ds[i]
-    _one_line(e)
+    one_line(e)
 
 
 @pytest.mark.parametrize("layout", ["flat", "train-val"])
@@ -161,7 +144,7 @@ def test_single_class_folder_is_refused(tmp_path: Path, layout: str) -> None:
         _images(tmp_path / "val", ("only",))
     with pytest.raises(UserError, match=r"has 1 class sub-folder\(s\) \['only'\]; a classifier needs at least 2") as e:
         load_data(f"imagefolder:{tmp_path}", DataOptions(image_size=8))
-    assert str(tmp_path) in _one_line(e)
+    assert str(tmp_path) in one_line(e)
 
 
 def test_single_class_folder_does_not_train(tmp_path: Path) -> None:
@@ -177,14 +160,14 @@ def test_train_and_val_folders_must_agree_on_classes(tmp_path: Path) -> None:
     _images(tmp_path / "val", ("cat", "fox"))
     with pytest.raises(UserError, match=r"train/ has classes \['cat', 'dog'\] but val/ has \['cat', 'fox'\]") as e:
         load_data(f"imagefolder:{tmp_path}", DataOptions(image_size=8))
-    _one_line(e)
+    one_line(e)
 
 
 def test_too_few_images_to_split(tmp_path: Path) -> None:
     _images(tmp_path, ("a", "b"), n=1)
     with pytest.raises(UserError, match=r"has only 2 sample\(s\): too few to split") as e:
         load_data(f"imagefolder:{tmp_path}", DataOptions(image_size=8, val_fraction=0.9))
-    assert str(tmp_path) in _one_line(e)
+    assert str(tmp_path) in one_line(e)
 
 
 # -- C. export against data that does not fit the checkpoint ---------------------------------------
@@ -207,7 +190,7 @@ def test_export_refuses_data_that_does_not_fit(tmp_path: Path, classes: int, cha
     out = tmp_path / "new" / "model.onnx"
     with pytest.raises(UserError, match=message) as e:
         export_run(ck, out=out, data_spec=data)
-    _one_line(e)
+    one_line(e)
     assert not (tmp_path / "new").exists()  # no ONNX file, no record, no empty directory
 
 

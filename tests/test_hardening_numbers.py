@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import one_line
 from typer.testing import CliRunner
 
 from deploy_prune.checks import check_number
@@ -119,7 +120,7 @@ def _refuse(token: str) -> Callable[[], None]:
 def test_data_options_refuse_bad_numbers(field: str, value: Any, message: str) -> None:
     with pytest.raises(UserError, match=message) as e:
         DataOptions(**{field: value})
-    _one_line(e)
+    one_line(e)
 
 
 @pytest.mark.parametrize(("kw", "message"), [
@@ -147,7 +148,7 @@ def test_train_refuses_bad_numbers_before_reading_data(tmp_path: Path, monkeypat
     monkeypatch.setattr(deploy_prune.data, "load_data", no_data)
     with pytest.raises(UserError, match=message) as e:
         train_model(tmp_path / "run", "tiny-cnn", "digits", DataOptions(train_limit=64), progress=False, **kw)
-    _one_line(e)
+    one_line(e)
     assert not (tmp_path / "run").exists()
 
 
@@ -176,8 +177,3 @@ def test_flow_epsilon_must_be_finite() -> None:
     with pytest.raises(UserError, match=r"-O eps must be a finite number >= 0, got nan"):
         FlowStop("if", float("nan"), [(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))])
 
-
-def _one_line(e: pytest.ExceptionInfo[UserError]) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    return msg

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import OPTS, one_line, snapshot
 from typer.testing import CliRunner
 
 from deploy_prune.cli import app
@@ -23,18 +24,8 @@ from deploy_prune.models.checkpoint import FORMAT, load_checkpoint
 from deploy_prune.train import train_model
 
 runner = CliRunner()
-OPTS = DataOptions(train_limit=600)  # what tiny_run was trained with (3 epochs, batch 32)
 
 
-def _one_line(e: pytest.ExceptionInfo[UserError]) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    return msg
-
-
-def _snapshot(d: Path) -> dict[str, bytes | None]:
-    """Every file's bytes and every directory under ``d``: equal snapshots, untouched directory."""
-    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
 
 
 
@@ -42,29 +33,29 @@ def _snapshot(d: Path) -> dict[str, bytes | None]:
 # -- D. train over an existing run ---------------------------------------------------------------
 
 def test_train_refuses_a_finished_run(run: Path) -> None:
-    before = _snapshot(run)
+    before = snapshot(run)
     with pytest.raises(UserError, match=r"already holds a run \(model\.pt, metrics\.json, model\.onnx, .*\); "
                                         r"pass --resume to continue it, --overwrite to replace it") as e:
         train_model(run, "tiny-cnn", "digits", OPTS, epochs=1, batch_size=32, progress=False)
-    _one_line(e)
-    assert _snapshot(run) == before
+    one_line(e)
+    assert snapshot(run) == before
 
 
 def test_train_refuses_an_interrupted_run(run: Path, tmp_path: Path) -> None:
     interrupted = tmp_path / "interrupted"
     (interrupted / "checkpoints").mkdir(parents=True)
     shutil.copy(run / "checkpoints" / "last.pt", interrupted / "checkpoints" / "last.pt")
-    before = _snapshot(interrupted)
+    before = snapshot(interrupted)
     with pytest.raises(UserError, match=r"already holds a run \(checkpoints/last\.pt\); pass --resume"):
         train_model(interrupted, "tiny-cnn", "digits", OPTS, epochs=1, batch_size=32, progress=False)
-    assert _snapshot(interrupted) == before
+    assert snapshot(interrupted) == before
 
 
 def test_resume_and_overwrite_together_are_refused(run: Path) -> None:
-    before = _snapshot(run)
+    before = snapshot(run)
     with pytest.raises(UserError, match="pass only one"):
         train_model(run, None, "digits", OPTS, epochs=4, resume=True, overwrite=True, progress=False)
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def test_overwrite_replaces_the_run_and_removes_its_stale_export(run: Path) -> None:
@@ -79,11 +70,11 @@ def test_overwrite_replaces_the_run_and_removes_its_stale_export(run: Path) -> N
 
 
 def test_overwrite_with_bad_input_keeps_the_old_run(run: Path, tmp_path: Path) -> None:
-    before = _snapshot(run)
+    before = snapshot(run)
     with pytest.raises(UserError, match="not found"):
         train_model(run, "tiny-cnn", f"imagefolder:{tmp_path / 'nowhere'}", OPTS, epochs=1, overwrite=True,
                     progress=False)
-    assert _snapshot(run) == before  # the old run goes only once the new one's inputs are good
+    assert snapshot(run) == before  # the old run goes only once the new one's inputs are good
 
 
 def test_resume_that_trains_removes_the_stale_export(run: Path) -> None:
@@ -114,11 +105,11 @@ def test_temps_of_a_killed_write_are_removed_by_the_next_run(run: Path) -> None:
 # -- D. export over an existing file ---------------------------------------------------------------
 
 def test_export_refuses_an_existing_export(run: Path) -> None:
-    before = _snapshot(run)
+    before = snapshot(run)
     with pytest.raises(UserError, match=r"already holds an export; pass --overwrite to replace it") as e:
         export_run(run)
-    _one_line(e)
-    assert _snapshot(run) == before
+    one_line(e)
+    assert snapshot(run) == before
 
 
 def test_export_refuses_a_foreign_file(run: Path, tmp_path: Path) -> None:
@@ -127,7 +118,7 @@ def test_export_refuses_a_foreign_file(run: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"already exists and its record 'other\.onnx\.json' is missing or does not "
                                         r"match it .*; pass --overwrite") as e:
         export_run(run, out=other)
-    _one_line(e)
+    one_line(e)
     assert other.read_text() == "someone else's file" and not (tmp_path / "other.onnx.json").exists()
 
 
@@ -189,8 +180,6 @@ def _args(tiny_run: Path, target: Path, out: Path, *more: str) -> list[str]:
             "--epochs", "0", "--steps", "1", "--train-limit", "200", "--profiles", str(out.parent / "p"), "--out", str(out), *more]
 
 
-def _snapshot(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_a_finished_run_is_not_overwritten_without_a_word(tiny_run: Path, quick_target_yaml: Callable[[int], Path],
@@ -202,13 +191,13 @@ def test_a_finished_run_is_not_overwritten_without_a_word(tiny_run: Path, quick_
     (out / "model.onnx").write_bytes(b"the old run's model")
     (out / "accuracy_vs_latency.png").write_bytes(b"old plot")
     (out / "mine.txt").write_text("not the tool's")
-    before = _snapshot(out)
+    before = snapshot(out)
     res = runner.invoke(app, _args(tiny_run, target, out))
     assert res.exit_code == 2 and "already holds a compress run (report.json)" in res.output
     assert "--resume" in res.output and "--overwrite" in res.output
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
     both = runner.invoke(app, _args(tiny_run, target, out, "--resume", "--overwrite"))
-    assert both.exit_code == 2 and "give one of them" in both.output and _snapshot(out) == before
+    assert both.exit_code == 2 and "give one of them" in both.output and snapshot(out) == before
 
     res = runner.invoke(app, _args(tiny_run, target, out, "--overwrite"))
     assert res.exit_code == 0, res.output

@@ -7,26 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import OPTS, one_line, snapshot
 
 from deploy_prune.data import DataOptions
 from deploy_prune.errors import UserError
 from deploy_prune.train import train_model
-
-OPTS = DataOptions(train_limit=600)  # what tiny_run was trained with (3 epochs, batch 32)
-
-
-def _one_line(e: pytest.ExceptionInfo[UserError]) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    return msg
-
-
-def _snapshot(d: Path) -> dict[str, bytes | None]:
-    """Every file's bytes and every directory under ``d``: equal snapshots, untouched directory."""
-    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
-
-
-
 
 # -- F. resume on a run it does not fit ------------------------------------------------------------
 
@@ -40,9 +25,9 @@ def _snapshot(d: Path) -> dict[str, bytes | None]:
      r"was trained on 10 classes of shape \[1, 32, 32\], but this data has 10 classes of shape \[1, 16, 16\]"),
 ])
 def test_resume_that_does_not_fit_the_run(run: Path, kw: dict[str, Any], message: str) -> None:
-    before = _snapshot(run)
+    before = snapshot(run)
     spec, opts = kw.pop("model_spec", None), kw.pop("options", OPTS)
     with pytest.raises(UserError, match=message) as e:
         train_model(run, spec, "digits", opts, batch_size=32, resume=True, progress=False, **kw)
-    assert str(run) in _one_line(e)
-    assert _snapshot(run) == before  # metrics.json still says 3 epochs; nothing rewritten
+    assert str(run) in one_line(e)
+    assert snapshot(run) == before  # metrics.json still says 3 epochs; nothing rewritten
