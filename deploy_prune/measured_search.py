@@ -3,13 +3,15 @@
 The closed loop corrects the table's budget by one factor, measured / predicted. A factor cannot
 mend a table that prices widths wrongly *relative to each other*: OpenVINO's one-layer entries,
 for instance, can be several times a layer's in-model time, and then the knapsack keeps wide
-exactly the layers the table calls cheap. On MobileNetV2 at half its measured latency the plan
-at the narrowest widths' predicted cost measured 181 % of the budget while the narrowest widths
-themselves measured 56 %, and every correction planned the same architecture again.
+exactly the layers the table calls cheap. On ``cpu-openvino-1t``, MobileNetV2 at half its
+measured latency: the narrowest widths measure 22 % of the budget, the plan at their predicted
+cost 166 %, and every correction plans that same architecture again (the table ranks the
+model's variants against their measured order: Spearman -0.48,
+``benchmarks/results/lut_fidelity_cpu-openvino-1t_three.md``).
 
 What is known for sure then is two measured architectures: one within the budget (at worst the
 narrowest widths) and one over it. ``line_search`` walks the line between them, per group
-``under + s * (over - under)`` snapped to the group's allowed widths, and picks ``s`` by regula
+``under + s * (over - under)`` snapped (dithered, ``between``) to the group's allowed widths, and picks ``s`` by regula
 falsi on the measured ratio to the budget, so each measurement brackets the answer more tightly.
 It uses no table at all. Measured latency along that line rises with ``s`` on every backend we
 have, but not strictly (channel blocks, noise), so the search only ever keeps what it measured.

@@ -129,9 +129,12 @@ def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float
     ``slack`` and ``margin`` under the real budget. Returns the corrected predicted budget.
 
     A plan met again (the corrections oscillate between two neighbouring architectures, as
-    coarse channel steps make them) pools its measurements and ends the search, and so does
-    ``max_loops``: then the best plan *measured* is taken (the widest one under the margin, else
-    the fastest), never a correction that was not measured."""
+    coarse channel steps make them) pools its measurements and ends the corrections, and so does
+    ``max_loops``. Then measurement alone decides: a ``measured_search`` between the widest
+    architecture measured under the budget (the plans, the narrowest widths when they were
+    measured) and the fastest one over it (or the unpruned model), whose widths the steps then
+    prune to (``_pin``). Only when nothing measured is under the budget is the fastest plan
+    measured taken; never a correction that was not measured."""
     pred = budget["cost_budget"]
     low, high, aim = _window(run.cfg)
     seen: dict[tuple[tuple[str, int], ...], dict[str, Any]] = {}
