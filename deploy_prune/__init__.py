@@ -23,12 +23,13 @@ __version__ = "0.1.0"
 
 _API = {
     "compress": "api", "profile": "api", "measure": "api", "load": "api", "list_targets": "api", "list_methods": "api",
-    "Result": "api", "FinetuneContext": "compress",
+    "Result": "api", "FinetuneContext": "pipeline", "LatencyTable": "latency.lut",
     "Latency": "budget", "LatencyRatio": "budget", "Flops": "budget", "Params": "budget", "Channels": "budget",
     "Sparsity": "budget", "UserError": "errors", "BudgetUnreachable": "errors",
 }
 __all__ = [
     "__version__", "compress", "profile", "measure", "load", "list_targets", "list_methods", "Result", "FinetuneContext",
+    "LatencyTable",
     "Latency", "LatencyRatio", "Flops", "Params", "Channels", "Sparsity", "UserError", "BudgetUnreachable",
 ]
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from deploy_prune.api import Result, compress, list_methods, list_targets, load, measure, profile
     from deploy_prune.budget import Channels, Flops, Latency, LatencyRatio, Params, Sparsity
     from deploy_prune.errors import BudgetUnreachable, UserError
+    from deploy_prune.latency.lut import LatencyTable
     from deploy_prune.pipeline import FinetuneContext
 
 

@@ -30,6 +30,7 @@ from deploy_prune.budget import Budget
 from deploy_prune.config import Target
 from deploy_prune.data import DataBundle
 from deploy_prune.errors import UserError
+from deploy_prune.latency.lut import LatencyTable
 from deploy_prune.latency.timing import Stats
 from deploy_prune.pipeline import CompressConfig, FinetuneContext, UserParts
 from deploy_prune.pipeline import compress as _run_pipeline
@@ -183,15 +184,16 @@ def load(run_dir: str | Path, model: nn.Module | None = None) -> nn.Module:
     return model
 
 
-def profile(model: nn.Module, example_input: torch.Tensor, target: str | Target, profiles: str | Path = "profiles") -> dict[str, Any]:
-    """The target's latency table of ``model`` (found under ``profiles/`` or measured now)."""
+def profile(model: nn.Module, example_input: torch.Tensor, target: str | Target, profiles: str | Path = "profiles") -> LatencyTable:
+    """The target's latency table of ``model`` (found under ``profiles/`` or measured now);
+    ``table.predict(pruned_model)`` prices any pruned variant of it."""
     from deploy_prune.latency.profile import ProfileSpec, run_profile
     from deploy_prune.target import load_target
 
     t = load_target(target) if isinstance(target, str) else target
     _, table = run_profile(ProfileSpec(model, model_spec(model), tuple(int(d) for d in example_input.shape[1:]), t),
                            Path(profiles), reuse=True)
-    return table
+    return LatencyTable(table)
 
 
 def measure(model: nn.Module | str | Path | bytes, target: str | Target, example_input: torch.Tensor | None = None) -> Stats:

@@ -160,6 +160,8 @@ def test_the_package_exposes_its_api() -> None:
     import deploy_prune.pipeline  # noqa: F401  (a submodule named like an API function would shadow it)
 
     assert callable(dp.compress) and callable(dp.profile) and callable(dp.measure) and callable(dp.load)
+    for name in dp.__all__:  # every exported name resolves
+        assert getattr(dp, name) is not None, name
     with pytest.raises(AttributeError):
         dp.no_such_thing  # noqa: B018
 

@@ -28,7 +28,8 @@ def test_a_timm_model_is_profiled_and_compressed(tmp_path: Path, quick_target_ya
     target = str(quick_target_yaml(8))
     table = dp.profile(model, example, target, profiles=tmp_path / "p")
     convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    assert set(convs) <= set(table["layers"]) and table["fingerprint"]
+    assert set(convs) <= set(table.data["layers"]) and table.fingerprint
+    assert table.predict(model)["calibrated_ms"] > 0
     result = dp.compress(model, example, target=target, budget=dp.LatencyRatio(0.8), method="uniform", train=data.train,
                          val=data.val, out=tmp_path / "run", profiles=tmp_path / "p", epochs=0, steps=1, batch_size=64)
     rep = result.report

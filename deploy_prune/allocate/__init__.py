@@ -113,23 +113,21 @@ def layer_weights(li: LayerInfo, cin: int, cout: int) -> int:
 
 
 def latency_cost(profile: Mapping) -> CostModel:
-    """Predicted latency (ms) from a LUT profile, with the profile's calibration and, when the
-    profile fitted one, its weight-streaming term (``lut.weight_stream_ms``), so a plan's total
-    is what ``lut.predict`` gives the pruned model."""
-    from deploy_prune.latency.lut import layer_ms, stream_ms
+    """Predicted latency (ms) priced by the profile's ``LatencyTable``: its layer costs, its
+    weight-streaming term and its calibration, so a plan's total is what ``lut.predict`` gives
+    the pruned model."""
+    from deploy_prune.latency.lut import LatencyTable
 
-    cal = profile.get("calibration") or {}
-    a, b = float(cal.get("a", 1.0)), float(cal.get("b", profile.get("remainder_ms", 0.0)))
-    if a <= 0:  # a degenerate fit (noise): fall back to the raw sum + remainder
-        a, b = 1.0, float(profile.get("remainder_ms", 0.0))
+    table = LatencyTable(profile)
+    a, b = table.calibration
     ws = profile.get("weight_stream") or {}
     term = None
     if ws.get("ms_per_mb"):
         bpw = int(ws.get("bytes_per_weight", 4))
 
         def term(graph: ModelGraph, widths: Mapping[str, tuple[int, int]]) -> float:
-            return stream_ms(bpw * sum(layer_weights(graph.layers[n], ci, co) for n, (ci, co) in widths.items()), ws)
-    return CostModel("latency", lambda li, ci, co: layer_ms(profile, li.name, ci, co), "ms", a, b, term)
+            return table.stream_cost(bpw * sum(layer_weights(graph.layers[n], ci, co) for n, (ci, co) in widths.items()))
+    return CostModel("latency", lambda li, ci, co: table.layer_cost(li.name, ci, co), "ms", a, b, term)
 
 
 def _scaled(attr: str) -> Callable[[LayerInfo, int, int], float]:

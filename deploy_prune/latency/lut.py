@@ -1,4 +1,6 @@
-"""Latency lookup tables: per-layer configurations, their standalone ONNX graphs, and prediction.
+"""Latency lookup tables: per-layer configurations, their standalone ONNX graphs, and prediction
+(``LatencyTable``, the one place latency is priced). One module, over the usual length, because
+the entry format and the pricing that reads it change together.
 
 A *layer* is one conv or linear module of the model, with what the backend fuses into it in
 the exported graph: BatchNorm is folded by the exporter, and the activation (Relu, Clip, ...)
@@ -60,6 +62,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -527,34 +530,87 @@ def layer_ms(profile: Mapping[str, Any], name: str, cin: int, cout: int) -> floa
     return interpolate(profile["entries"], fam, gin, gout, cin, cout)
 
 
-def predict(model: nn.Module, profile: Mapping[str, Any], measure_missing: Any = None) -> dict[str, Any]:
-    """Predicted latency of ``model`` (any pruned variant of the profiled model), in ms.
+class LatencyTable:
+    """A target's latency table of one model (the profile file's content): the one place latency
+    is priced. ``predict`` (a whole model) and the allocator's cost model (``allocate.latency_cost``,
+    a plan's widths) both compose a price as ``a * (layer sum + weight streaming) + b`` from its
+    ``layer_cost``, ``stream_cost`` and ``calibration``."""
 
-    Returns ``raw_ms`` (layer sum + remainder), ``calibrated_ms`` (the profile's linear
-    calibration applied to the layer sum; equal to raw when the profile has none),
-    ``layer_sum_ms`` and ``per_layer``. A conv/linear layer the profile lacks is measured on
-    the spot by ``measure_missing(name, module)`` when given, else it is a clear error.
-    """
-    widths = current_widths(model)
-    known = profile["layers"]
-    per_layer: dict[str, float] = {}
-    missing = [n for n in widths if layer_grid(profile, n) is None]
-    if missing and measure_missing is None:
-        raise UserError(f"the profile has no entry for layer(s) {', '.join(missing[:5])}; it was made for another "
-                        "model: run deploy-prune profile for this one")
-    for name, (cin, cout) in widths.items():
-        per_layer[name] = layer_ms(profile, name, cin, cout) if name not in missing else float(measure_missing(name, model))
-    gone = [n for n in known if n not in widths and f"{n}.0" not in widths]
-    if gone:
-        raise UserError(f"layer(s) {', '.join(gone[:5])} of the profile are not in this model; profile it again")
-    stream = weight_stream_ms(model, profile.get("weight_stream"))
-    s = sum(per_layer.values()) + stream
-    cal = profile.get("calibration") or {}
-    return {
-        "layer_sum_ms": s, "raw_ms": s + float(profile.get("remainder_ms", 0.0)),
-        "calibrated_ms": float(cal["a"]) * s + float(cal["b"]) if cal else s + float(profile.get("remainder_ms", 0.0)),
-        "per_layer": per_layer, "weight_stream_ms": stream, "measured_on_the_spot": missing,
-    }
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        if "entries" not in data or "layers" not in data:
+            raise UserError("not a deploy-prune latency table (no entries or layers); make one with deploy-prune profile")
+        self.data = data
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyTable:
+        """A profile file written by ``deploy-prune profile``."""
+        import json
+
+        try:
+            return cls(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read the latency table {str(path)!r}: {e}") from None
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.data.get("fingerprint", ""))
+
+    @property
+    def calibration(self) -> tuple[float, float]:
+        """``(a, b)`` of ``a * sum + b``: the profile's fit, or (1, remainder) without one (or for a
+        degenerate fit, a <= 0, which noise can give)."""
+        cal = self.data.get("calibration") or {}
+        a = float(cal.get("a", 1.0))
+        if not cal or a <= 0:
+            return 1.0, float(self.data.get("remainder_ms", 0.0))
+        return a, float(cal["b"])
+
+    def layer_cost(self, name: str, cin: int, cout: int) -> float:
+        """Interpolated ms of layer ``name`` at (cin, cout) channels."""
+        return layer_ms(self.data, name, cin, cout)
+
+    def stream_cost(self, total_bytes: float) -> float:
+        """The weight-streaming term of ``total_bytes`` of conv/linear weights."""
+        return stream_ms(total_bytes, self.data.get("weight_stream"))
+
+    def price(self, layer_sum: float, stream: float) -> float:
+        """The calibrated price of a model whose layers sum to ``layer_sum`` and stream ``stream``."""
+        a, b = self.calibration
+        return a * (layer_sum + stream) + b
+
+    def check(self, model: nn.Module, measure_missing: Any = None) -> list[str]:
+        """Layers of ``model`` the table lacks (an error unless ``measure_missing`` can time them);
+        a layer of the table that ``model`` lacks is an error: the table is another model's."""
+        widths = current_widths(model)
+        missing = [n for n in widths if layer_grid(self.data, n) is None]
+        if missing and measure_missing is None:
+            raise UserError(f"the profile has no entry for layer(s) {', '.join(missing[:5])}; it was made for another "
+                            "model: run deploy-prune profile for this one")
+        gone = [n for n in self.data["layers"] if n not in widths and f"{n}.0" not in widths]
+        if gone:
+            raise UserError(f"layer(s) {', '.join(gone[:5])} of the profile are not in this model; profile it again")
+        return missing
+
+    def predict(self, model: nn.Module, measure_missing: Any = None) -> dict[str, Any]:
+        """Predicted latency of ``model`` (any pruned variant of the profiled model), in ms.
+
+        Returns ``raw_ms`` (layer sum + remainder), ``calibrated_ms`` (``price``), ``layer_sum_ms``
+        and ``per_layer``. A conv/linear layer the table lacks is measured on the spot by
+        ``measure_missing(name, module)`` when given, else it is a clear error."""
+        missing = self.check(model, measure_missing)
+        per_layer = {name: self.layer_cost(name, cin, cout) if name not in missing else float(measure_missing(name, model))
+                     for name, (cin, cout) in current_widths(model).items()}
+        stream = weight_stream_ms(model, self.data.get("weight_stream"))
+        s = sum(per_layer.values()) + stream
+        return {"layer_sum_ms": s, "raw_ms": s + float(self.data.get("remainder_ms", 0.0)),
+                "calibrated_ms": self.price(sum(per_layer.values()), stream),
+                "per_layer": per_layer, "weight_stream_ms": stream, "measured_on_the_spot": missing}
+
+
+def predict(model: nn.Module, profile: Mapping[str, Any] | LatencyTable, measure_missing: Any = None) -> dict[str, Any]:
+    """``LatencyTable(profile).predict(model)``: the predicted latency of ``model`` in ms."""
+    table = profile if isinstance(profile, LatencyTable) else LatencyTable(profile)
+    return table.predict(model, measure_missing)
 
 
 def weight_bytes(model: nn.Module, bytes_per_weight: int = 4) -> dict[str, int]:
