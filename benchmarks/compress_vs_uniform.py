@@ -49,7 +49,10 @@ def main() -> None:
             cfg = CompressConfig(out=out, weights=args.weights, data=args.data, data_options=DataOptions(),
                                  target=args.target, latency_ratio=b, method=m, epochs=args.epochs,
                                  step_fraction=args.step_fraction, lr=args.lr, profiles=Path(args.profiles),
-                                 sensitivity=sens if m == "deeplsp" else None)
+                                 sensitivity=sens if m == "deeplsp" else None,
+                                 # an interrupted run continues; a finished one is measured afresh
+                                 resume=(out / "checkpoints" / "state.pt").is_file() and not (out / "report.json").is_file(),
+                                 overwrite=(out / "report.json").is_file())
             try:
                 rep = compress(cfg, progress=lambda msg, m=m, b=b: print(f"[{m} {b:.0%}] {msg}", flush=True))
             except BudgetUnreachable as e:  # exit 3: recorded with the reachable floor compress measured

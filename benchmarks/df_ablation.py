@@ -73,7 +73,10 @@ def ablation(args: argparse.Namespace) -> None:
                 cfg = CompressConfig(out=out, weights=weights, data=args.data, data_options=DataOptions(train_limit=args.train_limit),
                                      target=args.target, flops_ratio=ratio, method="df", epochs=args.epochs, lr=args.lr,
                                      profiles=Path(args.profiles),
-                                     method_options={"mode": mode, "df_epochs": args.df_epochs})
+                                     method_options={"mode": mode, "df_epochs": args.df_epochs},
+                                     # an interrupted cell continues; a finished one is measured afresh
+                                     resume=(out / "checkpoints" / "state.pt").is_file() and not (out / "report.json").is_file(),
+                                     overwrite=(out / "report.json").is_file())
                 rep = compress(cfg, progress=lambda msg, n=name, m=mode, r=ratio: print(f"[{n} {m} {r:.0%}] {msg}", flush=True))
                 s = rep["method"]["settings"]
                 rows.append({
@@ -107,7 +110,9 @@ def latency_comparison(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         cfg = CompressConfig(out=out, weights=weights, data=args.data, data_options=DataOptions(train_limit=args.train_limit),
                              target=args.latency_target, latency_ratio=args.latency, method=method, epochs=args.epochs,
-                             lr=args.lr, profiles=prof, method_options={"df_epochs": args.df_epochs})
+                             lr=args.lr, profiles=prof, overwrite=(out / "report.json").is_file(),
+                             resume=(out / "checkpoints" / "state.pt").is_file() and not (out / "report.json").is_file(),
+                             method_options={"df_epochs": args.df_epochs} if method == "df" else {})  # df's own setting
         rep = compress(cfg, progress=lambda msg, m=method: print(f"[{name} {m} latency] {msg}", flush=True))
         f, b = rep["final"], rep["baseline"]
         rows.append({
