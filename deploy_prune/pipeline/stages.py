@@ -13,14 +13,16 @@ meets a budget, then fine-tune, export and report.
    architecture is exported and measured (latency does not depend on weight values, so no
    training is needed to know it); the predicted budget is corrected by measured/predicted
    until the measurement lands between ``slack`` and ``margin`` under the budget (the margin
-   absorbs the re-measurement noise of the final check).
-5. **structured pruning** in ``steps`` steps (geometric schedule of budgets), each followed by
-   a short fine-tuning; or, for a ``--sparsity`` budget, the unstructured method's own
+   absorbs the re-measurement noise of the final check); when no plan the table prices lands
+   there, measurement alone chooses the widths (``loop``, ``measured_search``).
+5. **structured pruning** in ``steps`` steps (geometric schedule of budgets, or of widths when
+   they were chosen on measurement), each followed by a short fine-tuning; or, for a ``--sparsity`` budget, the unstructured method's own
    prune-retrain schedule (``methods.imp``), checkpointed per iteration.
 6. **verification**: the pruned model is measured; over budget, the predicted budget is
-   tightened by the measured/predicted ratio and the model pruned further.
-7. **final fine-tuning** (knowledge distillation from the unpruned model by default) with the
-   method's unstructured masks held.
+   tightened by the measured/predicted ratio and the model pruned further (or, where the table
+   cannot, to widths found on measurement).
+7. **final fine-tuning** (the API user's ``finetune``, else the built-in loop with knowledge
+   distillation from the unpruned model) with the method's unstructured masks held.
 8. **export and final measurement**, re-measured before the budget is declared met; reports.
 
 Each stage ends with a checkpoint (``checkpoints/state.pt``), so ``--resume`` continues an
