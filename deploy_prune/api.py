@@ -175,6 +175,10 @@ def load(run_dir: str | Path, model: nn.Module | None = None) -> nn.Module:
     path = Path(run_dir)
     path = path / "model.pt" if path.is_dir() else path
     if model is None:
+        ck = load_checkpoint(path)
+        spec = str(((ck.get("model") or {}).get("spec") or "") if isinstance(ck, dict) else "")
+        if "@" in spec:  # recorded by the API as class@hash: no name to rebuild it by
+            raise UserError(f"{str(path)!r} holds your own model ({spec}); pass a fresh instance: load(run_dir, model=...)")
         return load_model(path)[0]
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or "pruned" not in ck:

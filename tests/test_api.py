@@ -76,6 +76,8 @@ def test_a_users_model_loop_and_metric(digits: Any, tmp_path: Path, deterministi
     assert [t for t, _ in calls][-1] == "final" and any(t.startswith("step") for t, _ in calls)
     assert rep["model"]["spec"].startswith("test_api.UserNet@") and "/" not in rep["model"]["spec"]
     assert {"onnx", "checkpoint", "report"} <= set(result.paths)
+    with pytest.raises(dp.UserError, match=r"holds your own model \(test_api.UserNet@[0-9a-f]+\); pass a fresh instance"):
+        dp.load(result.out)
     again = dp.load(result.out, model=UserNet())
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(again.eval()(x), result.model.eval()(x))
