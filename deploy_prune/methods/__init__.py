@@ -15,10 +15,9 @@ schedule (``methods.imp``).
 
 Optional attributes: ``plans = False`` for a method whose structure is learned rather than
 planned (the measured loop then skips the plan stage and tightens after pruning), and
-``lowrank_profile = True`` for one whose latency budgets need the LUT's low-rank tables, and
-``prune_to(run, widths)`` for one that chooses which channels go by its own rule when the closed
-loop fixes the widths on measurement (``pipeline.loop._prune_to``; without it, the method's
-``criterion``, or L1, ranks them).
+``lowrank_profile = True`` for one whose latency budgets need the LUT's low-rank tables. When
+the closed loop fixes the widths on measurement, the method's ``criterion`` (L1 without one)
+ranks which channels go (``pipeline.loop._prune_to``).
 
 The pipeline owns everything else (budgets, steps and their fine-tuning, the measured closed
 loop, the final fine-tuning, export and reports), so methods are compared on equal terms.

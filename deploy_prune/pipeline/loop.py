@@ -54,6 +54,14 @@ def _over(run: Run, meas: dict[str, Any], budget: dict[str, Any]) -> float:
     return _pooled_over([meas], budget)[0]
 
 
+def _measure_widths(run: Run, model: Any, widths: dict[str, int]) -> tuple[Any, dict[str, Any]]:
+    """A copy of ``model`` cut to ``widths`` and its measurement (latency does not depend on the
+    weights, so the copy needs no training)."""
+    cand = copy.deepcopy(model)
+    prune_to_widths(cand, run.data.input_shape, widths, run.cfg.ignore)
+    return cand, run.measure(cand)
+
+
 def _keeps(widths: dict[str, int], multiple: int) -> dict[str, list[int]]:
     """Every allowed width of every group."""
     return {g: allowed_keeps(c, multiple) for g, c in widths.items()}
@@ -75,9 +83,7 @@ def _narrowest_or_unreachable(run: Run, budget: dict[str, Any]) -> float:
     if "narrowest" in run.state:  # measured once per run: the loop can hit the floor again and again
         meas = run.state["narrowest"]["meas"]
     else:
-        narrow = copy.deepcopy(run.teacher)
-        prune_to_widths(narrow, run.data.input_shape, plan, run.cfg.ignore)
-        meas = run.measure(narrow)
+        meas = _measure_widths(run, run.teacher, plan)[1]
     r, fig = _pooled_over([meas], budget)
     low = quiet_of(meas["candidate"])
     if r > 1.0:
@@ -98,9 +104,7 @@ def _search_measured(run: Run, budget: dict[str, Any], under: Point, over: Point
     each candidate measured as a pruned copy (latency does not depend on weight values) and
     recorded as a step of ``stage``."""
     def measure(widths: dict[str, int]) -> Point:
-        cand = copy.deepcopy(run.model)
-        prune_to_widths(cand, run.data.input_shape, widths, run.cfg.ignore)
-        meas = run.measure(cand)
+        cand, meas = _measure_widths(run, run.model, widths)
         r = _pooled_over([meas], budget)[0]
         record_step(run, stage, cand, candidate=True, measured_latency_ms=meas["candidate"], search="measured",
                     baseline_same_session_ms=quiet_of(meas["baseline"]), cost_budget=None, accuracy=None)
@@ -145,9 +149,7 @@ def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float
             pred = _narrowest_or_unreachable(run, budget)
             plan = method.plan(run, pred)
         key = tuple(sorted(plan.items()))
-        cand = copy.deepcopy(run.model)
-        prune_to_widths(cand, run.data.input_shape, plan, run.cfg.ignore)
-        meas = run.measure(cand)
+        cand, meas = _measure_widths(run, run.model, plan)
         again = key in seen
         rec = seen.setdefault(key, {"pred": pred, "meas": []})
         rec["meas"].append(meas)
@@ -181,7 +183,7 @@ def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float
                 f"{100 * a.r:.0f} % and {100 * b.r:.0f} % on measured latency alone")
         best = _search_measured(run, budget, a, b, "plan")
         return _pin(run, best, "plan")
-    best = max(under, key=lambda p: p.r) if under else min(points, key=lambda p: p.r)
+    best = min(points, key=lambda p: p.r)  # nothing measured is under the budget: the fastest
     run.say(f"plan: no architecture lands in {100 * low:.0f}-{100 * high:.0f} % of the budget; taking the best "
             f"measured ({100 * best.r:.0f} %)")
     return float(best.info["pred"]) if "pred" in best.info else _pin(run, best, "plan")
@@ -191,8 +193,9 @@ def _pin(run: Run, best: Point, stage: str) -> float:
     """From here on the structured steps and the verification prune to ``best``'s measured widths
     instead of re-planning on the table; returns their predicted cost (for the record)."""
     run.state["pinned"] = {"widths": dict(best.widths), "r": best.r, "stage": stage}
-    run.report["notes"].append(f"no widths the latency table priced landed within {100 * (1 - run.cfg.slack):.0f}-"
-                               f"{100 * (1 - run.cfg.margin):.0f} % of the budget; the {stage} stage chose widths on "
+    low, high, _ = _window(run.cfg)
+    run.report["notes"].append(f"no widths the latency table priced landed within {100 * low:.0f}-"
+                               f"{100 * high:.0f} % of the budget; the {stage} stage chose widths on "
                                f"measured latency alone (measured {100 * best.r:.0f} % of the budget)")
     return float(run.cost.total(run.graph, best.widths))
 
@@ -245,10 +248,7 @@ def _verified_widths(run: Run, budget: dict[str, Any], over: Point, stage: str) 
     """Widths under the budget for the current model, chosen on measurement: a search between its
     narrowest widths (measured here; over the budget: unreachable, exit 3) and ``over``."""
     floor = _narrowest(group_widths(run.graph), run.graph.channel_multiple)
-    narrow = copy.deepcopy(run.model)
-    prune_to_widths(narrow, run.data.input_shape, floor, run.cfg.ignore)
-    meas = run.measure(narrow)
-    r = _pooled_over([meas], budget)[0]
+    r = _pooled_over([_measure_widths(run, run.model, floor)[1]], budget)[0]
     if r > _window(run.cfg)[1]:
         raise BudgetUnreachable(f"the budget cannot be met on {run.target.name}: even the narrowest allowed widths "
                                 f"measure {100 * r:.0f} % of it; raise the budget")
@@ -258,15 +258,11 @@ def _verified_widths(run: Run, budget: dict[str, Any], over: Point, stage: str) 
 
 
 def _prune_to(run: Run, method: Method, widths: dict[str, int]) -> None:
-    """Prune the current model to ``widths`` (never wider than it is), the method choosing which
-    channels go (``prune_to``), else its criterion's lowest-scoring channels (L1 without one)."""
+    """Prune the current model to ``widths`` (never wider than it is), the lowest-scoring channels
+    by the method's criterion (L1 for a method without one) going first."""
     current = group_widths(run.graph)
-    widths = {g: min(k, current[g]) for g, k in widths.items() if g in current and k < current[g]}
+    widths = {g: k for g, k in widths.items() if g in current and k < current[g]}
     if not widths:
-        return
-    fn = getattr(method, "prune_to", None)
-    if fn is not None:
-        fn(run, widths)
         return
     from deploy_prune.importance import score_groups
 
