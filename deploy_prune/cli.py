@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deploy_prune import __version__
+from deploy_prune.distributed import is_main
 from deploy_prune.errors import UserError
 
 app = typer.Typer(
@@ -428,7 +429,8 @@ def compress(
         err_console.print(f"interrupted: the last finished stage is kept in {out}/checkpoints; "
                           f"run the same command with --resume to continue")
         raise typer.Exit(130) from None
-    _print_compress_table(rep)
+    if is_main():  # under torchrun every rank returns the report; one prints it
+        _print_compress_table(rep)
     if not rep["met_budget"]:
         raise typer.Exit(1)
 

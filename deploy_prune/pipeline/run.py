@@ -19,6 +19,7 @@ from torch.utils.data import Subset
 from deploy_prune.allocate import CostModel, flops_cost
 from deploy_prune.config import Target
 from deploy_prune.data import DataBundle, load_data, make_loader
+from deploy_prune.distributed import world as distributed_world
 from deploy_prune.errors import UserError
 from deploy_prune.export import onnx_bytes
 from deploy_prune.graph import ModelGraph
@@ -50,6 +51,8 @@ class FinetuneContext:
     tag: str  # which fine-tuning this is: step-1, verify-2, final, ...
     seed: int
     masks: Masks  # unstructured masks the method holds: re-apply after each optimiser step
+    rank: int = 0  # under torchrun: this process, and how many fine-tune together (wrap in DDP)
+    world_size: int = 1
 
     def apply_masks(self, model: nn.Module) -> None:
         """Zero the masked weights again (call after each optimiser step)."""
@@ -89,6 +92,56 @@ def quietest_take(take: Callable[[], dict[str, Any]], quietest: float) -> tuple[
             break
     assert best is not None
     return best, quietest
+
+
+@dataclass
+class FitJob:
+    """One fine-tuning the pipeline asks for: what every process needs besides the model, its
+    teacher, the data and the settings it already has."""
+
+    epochs: float
+    tag: str
+    resume: bool
+    subset_seed: int  # which share of the training set a fractional epoch uses
+    masks: Masks
+    meta: dict[str, Any]  # the checkpoint metadata of the model being fine-tuned
+
+
+def run_job(job: FitJob, model: nn.Module, teacher: nn.Module, data: DataBundle, cfg: CompressConfig, parts: UserParts,
+            out: Path, *, stop: Callable[[nn.Module, int], bool] | None = None,
+            penalty: Callable[[nn.Module], torch.Tensor] | None = None, distributed: bool = False) -> dict[str, Any]:
+    """Fine-tune ``model`` in place: the user's ``finetune``, or the built-in loop (KD from
+    ``teacher`` unless the user's ``loss`` or ``cfg.kd=False``), masks held. Returns the
+    training metrics. Rank 0 and the torchrun workers run this same function."""
+    rank, world = distributed_world() if distributed else (0, 1)
+    if parts.finetune is not None:
+        t0 = time.perf_counter()
+        model.train()
+        try:
+            parts.finetune(model, job.epochs, FinetuneContext(teacher, job.tag, cfg.seed, job.masks, rank, world))
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"finetune raised {type(e).__name__}: {e} (in the {job.tag!r} fine-tuning)") from None
+        apply_masks(model, job.masks)
+        return {"epochs_run": job.epochs, "train_seconds": round(time.perf_counter() - t0, 2), "world_size": world}
+    whole = max(1, math.floor(job.epochs))
+    if job.epochs < 1:
+        n = max(cfg.batch_size, int(len(data.train) * job.epochs))  # type: ignore[arg-type]
+        g = torch.Generator().manual_seed(job.subset_seed)
+        data = replace(data, train=Subset(data.train, torch.randperm(len(data.train), generator=g)[:n].tolist()))  # type: ignore[arg-type]
+    tcfg = TrainConfig(epochs=whole, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    loss = distillation_loss(teacher) if cfg.kd else None
+    user_loss = parts.loss
+    if user_loss is not None:
+        loss = lambda mod, x, y: user_loss(mod, (x, y))  # noqa: E731
+    if penalty is not None:
+        base = loss or (lambda mod, x, y: torch.nn.functional.cross_entropy(mod(x), y))
+        loss = lambda mod, x, y: base(mod, x, y) + penalty(mod)  # noqa: E731
+    masks = job.masks
+    return fit(model, data, tcfg, out / "finetune" / job.tag, job.meta, resume=job.resume, loss_fn=loss,
+               after_step=[lambda mod: apply_masks(mod, masks)] if masks else [], progress=False, stop=stop,
+               distributed=distributed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +188,8 @@ class Run:
         self._quietest_baseline = math.inf  # the baseline's lowest quiet figure in this run (ms)
         self._batches: list[Any] | None = None
         self._subset: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.world = distributed_world()[1]  # processes fine-tuning together under torchrun
+        self._teacher_unsent = True
 
     # -- what methods see of the run (methods.context.MethodContext) -------------------------
     @property
@@ -280,53 +335,39 @@ class Run:
     def finetune(self, epochs: float, tag: str, resume: bool = False, stop: Callable[[nn.Module, int], bool] | None = None,
                  penalty: Callable[[nn.Module], torch.Tensor] | None = None) -> float:
         """Fine-tune the current model (KD from the unpruned one by default), holding the masks.
-        A fractional epoch trains once on that share of the training set. Returns val accuracy;
+        A fractional epoch trains once on that share of the training set. Returns the metric;
         ``last_fit`` keeps the training metrics (epochs run, seconds). ``stop`` may end training
-        after an epoch; ``penalty(model)`` is added to the loss (regularising methods)."""
+        after an epoch; ``penalty(model)`` is added to the loss (regularising methods).
+
+        Under torchrun the job goes to every rank (``pipeline.workers``), which fine-tune their
+        shards of the data together with DDP; a job with a ``stop`` rule or a ``penalty`` (a
+        method's own training) runs on rank 0 alone, as those callables live only here."""
         self.last_fit = None
         if epochs <= 0:
             return self.metric(self.model)
         t0 = time.perf_counter()
-        if self.parts.finetune is not None:
-            return self._user_finetune(epochs, tag, t0)
-        data = self.data
-        whole = max(1, math.floor(epochs))
-        if epochs < 1:
-            n = max(self.cfg.batch_size, int(len(data.train) * epochs))  # type: ignore[arg-type]
-            g = torch.Generator().manual_seed(self.cfg.seed + len(self.report["steps"]))
-            data = replace(data, train=Subset(data.train, torch.randperm(len(data.train), generator=g)[:n].tolist()))  # type: ignore[arg-type]
-        cfg = TrainConfig(epochs=whole, batch_size=self.cfg.batch_size, lr=self.cfg.lr, seed=self.cfg.seed)
-        loss = distillation_loss(self.teacher) if self.cfg.kd else None
-        user_loss = self.parts.loss
-        if user_loss is not None:
-            loss = lambda mod, x, y: user_loss(mod, (x, y))  # noqa: E731
-        if penalty is not None:
-            base = loss or (lambda mod, x, y: torch.nn.functional.cross_entropy(mod(x), y))
-            loss = lambda mod, x, y: base(mod, x, y) + penalty(mod)  # noqa: E731
-        masks = self.masks
+        job = FitJob(epochs=epochs, tag=tag, resume=resume, subset_seed=self.cfg.seed + len(self.report["steps"]),
+                     masks=self.masks, meta=self.meta_pruned())
+        shared = self.world > 1 and stop is None and penalty is None
+        if self.world > 1 and not shared:
+            self.notes.append(f"the {tag!r} fine-tuning (the method's own training) ran on rank 0 alone")
+        if shared:
+            from deploy_prune.pipeline.workers import send_job
+
+            send_job(job, self.model, self.teacher if self._teacher_unsent else None)
+            self._teacher_unsent = False
         try:
-            m = fit(self.model, data, cfg, self.out / "finetune" / tag, self.meta_pruned(), resume=resume, loss_fn=loss,
-                    after_step=[lambda mod: apply_masks(mod, masks)] if masks else [], progress=False, stop=stop)
+            m = run_job(job, self.model, self.teacher, self.data, self.cfg, self.parts, self.out, stop=stop,
+                        penalty=penalty, distributed=shared)
         except UserError as e:
+            if self.parts.finetune is not None:
+                raise
             raise UserError(f"{e}; the last good checkpoint is kept in {self.out}/checkpoints (resume with --resume "
                             "and a lower --lr)") from None
         self._add_seconds("finetune", time.perf_counter() - t0)
         self.last_fit = m
-        return float(m["val_accuracy"]) if self.parts.evaluate is None else self.metric(self.model)
-
-    def _user_finetune(self, epochs: float, tag: str, t0: float) -> float:
-        """The user's ``finetune(model, epochs, ctx)``; masks are applied again after it."""
-        assert self.parts.finetune is not None
-        self.model.train()
-        try:
-            self.parts.finetune(self.model, epochs, FinetuneContext(self.teacher, tag, self.cfg.seed, self.masks))
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"finetune raised {type(e).__name__}: {e} (in the {tag!r} fine-tuning)") from None
-        apply_masks(self.model, self.masks)
-        self._add_seconds("finetune", time.perf_counter() - t0)
-        self.last_fit = {"epochs_run": epochs, "train_seconds": round(time.perf_counter() - t0, 2)}
+        if self.parts.finetune is None and self.parts.evaluate is None:
+            return float(m["val_accuracy"])
         return self.metric(self.model)
 
     # -- checkpoints ----------------------------------------------------------------------------

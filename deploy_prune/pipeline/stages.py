@@ -22,7 +22,9 @@ meets a budget, then fine-tune, export and report.
    tightened by the measured/predicted ratio and the model pruned further (or, where the table
    cannot, to widths found on measurement).
 7. **final fine-tuning** (the API user's ``finetune``, else the built-in loop with knowledge
-   distillation from the unpruned model) with the method's unstructured masks held.
+   distillation from the unpruned model) with the method's unstructured masks held. Under
+   ``torchrun`` every rank fine-tunes its shard with DDP; rank 0 alone does everything else
+   (``workers``).
 8. **export and final measurement**, re-measured before the budget is declared met; reports.
 
 Each stage ends with a checkpoint (``checkpoints/state.pt``), so ``--resume`` continues an
@@ -42,6 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deploy_prune.distributed import backend as distributed_backend
+from deploy_prune.distributed import world as distributed_world
 from deploy_prune.errors import BudgetUnreachable, UserError
 from deploy_prune.export import export_onnx
 from deploy_prune.io import atomic_write, provenance, write_json
@@ -149,6 +153,11 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None,
     if kind not in method.budget_kinds:
         takes = ", ".join("--" + k.replace("_", "-") for k in method.budget_kinds)
         raise UserError(f"--method {method.name} cannot honour --{kind.replace('_', '-')}; it takes {takes}")
+    if distributed_world()[0] > 0:  # under torchrun: rank 0 runs the pipeline, this rank fine-tunes with it
+        from deploy_prune.pipeline.workers import serve
+
+        rep, model = serve(cfg, parts or UserParts())
+        return (rep, model) if return_model else rep
     fresh = _claim_out(cfg)
     try:
         run = Run(cfg, progress, parts)
@@ -158,6 +167,10 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None,
         raise
     try:
         rep = _pipeline(run, method, t_start)
+        if run.world > 1:
+            from deploy_prune.pipeline.workers import send_done
+
+            send_done(rep, run.model, run.meta_pruned()["pruned"])
         return (rep, run.model) if return_model else rep
     except UserError as e:
         state = run.out / "checkpoints" / "state.pt"
@@ -306,6 +319,7 @@ def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) ->
         "sensitivity": run.report.get("sensitivity"),
         "profile": run.report.get("profile"),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "data_options"},
+        "distributed": {"world_size": run.world, "backend": distributed_backend()},
         "provenance": provenance(threads=torch.get_num_threads(), target=run.target.name),
     }
     write_json(run.out / "report.json", rep)

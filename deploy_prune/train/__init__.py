@@ -33,6 +33,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from deploy_prune.checks import check_number
 from deploy_prune.data import DataBundle, make_loader
+from deploy_prune.distributed import world as distributed_world
 from deploy_prune.errors import UserError
 from deploy_prune.io import ensure_dir, provenance, write_json
 from deploy_prune.models.checkpoint import _unwrap, load_checkpoint, remove_stale_temps, save_checkpoint
@@ -72,14 +73,6 @@ class TrainConfig:
 
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world_size), initialising the process group when run under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
 @torch.no_grad()
@@ -174,26 +167,28 @@ def fit(
     after_step: Sequence[Callable[[nn.Module], None]] = (),
     progress: bool = True,
     stop: Callable[[nn.Module, int], bool] | None = None,
+    distributed: bool = True,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data.train``; write ``checkpoints/last.pt`` every epoch, then
     ``model.pt`` and ``metrics.json`` in ``out_dir``. Returns the metrics dict.
 
     ``stop(model, epochs_done)``, called after each epoch, ends training early when it returns
     True (InCoP's flow criterion); ``epochs_run`` in the metrics says how many epochs ran.
-    A resumed run must match ``last.pt`` (see ``_resume_point``).
+    A resumed run must match ``last.pt`` (see ``_resume_point``). Under torchrun every rank
+    trains its shard with DDP; ``distributed=False`` trains on this process alone.
     """
     out = Path(out_dir)
     with _no_empty_dirs(out):
         return _fit(model, data, cfg, out, meta, resume=resume, loss_fn=loss_fn, after_step=after_step,
-                    progress=progress, stop=stop)
+                    progress=progress, stop=stop, distributed=distributed)
 
 
 def _fit(
     model: nn.Module, data: DataBundle, cfg: TrainConfig, out: Path, meta: dict[str, Any], *, resume: bool,
     loss_fn: LossFn | None, after_step: Sequence[Callable[[nn.Module], None]], progress: bool,
-    stop: Callable[[nn.Module, int], bool] | None,
+    stop: Callable[[nn.Module, int], bool] | None, distributed: bool,
 ) -> dict[str, Any]:
-    rank, world = _distributed()
+    rank, world = distributed_world() if distributed else (0, 1)
     if rank == 0:
         ensure_dir(out / "checkpoints")
         remove_stale_temps(out, ("model.pt", "metrics.json", *EXPORTS))
