@@ -11,7 +11,8 @@ The Python API (the CLI runs the same pipeline)::
     pruned = result.model
 
 Budgets: ``Latency(ms=...)``, ``LatencyRatio(r)``, ``Flops(r)``, ``Params(r)``, ``Channels(r)``,
-``Sparsity(s)``. Also ``profile``, ``measure``, ``load``, ``list_targets()`` and ``list_methods()``.
+``Sparsity(s)``. Also ``profile``, ``measure``, ``load``, ``list_targets()`` and ``list_methods()``;
+``planner(...)`` hands out the closed loop step by step (plan, apply, your training, check).
 Names are imported on first use, so ``import deploy_prune`` stays light.
 """
 
@@ -22,23 +23,24 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _API = {
-    "compress": "api", "profile": "api", "measure": "api", "load": "api", "list_targets": "api", "list_methods": "api",
-    "Result": "api", "FinetuneContext": "pipeline", "LatencyTable": "latency.lut",
+    "compress": "api", "planner": "api", "profile": "api", "measure": "api", "load": "api", "list_targets": "api", "list_methods": "api",
+    "Result": "api", "FinetuneContext": "pipeline", "Planner": "pipeline.planner", "Check": "pipeline.planner", "LatencyTable": "latency.lut",
     "Latency": "budget", "LatencyRatio": "budget", "Flops": "budget", "Params": "budget", "Channels": "budget",
     "Sparsity": "budget", "UserError": "errors", "BudgetUnreachable": "errors",
 }
 __all__ = [
-    "__version__", "compress", "profile", "measure", "load", "list_targets", "list_methods", "Result", "FinetuneContext",
+    "__version__", "compress", "planner", "Planner", "Check", "profile", "measure", "load", "list_targets", "list_methods", "Result", "FinetuneContext",
     "LatencyTable",
     "Latency", "LatencyRatio", "Flops", "Params", "Channels", "Sparsity", "UserError", "BudgetUnreachable",
 ]
 
 if TYPE_CHECKING:
-    from deploy_prune.api import Result, compress, list_methods, list_targets, load, measure, profile
+    from deploy_prune.api import Result, compress, list_methods, list_targets, load, measure, planner, profile
     from deploy_prune.budget import Channels, Flops, Latency, LatencyRatio, Params, Sparsity
     from deploy_prune.errors import BudgetUnreachable, UserError
     from deploy_prune.latency.lut import LatencyTable
     from deploy_prune.pipeline import FinetuneContext
+    from deploy_prune.pipeline.planner import Check, Planner
 
 
 def __getattr__(name: str) -> Any:

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from deploy_prune.latency.lut import LatencyTable
 from deploy_prune.latency.timing import Stats
 from deploy_prune.pipeline import CompressConfig, FinetuneContext, UserParts
 from deploy_prune.pipeline import compress as _run_pipeline
+
+if TYPE_CHECKING:
+    from deploy_prune.pipeline.planner import Planner
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(CompressConfig)}
 # Set by compress() itself from its own arguments, never through **settings.
@@ -100,6 +103,37 @@ def _bundle(model: nn.Module, example: torch.Tensor, train: Dataset | None, val:
                       test=None, num_classes=classes, in_channels=c, image_size=(h, w), mean=[], std=[])
 
 
+def _prepare(model: nn.Module, example_input: torch.Tensor, *, target: str | Target, budget: Budget, method: str,
+             train: Dataset | DataLoader | None, val: Dataset | DataLoader | None,
+             finetune: Callable[[nn.Module, float, FinetuneContext], object] | None,
+             evaluate: Callable[[nn.Module], float] | None, loss: Callable[[nn.Module, Any], torch.Tensor] | None,
+             metric: str | None, out: str | Path | None, settings: dict[str, Any]) -> tuple[CompressConfig, UserParts]:
+    """The pipeline's settings and the user's parts, from the API's arguments (checked)."""
+    train_ds, val_ds = _dataset(train), _dataset(val)
+    if train_ds is None:
+        raise UserError("compress needs train data (a Dataset or DataLoader): its first batches rank the channels")
+    if val_ds is None and evaluate is None:
+        raise UserError("give val (a Dataset of (input, target)) for the built-in accuracy, or evaluate=(model) -> float")
+    reserved = sorted(set(settings) & _RESERVED)
+    if reserved:
+        raise UserError(f"compress takes {', '.join(reserved)} as its own arguments (budget=, method=, target=, out=), "
+                        "not as settings")
+    config = {k: v for k, v in settings.items() if k in _CONFIG_FIELDS}
+    method_options = {k: v for k, v in settings.items() if k not in _CONFIG_FIELDS}
+    if loss is not None:
+        config.setdefault("kd", False)  # the user's loss is the task's; distillation would replace it
+    data = _bundle(model, example_input, train_ds, val_ds, items_checked=loss is None)
+    name = metric or (str(getattr(evaluate, "__name__", "metric")) if evaluate is not None else "accuracy")
+    out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="deploy-prune-"))
+    given: dict[str, Any] = {**budget.settings(), **config}
+    cfg = CompressConfig(out=out_dir, weights="", data="user", target=target if isinstance(target, str) else target.name,
+                         method=method, method_options=method_options, **given)
+    parts = UserParts(model=model, spec=model_spec(model), data=data, target=target if isinstance(target, Target) else None,
+                      finetune=finetune, evaluate=evaluate, metric=name if name != "<lambda>" else "metric", loss=loss,
+                      parity_input=example_input)
+    return cfg, parts
+
+
 def compress(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -136,33 +170,47 @@ def compress(
     >>> result = compress(model, torch.zeros(1, 3, 32, 32), target="cpu-ort-1t", budget=LatencyRatio(0.5),
     ...                   train=train_set, val=val_set, epochs=1)   # doctest: +SKIP
     """
-    train_ds, val_ds = _dataset(train), _dataset(val)
-    if train_ds is None:
-        raise UserError("compress needs train data (a Dataset or DataLoader): its first batches rank the channels")
-    if val_ds is None and evaluate is None:
-        raise UserError("give val (a Dataset of (input, target)) for the built-in accuracy, or evaluate=(model) -> float")
-    reserved = sorted(set(settings) & _RESERVED)
-    if reserved:
-        raise UserError(f"compress takes {', '.join(reserved)} as its own arguments (budget=, method=, target=, out=), "
-                        "not as settings")
-    config = {k: v for k, v in settings.items() if k in _CONFIG_FIELDS}
-    method_options = {k: v for k, v in settings.items() if k not in _CONFIG_FIELDS}
-    if loss is not None:
-        config.setdefault("kd", False)  # the user's loss is the task's; distillation would replace it
-    data = _bundle(model, example_input, train_ds, val_ds, items_checked=loss is None)
-    name = metric or (str(getattr(evaluate, "__name__", "metric")) if evaluate is not None else "accuracy")
-    out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="deploy-prune-"))
-    given: dict[str, Any] = {**budget.settings(), **config}
-    cfg = CompressConfig(out=out_dir, weights="", data="user", target=target if isinstance(target, str) else target.name,
-                         method=method, method_options=method_options, **given)
-    parts = UserParts(model=model, spec=model_spec(model), data=data, target=target if isinstance(target, Target) else None,
-                      finetune=finetune, evaluate=evaluate, metric=name if name != "<lambda>" else "metric", loss=loss,
-                      parity_input=example_input)
+    cfg, parts = _prepare(model, example_input, target=target, budget=budget, method=method, train=train, val=val,
+                          finetune=finetune, evaluate=evaluate, loss=loss, metric=metric, out=out, settings=settings)
+    out_dir = cfg.out
     report, pruned = _run_pipeline(cfg, progress, parts=parts, return_model=True)
     paths = {k: out_dir / f for k, f in (("onnx", "model.onnx"), ("checkpoint", "model.pt"), ("program", "model.pt2"),
                                          ("report", "report.json"), ("markdown", "report.md"), ("html", "report.html"))
              if (out_dir / f).is_file()}
     return Result(model=pruned, report=report, out=out_dir, paths=paths)
+
+
+def planner(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    target: str | Target,
+    budget: Budget,
+    method: str = "deeplsp",
+    train: Dataset | DataLoader | None = None,
+    val: Dataset | DataLoader | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    metric: str | None = None,
+    out: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    **settings: Any,
+) -> Planner:
+    """The closed loop step by step, for your own training between the steps. Measures the
+    baseline and sets the budget as ``compress`` does (arguments as there); then ``plan()`` gives
+    widths measured to meet the budget, ``apply(widths)`` cuts a copy of the model to them,
+    ``schedule(widths, steps)`` gives intermediate widths for gradual pruning, and
+    ``check(model)`` measures a model against the budget.
+
+    >>> p = planner(model, torch.zeros(1, 3, 32, 32), target="cpu-ort-1t", budget=Latency(ms=5),
+    ...             train=train_set, val=val_set)          # doctest: +SKIP
+    >>> pruned = p.apply(p.plan())                          # doctest: +SKIP
+    >>> my_training(pruned); assert p.check(pruned).met     # doctest: +SKIP
+    """
+    from deploy_prune.pipeline.planner import Planner
+
+    cfg, parts = _prepare(model, example_input, target=target, budget=budget, method=method, train=train, val=val,
+                          finetune=None, evaluate=evaluate, loss=None, metric=metric, out=out, settings=settings)
+    return Planner(cfg, parts, progress)
 
 
 def load(run_dir: str | Path, model: nn.Module | None = None) -> nn.Module:

@@ -176,3 +176,30 @@ def test_measure_a_module_and_an_onnx_file(tiny_onnx: Path, quick_target_yaml: C
     assert dp.measure(tiny_onnx, target).median > 0
     with pytest.raises(dp.UserError, match="a module needs an example input"):
         dp.measure(model, target)
+
+
+def test_the_closed_loop_step_by_step(digits: Any, tmp_path: Path, deterministic_device: None,
+                                      quick_target_yaml: Callable[[int], Path]) -> None:
+    """plan -> schedule -> apply + the user's training -> check: the widths compress would choose."""
+    torch.manual_seed(0)
+    model = UserNet()
+    target = str(quick_target_yaml(8))
+    common: dict[str, Any] = dict(target=target, budget=dp.LatencyRatio(0.85), method="uniform", train=digits.train,
+                                  val=digits.val, profiles=tmp_path / "p", seed=1)
+    planner = dp.planner(model, torch.zeros(1, 1, 8, 8), out=tmp_path / "steps", **common)
+    widths = planner.plan()
+    steps = planner.schedule(widths, 2)
+    assert steps[-1] == widths and all(steps[0][g] >= widths[g] for g in widths) and steps[0] != widths
+    calls: list[tuple[str, float]] = []
+    loop = _my_loop(calls, digits.train)
+    pruned = planner.apply(steps[0])
+    loop(pruned, 0.5, dp.FinetuneContext(model, "mine", 0, {}))
+    pruned = planner.apply(steps[1], pruned)
+    check = planner.check(pruned)
+    assert check.met and check.share <= 1.0 and check.budget_ms == pytest.approx(planner.budget["latency_ms"])
+    assert check.latency_ms < 0.85 * planner.run.report["baseline"]["latency_ms"]["quiet"]
+    assert not planner.check(model).met  # the unpruned model is over its own 85 %
+    with pytest.raises(dp.UserError, match="widths name groups this model does not have"):
+        planner.apply({"no.such.group": 8})
+    one = dp.compress(model, torch.zeros(1, 1, 8, 8), out=tmp_path / "one", epochs=0, steps=1, **common).report
+    assert {la["group"]: la["channels_after"] for la in one["layers"]} == {**planner.run.baseline_widths, **widths}

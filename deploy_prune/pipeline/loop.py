@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from deploy_prune.allocate import allowed_keeps, channels_cost, flops_cost, latency_cost, params_cost
+from deploy_prune.allocate import CostModel, allowed_keeps, channels_cost, flops_cost, latency_cost, params_cost
 from deploy_prune.errors import BudgetUnreachable, UserError
 from deploy_prune.latency.timing import quiet_estimate, quiet_of
 from deploy_prune.measured_search import Point, line_search
@@ -21,30 +21,33 @@ from deploy_prune.transforms import (
 )
 
 
+def cost_model(run: Run) -> CostModel:
+    """What the budget is counted in: the latency table's predicted ms for a latency budget,
+    else MACs, parameters or channels (a sparsity budget reports FLOPs per step)."""
+    kind = run.cfg.budget_kind()[0]
+    if kind in ("latency_ms", "latency_ratio"):
+        return latency_cost(run.profile or {})
+    return {"params_ratio": params_cost, "keep_ratio": channels_cost}.get(kind, flops_cost)()
+
+
 def _budget(run: Run) -> dict[str, Any]:
-    """The user's budget, and the same budget in the cost model's units."""
+    """The user's budget, and the same budget in the cost model's units (computed once, at the
+    start of a run; a resumed run reads it from its checkpoint)."""
     kind, value = run.cfg.budget_kind()
     base = run.report["baseline"]
     graph = run.graph
+    run.cost = cost_model(run)
     if kind in ("latency_ms", "latency_ratio"):
         base_ms = quiet_of(base["latency_ms"])
         ms = value if kind == "latency_ms" else value * base_ms
         if ms >= base_ms:
             raise UserError(f"the budget {ms:.3f} ms is not below the unpruned model's measured {base_ms:.3f} ms on "
                             f"{run.target.name}: nothing to do")
-        run.cost = latency_cost(run.profile or {})
         # Predicted ms for the budget: scale by the model's own predicted/measured ratio.
         predicted = ms * run.cost.total(graph, group_widths(graph)) / base_ms
         return {"kind": kind, "value": value, "latency_ms": ms, "cost_budget": predicted, "measured": True}
-    if kind == "sparsity":  # unstructured: the budget is on weights; FLOPs stay the cost reported per step
-        run.cost = flops_cost()
+    if kind == "sparsity":  # unstructured: the budget is on weights
         return {"kind": kind, "value": value, "latency_ms": None, "cost_budget": value, "measured": False}
-    if kind == "flops_ratio":
-        run.cost = flops_cost()
-    elif kind == "params_ratio":
-        run.cost = params_cost()
-    else:
-        run.cost = channels_cost()
     full = run.cost.total(graph, group_widths(graph))
     return {"kind": kind, "value": value, "latency_ms": None, "cost_budget": value * full, "measured": False}
 

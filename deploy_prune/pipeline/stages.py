@@ -57,6 +57,7 @@ from deploy_prune.pipeline.config import CompressConfig, parse_nm
 from deploy_prune.pipeline.loop import (
     _budget,
     _final_measure,
+    cost_model,
     _keeps,
     _narrowest_or_unreachable,
     _plan_closed_loop,
@@ -108,6 +109,14 @@ def _baseline(run: Run) -> None:
     run.report["baseline"] = _model_figures(run, run.model, acc, meas["candidate"])
 
 
+def start(run: Run) -> None:
+    """Stages 1-2: the baseline measured, and the budget in the cost model's units."""
+    _baseline(run)
+    run.state["budget"] = _budget(run)
+    run.state["cost_budget"] = run.state["budget"]["cost_budget"]
+    run.checkpoint("baseline")
+
+
 def _structured(run: Run, method: Method, budget: dict[str, Any]) -> None:
     steps = run.cfg.steps or method.default_steps
     start = run.cost.total(run.graph, group_widths(run.graph))
@@ -144,27 +153,13 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None,
     pruned model with it when ``return_model``. ``parts`` carries the API's in-memory model, data
     and callbacks (``UserParts``); the CLI passes none."""
     t_start = time.perf_counter()
-    kind, _ = cfg.budget_kind()  # conflicting or empty budgets fail before anything loads
-    if cfg.nm:
-        parse_nm(cfg.nm)
-    common = {k: v for k, v in (("criterion", cfg.criterion), ("amount", cfg.amount), ("tolerance", cfg.tolerance))
-              if v is not None}
-    method = get_method(cfg.method, **{**common, **cfg.method_options})
-    if kind not in method.budget_kinds:
-        takes = ", ".join("--" + k.replace("_", "-") for k in method.budget_kinds)
-        raise UserError(f"--method {method.name} cannot honour --{kind.replace('_', '-')}; it takes {takes}")
+    method = make_method(cfg)
     if distributed_world()[0] > 0:  # under torchrun: rank 0 runs the pipeline, this rank fine-tunes with it
         from deploy_prune.pipeline.workers import serve
 
         rep, model = serve(cfg, parts or UserParts())
         return (rep, model) if return_model else rep
-    fresh = _claim_out(cfg)
-    try:
-        run = Run(cfg, progress, parts)
-    except BaseException:
-        if fresh and cfg.out.is_dir() and not any(cfg.out.iterdir()):  # nothing half-made left behind
-            cfg.out.rmdir()
-        raise
+    run = open_run(cfg, progress, parts)
     try:
         rep = _pipeline(run, method, t_start)
         if run.world > 1:
@@ -178,6 +173,32 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None,
             raise
         # e.g. the agent became unreachable mid-run: what was done is kept
         raise type(e)(f"{e} (stages done so far are kept in {state}; fix this and rerun with --resume)") from None
+
+
+def make_method(cfg: CompressConfig) -> Method:
+    """The run's method with its settings, checked against the budget before anything loads."""
+    kind, _ = cfg.budget_kind()  # conflicting or empty budgets fail here too
+    if cfg.nm:
+        parse_nm(cfg.nm)
+    common = {k: v for k, v in (("criterion", cfg.criterion), ("amount", cfg.amount), ("tolerance", cfg.tolerance))
+              if v is not None}
+    method = get_method(cfg.method, **{**common, **cfg.method_options})
+    if kind not in method.budget_kinds:
+        takes = ", ".join("--" + k.replace("_", "-") for k in method.budget_kinds)
+        raise UserError(f"--method {method.name} cannot honour --{kind.replace('_', '-')}; it takes {takes}")
+    return method
+
+
+def open_run(cfg: CompressConfig, progress: Callable[[str], None] | None, parts: UserParts | None) -> Run:
+    """The run in ``cfg.out``, once the directory is claimed (``_claim_out``); a run that fails
+    to start leaves no directory it made."""
+    fresh = _claim_out(cfg)
+    try:
+        return Run(cfg, progress, parts)
+    except BaseException:
+        if fresh and cfg.out.is_dir() and not any(cfg.out.iterdir()):
+            cfg.out.rmdir()
+        raise
 
 
 # What a compress run writes in its directory: --overwrite removes these, and nothing else.
@@ -214,13 +235,10 @@ def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:
         run.restore()
     # 1-2. baseline and budget
     if "baseline" not in run.done:
-        _baseline(run)
-        run.state["budget"] = _budget(run)
-        run.state["cost_budget"] = run.state["budget"]["cost_budget"]
-        run.checkpoint("baseline")
+        start(run)
     else:
         _ensure_profile(run)
-        _budget(run)  # sets the cost model again
+        run.cost = cost_model(run)  # the budget itself is in the checkpoint
     budget = run.state["budget"]
     # 3. method setup
     method.setup(run)
