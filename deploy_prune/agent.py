@@ -49,6 +49,11 @@ token. Plain HTTP carries the token and the models unencrypted, so the agent lis
 by default; across a network, forward the port through SSH (``ssh -N -L 8765:127.0.0.1:8765
 device``) rather than binding to a public address, or put it behind a TLS-terminating proxy
 (``https://`` URLs work).
+
+This is one module, over the usual length, because it is the agent's whole surface: the request
+handler, the checks every request and model passes, and the server's connection and size limits
+are what a remote client can reach, and they are kept together so that the security model above
+can be read off one file.
 """
 
 from __future__ import annotations

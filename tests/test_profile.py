@@ -25,13 +25,13 @@ from deploy_prune.latency.profile import (
     check_profile,
     contended,
     describe,
-    fit_calibration,
     layer_protocol,
     load_profile,
     plan_variant,
     pruned_copy,
     run_profile,
 )
+from deploy_prune.latency.validate import fit_calibration
 from deploy_prune.models import build_model
 
 SHAPE = (1, 16, 16)
@@ -432,7 +432,8 @@ def test_auto_layer_timing_keeps_the_entries_whose_calibration_fits(small_profil
     from dataclasses import replace
 
     from deploy_prune.graph import ModelGraph
-    from deploy_prune.latency.profile import calibration_rms_pct, calibration_variants, choose_entries
+    from deploy_prune.latency.profile import calibration_rms_pct, choose_entries
+    from deploy_prune.latency.validate import calibration_variants
 
     _, prof = small_profile
     model = tiny()

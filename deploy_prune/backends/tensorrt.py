@@ -58,12 +58,16 @@ Versions: written for TensorRT 10.x. TensorRT 11 removed ``BuilderFlag.FP16``/``
 typing only), so there fp16/int8 targets are refused with a ``UserError``; TensorRT < 10 lacks the
 name-based I/O API and is refused too.
 
-Unverified here: this was written on a machine with neither a GPU nor the ``tensorrt`` package, so
-none of the code that calls TensorRT has run. Each call was checked against TensorRT's Python
+Not yet run against TensorRT: the project's test machines have neither a GPU nor the ``tensorrt``
+package (``README.md``, status). Each call is checked against TensorRT's Python
 bindings and docstrings (``python/src/infer/pyCore.cpp``, ``pyGraph.cpp``, ``parsers/pyOnnx.cpp``,
 ``docstrings/infer/pyCoreDoc.h`` in NVIDIA/TensorRT, 10.x) and its samples
 (``samples/python/common_runtime.py``); the GPU test in ``tests/test_tensorrt.py`` exercises it
 where both exist.
+
+This is one module, over the usual length, because it is one backend, registered by name like the
+others: the settings that name a cached engine (``build_settings``, ``engine_key``) are the ones
+``_build`` applies, and ``TrtSession`` runs what they built, so the three change together.
 """
 
 from __future__ import annotations

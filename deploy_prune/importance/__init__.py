@@ -24,6 +24,11 @@ indices through concatenations, flattening and residual couplings; what they do 
 | chi2 | data+labels | chi-squared statistic of the binned pooled activation vs the labels |
 | snip | data+labels | connection sensitivity |g*w| on one batch |
 | random | - | seeded uniform random |
+
+This is one module, over the usual length, because it is the criteria registry: every criterion in
+the table above registers here when the package is imported, beside the machinery the data-based
+ones share (``channel_gates`` for taylor, fisher and hessian; ``pooled_outputs`` for fstat and
+chi2), so importing the package fills ``CRITERIA`` without a list of submodules to keep in step.
 """
 
 from __future__ import annotations

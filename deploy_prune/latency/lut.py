@@ -1,6 +1,5 @@
 """Latency lookup tables: per-layer configurations, their standalone ONNX graphs, and prediction
-(``LatencyTable``, the one place latency is priced). One module, over the usual length, because
-the entry format and the pricing that reads it change together.
+(``LatencyTable``, the one place latency is priced).
 
 A *layer* is one conv or linear module of the model, with what the backend fuses into it in
 the exported graph: BatchNorm is folded by the exporter, and the activation (Relu, Clip, ...)
@@ -38,20 +37,26 @@ sweep would switch from none to all at its size, but a real one does not (set-as
 not strictly LRU, shared with activations, code and the other hyperthread, with an L3 behind
 it): uniform MobileNetV2 variants from 0.6 to 5.7 MB of weights measured end to end fit this
 ramp with a sixth of the step's squared error (``benchmarks/results/weight_stream_knee.md``:
-relative SSE 0.018 against 0.115; the best ramp on a grid, 0.6x-1.3x, 0.014; an earlier,
-uncommitted sweep's best was 0.55x-1.4x), and a validation variant with 1.99 MB of weights, just under the 2 MiB L2,
-had been predicted 13-27 % low by the step. The allocator prices the term too
+relative SSE 0.018 against 0.115; the best ramp on that grid, 0.6x-1.3x, 0.014), and in the same
+sweep the variant with 1.99 MB of weights, just under the 2 MiB L2, is fitted 22 % low by the step
+and 2 % low by the ramp (``weight_stream_knee.json``). The allocator prices the term too
 (``allocate.latency_cost``: a plan-wide term beside the layers', first order in the knapsack,
 exact in the plan's total).
 
 That "raw" prediction is exact at full width by construction; a linear *calibration*
 ``measured ~ a * layer_sum + b`` fitted on whole-model measurements of a few pruned variants
-corrects how the layer sum scales (``profile`` fits it; both figures are always reported).
+corrects how the layer sum scales (``profile`` fits it with ``validate.fit_calibration``; both
+figures are always reported).
 
 With ``profile --lowrank``, each plain conv also gets the two tables its factorised form needs
 (``transforms.lowrank``: a k x k conv to the rank, nothing fused, then a 1 x 1 conv carrying the
 layer's fused BatchNorm / Add / activation), over (inputs x ranks) and (ranks x outputs); the
 halves ``X.0`` and ``X.1`` of a factorised layer ``X`` are priced from them.
+
+This is one module, over the usual length, because it defines the table's format end to end: the
+configuration key that names an entry (``Family.key``), the standalone graph that measures it
+(``layer_graph``, ``with_probe``, ``overhead_graph``) and the interpolation and streaming term that
+price from it (``LatencyTable``); a change to any one of them changes what the others read or write.
 """
 
 from __future__ import annotations

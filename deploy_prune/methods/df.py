@@ -48,6 +48,10 @@ Where the paper leaves a choice open, ours (each can be changed by a setting):
   shift removed are given back, most valuable first, while the budget still holds.
 - Ranks are materialised by plain truncated SVD of the (filter-pruned) weight: the best
   rank-r approximation, which fine-tuning starts from.
+
+This is one module, over the usual length, because it is one method: the surrogate costs
+(``Counted``, ``Measured``), the learning of Algorithm 1 and the materialisation all implement the
+equations and choices above, and each choice changes how the others must count.
 """
 
 from __future__ import annotations

@@ -57,12 +57,12 @@ from deploy_prune.pipeline.config import CompressConfig, parse_nm
 from deploy_prune.pipeline.loop import (
     _budget,
     _final_measure,
-    cost_model,
     _keeps,
     _narrowest_or_unreachable,
     _plan_closed_loop,
     _prune_to,
     _verify,
+    cost_model,
 )
 from deploy_prune.pipeline.run import Run, UserParts, _model_figures, record_step
 from deploy_prune.transforms import (

@@ -4,6 +4,10 @@
 ``deploy-prune report runs/NAME`` calls) reads it and writes beside it ``report.md``,
 a self-contained ``report.html`` (plots embedded as base64 PNG) and the PNG plots.
 Only the keys in ``REQUIRED_KEYS`` must be present; everything else is rendered when it is there.
+
+This is one module, over the usual length, because it renders one report: Markdown and HTML
+lay out the same sections from the same row builders (``_headline_rows``, ``_step_rows`` and the
+like), and the plots are what both embed, so a field added to ``report.json`` is rendered here once.
 """
 
 from __future__ import annotations

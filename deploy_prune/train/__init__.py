@@ -11,6 +11,10 @@ a run unless told to ``resume`` it or ``overwrite`` it (which first deletes the 
 so no stale ``model.onnx`` survives beside a new ``model.pt``); ``fit`` deletes the exports
 beside ``model.pt`` whenever it writes a changed one. A failed run leaves no empty ``out`` or
 ``checkpoints/`` directory, and temp files of a killed write are removed by the next run.
+
+This is one module, at about the usual length, because it is one training loop: the run
+directory's checkpoints, the resume checks and the DDP set-up all serve ``fit`` and
+``train_model``, and the two helpers beside them (``recalibrate_bn``, ``distillation_loss``) are small.
 """
 
 from __future__ import annotations
