@@ -169,8 +169,8 @@ def compress(
 
     Under ``torchrun`` call it on every rank: rank 0 profiles, measures, plans and writes; the
     built-in loop fine-tunes every rank's shard with DDP, and your ``finetune`` is called on every
-    rank (``ctx.rank``, ``ctx.world_size``: wrap the model in DDP and shard the data yourself).
-    Every rank returns the same pruned model and report.
+    rank (``ctx.rank``, ``ctx.world_size``: wrap the model in DDP and shard the data yourself);
+    ``evaluate`` runs on rank 0 alone. Every rank returns the same pruned model and report.
 
     >>> result = compress(model, torch.zeros(1, 3, 32, 32), target="cpu-ort-1t", budget=LatencyRatio(0.5),
     ...                   train=train_set, val=val_set, epochs=1)   # doctest: +SKIP

@@ -89,6 +89,8 @@ class Target:
     protocol: Protocol = field(default_factory=Protocol)
     agent: dict[str, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific settings
+    # How a precision: int8 target calibrates activation ranges: {method, batches} (quantize.Calibration).
+    calibration: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
     def resolved_threads(self) -> int:
@@ -156,6 +158,12 @@ class _AgentFile(BaseModel):
     timeout_s: float = Field(600.0, gt=0, le=86_400, allow_inf_nan=False)
 
 
+class _CalibrationFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    batches: int = Field(8, ge=1, le=10_000)
+
+
 class TargetFile(BaseModel):
     """The target YAML's schema: what each key may hold (``Target`` documents what it means)."""
 
@@ -173,6 +181,7 @@ class TargetFile(BaseModel):
     description: str = ""
     agent: _AgentFile | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    calibration: _CalibrationFile | None = None
     warmup: int = Field(50, ge=0, le=PROTOCOL_MAX["warmup"])
     repeats: int = Field(300, ge=1, le=PROTOCOL_MAX["repeats"])
     rounds: int = Field(5, ge=1, le=PROTOCOL_MAX["rounds"])

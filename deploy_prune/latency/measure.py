@@ -77,12 +77,21 @@ class LocalMeasurer:
             "precision": self.target.precision,
         }
 
-    def load(self, model: ModelSource) -> Session:
+    def deployed(self, model: ModelSource) -> bytes | Path:
+        """What the target runs for ``model``: the fp32 ONNX itself, or its quantized artefact
+        (``quantize.deploy_cached``: calibrated on random batches, which is all timing needs)."""
         if isinstance(model, str):
             model = Path(model)
         if isinstance(model, Path) and not model.is_file():
             raise UserError(f"ONNX model {str(model)!r} not found")
-        return self.backend.load(model, self.target)
+        if self.target.precision == "fp32":
+            return model
+        from deploy_prune.quantize import deploy_cached
+
+        return deploy_cached(model.read_bytes() if isinstance(model, Path) else model, self.target)
+
+    def load(self, model: ModelSource) -> Session:
+        return self.backend.load(self.deployed(model), self.target)
 
     def timer(self, key: str, model: ModelSource) -> Callable[[], float]:
         """Load ``model`` and return a function that times one run (for interleaving by the caller)."""
@@ -100,8 +109,7 @@ class LocalMeasurer:
     def layer_times(self, models: Mapping[str, ModelSource], runs: int = 20) -> dict[str, dict[str, float]]:
         out = {}
         for key, src in models.items():
-            model = Path(src) if isinstance(src, str) else src
-            sess = self.backend.load(model, self.target, per_layer=True)
+            sess = self.backend.load(self.deployed(src), self.target, per_layer=True)
             out[key] = layer_times(sess, feed_for(sess, self.target), runs)
         return out
 

@@ -160,6 +160,9 @@ def check_profile(prof: Mapping[str, Any], target: Target, fingerprint: str | No
         why.append(f"deploy-prune {prof.get('provenance', {}).get('tool_version')}, not {__version__}")
     if info is not None and prof.get("measurer", {}).get("backend_versions") != info.get("backend_versions"):
         why.append(f"backend {prof.get('measurer', {}).get('backend_versions')}, not {info.get('backend_versions')}")
+    made_at = prof.get("measurer", {}).get("precision", "fp32")
+    if made_at != target.precision:  # int8 kernels are other kernels: an fp32 table prices none of them
+        why.append(f"precision {made_at!r}, not {target.precision!r}")
     if info is not None and info.get("device") and prof.get("measurer", {}).get("device") != info["device"]:
         # a LUT says nothing about another chip: the same target name on a new machine needs a new profile
         why.append(f"device {prof.get('measurer', {}).get('device')!r}, not {info['device']!r}")

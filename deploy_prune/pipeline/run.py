@@ -1,5 +1,7 @@
 """The state of one compress run (``Run``): the model, data, target and what has happened so far;
-measuring, fine-tuning and checkpoints. Methods see it as a ``methods.context.MethodContext``."""
+measuring, fine-tuning and checkpoints. Methods see it as a ``methods.context.MethodContext``.
+``FitJob``/``run_job`` are the one fine-tuning every torchrun rank runs (``pipeline.workers``);
+they sit here because ``Run.finetune`` is their only caller on rank 0."""
 
 from __future__ import annotations
 
@@ -349,8 +351,9 @@ class Run:
         job = FitJob(epochs=epochs, tag=tag, resume=resume, subset_seed=self.cfg.seed + len(self.report["steps"]),
                      masks=self.masks, meta=self.meta_pruned())
         shared = self.world > 1 and stop is None and penalty is None
-        if self.world > 1 and not shared:
-            self.notes.append(f"the {tag!r} fine-tuning (the method's own training) ran on rank 0 alone")
+        alone = "the method's own training ran on rank 0 alone: its stopping rule or penalty is not sent to other ranks"
+        if self.world > 1 and not shared and alone not in self.notes:
+            self.notes.append(alone)
         if shared:
             from deploy_prune.pipeline.workers import send_job
 

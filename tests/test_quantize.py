@@ -1,0 +1,87 @@
+"""The deployed artefact of an int8 target: ONNX Runtime static quantization, timed and run as shipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deploy_prune.cli import app
+from deploy_prune.config import parse_target_dict
+from deploy_prune.errors import UserError
+from deploy_prune.export import onnx_bytes
+from deploy_prune.latency.measure import LocalMeasurer
+from deploy_prune.quantize import deploy_onnx, is_quantized
+from deploy_prune.target import load_target
+
+INT8 = dict(name="q8", backend="onnxruntime", precision="int8", threads=1, warmup=2, repeats=10, rounds=2, min_time_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def fp32() -> bytes:
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+                            torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                            torch.nn.Flatten(), torch.nn.Linear(32, 10)).eval()
+    return onnx_bytes(m, (3, 16, 16), 1)
+
+
+def _run(model: bytes, x: np.ndarray) -> np.ndarray:
+    s = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]  # type: ignore[no-any-return]
+
+
+def test_int8_quantizes_to_qdq_and_stays_close(fp32: bytes) -> None:
+    rng = np.random.default_rng(1)
+    cal = [rng.standard_normal((1, 3, 16, 16), dtype=np.float32) for _ in range(8)]
+    q = deploy_onnx(fp32, parse_target_dict(INT8), cal)
+    ops = {n.op_type for n in onnx.load_from_string(q).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and is_quantized(q) and not is_quantized(fp32)
+    x = rng.standard_normal((1, 3, 16, 16), dtype=np.float32)
+    ref, got = _run(fp32, x), _run(q, x)
+    assert np.abs(ref - got).max() < 0.1 * np.abs(ref).max()  # int8 error, not a different model
+    assert deploy_onnx(q, parse_target_dict(INT8)) == q  # already quantized: run as it is
+    assert deploy_onnx(fp32, parse_target_dict({**INT8, "precision": "fp32"})) == fp32
+
+
+def test_the_measurer_times_the_quantized_model(fp32: bytes) -> None:
+    m = LocalMeasurer(parse_target_dict(INT8))
+    stats = m.time({"model": fp32})["model"]
+    assert stats.n >= 10 and stats.median > 0
+    assert m.info()["precision"] == "int8"
+    with pytest.raises(UserError, match="runs int8, but the model is fp32"):
+        m.backend.load(fp32, m.target)  # the backend alone never runs an fp32 graph as if it were int8
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(calibration={"method": "kl"}), "calibration.method"),
+    (dict(calibration={"batches": 0}), "calibration.batches"),
+    (dict(calibration={"batch": 8}), "unknown key 'calibration.batch'"),
+    (dict(precision="int4"), "precision"),
+])
+def test_bad_int8_targets_are_refused(change: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        parse_target_dict({**INT8, **change})
+
+
+def test_a_precision_the_backend_has_no_path_for(fp32: bytes) -> None:
+    with pytest.raises(UserError, match="backend onnxruntime has no fp16 path here"):
+        deploy_onnx(fp32, parse_target_dict({**INT8, "precision": "fp16"}))
+    with pytest.raises(UserError, match="give calibration data"):
+        deploy_onnx(fp32, parse_target_dict(INT8), [])
+
+
+def test_benchmark_shows_both_precisions_in_one_table(fp32: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(fp32)
+    assert load_target("cpu-ort-int8-1t").precision == "int8"
+    res = CliRunner().invoke(app, ["benchmark", str(path), "--target", "cpu-ort-1t", "--target", "cpu-ort-int8-1t",
+                                   "--repeats", "20", "--rounds", "2", "--warmup", "2", "--min-time", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = __import__("json").loads(res.output)["results"]
+    assert [(r["target"], r["precision"]) for r in rows] == [("cpu-ort-1t", "fp32"), ("cpu-ort-int8-1t", "int8")]
