@@ -92,7 +92,8 @@ def markdown(res: dict) -> str:
         "# DeepLSP vs uniform L1 at the same measured latency budget",
         "",
         f"`python benchmarks/compress_vs_uniform.py --weights {c['weights']} --data {c['data']} --target {c['target']} "
-        f"--budgets {c['budgets']} --epochs {c['epochs']} --step-fraction {c['step_fraction']} --lr {c['lr']}`",
+        f"--budgets {c['budgets']} --epochs {c['epochs']} --step-fraction {c['step_fraction']} --lr {c['lr']} "
+        f"--runs {c['runs']} --profiles {c['profiles']} --out {c['out']}`",
         "",
         "| budget | method | met | accuracy % (baseline) | latency ms (budget) | ratio to baseline, same session | % of budget | FLOPs kept | params kept | zeros | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -182,6 +182,9 @@ def compress(
     paths = {k: out_dir / f for k, f in (("onnx", "model.onnx"), ("checkpoint", "model.pt"), ("program", "model.pt2"),
                                          ("report", "report.json"), ("markdown", "report.md"), ("html", "report.html"))
              if (out_dir / f).is_file()}
+    deployed = (report["final"].get("deployed") or {}).get("path")
+    if deployed:  # the quantized artefact of an int8 target
+        paths["deployed"] = Path(deployed)
     return Result(model=pruned, report=report, out=out_dir, paths=paths)
 
 

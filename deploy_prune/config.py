@@ -89,7 +89,7 @@ class Target:
     protocol: Protocol = field(default_factory=Protocol)
     agent: dict[str, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific settings
-    # How a precision: int8 target calibrates activation ranges: {method, batches} (quantize.Calibration).
+    # How a precision: int8 target calibrates activation ranges: {method, samples} (quantize.Calibration).
     calibration: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
@@ -161,7 +161,7 @@ class _AgentFile(BaseModel):
 class _CalibrationFile(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    batches: int = Field(8, ge=1, le=10_000)
+    samples: int = Field(128, ge=1, le=100_000)
 
 
 class TargetFile(BaseModel):

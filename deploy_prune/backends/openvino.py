@@ -28,7 +28,8 @@ from deploy_prune.backends import BACKENDS, Feed, center_by_node, conv_pool_grap
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 
-PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+# int8 comes from the model's QDQ pairs (quantize.deploy_onnx); what is left unquantized runs f32.
+PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
 
 
 class OvSession:

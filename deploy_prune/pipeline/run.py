@@ -26,7 +26,7 @@ from deploy_prune.errors import UserError
 from deploy_prune.export import onnx_bytes
 from deploy_prune.graph import ModelGraph
 from deploy_prune.io import ensure_dir
-from deploy_prune.latency.measure import Measurer, measurer_for
+from deploy_prune.latency.measure import LocalMeasurer, Measurer, measurer_for
 from deploy_prune.latency.timing import QUIET_BAND
 from deploy_prune.models import check_runs_on
 from deploy_prune.models.checkpoint import load_checkpoint, load_model, save_checkpoint
@@ -247,6 +247,32 @@ class Run:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise UserError(f"evaluate returned {value!r}; it must return a finite number ({self.parts.metric}, higher is better)")
         return float(value)
+
+    def deployed(self, model: nn.Module) -> tuple[bytes, dict[str, Any]] | None:
+        """``model`` as the target ships it, and its figures: quantized with activation ranges
+        calibrated on the scoring batches (``quantize.calibration_inputs``) and scored by the run's
+        metric through the target's backend; for a local target also the fp32 graph's latency on
+        the same backend, timed interleaved with the artefact. None for an fp32 target, whose
+        artefact is the ONNX export itself."""
+        if self.target.precision == "fp32":
+            return None
+        from deploy_prune.latency.timing import measure as interleaved
+        from deploy_prune.quantize import DeployedModule, calibration_inputs, deploy_onnx
+
+        t0 = time.perf_counter()
+        fp32 = self.onnx(model)
+        art = deploy_onnx(fp32, self.target, calibration_inputs(self.score_batches(), self.target))
+        figures: dict[str, Any] = {"precision": self.target.precision,
+                                   "accuracy": self.metric(DeployedModule(art, self.target))}
+        self._add_seconds("deploy", time.perf_counter() - t0)
+        if isinstance(self.measurer, LocalMeasurer):
+            t0 = time.perf_counter()
+            at_fp32 = LocalMeasurer(replace(self.target, precision="fp32"))
+            stats = interleaved({"deployed": self.measurer.timer("deployed", art), "fp32": at_fp32.timer("fp32", fp32)},
+                                self.target.protocol)
+            figures["latency_ms"], figures["fp32_latency_ms"] = stats["deployed"].as_dict(), stats["fp32"].as_dict()
+            self._add_seconds("measure", time.perf_counter() - t0)
+        return art, figures
 
     def subset_accuracy(self, model: nn.Module) -> float:
         """Accuracy on the fixed validation subset the sensitivity analysis uses (the user's

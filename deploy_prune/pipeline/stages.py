@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deploy_prune.config import PRECISIONS
 from deploy_prune.distributed import backend as distributed_backend
 from deploy_prune.distributed import world as distributed_world
 from deploy_prune.errors import BudgetUnreachable, UserError
@@ -107,6 +108,9 @@ def _baseline(run: Run) -> None:
     _ensure_profile(run)
     meas = run.measure(run.model)
     run.report["baseline"] = _model_figures(run, run.model, acc, meas["candidate"])
+    deployed = run.deployed(run.model)
+    if deployed is not None:
+        run.report["baseline"]["deployed"] = deployed[1]
 
 
 def start(run: Run) -> None:
@@ -203,7 +207,7 @@ def open_run(cfg: CompressConfig, progress: Callable[[str], None] | None, parts:
 
 # What a compress run writes in its directory: --overwrite removes these, and nothing else.
 RUN_FILES = ("model.onnx", "model.onnx.json", "model.pt", "model.pt2", "report.json", "report.md", "report.html",
-             "sensitivity.json")
+             "sensitivity.json", *(f"model.{p}.onnx" for p in PRECISIONS if p != "fp32"))
 RUN_DIRS = ("checkpoints", "finetune")
 
 
@@ -307,6 +311,11 @@ def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) ->
     acc = run.metric(run.model)
     run._add_seconds("evaluate", time.perf_counter() - t0)
     final = _model_figures(run, run.model, acc, meas["candidate"])
+    deployed = run.deployed(run.model)
+    if deployed is not None:  # the artefact that ships, beside the fp32 ONNX it came from
+        art = run.out / f"model.{run.target.precision}.onnx"
+        atomic_write(art, lambda p: p.write_bytes(deployed[0]))
+        final["deployed"] = {**deployed[1], "path": str(art)}
     if run.masks and final["sparsity"] > 0 and UNSTRUCTURED_NOTE.format(backend=run.target.backend) not in run.report["notes"]:
         run.report["notes"].append(UNSTRUCTURED_NOTE.format(backend=run.target.backend))
     if not exp.get("parity_ok", True):

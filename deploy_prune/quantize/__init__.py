@@ -5,15 +5,20 @@ model for it (``benchmark``, ``profile``'s one-layer graphs, ``compress``'s meas
 deployed model's metric) goes through ``deploy_onnx`` first. Quantizers are registered per
 ``backend:precision``; a pair with none is refused, naming what the backend does run.
 
+- ``openvino:int8``: NNCF's post-training quantization (``nncf.quantize``) of the ONNX graph
+  into QDQ pairs, compiled by OpenVINO to int8 kernels; ``openvino:bf16`` / ``fp16``: the
+  fp32 graph, which OpenVINO runs at that precision itself.
 - ``onnxruntime:int8``: ONNX Runtime's static quantization (``onnxruntime.quantization``), QDQ
   format, weights int8 per output channel, activations uint8 (the U8S8 pair its x86 kernels,
-  VNNI included, run fastest), activation ranges calibrated on ``Calibration.batches`` input
-  batches with ``Calibration.method`` (``minmax``, ``entropy`` or ``percentile``).
+  VNNI included, run fastest), activation ranges calibrated on ``Calibration.samples`` inputs
+  with ``Calibration.method`` (``minmax``, ``entropy`` or ``percentile``).
 
 Calibration data: a model's accuracy at int8 depends on the activation ranges, so the deployed
 model is calibrated on the user's data (``calibration=``). Its *latency* does not: int8 kernels
-take as long whatever values they multiply, so timing may quantize with seeded random batches
-(``calibration=None``), which is what the measurer does for graphs it has no data for.
+take as long whatever values they multiply, so timing quantizes with two seeded random inputs
+(``calibration=None``), which is what the measurer does: the one-layer graphs of a profile have
+no data of their own. ``DeployedModule`` runs an artefact as an ``nn.Module``, so the metric of
+the deployed model is scored by the same ``evaluate`` as the fp32 one.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
+from torch import nn
 
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
@@ -37,16 +44,17 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMa
 
 @dataclass(frozen=True)
 class Calibration:
-    """How activation ranges are found (target YAML ``calibration: {method, batches}``)."""
+    """How activation ranges are found (target YAML ``calibration: {method, samples}``):
+    ``samples`` model inputs (of the target's batch) from the training data."""
 
     method: str = "minmax"
-    batches: int = 8
+    samples: int = 128
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:
             raise UserError(f"calibration method {self.method!r} is not one of {', '.join(CALIBRATION_METHODS)}")
-        if not isinstance(self.batches, int) or self.batches < 1:
-            raise UserError(f"calibration batches must be a positive integer, got {self.batches!r}")
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise UserError(f"calibration samples must be a positive integer, got {self.samples!r}")
 
 
 Quantizer = Callable[[bytes, Target, Sequence[np.ndarray]], bytes]
@@ -57,14 +65,20 @@ def calibration_of(target: Target) -> Calibration:
     return Calibration(**target.calibration)
 
 
+PRECISION_KEY = "deploy_prune.precision"  # metadata of an artefact deploy_onnx made
+
+
 def is_quantized(model: bytes | onnx.ModelProto) -> bool:
-    """Whether the graph already holds quantized ops (it is then run as it is)."""
+    """Whether the graph is already a deployed artefact (made by ``deploy_onnx``, or holding
+    quantized ops); it is then run as it is."""
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
+    if any(p.key == PRECISION_KEY for p in proto.metadata_props):
+        return True
     return any(n.op_type in QUANTIZED_OPS for n in proto.graph.node)
 
 
-def random_batches(model: bytes, target: Target, n: int, seed: int = 0) -> list[np.ndarray]:
-    """``n`` seeded standard-normal batches of the model's first input (for timing only)."""
+def random_inputs(model: bytes, target: Target, n: int = 2, seed: int = 0) -> list[np.ndarray]:
+    """``n`` seeded standard-normal inputs of the model's first input (for timing only)."""
     proto = onnx.load_from_string(model)
     inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
     dims = [d.dim_value if d.dim_value > 0 else None for d in inputs[0].type.tensor_type.shape.dim]
@@ -79,7 +93,7 @@ def random_batches(model: bytes, target: Target, n: int, seed: int = 0) -> list[
 def deploy_onnx(model: bytes, target: Target, calibration: Sequence[np.ndarray] | None = None) -> bytes:
     """The artefact ``target`` runs for the fp32 ONNX ``model``: the model itself at fp32 or when
     it is already quantized, else the registered quantizer's output, calibrated on
-    ``calibration`` (input batches; None: seeded random ones, for timing only)."""
+    ``calibration`` (model inputs; None: seeded random ones, for timing only)."""
     if target.precision == "fp32" or is_quantized(model):
         return model
     key = f"{target.backend}:{target.precision}"
@@ -87,11 +101,13 @@ def deploy_onnx(model: bytes, target: Target, calibration: Sequence[np.ndarray] 
         runs = sorted(k.split(":")[1] for k in QUANTIZERS.names() if k.startswith(f"{target.backend}:"))
         raise UserError(f"target {target.name!r}: backend {target.backend} has no {target.precision} path here "
                         f"(it runs fp32{''.join(', ' + r for r in runs)}); change the target's precision")
-    cal = calibration_of(target)
-    batches = list(calibration) if calibration is not None else random_batches(model, target, cal.batches)
+    batches = list(calibration) if calibration is not None else random_inputs(model, target)
     if not batches:
         raise UserError(f"target {target.name!r} quantizes to {target.precision}: give calibration data (none was given)")
-    return QUANTIZERS.get(key)(model, target, batches)
+    out = onnx.load_from_string(QUANTIZERS.get(key)(model, target, batches))
+    # Marked, so a graph with nothing to quantize (a probe, a lone pool) is still known as deployed.
+    onnx.helper.set_model_props(out, {**{p.key: p.value for p in out.metadata_props}, PRECISION_KEY: target.precision})
+    return out.SerializeToString()
 
 
 _CACHE: dict[tuple[str, str], bytes] = {}
@@ -102,12 +118,47 @@ def deploy_cached(model: bytes, target: Target) -> bytes:
     baseline again and again; quantizing it each time would cost seconds)."""
     if target.precision == "fp32":
         return model
-    key = (hashlib.sha256(model).hexdigest(), f"{target.backend}:{target.precision}:{calibration_of(target)}")
+    key = (hashlib.sha256(model).hexdigest(), f"{target.backend}:{target.precision}:{calibration_of(target).method}")
     if key not in _CACHE:
         if len(_CACHE) > 64:
             _CACHE.clear()
         _CACHE[key] = deploy_onnx(model, target)
     return _CACHE[key]
+
+
+def _runtime_converts(model: bytes, target: Target, batches: Sequence[np.ndarray]) -> bytes:
+    """The backend runs the fp32 graph at this precision itself (OpenVINO's
+    ``INFERENCE_PRECISION_HINT``): the artefact is the fp32 ONNX."""
+    return model
+
+
+QUANTIZERS.register("openvino:bf16", "OpenVINO runs the fp32 graph in bf16 (INFERENCE_PRECISION_HINT)")(_runtime_converts)
+QUANTIZERS.register("openvino:fp16", "OpenVINO runs the fp32 graph in fp16 (INFERENCE_PRECISION_HINT)")(_runtime_converts)
+
+
+@QUANTIZERS.register("openvino:int8", "NNCF post-training quantization (nncf.quantize) of the ONNX model, run by OpenVINO")
+def _nncf_int8(model: bytes, target: Target, batches: Sequence[np.ndarray]) -> bytes:
+    """NNCF quantizes the ONNX graph (its ONNX backend, with the OpenVINO-oriented default
+    preset: symmetric int8 weights per channel, activations per tensor) into QDQ pairs, which
+    OpenVINO's CPU plugin compiles to int8 kernels. The artefact stays ONNX bytes, as every
+    other target's does, so the measurer, the agent and ``DeployedModule`` need nothing new."""
+    try:
+        import nncf
+    except ImportError:
+        raise UserError("target precision int8 on openvino needs nncf: pip install 'deploy-prune[openvino]'") from None
+
+    proto = onnx.load_from_string(model)
+    init = {t.name for t in proto.graph.initializer}
+    name = next(i.name for i in proto.graph.input if i.name not in init)
+    cal = calibration_of(target)
+    if cal.method != "minmax":
+        raise UserError(f"target {target.name!r}: NNCF's post-training quantization takes calibration method minmax "
+                        f"here, not {cal.method!r}")
+    try:
+        out = nncf.quantize(proto, nncf.Dataset([{name: b} for b in batches]), subset_size=len(batches))
+    except Exception as e:  # NNCF names the node or op it could not handle
+        raise UserError(f"nncf cannot quantize the model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return out.SerializeToString()  # type: ignore[no-any-return]
 
 
 @QUANTIZERS.register("onnxruntime:int8", "ONNX Runtime static quantization, QDQ, per-channel int8 weights, uint8 activations")
@@ -148,3 +199,44 @@ def _ort_int8(model: bytes, target: Target, batches: Sequence[np.ndarray]) -> by
             raise UserError(f"onnxruntime.quantization cannot quantize the model: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
         return dst.read_bytes()
+
+
+class DeployedModule(nn.Module):
+    """A deployed artefact run by the target's backend, called like the model it came from (for
+    scoring the metric of the model as it ships). Inputs are run ``target.batch`` at a time."""
+
+    def __init__(self, artefact: bytes, target: Target) -> None:
+        from deploy_prune.backends import get_backend
+
+        super().__init__()
+        self.target = target
+        self.session = get_backend(target.backend).load(artefact, target)
+        self.input_name = self.session.inputs[0][0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, outs = self.target.batch, []
+        for i in range(0, x.shape[0], b):
+            chunk = x[i:i + b].detach().cpu().float()
+            n = chunk.shape[0]
+            if n < b:  # the artefact's batch is static: pad the last chunk, keep its own rows
+                chunk = torch.cat([chunk, chunk.new_zeros(b - n, *chunk.shape[1:])])
+            out = self.session.run({self.input_name: chunk.numpy()})[0]
+            outs.append(torch.from_numpy(np.asarray(out))[:n])
+        return torch.cat(outs)
+
+
+def calibration_inputs(batches: Sequence[object], target: Target) -> list[np.ndarray]:
+    """``Calibration.samples`` model inputs (of the target's batch) cut from training batches
+    (``(inputs, targets)`` pairs or input tensors)."""
+    want, b, out = calibration_of(target).samples, target.batch, []
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, torch.Tensor):
+            raise UserError("calibration needs input tensors: training batches are neither tensors nor (input, target) pairs")
+        for i in range(0, x.shape[0] - b + 1, b):
+            out.append(x[i:i + b].detach().cpu().float().numpy())
+            if len(out) == want:
+                return out
+    if not out:
+        raise UserError(f"target {target.name!r} quantizes to {target.precision}: the training data gave no calibration inputs")
+    return out

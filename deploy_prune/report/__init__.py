@@ -179,7 +179,14 @@ def _headline_rows(rep: Mapping[str, Any]) -> list[list[str]]:
     rows: list[list[str]] = []
     ba, fa = _num(base.get("accuracy")), _num(fin.get("accuracy"))
     drop = f"{100 * (fa - ba):+.2f} pp" if ba is not None and fa is not None else _DASH
-    rows.append([f"{_metric(rep)} (%)", _pct(ba), _pct(fa), drop])
+    dep = fin.get("deployed") or {}
+    rows.append([f"{_metric(rep)}{' (fp32)' if dep else ''} (%)", _pct(ba), _pct(fa), drop])
+    if dep:  # the model as it ships (int8): its metric, and the latencies below are of it too
+        bd, fd = _num((base.get("deployed") or {}).get("accuracy")), _num(dep.get("accuracy"))
+        rows.append([f"{_metric(rep)} ({dep.get('precision')}, deployed) (%)", _pct(bd), _pct(fd),
+                     f"{100 * (fd - bd):+.2f} pp" if bd is not None and fd is not None else _DASH])
+        b32, f32 = _lat((base.get("deployed") or {}).get("fp32_latency_ms")), _lat(dep.get("fp32_latency_ms"))
+        rows.append(["latency of the fp32 graph, same backend (ms)", _ms(b32), _ms(f32), _rel(b32, f32)])
     for label, get, fmt in (
         ("latency median (ms)", lambda d: _lat(d.get("latency_ms"), "median"), _ms),
         ("latency p90 (ms)", lambda d: _lat(d.get("latency_ms"), "p90"), _ms),

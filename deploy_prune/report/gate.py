@@ -3,7 +3,8 @@
 ``run_gate`` returns one ``GateCheck`` per limit; the CLI prints ``format_result`` and exits
 0 when every check passes, 1 when any fails, 2 on bad input (``UserError``). Accuracies are
 fractions (0.9 = 90 %); ``max_accuracy_drop`` is baseline accuracy minus final accuracy, also a
-fraction (0.01 = 1 percentage point). With no explicit limit the gate checks the report's own
+fraction (0.01 = 1 percentage point). For a target that ships another precision (int8), the
+accuracies compared are the deployed model's (``final.deployed``). With no explicit limit the gate checks the report's own
 budget verdict (``met_budget``), or, when re-measuring a latency budget, the new median against it.
 """
 
@@ -132,6 +133,10 @@ def run_gate(
 
     fa, ba = _num(fin.get("accuracy")), _num(base.get("accuracy"))
     name = str((rep.get("metric") or {}).get("name") or "accuracy")  # the user's metric, when compress had one
+    shipped = fin.get("deployed")
+    if isinstance(shipped, Mapping):  # an int8 target: the gate judges the model as it ships
+        fa, ba = _num(shipped.get("accuracy")), _num((base.get("deployed") or {}).get("accuracy"))
+        name = f"{name} (deployed {shipped.get('precision')})"
     if min_accuracy is not None:
         if fa is None:
             result.checks.append(GateCheck("accuracy", False, None, min_accuracy,
