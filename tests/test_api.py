@@ -136,15 +136,15 @@ def test_api_bad_input(tmp_path: Path, change: dict, message: str) -> None:
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir()) or message.startswith("evaluate")
 
 
-def test_a_finetune_that_raises_keeps_the_last_stage(tmp_path: Path) -> None:
+def test_a_finetune_that_raises_keeps_the_last_stage(tmp_path: Path, quick_target_yaml: Callable[[int], Path]) -> None:
     model, ds = _tiny()
 
     def broken(m: nn.Module, epochs: float, ctx: dp.FinetuneContext) -> None:
         raise RuntimeError("CUDA out of memory (simulated)")
 
     with pytest.raises(dp.UserError, match=r"finetune raised RuntimeError: CUDA out of memory \(simulated\).*--resume"):
-        dp.compress(model, torch.zeros(1, 1, 8, 8), target="cpu-ort-1t", budget=dp.Flops(0.8), method="uniform", train=ds,
-                    val=ds, finetune=broken, out=tmp_path / "run", epochs=1, steps=1, profiles=tmp_path / "p")
+        dp.compress(model, torch.zeros(1, 1, 8, 8), target=str(quick_target_yaml(8)), budget=dp.Flops(0.8), method="uniform",
+                    train=ds, val=ds, finetune=broken, out=tmp_path / "run", epochs=1, steps=1, profiles=tmp_path / "p")
     assert (tmp_path / "run" / "checkpoints" / "state.pt").is_file()
 
 

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 
 def test_torchrun_two_processes(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
@@ -68,6 +70,7 @@ print("RESULT", json.dumps({"rank": world()[0], "hash": h, "met": res.met_budget
 '''
 
 
+@pytest.mark.slow  # the CLI test above covers the same workers in the default suite
 def test_api_under_torchrun(tmp_path: Path) -> None:
     """The API under torchrun: every rank returns the same pruned model and report."""
     script = tmp_path / "user.py"

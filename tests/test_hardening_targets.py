@@ -56,7 +56,7 @@ def test_a_target_yaml_file_with_a_bad_value_is_one_line_through_the_cli(tiny_on
 def test_a_precision_the_backend_does_not_run_is_refused(tiny_onnx: Path) -> None:
     from deploy_prune.backends import get_backend
 
-    t = target_from_dict({"name": "x", "backend": "onnxruntime", "precision": "int8"})
-    with pytest.raises(UserError, match="runs the ONNX model as exported .fp32., not precision 'int8'"):
+    t = target_from_dict({"name": "x", "backend": "onnxruntime", "precision": "fp16"})
+    with pytest.raises(UserError, match="runs fp32 and int8 .QDQ. models, not precision 'fp16'"):
         get_backend("onnxruntime").load(tiny_onnx, t)
 
