@@ -131,3 +131,17 @@ def test_openvino_deploys_int8_with_nncf_and_bf16_as_is(fp32: bytes, precision: 
     assert got.shape == (3, 10)
     assert (got[:1] - ref).abs().max() < 0.1 * ref.abs().max()
     assert LocalMeasurer(target).time({"m": fp32})["m"].median > 0
+
+
+def test_calibration_inputs_come_from_the_training_batches() -> None:
+    from deploy_prune.quantize import calibration_inputs
+
+    target = parse_target_dict({**INT8, "calibration": {"samples": 5}})
+    batches = [(torch.randn(3, 1, 4, 4), torch.zeros(3)), (torch.randn(3, 1, 4, 4), torch.zeros(3))]
+    got = calibration_inputs(batches, target)
+    assert len(got) == 5 and all(x.shape == (1, 1, 4, 4) for x in got)
+    assert len(calibration_inputs(batches[:1], target)) == 3  # fewer than asked: what there is (compress notes it)
+    with pytest.raises(UserError, match="calibration needs input tensors"):
+        calibration_inputs([{"image": 1}], target)
+    with pytest.raises(UserError, match="gave no calibration inputs"):
+        calibration_inputs([], target)

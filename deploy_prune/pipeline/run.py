@@ -42,6 +42,7 @@ from deploy_prune.transforms import (
     sparsity,
 )
 
+COLLAPSE = 0.05  # a deployed (int8) metric this far under the fp32 one gets a note in the report
 REMEASURE = 2  # extra takes of a measurement that fell wholly inside a contention episode (Run.measure)
 
 
@@ -257,13 +258,23 @@ class Run:
         if self.target.precision == "fp32":
             return None
         from deploy_prune.latency.timing import measure as interleaved
-        from deploy_prune.quantize import DeployedModule, calibration_inputs, deploy_onnx
+        from deploy_prune.quantize import DeployedModule, calibration_inputs, calibration_of, deploy_onnx
 
         t0 = time.perf_counter()
         fp32 = self.onnx(model)
-        art = deploy_onnx(fp32, self.target, calibration_inputs(self.score_batches(), self.target))
-        figures: dict[str, Any] = {"precision": self.target.precision,
+        cal = calibration_inputs(self.score_batches(), self.target)
+        want = calibration_of(self.target).samples
+        short = f"calibration used the {len(cal)} inputs the scoring batches hold, not the {want} asked for"
+        if len(cal) < want and short not in self.notes:
+            self.notes.append(short)
+        art = deploy_onnx(fp32, self.target, cal)
+        figures: dict[str, Any] = {"precision": self.target.precision, "calibration_samples": len(cal),
                                    "accuracy": self.metric(DeployedModule(art, self.target))}
+        drop = self.metric(model) - figures["accuracy"]
+        if drop > COLLAPSE:  # reported, never hidden: the gate judges this figure
+            self.notes.append(f"the {self.target.precision} artefact scores {figures['accuracy']:.4f}, {drop:.4f} under the "
+                              f"fp32 model's {self.parts.metric}: calibrate on more samples, another method, or keep "
+                              "sensitive layers unquantized")
         self._add_seconds("deploy", time.perf_counter() - t0)
         if isinstance(self.measurer, LocalMeasurer):
             t0 = time.perf_counter()
