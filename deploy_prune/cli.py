@@ -202,12 +202,14 @@ def benchmark_table(res: dict[str, Any]) -> Table:
     first: dict[str, float] = {}
     for r in res["results"]:
         first.setdefault(r["model"], r["latency_ms"]["median"])
+    names = [Path(m).name for m in first]
+    label = (lambda m: Path(m).name) if len(set(names)) == len(names) else (lambda m: str(m))  # runs/a/model.onnx, runs/b/...
     table = Table(title=f"latency, batch {res['results'][0]['input_shape'][0]} (ms)")
     for col in ("model", "target", "backend", "precision", "threads", "median", "p90", "IQR", "round CV", "runs", "x first"):
         table.add_column(col, justify="left" if col in ("model", "target", "backend", "precision") else "right", no_wrap=True)
     for r in res["results"]:
         s = r["latency_ms"]
-        table.add_row(Path(r["model"]).name, r["target"], r["backend"], str(r.get("precision", "fp32")), str(r["threads"]),
+        table.add_row(label(r["model"]), r["target"], r["backend"], str(r.get("precision", "fp32")), str(r["threads"]),
                       f"{s['median']:.3f}",
                       f"{s['p90']:.3f}", f"{s['iqr']:.3f}", f"{100 * s['round_cv']:.1f}%", str(s["n"]),
                       f"{s['median'] / first[r['model']]:.2f}")

@@ -145,3 +145,19 @@ def test_calibration_inputs_come_from_the_training_batches() -> None:
         calibration_inputs([{"image": 1}], target)
     with pytest.raises(UserError, match="gave no calibration inputs"):
         calibration_inputs([], target)
+
+
+def test_a_graph_with_two_inputs_is_timed_at_int8() -> None:
+    """A profile's one-layer graph of a residual add feeds two inputs; timing calibrates both."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Add", ["c", "r"], ["y"])], "res",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8]),
+         helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+    m = LocalMeasurer(parse_target_dict(INT8))
+    assert is_quantized(m.deployed(model))
+    assert m.time({"g": model})["g"].median > 0

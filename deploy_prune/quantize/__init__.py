@@ -57,7 +57,8 @@ class Calibration:
             raise UserError(f"calibration samples must be a positive integer, got {self.samples!r}")
 
 
-Quantizer = Callable[[bytes, Target, Sequence[np.ndarray]], bytes]
+Feeds = Sequence[dict[str, np.ndarray]]  # calibration: one {input name: array} per sample
+Quantizer = Callable[[bytes, Target, Feeds], bytes]
 QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
 
 
@@ -77,17 +78,25 @@ def is_quantized(model: bytes | onnx.ModelProto) -> bool:
     return any(n.op_type in QUANTIZED_OPS for n in proto.graph.node)
 
 
-def random_inputs(model: bytes, target: Target, n: int = 2, seed: int = 0) -> list[np.ndarray]:
-    """``n`` seeded standard-normal inputs of the model's first input (for timing only)."""
+def _graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    init = {t.name for t in proto.graph.initializer}
+    return [i for i in proto.graph.input if i.name not in init]
+
+
+def random_inputs(model: bytes, target: Target, n: int = 2, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``n`` seeded standard-normal feeds of every input of ``model`` (for timing only: a
+    profile's one-layer graphs of a residual add have two)."""
     proto = onnx.load_from_string(model)
-    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
-    dims = [d.dim_value if d.dim_value > 0 else None for d in inputs[0].type.tensor_type.shape.dim]
-    if dims and dims[0] is None:
-        dims[0] = target.batch
-    if any(d is None for d in dims):
-        raise UserError(f"model input {inputs[0].name!r} has dynamic dims; set input_shape and batch in the target YAML")
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal([int(d) for d in dims if d is not None], dtype=np.float32) for _ in range(n)]
+    shapes = {}
+    for inp in _graph_inputs(proto):
+        dims = [d.dim_value if d.dim_value > 0 else None for d in inp.type.tensor_type.shape.dim]
+        if dims and dims[0] is None:
+            dims[0] = target.batch
+        if any(d is None for d in dims):
+            raise UserError(f"model input {inp.name!r} has dynamic dims; set input_shape and batch in the target YAML")
+        shapes[inp.name] = [int(d) for d in dims if d is not None]
+    return [{k: rng.standard_normal(v, dtype=np.float32) for k, v in shapes.items()} for _ in range(n)]
 
 
 def deploy_onnx(model: bytes, target: Target, calibration: Sequence[np.ndarray] | None = None) -> bytes:
@@ -101,7 +110,11 @@ def deploy_onnx(model: bytes, target: Target, calibration: Sequence[np.ndarray] 
         runs = sorted(k.split(":")[1] for k in QUANTIZERS.names() if k.startswith(f"{target.backend}:"))
         raise UserError(f"target {target.name!r}: backend {target.backend} has no {target.precision} path here "
                         f"(it runs fp32{''.join(', ' + r for r in runs)}); change the target's precision")
-    batches = list(calibration) if calibration is not None else random_inputs(model, target)
+    if calibration is not None:
+        first = _graph_inputs(onnx.load_from_string(model))[0].name
+        batches = [{first: x} for x in calibration]
+    else:
+        batches = random_inputs(model, target)
     if not batches:
         raise UserError(f"target {target.name!r} quantizes to {target.precision}: give calibration data (none was given)")
     out = onnx.load_from_string(QUANTIZERS.get(key)(model, target, batches))
@@ -126,7 +139,7 @@ def deploy_cached(model: bytes, target: Target) -> bytes:
     return _CACHE[key]
 
 
-def _runtime_converts(model: bytes, target: Target, batches: Sequence[np.ndarray]) -> bytes:
+def _runtime_converts(model: bytes, target: Target, batches: Feeds) -> bytes:
     """The backend runs the fp32 graph at this precision itself (OpenVINO's
     ``INFERENCE_PRECISION_HINT``): the artefact is the fp32 ONNX."""
     return model
@@ -137,7 +150,7 @@ QUANTIZERS.register("openvino:fp16", "OpenVINO runs the fp32 graph in fp16 (INFE
 
 
 @QUANTIZERS.register("openvino:int8", "NNCF post-training quantization (nncf.quantize) of the ONNX model, run by OpenVINO")
-def _nncf_int8(model: bytes, target: Target, batches: Sequence[np.ndarray]) -> bytes:
+def _nncf_int8(model: bytes, target: Target, batches: Feeds) -> bytes:
     """NNCF quantizes the ONNX graph (its ONNX backend, with the OpenVINO-oriented default
     preset: symmetric int8 weights per channel, activations per tensor) into QDQ pairs, which
     OpenVINO's CPU plugin compiles to int8 kernels. The artefact stays ONNX bytes, as every
@@ -148,21 +161,19 @@ def _nncf_int8(model: bytes, target: Target, batches: Sequence[np.ndarray]) -> b
         raise UserError("target precision int8 on openvino needs nncf: pip install 'deploy-prune[openvino]'") from None
 
     proto = onnx.load_from_string(model)
-    init = {t.name for t in proto.graph.initializer}
-    name = next(i.name for i in proto.graph.input if i.name not in init)
     cal = calibration_of(target)
     if cal.method != "minmax":
         raise UserError(f"target {target.name!r}: NNCF's post-training quantization takes calibration method minmax "
                         f"here, not {cal.method!r}")
     try:
-        out = nncf.quantize(proto, nncf.Dataset([{name: b} for b in batches]), subset_size=len(batches))
+        out = nncf.quantize(proto, nncf.Dataset(list(batches)), subset_size=len(batches))
     except Exception as e:  # NNCF names the node or op it could not handle
         raise UserError(f"nncf cannot quantize the model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return out.SerializeToString()  # type: ignore[no-any-return]
 
 
 @QUANTIZERS.register("onnxruntime:int8", "ONNX Runtime static quantization, QDQ, per-channel int8 weights, uint8 activations")
-def _ort_int8(model: bytes, target: Target, batches: Sequence[np.ndarray]) -> bytes:
+def _ort_int8(model: bytes, target: Target, batches: Feeds) -> bytes:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -172,13 +183,9 @@ def _ort_int8(model: bytes, target: Target, batches: Sequence[np.ndarray]) -> by
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    proto = onnx.load_from_string(model)
-    init = {t.name for t in proto.graph.initializer}
-    name = next(i.name for i in proto.graph.input if i.name not in init)
-
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
-            self.it = iter([{name: b} for b in batches])
+            self.it = iter(batches)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.it, None)
