@@ -92,6 +92,7 @@ def main() -> None:
             try:
                 rep = _compress(args, weights, target, out, opts)
             except BudgetUnreachable as e:
+                print(f"[{out.name}] unreachable: {e}", flush=True)
                 row[key] = {"unreachable": str(e)}
                 continue
             runs[key] = out

@@ -239,6 +239,12 @@ def test_profile_is_refused_for_another_target_model_or_backend(small_profile: t
         check_profile(prof, fast_target, fp, {"backend_versions": same_backend, "device": "Other CPU (1 threads)"})
     assert not check_profile(prof, fast_target, fp, {"backend_versions": same_backend, "device": prof["measurer"]["device"]})
     assert check_profile(prof, other, fp, None, force=True)  # forced: reasons returned, no error
+    from dataclasses import replace
+
+    with pytest.raises(UserError, match="channel multiple 8, not 4"):  # its grid steps in 8s
+        check_profile(prof, replace(fast_target, channel_multiple=4), fp, None)
+    with pytest.raises(UserError, match="precision 'fp32', not 'int8'"):  # an fp32 table prices no int8 kernel
+        check_profile(prof, replace(fast_target, precision="int8"), fp, None)
     with pytest.raises(UserError, match="no profile"):
         load_profile(path.with_name("nope.json"), fast_target, fp)
 

@@ -76,6 +76,9 @@ def optimized_graph(model: bytes) -> Any:
         return onnx.load(so.optimized_model_filepath)
 
 
+INT8_CHANNEL_STEP = 4
+
+
 @functools.lru_cache(maxsize=1)
 def nchwc_block() -> int:
     """The channel block of ORT's NCHWc layout on this CPU (MLAS: 8 with AVX2, 16 with AVX-512),
@@ -107,6 +110,12 @@ class OnnxRuntimeBackend:
         return f"{cpu_model()} ({target.resolved_threads()} threads)"
 
     def channel_block(self, target: Target) -> int:
+        if target.precision == "int8":
+            # QDQ convs run as ORT's int8 kernels, channels-last, outside the NCHWc layout; they
+            # consume channels 4 at a time (the u8s8 dot product of VNNI and its AVX2 emulation):
+            # a conv at a multiple of 4 times like the next multiple of 8, one between them up to
+            # 40 % slower (benchmarks/results/channel_steps_cpu-ort-int8-1t.md).
+            return INT8_CHANNEL_STEP
         return nchwc_block()
 
     def load(self, model: Path | bytes, target: Target, per_layer: bool = False) -> OrtSession:

@@ -160,6 +160,9 @@ def check_profile(prof: Mapping[str, Any], target: Target, fingerprint: str | No
         why.append(f"deploy-prune {prof.get('provenance', {}).get('tool_version')}, not {__version__}")
     if info is not None and prof.get("measurer", {}).get("backend_versions") != info.get("backend_versions"):
         why.append(f"backend {prof.get('measurer', {}).get('backend_versions')}, not {info.get('backend_versions')}")
+    made_in = prof.get("target", {}).get("channel_multiple")
+    if made_in is not None and made_in != target.channel_multiple:  # its grid steps in other units
+        why.append(f"channel multiple {made_in}, not {target.channel_multiple}")
     made_at = prof.get("measurer", {}).get("precision", "fp32")
     if made_at != target.precision:  # int8 kernels are other kernels: an fp32 table prices none of them
         why.append(f"precision {made_at!r}, not {target.precision!r}")

@@ -192,6 +192,9 @@ def _ort_int8(model: bytes, target: Target, batches: Feeds) -> bytes:
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[calibration_of(target).method]
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # calibration sessions warn about initializers the quantizer left unused
     with tempfile.TemporaryDirectory(prefix="deploy-prune-q-") as d:
         raw, src, dst = Path(d) / "fp32.onnx", Path(d) / "pre.onnx", Path(d) / "int8.onnx"
         raw.write_bytes(model)
