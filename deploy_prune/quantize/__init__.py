@@ -63,6 +63,7 @@ QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
 
 
 def calibration_of(target: Target) -> Calibration:
+    """The target's calibration settings (defaults where its YAML gives none)."""
     return Calibration(**target.calibration)
 
 
