@@ -147,6 +147,7 @@ def test_df_meets_a_flops_budget_and_writes_a_loadable_run(hybrid_run: tuple[Pat
     assert ("## Low-rank layers" in md) == bool(rep["ranks"])
 
 
+@pytest.mark.slow  # three full df runs; the default suite keeps the hybrid's own tests
 def test_df_ablation_modes_touch_only_their_part(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
     filters = compress(_cfg(tiny_run, tmp_path / "f", target_yaml, method_options={"mode": "filters", "df_epochs": 2, "df_lr": 0.05}))
     assert filters["ranks"] == [] and filters["met_budget"]
