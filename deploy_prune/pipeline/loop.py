@@ -7,8 +7,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from torch import nn
+
 from deploy_prune.allocate import CostModel, allowed_keeps, channels_cost, flops_cost, latency_cost, params_cost
 from deploy_prune.errors import BudgetUnreachable, UserError
+from deploy_prune.graph import ModelGraph
 from deploy_prune.latency.timing import quiet_estimate, quiet_of
 from deploy_prune.measured_search import Point, line_search
 from deploy_prune.methods import Method
@@ -263,14 +266,20 @@ def _verified_widths(run: Run, budget: dict[str, Any], over: Point, stage: str) 
 def _prune_to(run: Run, method: Method, widths: dict[str, int]) -> None:
     """Prune the current model to ``widths`` (never wider than it is), the lowest-scoring channels
     by the method's criterion (L1 for a method without one) going first."""
-    current = group_widths(run.graph)
+    cut(run.model, run.graph, widths, getattr(method, "criterion", "l1"), run.score_batches(), run.cfg.seed)
+
+
+def cut(model: nn.Module, graph: ModelGraph, widths: dict[str, int], criterion: str, batches: list[Any], seed: int) -> None:
+    """Cut ``model`` (whose dependency graph is ``graph``) in place to ``widths``: groups already
+    at or under their width stay; in the others the channels ``criterion`` scores lowest on the
+    model's own weights go first."""
+    current = group_widths(graph)
     widths = {g: k for g, k in widths.items() if g in current and k < current[g]}
     if not widths:
         return
     from deploy_prune.importance import score_groups
 
-    scores = score_groups(run.model, run.graph, getattr(method, "criterion", "l1"), run.score_batches(), seed=run.cfg.seed)
-    run.graph.prune_by_scores(widths, scores)
+    graph.prune_by_scores(widths, score_groups(model, graph, criterion, batches, seed=seed))
 
 
 def _pooled_over(meas: list[dict[str, Any]], budget: dict[str, Any]) -> tuple[float, float]:

@@ -20,12 +20,11 @@ from torch import nn
 
 from deploy_prune.errors import UserError
 from deploy_prune.graph import ModelGraph
-from deploy_prune.importance import score_groups
 from deploy_prune.latency.lut import LatencyTable
 from deploy_prune.latency.timing import quiet_of
 from deploy_prune.measured_search import between
 from deploy_prune.pipeline.config import CompressConfig
-from deploy_prune.pipeline.loop import _keeps, _plan_closed_loop, _pooled_over
+from deploy_prune.pipeline.loop import _keeps, _plan_closed_loop, _pooled_over, cut
 from deploy_prune.pipeline.run import UserParts
 from deploy_prune.pipeline.stages import make_method, open_run, start
 from deploy_prune.transforms import group_widths
@@ -102,10 +101,7 @@ class Planner:
         if unknown:
             raise UserError(f"widths name groups this model does not have: {', '.join(unknown[:5])}; "
                             "pass widths from plan() or schedule()")
-        cut = {g: k for g, k in widths.items() if k < current[g]}
-        if cut:
-            scores = score_groups(m, graph, getattr(self.method, "criterion", "l1"), run.score_batches(), seed=run.cfg.seed)
-            graph.prune_by_scores(cut, scores)
+        cut(m, graph, widths, getattr(self.method, "criterion", "l1"), run.score_batches(), run.cfg.seed)
         return m
 
     def check(self, model: nn.Module) -> Check:

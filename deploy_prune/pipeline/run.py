@@ -249,12 +249,13 @@ class Run:
             raise UserError(f"evaluate returned {value!r}; it must return a finite number ({self.parts.metric}, higher is better)")
         return float(value)
 
-    def deployed(self, model: nn.Module) -> tuple[bytes, dict[str, Any]] | None:
+    def deployed(self, model: nn.Module, fp32_metric: float) -> tuple[bytes, dict[str, Any]] | None:
         """``model`` as the target ships it, and its figures: quantized with activation ranges
         calibrated on the scoring batches (``quantize.calibration_inputs``) and scored by the run's
         metric through the target's backend; for a local target also the fp32 graph's latency on
-        the same backend, timed interleaved with the artefact. None for an fp32 target, whose
-        artefact is the ONNX export itself."""
+        the same backend, timed interleaved with the artefact; ``fp32_metric`` (the caller's
+        score of ``model``) is what the deployed metric is compared with. None for an fp32 target,
+        whose artefact is the ONNX export itself."""
         if self.target.precision == "fp32":
             return None
         from deploy_prune.latency.timing import measure as interleaved
@@ -270,7 +271,7 @@ class Run:
         art = deploy_onnx(fp32, self.target, cal)
         figures: dict[str, Any] = {"precision": self.target.precision, "calibration_samples": len(cal),
                                    "accuracy": self.metric(DeployedModule(art, self.target))}
-        drop = self.metric(model) - figures["accuracy"]
+        drop = fp32_metric - figures["accuracy"]
         if drop > COLLAPSE:  # reported, never hidden: the gate judges this figure
             self.notes.append(f"the {self.target.precision} artefact scores {figures['accuracy']:.4f}, {drop:.4f} under the "
                               f"fp32 model's {self.parts.metric}: calibrate on more samples, another method, or keep "

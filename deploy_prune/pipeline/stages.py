@@ -108,7 +108,7 @@ def _baseline(run: Run) -> None:
     _ensure_profile(run)
     meas = run.measure(run.model)
     run.report["baseline"] = _model_figures(run, run.model, acc, meas["candidate"])
-    deployed = run.deployed(run.model)
+    deployed = run.deployed(run.model, acc)
     if deployed is not None:
         run.report["baseline"]["deployed"] = deployed[1]
 
@@ -311,7 +311,7 @@ def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) ->
     acc = run.metric(run.model)
     run._add_seconds("evaluate", time.perf_counter() - t0)
     final = _model_figures(run, run.model, acc, meas["candidate"])
-    deployed = run.deployed(run.model)
+    deployed = run.deployed(run.model, acc)
     if deployed is not None:  # the artefact that ships, beside the fp32 ONNX it came from
         art = run.out / f"model.{run.target.precision}.onnx"
         atomic_write(art, lambda p: p.write_bytes(deployed[0]))
