@@ -97,6 +97,15 @@ def quietest_take(take: Callable[[], dict[str, Any]], quietest: float) -> tuple[
     return best, quietest
 
 
+def unpruned_model(cfg: CompressConfig, parts: UserParts, data: DataBundle) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a run starts from and its checkpoint metadata: a copy of the API's model (the
+    user's object stays untouched), else the one ``cfg.weights`` / ``cfg.model`` name."""
+    if parts.model is not None:
+        return copy.deepcopy(parts.model).cpu(), {}
+    return load_model(cfg.weights, cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                      trust=cfg.trust)
+
+
 @dataclass
 class FitJob:
     """One fine-tuning the pipeline asks for: what every process needs besides the model, its
@@ -160,11 +169,7 @@ class Run:
         self.parts = parts or UserParts()
         self.target: Target = self.parts.target or load_target(cfg.target)
         self.data: DataBundle = self.parts.data or load_data(cfg.data, cfg.data_options)
-        if self.parts.model is not None:  # the API's model: pruned as a copy, the user's object untouched
-            self.model, meta = copy.deepcopy(self.parts.model).cpu(), dict[str, Any]()
-        else:
-            self.model, meta = load_model(cfg.weights, cfg.model, num_classes=self.data.num_classes,
-                                          in_channels=self.data.in_channels, trust=cfg.trust)
+        self.model, meta = unpruned_model(cfg, self.parts, self.data)
         check_runs_on(self.model, self.data.input_shape, self.data.num_classes if self.parts.evaluate is None else None)
         if meta.get("pruned"):
             raise UserError(f"{cfg.weights!r} is already a compress result; compress its original weights instead")

@@ -20,9 +20,8 @@ from torch import nn
 
 from deploy_prune.data import load_data
 from deploy_prune.distributed import broadcast
-from deploy_prune.models.checkpoint import load_model
 from deploy_prune.pipeline.config import CompressConfig
-from deploy_prune.pipeline.run import FitJob, UserParts, run_job
+from deploy_prune.pipeline.run import FitJob, UserParts, run_job, unpruned_model
 from deploy_prune.transforms import rebuild_pruned
 
 
@@ -45,11 +44,7 @@ def serve(cfg: CompressConfig, parts: UserParts) -> tuple[dict[str, Any], nn.Mod
     """On ranks other than 0: run the fine-tunings rank 0 sends until it sends the end; returns
     the run's report and pruned model."""
     data = parts.data or load_data(cfg.data, cfg.data_options)
-    if parts.model is not None:
-        base = copy.deepcopy(parts.model).cpu()
-    else:
-        base = load_model(cfg.weights, cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                          trust=cfg.trust)[0]
+    base = unpruned_model(cfg, parts, data)[0]
     teacher = copy.deepcopy(base).eval()
     shape = tuple(data.input_shape)
     built: tuple[Any, nn.Module] | None = None  # the last architecture rebuilt: steps often repeat it
