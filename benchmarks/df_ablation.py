@@ -1,4 +1,4 @@
-"""DF ablation (seed 004, Fig. 4a): filter-only vs rank-only vs hybrid at the same FLOPs budgets.
+"""DF ablation (Fig. 4a of "A Differentiable Framework for End-to-End Learning of Hybrid Structured Compression"): filter-only vs rank-only vs hybrid at the same FLOPs budgets.
 
 Every run goes through ``compress --method df`` with the same mask-learning epochs and the same
 final fine-tuning (KD from the unpruned model), so only ``--df-mode`` differs. The paper's

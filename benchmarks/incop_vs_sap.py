@@ -1,4 +1,4 @@
-"""InCoP vs SAP (seed 003): the same PQ-index pruning, retraining stopped by information or gradient flow.
+"""InCoP vs SAP ("Information Consistent Pruning"): the same PQ-index pruning, retraining stopped by information or gradient flow.
 
 SAP retrains a fixed E epochs after every pruning iteration; InCoP-IF / InCoP-GF stop as soon
 as the network's information flow (or gradient flow) is within epsilon of the dense network's,

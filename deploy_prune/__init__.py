@@ -21,6 +21,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+# Every verb and the API measure on this target unless told otherwise: one thread, as an edge
+# deployment runs.
+DEFAULT_TARGET = "cpu-ort-1t"
 
 _API = {
     "compress": "api", "planner": "api", "profile": "api", "measure": "api", "load": "api", "list_targets": "api", "list_methods": "api",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deploy_prune import __version__
+from deploy_prune import DEFAULT_TARGET, __version__
 from deploy_prune.distributed import is_main
 from deploy_prune.errors import UserError
 
@@ -30,6 +31,16 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Prune vision models to a latency budget measured on the target device.",
 )
+
+def _flag_type(self: Any, ctx: Any) -> str | None:
+    """A flag takes no value, so its help row shows no type (typer's rich help prints ``<bool>``)."""
+    return None if getattr(self, "is_flag", False) else _option_type(self, ctx)
+
+
+if hasattr(typer.core.TyperOption, "display_type_rich"):
+    _option_type = typer.core.TyperOption.display_type_rich
+    typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
+
 # Piped output (CI logs, files) gets a wide console so tables are not cut to 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
@@ -37,15 +48,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _errors(fn: F) -> F:
-    """Turn UserError into one clear line and the error's exit code."""
+    """Turn UserError into one clear line and the error's exit code; an ``--out`` directory the
+    failed command created and wrote nothing into is removed."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        out = kwargs.get("out")
+        fresh = isinstance(out, Path) and not out.exists()
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        finally:
+            if fresh and sys.exc_info()[0] is not None:
+                from deploy_prune.io import remove_if_empty
+
+                remove_if_empty(out)
 
     return wrapper  # type: ignore[return-value]
 
@@ -58,6 +77,7 @@ ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="resize i
 TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="allow loading a pickled model (runs code from the file)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed for splits, init and shuffling")]
 CheckpointModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="architecture, if the checkpoint does not record it")]
+LOG_HELP = "record the finished run: tensorboard:DIR or mlflow[:URI] (repeatable; pip install 'deploy-prune[tracking]')"
 IgnoreOpt = Annotated[str, typer.Option("--ignore", help="comma-separated layer names never to prune")]
 
 
@@ -99,7 +119,7 @@ def train(
         weights=weights, trust=trust_checkpoint, resume=resume, overwrite=overwrite, seed=seed, progress=progress,
     )
     if metrics.get("rank", 0) == 0:
-        console.print(f"val accuracy {metrics['val_accuracy']:.4f} after {metrics['epochs']} epochs "
+        console.print(f"val accuracy {100 * metrics['val_accuracy']:.2f} % after {metrics['epochs']} epochs "
                       f"({metrics['train_seconds']:.1f} s) -> {out}/model.pt, {out}/metrics.json")
 
 
@@ -112,19 +132,23 @@ def export(
     data: Annotated[str | None, typer.Option("--data", "-d", help="dataset for real parity samples (default: the training data)")] = None,
     data_dir: DataDirOpt = None,
     input_shape: Annotated[str | None, typer.Option(help="C,H,W when the checkpoint does not record it")] = None,
-    batch: Annotated[int, typer.Option(help="static batch size of the exported graph")] = 1,
+    batch: Annotated[int, typer.Option(help="batch size of the exported graph (with --dynamic-batch: the one parity is checked at)")] = 1,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="make the batch axis of input and output symbolic ('batch')")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 18,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing ONNX file and its record")] = False,
     trust_checkpoint: TrustOpt = False,
 ) -> None:
-    """Export to ONNX, check it with onnx.checker, and compare outputs with torch."""
-    from deploy_prune.export import export_run
+    """Export to ONNX (normalisation, class names, input shape and provenance in its metadata), check it with
+    onnx.checker, and compare outputs with torch."""
+    from deploy_prune.export import BATCH_DIM, export_run
 
     rec = export_run(weights, out=out, model_spec=model, data_spec=data, data_dir=data_dir, input_shape=input_shape,
-                     batch=batch, opset=opset, trust=trust_checkpoint, overwrite=overwrite)
+                     batch=batch, opset=opset, trust=trust_checkpoint, overwrite=overwrite, dynamic_batch=dynamic_batch)
     status = "[green]ok[/]" if rec["parity_ok"] else "[red]OVER TOLERANCE[/]"
-    console.print(f"wrote {rec['onnx']} (opset {rec['opset']}, input {rec['input_shape']}); parity max |diff| "
-                  f"{rec['max_abs_diff']:.2e} over {rec['parity_samples']} samples {status}")
+    shape = [BATCH_DIM, *rec["input_shape"][1:]] if rec["dynamic_batch"] else rec["input_shape"]
+    at = f" at batches {', '.join(map(str, rec['parity_batches']))}" if rec.get("parity_batches") else ""
+    console.print(f"wrote {rec['onnx']} (opset {rec['opset']}, input {shape}); parity max |diff| "
+                  f"{rec['max_abs_diff']:.2e} over {rec['parity_samples']} samples{at} {status}")
     if not rec["parity_ok"]:
         raise typer.Exit(1)
 
@@ -133,7 +157,7 @@ def export(
 @_errors
 def benchmark(
     onnx_models: Annotated[list[Path], typer.Argument(help="ONNX model(s) to time")],
-    target: Annotated[list[str], typer.Option("--target", "-t", help="target name or YAML path (repeatable)")] = ["cpu-ort"],  # noqa: B006
+    target: Annotated[list[str], typer.Option("--target", "-t", help="target name or YAML path (repeatable)")] = [DEFAULT_TARGET],  # noqa: B006
     json_out: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="also write the JSON results to this file")] = None,
     warmup: Annotated[int | None, typer.Option(help="override the target's warm-up runs")] = None,
@@ -141,7 +165,7 @@ def benchmark(
     rounds: Annotated[int | None, typer.Option(help="override the target's interleaved rounds")] = None,
     min_time: Annotated[float | None, typer.Option(help="override the minimum seconds timed per model")] = None,
 ) -> None:
-    """Measure ONNX latency on one or more targets: median, p90, spread; interleaved."""
+    """Measure ONNX latency on one or more targets: median, p90/p95/p99, min, spread, throughput; interleaved."""
     from deploy_prune.config import Protocol
     from deploy_prune.io import write_json
     from deploy_prune.latency.benchmark import benchmark as run_benchmark
@@ -197,23 +221,99 @@ def trtexec(
                          "profile_file": str(profile) if profile else None, "layers_ms": layers, "provenance": provenance()})
 
 
+@app.command("benchmark-app")
+@_errors
+def benchmark_app(
+    report: Annotated[Path, typer.Argument(help="benchmark_report.csv from benchmark_app -report_folder DIR, or DIR")],
+    counters: Annotated[Path | None, typer.Option("--counters", help="benchmark_average_counters_report.csv or ..._detailed_... (per-layer times; found in DIR when REPORT is one)")] = None,
+    top: Annotated[int, typer.Option(help="layers to list from the counters")] = 10,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="also write the figures as JSON")] = None,
+) -> None:
+    """Read OpenVINO benchmark_app's statistics report (latency, throughput) and per-layer counters as deploy-prune figures."""
+    from deploy_prune.checks import check_number
+    from deploy_prune.io import provenance, write_json
+    from deploy_prune.latency.benchmark_app import load_counters, load_report, report_files
+
+    check_number("--top", top, lo=0, integer=True)
+    report, found = report_files(report)
+    counters = counters or found
+    rep = load_report(report)
+    layers = load_counters(counters) if counters else {}
+    line = f"{report}: latency " + ", ".join(f"{k} {v:.3f} ms" for k, v in rep.latency_ms.items())
+    if rep.throughput_per_s is not None:
+        line += f"; throughput {rep.throughput_per_s:.1f} inferences/s" + (f" at batch {rep.batch}" if rep.batch else "")
+    if rep.iterations is not None:
+        line += f"; {rep.iterations} iterations"
+    run = [rep.device or "", f"{rep.api} API" if rep.api else "",
+           f"{rep.parallel_requests} infer request(s)" if rep.parallel_requests else "",
+           *(f"{n} {d} stream(s)" for d, n in rep.streams.items())]
+    console.print(line + (f" ({', '.join(r for r in run if r)})" if any(run) else ""), highlight=False)
+    if rep.parallel_requests and rep.parallel_requests > 1:
+        console.print(f"note: {rep.parallel_requests} parallel infer requests: each latency includes waiting behind the "
+                      "others; for a figure comparable with deploy-prune benchmark run benchmark_app with -hint latency "
+                      "(or -api sync)", highlight=False)
+    if layers:
+        console.print(f"{counters}: {len(layers)} executed layers, sum {sum(layers.values()):.3f} ms", highlight=False)
+        table = Table(title="slowest layers")
+        table.add_column("layer")
+        table.add_column("ms", justify="right")
+        for name, ms in sorted(layers.items(), key=lambda kv: -kv[1])[:top]:
+            table.add_row(name, f"{ms:.4f}")
+        console.print(table)
+    if out is not None:
+        write_json(out, {"source": "benchmark_app", "report_file": str(report), **rep.as_dict(),
+                         "counters_file": str(counters) if counters else None, "layers_ms": layers,
+                         "provenance": provenance()})
+
+
 def benchmark_table(res: dict[str, Any]) -> Table:
-    """One table across models and targets; 'x first' is each model's median over its median on the first target."""
+    """One table across models and targets, rows named by file name (by path where two files share
+    a name); 'inf/s' is inferences per second at the batch from the median, 'x first' each model's
+    median over its median on the first target."""
     first: dict[str, float] = {}
     for r in res["results"]:
         first.setdefault(r["model"], r["latency_ms"]["median"])
-    names = [Path(m).name for m in first]
-    label = (lambda m: Path(m).name) if len(set(names)) == len(names) else (lambda m: str(m))  # runs/a/model.onnx, runs/b/...
-    table = Table(title=f"latency, batch {res['results'][0]['input_shape'][0]} (ms)")
-    for col in ("model", "target", "backend", "precision", "threads", "median", "p90", "IQR", "round CV", "runs", "x first"):
-        table.add_column(col, justify="left" if col in ("model", "target", "backend", "precision") else "right", no_wrap=True)
+    labels = _model_labels(list(first))
+    batches = sorted({str(_batch_of(r)) for r in res["results"]})
+    mixed = len(batches) > 1  # a batch column then, else the batch in the title
+    cols = ["model", "target", "backend", "precision", "threads", *(["batch"] if mixed else []),
+            "median", "p90", "p95", "p99", "min", "IQR", "round CV", "runs", "inf/s", "x first"]
+    table = Table(title="latency (ms)" if mixed else f"latency, batch {batches[0]} (ms)")
+    for col in cols:
+        # a long model path folds onto a second line rather than losing the part that tells it apart
+        table.add_column(col, justify="left" if col in ("model", "target", "backend", "precision") else "right",
+                         no_wrap=col != "model", overflow="fold" if col == "model" else "ellipsis")
     for r in res["results"]:
         s = r["latency_ms"]
-        table.add_row(label(r["model"]), r["target"], r["backend"], str(r.get("precision", "fp32")), str(r["threads"]),
-                      f"{s['median']:.3f}",
-                      f"{s['p90']:.3f}", f"{s['iqr']:.3f}", f"{100 * s['round_cv']:.1f}%", str(s["n"]),
-                      f"{s['median'] / first[r['model']]:.2f}")
+        cells = {"model": labels[r["model"]], "target": r["target"], "backend": r["backend"],
+                 "precision": str(r.get("precision", "fp32")), "threads": str(r["threads"]), "batch": str(_batch_of(r)),
+                 **{k: _ms(s.get(k)) for k in ("median", "p90", "p95", "p99", "min")}, "IQR": _ms(s.get("iqr")),
+                 "round CV": f"{100 * s['round_cv']:.1f}%", "runs": str(s["n"]),
+                 "inf/s": "-" if r.get("throughput_per_s") is None else f"{r['throughput_per_s']:.1f}",
+                 "x first": f"{s['median'] / first[r['model']]:.2f}"}
+        table.add_row(*(cells[c] for c in cols))
     return table
+
+
+def _model_labels(paths: list[str]) -> dict[str, str]:
+    """Each model's file name, or where two share one, its path below the models' common directory
+    (runs/a/model.onnx, runs/b/model.onnx -> a/model.onnx, b/model.onnx)."""
+    names = [Path(m).name for m in paths]
+    if len(set(names)) == len(names):
+        return dict(zip(paths, names, strict=True))
+    try:
+        root = os.path.commonpath(paths)
+    except ValueError:  # absolute beside relative paths
+        return {m: m for m in paths}
+    return {m: os.path.relpath(m, root) if root else m for m in paths}
+
+
+def _batch_of(row: dict[str, Any]) -> Any:
+    return row.get("batch", (row.get("input_shape") or ["?"])[0])
+
+
+def _ms(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
@@ -298,7 +398,7 @@ def sensitivity(
                               channel_multiple=multiple, meta=meta.get("model", {}), profile=lut_profile,
                               on_job=lambda i, n: bar.update(task, completed=i, total=n))
     worst = max(res["groups"], key=lambda g: g["entries"][len(g["entries"]) // 2]["accuracy_drop"])
-    console.print(f"baseline accuracy {res['baseline_accuracy']:.4f} on {res['val_subset']} validation samples; "
+    console.print(f"baseline accuracy {100 * res['baseline_accuracy']:.2f} % on {res['val_subset']} validation samples; "
                   f"{len(res['groups'])} groups x {len(cfg.ratios)} ratios in {res['seconds']['total']:.1f} s; "
                   f"most sensitive: {worst['name']}")
     console.print(f"wrote {out}/sensitivity.json and {out}/sensitivity.png")
@@ -307,7 +407,7 @@ def sensitivity(
 @app.command()
 @_errors
 def profile(
-    target: Annotated[str, typer.Option("--target", "-t", help="target name or YAML path")],
+    target: Annotated[str, typer.Option("--target", "-t", help="target name or YAML path")] = DEFAULT_TARGET,
     model: Annotated[str | None, typer.Option("--model", "-m", help="registered model or path/to/file.py:factory")] = None,
     weights: Annotated[str | None, typer.Option(help="checkpoint or run directory (architecture and input size)")] = None,
     input_size: Annotated[str | None, typer.Option(help="C,H,W (default: checkpoint's, target's, else 3x224x224 torchvision / 3x32x32)")] = None,
@@ -369,46 +469,47 @@ def profile(
 @app.command()
 @_errors
 def compress(
-    out: Annotated[Path, typer.Option("--out", "-o", help="run directory (model.onnx, model.pt, report.*, checkpoints/)")],
-    weights: Annotated[str, typer.Option(help="trained checkpoint or run directory to compress")],
-    model: CheckpointModelOpt = None,
-    data: DataOpt = "digits",
-    data_dir: DataDirOpt = None,
-    image_size: ImageSizeOpt = None,
-    target: Annotated[str, typer.Option("--target", "-t", help="target name or YAML path where latency is measured")] = "cpu-ort-1t",
-    latency_ms: Annotated[float | None, typer.Option("--latency-ms", help="budget: median latency on the target, in ms")] = None,
-    latency_ratio: Annotated[float | None, typer.Option("--latency-ratio", help="budget: share of the measured baseline latency")] = None,
-    flops_ratio: Annotated[float | None, typer.Option("--flops-ratio", help="budget: share of the baseline FLOPs (MACs)")] = None,
-    params_ratio: Annotated[float | None, typer.Option("--params-ratio", help="budget: share of the baseline parameters")] = None,
-    sparsity: Annotated[float | None, typer.Option("--sparsity", help="budget of unstructured methods: share of the weights zeroed")] = None,
-    keep_ratio: Annotated[float, typer.Option("--keep-ratio", help="with no other budget: share of channels kept")] = 0.5,
-    method: Annotated[str, typer.Option(help="compression method (deploy-prune methods)")] = "deeplsp",
-    criterion: Annotated[str | None, typer.Option(help="importance criterion ranking channels [default: the method's; deeplsp: taylor]")] = None,
-    amount: Annotated[str | None, typer.Option(help="unstructured share of remaining weights masked, or 'adaptive' [default: the method's; deeplsp: 0.05]")] = None,
-    tolerance: Annotated[float | None, typer.Option(help="--amount adaptive: accuracy drop allowed per layer (0.005 = 0.5 points) [default: 0.005]")] = None,
-    steps: Annotated[int | None, typer.Option(help="structured pruning steps (default: the method's)")] = None,
-    df_mode: Annotated[str | None, typer.Option(help="df (-O mode=): hybrid (filters + ranks), filters (DML-S only) or ranks (DTL-S only) [default: hybrid]")] = None,
-    df_epochs: Annotated[float | None, typer.Option(help="df (-O df_epochs=): epochs of mask/threshold learning (more, up to 2x, while off budget) [default: 2]")] = None,
-    df_lr: Annotated[float | None, typer.Option(help="df (-O df_lr=): Adam learning rate of the masks and thresholds [default: 0.01]")] = None,
-    df_beta: Annotated[float | None, typer.Option(help="df (-O beta=): rise of the sigmoid scale mu per epoch (paper: 4; alpha = 50, mu0 = 5) [default: 4]")] = None,
-    df_c: Annotated[float | None, typer.Option(help="df (-O c=): C in the rank estimate's tau = C / sigma_1 (paper: 2) [default: 2]")] = None,
-    option: Annotated[list[str], typer.Option("--option", "-O", help="a method setting KEY=VALUE (repeatable), e.g. -O iterations=15 -O flow=gf; see deploy-prune methods")] = [],  # noqa: B006
-    nm: Annotated[str | None, typer.Option("--nm", help="N:M semi-structured masks (e.g. 2:4, for sparse tensor cores) on top of the method's")] = None,
-    step_fraction: Annotated[float, typer.Option(help="share of an epoch of fine-tuning after each step")] = 0.25,
-    epochs: Annotated[int, typer.Option(help="final fine-tuning epochs")] = 3,
-    kd: Annotated[bool, typer.Option("--kd/--no-kd", help="distil from the unpruned model during fine-tuning")] = True,
-    lr: Annotated[float, typer.Option(help="fine-tuning learning rate (cosine schedule)")] = 0.01,
-    batch_size: Annotated[int, typer.Option(help="fine-tuning batch size")] = 128,
-    sensitivity: Annotated[str | None, typer.Option(help="reuse this sensitivity.json (or its run directory)")] = None,
-    ignore: IgnoreOpt = "",
-    workers: Annotated[int, typer.Option(help="processes for the sensitivity analysis")] = 1,
-    profiles: Annotated[Path, typer.Option(help="profiles directory (the LUT is made there when missing)")] = Path("profiles"),
-    force: Annotated[bool, typer.Option("--force", help="use a profile made for another tool/backend version")] = False,
-    train_limit: Annotated[int | None, typer.Option(help="use only N training samples (quick runs)")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from OUT/checkpoints")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run already in --out")] = False,
-    trust_checkpoint: TrustOpt = False,
-    seed: SeedOpt = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory (model.onnx, model.pt, report.*, checkpoints/)", rich_help_panel="Input and output")],
+    weights: Annotated[str, typer.Option(help="trained checkpoint or run directory to compress", rich_help_panel="Input and output")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="architecture, if the checkpoint does not record it", rich_help_panel="Input and output")] = None,
+    data: Annotated[str, typer.Option("--data", "-d", help="digits | fashion-mnist | imagefolder:PATH | cifar10:PATH | synthetic[:CxHxW]", rich_help_panel="Input and output")] = "digits",
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="directory of the dataset files (fashion-mnist)", rich_help_panel="Input and output")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="resize inputs to SIZE x SIZE", rich_help_panel="Input and output")] = None,
+    train_limit: Annotated[int | None, typer.Option(help="use only N training samples (quick runs)", rich_help_panel="Input and output")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from OUT/checkpoints", rich_help_panel="Input and output")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run already in --out", rich_help_panel="Input and output")] = False,
+    log: Annotated[list[str], typer.Option("--log", help=LOG_HELP, rich_help_panel="Input and output")] = [],  # noqa: B006
+    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="allow loading a pickled model (runs code from the file)", rich_help_panel="Input and output")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="seed for splits, init and shuffling", rich_help_panel="Input and output")] = 0,
+    latency_ms: Annotated[float | None, typer.Option("--latency-ms", help="budget: median latency on the target, in ms", rich_help_panel="Budget")] = None,
+    latency_ratio: Annotated[float | None, typer.Option("--latency-ratio", help="budget: share of the measured baseline latency", rich_help_panel="Budget")] = None,
+    flops_ratio: Annotated[float | None, typer.Option("--flops-ratio", help="budget: share of the baseline FLOPs (MACs)", rich_help_panel="Budget")] = None,
+    params_ratio: Annotated[float | None, typer.Option("--params-ratio", help="budget: share of the baseline parameters", rich_help_panel="Budget")] = None,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help="budget of unstructured methods: share of the weights zeroed", rich_help_panel="Budget")] = None,
+    keep_ratio: Annotated[float, typer.Option("--keep-ratio", help="with no other budget: share of channels kept", rich_help_panel="Budget")] = 0.5,
+    method: Annotated[str, typer.Option(help="compression method (deploy-prune methods)", rich_help_panel="Method")] = "deeplsp",
+    criterion: Annotated[str | None, typer.Option(help="importance criterion ranking channels [default: the method's; deeplsp: taylor]", rich_help_panel="Method")] = None,
+    amount: Annotated[str | None, typer.Option(help="unstructured share of remaining weights masked, or 'adaptive' [default: the method's; deeplsp: 0.05]", rich_help_panel="Method")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="--amount adaptive: accuracy drop allowed per layer (0.005 = 0.5 points) [default: 0.005]", rich_help_panel="Method")] = None,
+    steps: Annotated[int | None, typer.Option(help="structured pruning steps (default: the method's)", rich_help_panel="Method")] = None,
+    df_mode: Annotated[str | None, typer.Option(help="df (-O mode=): hybrid (filters + ranks), filters (DML-S only) or ranks (DTL-S only) [default: hybrid]", rich_help_panel="Method")] = None,
+    df_epochs: Annotated[float | None, typer.Option(help="df (-O df_epochs=): epochs of mask/threshold learning (more, up to 2x, while off budget) [default: 2]", rich_help_panel="Method")] = None,
+    df_lr: Annotated[float | None, typer.Option(help="df (-O df_lr=): Adam learning rate of the masks and thresholds [default: 0.01]", rich_help_panel="Method")] = None,
+    df_beta: Annotated[float | None, typer.Option(help="df (-O beta=): rise of the sigmoid scale mu per epoch (paper: 4; alpha = 50, mu0 = 5) [default: 4]", rich_help_panel="Method")] = None,
+    df_c: Annotated[float | None, typer.Option(help="df (-O c=): C in the rank estimate's tau = C / sigma_1 (paper: 2) [default: 2]", rich_help_panel="Method")] = None,
+    option: Annotated[list[str], typer.Option("--option", "-O", help="a method setting KEY=VALUE (repeatable), e.g. -O iterations=15 -O flow=gf; see deploy-prune methods", rich_help_panel="Method")] = [],  # noqa: B006
+    nm: Annotated[str | None, typer.Option("--nm", help="N:M semi-structured masks (e.g. 2:4, for sparse tensor cores) on top of the method's", rich_help_panel="Method")] = None,
+    sensitivity: Annotated[str | None, typer.Option(help="reuse this sensitivity.json (or its run directory)", rich_help_panel="Method")] = None,
+    ignore: Annotated[str, typer.Option("--ignore", help="comma-separated layer names never to prune", rich_help_panel="Method")] = "",
+    workers: Annotated[int, typer.Option(help="processes for the sensitivity analysis", rich_help_panel="Method")] = 1,
+    step_fraction: Annotated[float, typer.Option(help="share of an epoch of fine-tuning after each step", rich_help_panel="Fine-tuning")] = 0.25,
+    epochs: Annotated[int, typer.Option(help="final fine-tuning epochs", rich_help_panel="Fine-tuning")] = 3,
+    kd: Annotated[bool, typer.Option("--kd/--no-kd", help="distil from the unpruned model during fine-tuning", rich_help_panel="Fine-tuning")] = True,
+    lr: Annotated[float, typer.Option(help="fine-tuning learning rate (cosine schedule)", rich_help_panel="Fine-tuning")] = 0.01,
+    batch_size: Annotated[int, typer.Option(help="fine-tuning batch size", rich_help_panel="Fine-tuning")] = 128,
+    target: Annotated[str, typer.Option("--target", "-t", help="target name or YAML path where latency is measured", rich_help_panel="Target and measurement")] = DEFAULT_TARGET,
+    profiles: Annotated[Path, typer.Option(help="profiles directory (the LUT is made there when missing)", rich_help_panel="Target and measurement")] = Path("profiles"),
+    force: Annotated[bool, typer.Option("--force", help="use a profile made for another tool/backend version", rich_help_panel="Target and measurement")] = False,
 ) -> None:
     """Prune to a budget measured on the target, fine-tune, export, and report."""
     from deploy_prune.pipeline import CompressConfig
@@ -428,10 +529,14 @@ def compress(
         method_options={**df_flags, **explicit}, amount=amount, tolerance=tolerance, steps=steps,
         step_fraction=step_fraction, epochs=epochs, kd=kd, lr=lr, batch_size=batch_size, sensitivity=sensitivity,
         ignore=[s for s in ignore.split(",") if s], workers=workers, profiles=profiles, force_profile=force,
-        trust=trust_checkpoint, resume=resume, overwrite=overwrite, seed=seed,
+        trust=trust_checkpoint, resume=resume, overwrite=overwrite, seed=seed, log=log,
     )
     try:
-        rep = run_compress(cfg, progress=lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
+        if is_main():  # under torchrun one rank reports
+            with _StageProgress() as shown:
+                rep = run_compress(cfg, progress=shown)
+        else:
+            rep = run_compress(cfg)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: the last finished stage is kept in {out}/checkpoints; "
                           f"run the same command with --resume to continue")
@@ -440,6 +545,45 @@ def compress(
         _print_compress_table(rep)
     if not rep["met_budget"]:
         raise typer.Exit(1)
+
+
+class _StageProgress:
+    """compress's progress on stderr: its lines, and a bar with an ETA for each counted step
+    (profile, sensitivity, measurement rounds, fine-tuning) while it runs. Under torchrun only
+    rank 0 reports."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _StageProgress:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.stop()
+
+    def __call__(self, msg: str) -> None:
+        self.bars.console.print(f"[dim]{msg}[/]", highlight=False, soft_wrap=True)
+
+    def count(self, task: str, done: int, total: int) -> None:
+        if task not in self.tasks:
+            for old in self.tasks.values():  # one bar at a time: a new step ends the last
+                self.bars.remove_task(old)
+            self.tasks = {task: self.bars.add_task(task, total=total)}
+        self.bars.update(self.tasks[task], completed=done, total=total)
+        if done >= total:
+            self.bars.remove_task(self.tasks.pop(task))
 
 
 def _print_compress_table(rep: dict[str, Any]) -> None:
@@ -479,7 +623,7 @@ def compare(
     out: Annotated[Path, typer.Option("--out", "-o", help="directory: one run per method, leaderboard.json/.md/.png")],
     weights: Annotated[str, typer.Option(help="trained checkpoint or run directory to compress")],
     data: DataOpt = "digits",
-    target: Annotated[str, typer.Option("--target", "-t", help="target name or YAML path where latency is measured")] = "cpu-ort-1t",
+    target: Annotated[str, typer.Option("--target", "-t", help="target name or YAML path where latency is measured")] = DEFAULT_TARGET,
     latency_ms: Annotated[float | None, typer.Option("--latency-ms", help="budget for methods that take it")] = None,
     latency_ratio: Annotated[float | None, typer.Option("--latency-ratio", help="budget for methods that take it")] = None,
     flops_ratio: Annotated[float | None, typer.Option("--flops-ratio", help="budget for methods that take it")] = None,
@@ -534,12 +678,19 @@ def compare(
 
 @app.command("report")
 @_errors
-def report_cmd(run_dir: Annotated[Path, typer.Argument(help="compress run directory (or its report.json)")]) -> None:
-    """Regenerate report.md, report.html and the plots from a run's report.json."""
-    from deploy_prune.report import write_reports
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="compress run directory (or its report.json)")],
+    log: Annotated[list[str], typer.Option("--log", help=LOG_HELP)] = [],  # noqa: B006
+) -> None:
+    """Regenerate report.md, report.html and the plots from a run's report.json (and record it with --log)."""
+    from deploy_prune.report import load_report, report_path, write_reports
+    from deploy_prune.report.tracking import parse_trackers, record
 
+    trackers = parse_trackers(log)
     paths = write_reports(run_dir)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    for line in record(trackers, load_report(report_path(run_dir)), report_path(run_dir).parent):
+        console.print(f"recorded in {line}")
 
 
 @app.command()
@@ -548,7 +699,7 @@ def gate(
     report: Annotated[Path, typer.Argument(help="report.json of a compress run (or its directory)")],
     max_latency_ms: Annotated[float | None, typer.Option("--max-latency-ms", help="fail above this median latency (ms)")] = None,
     min_accuracy: Annotated[float | None, typer.Option("--min-accuracy", help="fail below this accuracy (fraction, 0.9 = 90 %)")] = None,
-    max_accuracy_drop: Annotated[float | None, typer.Option("--max-accuracy-drop", help="fail if baseline - final accuracy exceeds this (fraction)")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option("--max-accuracy-drop", help="fail if baseline - final accuracy exceeds this (fraction, 0.01 = 1 point)")] = None,
     remeasure: Annotated[bool, typer.Option("--remeasure", help="measure model.onnx again on --target instead of trusting the report")] = False,
     target: Annotated[str | None, typer.Option("--target", "-t", help="target to re-measure on (with --remeasure)")] = None,
     junit: Annotated[Path | None, typer.Option("--junit", help="write JUnit XML here for CI systems")] = None,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy_prune import DEFAULT_TARGET
 from deploy_prune.errors import UserError
 from deploy_prune.io import ensure_dir, provenance, read_json, write_json, write_text
 
@@ -34,7 +35,7 @@ class CompareConfig:
     out: Path
     weights: str
     budgets: dict[str, float]  # budget kind -> value; each method takes the first it honours
-    target: str = "cpu-ort-1t"
+    target: str = DEFAULT_TARGET
     data: str = "digits"
     settings: dict[str, Any] = field(default_factory=dict)  # CompressConfig settings, the same for every method
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> its own settings

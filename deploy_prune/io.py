@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -26,6 +27,16 @@ def ensure_dir(path: str | os.PathLike[str]) -> Path:
     except OSError as e:
         raise UserError(f"cannot write to directory {str(p)!r} ({e.strerror}); choose another --out") from None
     return p
+
+
+def remove_if_empty(path: str | os.PathLike[str]) -> bool:
+    """Remove directory ``path`` when it holds no file at any depth (what a command that failed
+    before writing anything leaves behind); True if it was removed."""
+    p = Path(path)
+    if not p.is_dir() or any(not q.is_dir() for q in p.rglob("*")):
+        return False
+    shutil.rmtree(p, ignore_errors=True)
+    return not p.exists()
 
 
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object]) -> Path:

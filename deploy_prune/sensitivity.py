@@ -201,15 +201,26 @@ def plot_heatmap(res: dict[str, Any], path: str | Path) -> Path:
     groups = res["groups"]
     ratios = res["config"]["ratios"]
     drop = np.array([[100 * e["accuracy_drop"] for e in g["entries"]] for g in groups])
+    kept = np.array([[e["kept_channels"] for e in g["entries"]] for g in groups])
+    # The channel multiple rounds several ratios to the same width: only the first of them is a
+    # distinct width tried; the repeats are left blank.
+    repeat = np.zeros_like(kept, dtype=bool)
+    repeat[:, 1:] = kept[:, 1:] == kept[:, :-1]
+    shown = np.ma.masked_array(drop, repeat)
     fig, ax = plt.subplots(figsize=(1.2 * len(ratios) + 3, 0.35 * len(groups) + 1.8))
-    im = ax.imshow(drop, aspect="auto", cmap="magma_r", vmin=0, vmax=max(1.0, float(drop.max())))
+    cmap = plt.get_cmap("magma_r").copy()
+    cmap.set_bad("#eeeeee")
+    top = max(1.0, float(drop.max()))
+    im = ax.imshow(shown, aspect="auto", cmap=cmap, vmin=0, vmax=top)
     ax.set_xticks(range(len(ratios)), [f"{r:.0%}" for r in ratios])
     ax.set_yticks(range(len(groups)), [f"{g['name']} ({g['channels']})" for g in groups], fontsize=8)
     for i in range(drop.shape[0]):
         for j in range(drop.shape[1]):
-            ax.text(j, i, f"{drop[i, j]:.1f}", ha="center", va="center", fontsize=7,
-                    color="white" if drop[i, j] > 0.6 * max(1.0, drop.max()) else "black")
-    ax.set_xlabel("channels removed from the group")
+            if not repeat[i, j]:
+                ax.text(j, i, f"{kept[i, j]}: {drop[i, j]:.1f}", ha="center", va="center", fontsize=7,
+                        color="white" if drop[i, j] > 0.6 * top else "black")
+    ax.set_xlabel("share of the group's channels asked to be removed (cell: channels kept: drop in pp; blank: "
+                  "the same width as to its left)", fontsize=8)
     ax.set_title(f"accuracy drop (pp), criterion {res['config']['criterion']}, baseline {100 * res['baseline_accuracy']:.2f} %")
     fig.colorbar(im, ax=ax, label="accuracy drop (pp)")
     fig.tight_layout()

@@ -115,21 +115,18 @@ def test_distillation_loss_reduces_to_cross_entropy() -> None:
     assert distillation_loss(twin, alpha=1.0)(student, x, y).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_sensitivity_fit_recovers_scale_and_steepness() -> None:
+def test_sensitivity_fit_recovers_the_scale_of_each_group() -> None:
     from deploy_prune.methods.deeplsp import sensitivity_weights
 
     n = 32
-    scores = {"a": np.ones(n), "b": np.ones(n)}
+    scores = {"a": np.ones(n), "b": np.ones(n), "c": np.ones(n)}
     kept = [28, 24, 16, 8, 4]
-    # group a: drop = 0.5 * lost^3 (steep); group b: drop = 0.1 * lost (gentle)
+    # drop = w * lost share: a steep, b gentle, c free (floored at a tenth of the median)
     sens = {"groups": [
-        {"name": "a", "entries": [{"kept_channels": k, "accuracy_drop": 0.5 * (1 - k / n) ** 3} for k in kept]},
-        {"name": "b", "entries": [{"kept_channels": k, "accuracy_drop": 0.1 * (1 - k / n)} for k in kept]},
+        {"name": g, "entries": [{"kept_channels": k, "accuracy_drop": w * (1 - k / n)} for k in kept]}
+        for g, w in (("a", 0.5), ("b", 0.1), ("c", 0.0))
     ]}
-    w, p = sensitivity_weights(sens, scores, powers=(1.0, 2.0, 3.0))
-    assert p == {"a": 3.0, "b": 1.0}
-    assert w["a"] == pytest.approx(0.5) and w["b"] == pytest.approx(0.1)
-    value = weighted_retained_value(scores, w, p)
-    assert value("a", 16) == pytest.approx(-0.5 * 0.5**3)
-    w1, p1 = sensitivity_weights(sens, scores)  # the default: linear in the lost share
-    assert set(p1.values()) == {1.0} and w1["a"] > w1["b"]
+    w = sensitivity_weights(sens, scores)
+    assert w["a"] == pytest.approx(0.5) and w["b"] == pytest.approx(0.1) and w["c"] == pytest.approx(0.1 * 0.3)
+    value = weighted_retained_value(scores, w)
+    assert value("a", 16) == pytest.approx(-0.5 * 0.5) and value("b", n) == 0.0

@@ -69,10 +69,30 @@ def test_bad_int8_targets_are_refused(change: dict, message: str) -> None:
 
 
 def test_a_precision_the_backend_has_no_path_for(fp32: bytes) -> None:
-    with pytest.raises(UserError, match="backend onnxruntime has no fp16 path here"):
+    with pytest.raises(UserError, match="backend onnxruntime has no fp16 path .* no fp16 kernels"):
         deploy_onnx(fp32, parse_target_dict({**INT8, "precision": "fp16"}))
+    with pytest.raises(UserError, match=r"backend torch has no int8 path \(it runs fp32, bf16, fp16\): PyTorch"):
+        deploy_onnx(fp32, parse_target_dict({**INT8, "backend": "torch"}))
     with pytest.raises(UserError, match="give calibration data"):
         deploy_onnx(fp32, parse_target_dict(INT8), [])
+
+
+def test_tensorrt_int8_is_symmetric_qdq_and_fp16_the_fp32_graph(fp32: bytes) -> None:
+    """TensorRT's explicit quantization takes Q/DQ with zero point 0 only; its fp16 (and torch's
+    fp16/bf16) is the fp32 graph, marked as deployed, which the backend converts itself."""
+    rng = np.random.default_rng(2)
+    cal = [rng.standard_normal((1, 3, 16, 16), dtype=np.float32) for _ in range(8)]
+    q = onnx.load_from_string(deploy_onnx(fp32, parse_target_dict({**INT8, "backend": "tensorrt", "device": "cuda"}), cal))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    ort_q = onnx.load_from_string(deploy_onnx(fp32, parse_target_dict(INT8), cal))  # asymmetric uint8 activations
+    assert any(onnx.numpy_helper.to_array(t).dtype == np.uint8 for t in ort_q.graph.initializer)
+    for backend, precision, device in [("tensorrt", "fp16", "cuda"), ("torch", "fp16", "cuda"), ("torch", "bf16", "cpu")]:
+        out = deploy_onnx(fp32, parse_target_dict({**INT8, "backend": backend, "precision": precision, "device": device}))
+        proto = onnx.load_from_string(out)
+        assert proto.graph == onnx.load_from_string(fp32).graph and is_quantized(out)
+        assert {p.key: p.value for p in proto.metadata_props}["deploy_prune.precision"] == precision
 
 
 def test_benchmark_shows_both_precisions_in_one_table(fp32: bytes, tmp_path: Path) -> None:
@@ -112,6 +132,13 @@ def test_compress_to_the_int8_latency(tiny_run: Path, tmp_path: Path) -> None:
     gate = run_gate(out, max_accuracy_drop=1.0)
     assert gate.passed and "deployed int8" in gate.checks[0].message
     assert "(int8, deployed)" in (out / "report.md").read_text()
+    # A device behind an agent scores nothing here: the gate says it judges the fp32 metric.
+    report = out / "report.json"
+    data = __import__("json").loads(report.read_text())
+    del data["final"]["deployed"]["accuracy"], data["baseline"]["deployed"]["accuracy"]
+    report.write_text(__import__("json").dumps(data))
+    gate = run_gate(out, max_accuracy_drop=1.0)
+    assert gate.passed and "(fp32; the int8 artefact was not scored)" in gate.checks[0].message
 
 
 @pytest.mark.parametrize("precision, quantized", [("int8", True), ("bf16", False)])

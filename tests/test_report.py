@@ -256,3 +256,38 @@ def test_gate_remeasure_onnxruntime(tmp_path: Path) -> None:
     (run / "model.onnx").unlink()
     with pytest.raises(UserError, match="model.onnx"):
         run_gate(run, max_latency_ms=5, remeasure_target=str(target))
+
+
+def test_time_per_stage_has_one_total_the_run_wall_clock() -> None:
+    rep = make_report()
+    rep["stage_seconds"] = {**rep["stage_seconds"], "total": 170.0}  # stages sum to 163.3
+    md = render_markdown(rep)
+    section = md[md.index("## Time per stage"):]
+    section = section[:section.index("\n## ")]
+    assert section.count("| total |") == 1 and "| total | 170.0 |" in section and "| other | 6.7 |" in section
+    del rep["stage_seconds"]["total"]
+    assert "| total | 163.3 |" in render_markdown(rep)  # no wall clock recorded: the sum
+
+
+def test_remove_if_empty_keeps_anything_holding_a_file(tmp_path: Path) -> None:
+    from deploy_prune.io import remove_if_empty
+
+    (tmp_path / "a" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "b" / "checkpoints" / "last.pt").write_bytes(b"x")
+    assert remove_if_empty(tmp_path / "a") and not (tmp_path / "a").exists()
+    assert not remove_if_empty(tmp_path / "b") and (tmp_path / "b" / "checkpoints" / "last.pt").is_file()
+
+
+def test_the_sensitivity_heat_map_shows_distinct_widths_and_joins_the_report(run_dir: Path) -> None:
+    from deploy_prune.sensitivity import plot_heatmap
+
+    entries = [{"kept_channels": k, "accuracy_drop": d} for k, d in ((16, 0.0), (16, 0.0), (8, 0.02), (8, 0.02))]
+    res = {"groups": [{"name": "conv1", "channels": 16, "entries": entries}],
+           "config": {"ratios": [0.1, 0.3, 0.5, 0.7], "criterion": "l1"}, "baseline_accuracy": 0.9}
+    png = plot_heatmap(res, run_dir / "sensitivity.png")
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    out = write_reports(run_dir)
+    assert out["sensitivity"] == run_dir / "sensitivity.png"
+    assert "![Sensitivity: accuracy drop of each group pruned alone](sensitivity.png)" in out["markdown"].read_text()
+    assert "Sensitivity: accuracy drop of each group pruned alone" in out["html"].read_text()

@@ -38,10 +38,10 @@ def _target(**kw: object) -> Target:
 def test_build_settings_precision_workspace_and_options() -> None:
     s = build_settings(_target())
     assert s["precision"] == "fp32" and s["workspace_mb"] == 1024 and s["tf32"] is False
-    assert s["profiling_verbosity"] == "layer_names_only" and "int8_dynamic_range" not in s
+    assert s["profiling_verbosity"] == "layer_names_only"
     fp16 = build_settings(_target(precision="fp16", options={"tensorrt": {"workspace_mb": 256}}))
     assert fp16["precision"] == "fp16" and fp16["workspace_mb"] == 256
-    assert build_settings(_target(precision="int8"))["int8_dynamic_range"] > 0
+    assert build_settings(_target(precision="int8"))["precision"] == "int8"
     assert build_settings(_target(), per_layer=True)["profiling_verbosity"] == "detailed"
     level5 = build_settings(_target(options={"tensorrt": {"builder_optimization_level": 5}}))
     assert level5["builder_optimization_level"] == 5

@@ -282,21 +282,18 @@ def allocate(
     return best
 
 
-def weighted_retained_value(scores: Mapping[str, np.ndarray | Sequence[float]], weights: Mapping[str, float],
-                            powers: Mapping[str, float] | None = None) -> Callable[[str, int], float]:
-    """DeepLSP's value of keeping ``k`` channels of a group: ``-w * (1 - R(k)) ** p``, the group's
-    sensitivity weight ``w`` times the share of its importance lost, raised to the group's power
-    ``p`` (1 unless given), where ``R(k)`` is the share of the group's total score held by its
-    ``k`` best channels."""
+def weighted_retained_value(scores: Mapping[str, np.ndarray | Sequence[float]],
+                            weights: Mapping[str, float]) -> Callable[[str, int], float]:
+    """DeepLSP's value of keeping ``k`` channels of a group: ``-w * (1 - R(k))``, the group's
+    sensitivity weight ``w`` times the share of its importance lost, where ``R(k)`` is the share
+    of the group's total score held by its ``k`` best channels."""
     shares: dict[str, np.ndarray] = {}
     for n, s in scores.items():
         a = np.sort(np.clip(np.asarray(s, dtype=np.float64), 0, None))[::-1]
         tot = a.sum()
         shares[n] = np.concatenate([[0.0], np.cumsum(a) / tot]) if tot > 0 else np.linspace(0, 1, len(a) + 1)
-    powers = powers or {}
 
     def value(name: str, k: int) -> float:
-        lost = max(0.0, 1.0 - float(shares[name][k]))
-        return -weights.get(name, 1.0) * lost ** powers.get(name, 1.0)
+        return -weights.get(name, 1.0) * max(0.0, 1.0 - float(shares[name][k]))
 
     return value

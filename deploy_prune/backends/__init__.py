@@ -29,6 +29,8 @@ Feed = dict[str, np.ndarray]
 
 class Session(Protocol):
     inputs: list[tuple[str, list[int | str]]]  # name and shape (ints, or names of dynamic dims)
+    # Inputs that are not float32, by name (a quantized layer's uint8 input); feeds follow it.
+    input_dtypes: dict[str, np.dtype]
 
     def run(self, feed: Feed) -> list[np.ndarray]: ...
 

@@ -23,6 +23,8 @@ from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 from deploy_prune.io import cpu_model
 
+ORT_DTYPES = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8}  # non-float inputs a feed must match
+
 
 class OrtSession:
     def __init__(self, sess: object, reopen: Callable[[Any], Any] | None = None) -> None:
@@ -31,6 +33,9 @@ class OrtSession:
         self.inputs: list[tuple[str, list[int | str]]] = [
             (i.name, [d if isinstance(d, int) else str(d) for d in i.shape]) for i in sess.get_inputs()  # type: ignore[attr-defined]
         ]
+        self.input_dtypes: dict[str, np.dtype] = {
+            i.name: np.dtype(ORT_DTYPES[i.type]) for i in sess.get_inputs() if i.type in ORT_DTYPES  # type: ignore[attr-defined]
+        }
 
     def run(self, feed: Feed) -> list[np.ndarray]:
         return self.sess.run(None, feed)  # type: ignore[attr-defined,no-any-return]
@@ -76,7 +81,7 @@ def optimized_graph(model: bytes) -> Any:
         return onnx.load(so.optimized_model_filepath)
 
 
-INT8_CHANNEL_STEP = 4
+INT8_CHANNEL_STEP = 16
 
 
 @functools.lru_cache(maxsize=1)
@@ -111,10 +116,10 @@ class OnnxRuntimeBackend:
 
     def channel_block(self, target: Target) -> int:
         if target.precision == "int8":
-            # QDQ convs run as ORT's int8 kernels, channels-last, outside the NCHWc layout; they
-            # consume channels 4 at a time (the u8s8 dot product of VNNI and its AVX2 emulation):
-            # a conv at a multiple of 4 times like the next multiple of 8, one between them up to
-            # 40 % slower (benchmarks/results/channel_steps_cpu-ort-int8-1t.md).
+            # QDQ convs run as ORT's int8 kernels, outside the NCHWc layout. Their output channels go
+            # 16 at a time: a conv with 24 or 40 outputs times like one with 32 or 48, and one with
+            # 8 is slower than one with 16 (benchmarks/results/channel_steps_cpu-ort-int8-1t.md, on
+            # AVX-512 VNNI). A group's width is one conv's outputs, so groups keep multiples of 16.
             return INT8_CHANNEL_STEP
         return nchwc_block()
 

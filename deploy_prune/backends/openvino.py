@@ -43,6 +43,10 @@ class OvSession:
             (i.get_any_name(), [d.get_length() if d.is_static else str(d) for d in i.get_partial_shape()])
             for i in compiled.inputs
         ]
+        self.input_dtypes: dict[str, np.dtype] = {
+            i.get_any_name(): np.dtype(i.get_element_type().to_dtype()) for i in compiled.inputs
+            if i.get_element_type().to_dtype() in (np.uint8, np.int8)
+        }
 
     def run(self, feed: Feed) -> list[np.ndarray]:
         # Bound, never copied in: a copy would write into the memory a bound tensor shares.

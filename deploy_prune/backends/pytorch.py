@@ -103,6 +103,7 @@ class TorchSession:
         self.dtype = dtype
         self.threads = threads
         self.inputs = inputs
+        self.input_dtypes: dict[str, np.dtype] = {}  # float inputs only: the module casts them to its dtype
         self.per_layer = per_layer
         self._cached: tuple[list[int], list[torch.Tensor]] | None = None
 

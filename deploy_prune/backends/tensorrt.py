@@ -8,14 +8,10 @@ TensorRT 10's only mode, and weak typing is what lets the precision flags below 
   (``options.tensorrt.tf32: true`` restores TensorRT's and trtexec's default of allowing it);
   ``fp16``: ``BuilderFlag.FP16``; ``int8``: ``BuilderFlag.INT8`` plus ``FP16`` so layers without
   an INT8 kernel fall back to fp16 rather than fp32, as a deployed INT8 engine would.
-- INT8 without calibration data: we only measure latency, so no calibration set exists. Every
-  floating-point tensor of the network (inputs and every layer output) gets the per-tensor dynamic
-  range [-4, 4] (``ITensor.set_dynamic_range``), which makes every layer eligible for INT8 exactly
-  as a calibrator would, without a calibration pass (fast, deterministic, no extra GPU memory) and
-  without random "calibration" data that would pretend to mean something. **The outputs of such an
-  engine are meaningless; only its timing is used.** Kernel choice does not depend on the range
-  values. TensorRT deprecated implicit quantization (dynamic ranges and calibrators alike) in 10.1
-  in favour of Q/DQ nodes; the deprecation warning is silenced here on purpose.
+- INT8 is explicit quantization: an int8 target's model reaches the backend as the Q/DQ graph
+  that ``deploy_prune.quantize`` made (symmetric int8, calibrated on the user's data for the
+  deployed model's metric, on seeded random inputs for timing), and TensorRT builds INT8 layers
+  where the Q/DQ nodes say. A graph with no Q/DQ node builds as fp16 under the same flags.
 - ``MemoryPoolType.WORKSPACE`` limited to ``options.tensorrt.workspace_mb`` (default 1024);
   ``builder_optimization_level`` 0-5 (TensorRT's default 3).
 - With ``per_layer=True``: ``ProfilingVerbosity.DETAILED`` (a separate cached engine).
@@ -76,7 +72,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +90,6 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "tf32": (bool, False),
     "cache": (bool, True),
 }
-INT8_RANGE = 4.0  # symmetric per-tensor dynamic range for INT8 timing engines (values irrelevant to timing)
 
 
 def parse_device(device: str) -> int:
@@ -148,8 +142,6 @@ def build_settings(target: Target, per_layer: bool = False) -> dict[str, Any]:
         "batch": target.batch,
         "input_shape": list(target.input_shape) if target.input_shape is not None else None,
     }
-    if target.precision == "int8":
-        settings["int8_dynamic_range"] = INT8_RANGE
     return settings
 
 
@@ -265,19 +257,6 @@ def _parser_error(trt: Any, parser: Any) -> str:
             "replace that op or export with another opset")
 
 
-def _set_int8_ranges(trt: Any, network: Any) -> None:
-    """Give every float tensor a dynamic range so every layer may run INT8 (timing only)."""
-    tensors = [network.get_input(i) for i in range(network.num_inputs)]
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        tensors += [layer.get_output(j) for j in range(layer.num_outputs)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # implicit quantization, deprecated since 10.1
-        for t in tensors:
-            if t.dtype in (trt.DataType.FLOAT, trt.DataType.HALF):
-                t.set_dynamic_range(-INT8_RANGE, INT8_RANGE)
-
-
 def _build(trt: Any, logger: Any, onnx: bytes, path: str | None, target: Target, settings: dict[str, Any]) -> bytes:
     """Parse and build; the serialized engine."""
     builder = trt.Builder(logger)
@@ -295,8 +274,7 @@ def _build(trt: Any, logger: Any, onnx: bytes, path: str | None, target: Target,
     if settings["precision"] in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)
     if settings["precision"] == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-        _set_int8_ranges(trt, network)
+        config.set_flag(trt.BuilderFlag.INT8)  # the Q/DQ nodes of the deployed graph place the INT8 layers
     for i in range(network.num_inputs):
         inp = network.get_input(i)
         dims = [int(d) for d in inp.shape]
@@ -359,6 +337,7 @@ class TrtSession:
             self.buffers[n] = torch.empty(shape, dtype=torch_dtype, device=self.device)
             for c in contexts:
                 c.set_tensor_address(n, self.buffers[n].data_ptr())
+        self.input_dtypes = {n: self.np_dtype[n] for n, _ in self.inputs if self.np_dtype[n] in (np.uint8, np.int8)}
         if self.prof_context is not None:
             self.prof_context.profiler = self.profiler
             self.prof_context.enqueue_emits_profile = False  # keep enqueue async; report after the sync

@@ -58,6 +58,7 @@ class DataBundle:
             "spec": self.name, "num_classes": self.num_classes, "input_shape": list(self.input_shape),
             "mean": self.mean, "std": self.std, "train_size": len(self.train), "val_size": len(self.val),  # type: ignore[arg-type]
             "test_size": len(self.test) if self.test is not None else 0,  # type: ignore[arg-type]
+            "classes": list(self.classes),  # label i's name (an export carries them in its metadata)
         }
 
 

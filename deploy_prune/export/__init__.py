@@ -26,23 +26,38 @@ from torch import nn
 from deploy_prune import __version__
 from deploy_prune.checks import check_number
 from deploy_prune.errors import UserError
-from deploy_prune.io import ensure_dir
+from deploy_prune.io import ensure_dir, provenance
 from deploy_prune.models.checkpoint import remove_stale_temps
 
 DEFAULT_OPSET = 18  # torch's dynamo exporter emits 18 natively; >= 17 as required
+BATCH_DIM = "batch"  # the name of the symbolic batch axis of a --dynamic-batch export
+META_PREFIX = "deploy_prune."  # namespace of the metadata_props keys written here
+LEGACY_VERSION_KEY = "deploy_prune_version"  # also written, for readers that look the version up by this name
 
 
-def to_onnx(model: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """torch's dynamo exporter (with its graph optimiser: BN folded into convs), in memory."""
+def to_onnx(model: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False) -> onnx.ModelProto:
+    """torch's dynamo exporter (with its graph optimiser: BN folded into convs), in memory.
+
+    ``dynamic_batch`` makes dim 0 of the input and the output the symbolic ``batch``
+    (``BATCH_DIM``); every other dim stays as in ``example``.
+    """
+    dynamic = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
-            model.eval(), (example,), dynamo=True, opset_version=opset,
+            model.eval(), (example,), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
             input_names=["input"], output_names=["logits"], verbose=False,
         )
     if prog is None:
         raise RuntimeError("torch.onnx.export returned no program")
-    return prog.model_proto
+    proto = prog.model_proto
+    if dynamic_batch:
+        for value in (*proto.graph.input, *proto.graph.output):
+            dim = value.type.tensor_type.shape.dim[0]
+            if dim.HasField("dim_value"):
+                raise RuntimeError(f"the exporter kept {value.name!r} at a static batch of {dim.dim_value}")
+            dim.dim_param = BATCH_DIM
+    return proto
 
 
 def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...] | list[int], batch: int = 1, opset: int = DEFAULT_OPSET) -> bytes:
@@ -62,17 +77,26 @@ def export_onnx(
     *,
     batch: int = 1,
     opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = False,
     parity_inputs: torch.Tensor | None = None,
+    model_spec: str | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    class_names: list[str] | None = None,
     metadata: dict[str, Any] | None = None,
     tolerance: float = 1e-3,
 ) -> dict[str, Any]:
-    """Export ``model`` with a static input ``[batch, *input_shape]`` to ``out`` atomically.
+    """Export ``model`` with the input ``[batch, *input_shape]`` to ``out`` atomically.
 
-    Static shapes on purpose: latency is measured at a fixed batch, and TensorRT/OpenVINO
-    optimise best for one shape. Returns (and writes beside ``out`` as ``.json``) the export
-    record with ``max_abs_diff`` between torch and ONNX Runtime on sample inputs. ``out`` is
-    replaced if it exists (``export_run`` decides whether it may be); the two files are
-    replaced together, as the module doc says, and temp files of a killed export are removed.
+    Static shapes by default: latency is measured at a fixed batch, and TensorRT/OpenVINO
+    optimise best for one shape. ``dynamic_batch`` makes the batch axis symbolic for serving
+    stacks that batch requests; parity is then checked at ``batch`` and at one other batch
+    size. The ONNX ``metadata_props`` get ``export_metadata``'s keys (``model_spec``,
+    normalisation ``mean``/``std`` and ``class_names`` where given) and then ``metadata``.
+    Returns (and writes beside ``out`` as ``.json``) the export record with ``max_abs_diff``
+    between torch and ONNX Runtime on sample inputs. ``out`` is replaced if it exists
+    (``export_run`` decides whether it may be); the two files are replaced together, as the
+    module doc says, and temp files of a killed export are removed.
     """
     check_number("--opset", opset, integer=True)
     if opset < 17:
@@ -82,6 +106,8 @@ def export_onnx(
     model = model.eval().cpu()
     shape = (batch, *input_shape)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    props = {**export_metadata(shape, opset=opset, dynamic_batch=dynamic_batch, model_spec=model_spec, mean=mean,
+                               std=std, class_names=class_names), **(metadata or {})}
     out = Path(out)
     side = record_path(out)
     if out.is_dir():
@@ -93,16 +119,24 @@ def export_onnx(
     try:
         onnx_tmp = _temp_beside(out, temps)
         try:
-            proto = to_onnx(model, example, opset)
-            for k, v in {"deploy_prune_version": __version__, **(metadata or {})}.items():
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = str(k), str(v)
+            proto = to_onnx(model, _export_example(example, dynamic_batch), opset, dynamic_batch=dynamic_batch)
+            onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                                **{str(k): json_dumps(v) for k, v in props.items()}})
             onnx.checker.check_model(proto, full_check=True)
             onnx.save(proto, str(onnx_tmp))
         except Exception as e:
             raise UserError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-        record = {"onnx": str(out), "opset": opset, "input_shape": list(shape),
-                  **parity(model, onnx_tmp, example, parity_inputs, tolerance), **_fingerprint(onnx_tmp)}
+        checks = parity(model, onnx_tmp, example, parity_inputs, tolerance)
+        if dynamic_batch:  # the symbolic axis must take another batch size too
+            other = parity(model, onnx_tmp, torch.randn(batch + 1, *input_shape, generator=torch.Generator().manual_seed(1)),
+                           None, tolerance)
+            n = checks["parity_samples"] + other["parity_samples"]
+            checks = {**checks, "max_abs_diff": max(checks["max_abs_diff"], other["max_abs_diff"]), "parity_samples": n,
+                      "top1_agreement": (checks["top1_agreement"] * checks["parity_samples"]
+                                         + other["top1_agreement"] * other["parity_samples"]) / n,
+                      "parity_ok": checks["parity_ok"] and other["parity_ok"], "parity_batches": [batch, batch + 1]}
+        record = {"onnx": str(out), "opset": opset, "input_shape": list(shape), "dynamic_batch": dynamic_batch,
+                  **checks, **_fingerprint(onnx_tmp)}
         side_tmp = _temp_beside(side, temps)
         side_tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(onnx_tmp, out)
@@ -115,6 +149,75 @@ def export_onnx(
                 out.parent.rmdir()  # only if empty: a failed export leaves no empty directory
         raise
     return record
+
+
+def export_metadata(
+    shape: tuple[int, ...] | list[int],
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = False,
+    model_spec: str | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    class_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """The ``metadata_props`` an export carries, so that a serving stack can preprocess and label
+    without the checkpoint: ``deploy_prune.version``; ``deploy_prune.input_shape`` (the graph's
+    input, ``"batch"`` for a symbolic batch axis) and ``deploy_prune.dynamic_batch``;
+    ``deploy_prune.mean`` / ``std`` (per-channel normalisation the model was trained with, applied
+    as ``(x - mean) / std`` to pixels scaled to [0, 1], as the built-in datasets do),
+    ``deploy_prune.class_names`` (label i's name) and
+    ``deploy_prune.model`` where known; ``deploy_prune.provenance`` (tool version, git commit, UTC
+    date, CPU, platform, Python, torch, onnx, opset). Values that are not strings are stored as
+    JSON; ``read_metadata`` decodes them. ``deploy_prune_version`` repeats the version under the
+    key readers of deploy-prune exports look it up by.
+    """
+    prov = provenance(onnx=onnx.__version__, opset=opset)
+    md: dict[str, Any] = {
+        LEGACY_VERSION_KEY: __version__,
+        f"{META_PREFIX}version": __version__,
+        f"{META_PREFIX}input_shape": [BATCH_DIM if dynamic_batch else int(shape[0]), *(int(d) for d in shape[1:])],
+        f"{META_PREFIX}dynamic_batch": dynamic_batch,
+    }
+    if model_spec:
+        md[f"{META_PREFIX}model"] = model_spec
+    for key, values in (("mean", mean), ("std", std)):
+        if values:  # None or empty: not known (a user's dataset), so not recorded
+            if len(values) != shape[1]:
+                raise UserError(f"normalisation {key} has {len(values)} values but the input has {shape[1]} channel(s); "
+                                "give one per channel")
+            md[f"{META_PREFIX}{key}"] = [float(v) for v in values]
+    if class_names:
+        md[f"{META_PREFIX}class_names"] = [str(c) for c in class_names]
+    md[f"{META_PREFIX}provenance"] = {k: prov[k] for k in PROVENANCE_FIELDS if k in prov}
+    return md
+
+
+# Which of io.provenance()'s fields an exported model carries (not the host's name: the file ships).
+PROVENANCE_FIELDS = ("tool", "tool_version", "git_commit", "date", "cpu", "platform", "python", "torch", "onnx", "opset")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """An ONNX file's ``metadata_props``, JSON values decoded (``export_metadata`` says what they are)."""
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise UserError(f"{str(path)!r} is not a readable ONNX model: {str(e).splitlines()[0] if str(e) else e}") from None
+    out: dict[str, Any] = {}
+    for p in m.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except ValueError:
+            out[p.key] = p.value
+    return out
+
+
+def _export_example(example: torch.Tensor, dynamic_batch: bool) -> torch.Tensor:
+    """The tensor traced: ``example``, or for a symbolic batch a batch of at least 2 (torch.export
+    specialises a dim of size 1 to the constant 1)."""
+    if not dynamic_batch or example.shape[0] > 1:
+        return example
+    return torch.cat([example, example])
 
 
 def record_path(onnx_path: str | Path) -> Path:
@@ -206,6 +309,7 @@ def export_run(
     opset: int = DEFAULT_OPSET,
     trust: bool = False,
     overwrite: bool = False,
+    dynamic_batch: bool = False,
 ) -> dict[str, Any]:
     """``deploy-prune export``: load a checkpoint/run, export it, check parity on real samples.
 
@@ -239,7 +343,9 @@ def export_run(
     _check_dest(dest, resolve_weights(weights), overwrite)
     check_runs_on(model, tuple(shape))
     samples = None
-    spec = data_spec or meta.get("data", {}).get("spec")
+    recorded_data = meta.get("data", {})
+    class_names = recorded_data.get("classes")
+    spec = data_spec or recorded_data.get("spec")
     if spec:
         try:  # real samples make the parity check meaningful; skip quietly if the data is not here
             bundle = load_data(spec, DataOptions(data_dir=data_dir, image_size=shape[-1], val_limit=8 * batch))
@@ -250,11 +356,16 @@ def export_run(
             classes = recorded["num_classes"] if "num_classes" in recorded else _output_classes(model, shape)
             _check_data_fits(bundle, spec, shape, classes, weights)
             samples = torch.stack([bundle.val[i][0] for i in range(len(bundle.val))])  # type: ignore[arg-type]
-    md = {"model": meta.get("model", {}).get("spec", model_spec or "unknown"), "input_shape": shape}
-    if "data" in meta:
-        md.update({"normalize_mean": meta["data"]["mean"], "normalize_std": meta["data"]["std"]})
-    return export_onnx(model, shape, dest, batch=batch, opset=opset, parity_inputs=samples,
-                       metadata={k: json_dumps(v) for k, v in md.items()})
+            if class_names is None and spec == recorded_data.get("spec"):  # the training data names the classes
+                class_names = bundle.classes or None
+    spec_name = meta.get("model", {}).get("spec") or model_spec
+    mean, std = recorded_data.get("mean"), recorded_data.get("std")
+    # The un-namespaced keys are written as well, for readers that look them up by these names.
+    legacy: dict[str, Any] = {"model": spec_name or "unknown", "input_shape": shape}
+    if mean is not None and std is not None:
+        legacy.update({"normalize_mean": mean, "normalize_std": std})
+    return export_onnx(model, shape, dest, batch=batch, opset=opset, dynamic_batch=dynamic_batch, parity_inputs=samples,
+                       model_spec=spec_name, mean=mean, std=std, class_names=class_names, metadata=legacy)
 
 
 def _check_dest(dest: Path, checkpoint: Path, overwrite: bool) -> None:

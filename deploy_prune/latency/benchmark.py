@@ -24,6 +24,10 @@ def benchmark(
     All (model, target) pairs measured on this machine are interleaved round by round so that
     they share the same machine conditions; their ratios are therefore meaningful within one
     call. Targets reached through an agent are measured there, one target per request.
+
+    Each row has ``latency_ms`` (``Stats.as_dict()``: median, p90, p95, p99, min, ...), the
+    ``batch`` the model was fed and ``throughput_per_s``, inferences (samples) per second at
+    that batch from the median: ``batch * 1000 / median``.
     """
     if not models or not targets:
         raise UserError("benchmark needs at least one model and one target")
@@ -47,5 +51,15 @@ def benchmark(
     if timers:
         stats.update(measure(timers, proto, on_round=on_round))
     for row in rows:
-        row["latency_ms"] = stats[str(row.pop("key"))].as_dict()
+        st = stats[str(row.pop("key"))]
+        row["latency_ms"] = st.as_dict()
+        row["batch"] = row["input_shape"][0] if row["input_shape"] else None
+        row["throughput_per_s"] = throughput(row["batch"], st.median)
     return {"protocol": proto.__dict__, "results": rows, "provenance": provenance()}
+
+
+def throughput(batch: int | None, median_ms: float) -> float | None:
+    """Inferences per second at ``batch``, one batch every ``median_ms``; None when either is unknown."""
+    if not batch or not median_ms > 0:
+        return None
+    return round(batch * 1000.0 / median_ms, 3)

@@ -383,7 +383,7 @@ def with_probe(graph: bytes) -> bytes:
 
     Its counter is what the backend's profiler adds to every node it times, measured in the same
     runs as the graph's own nodes (ONNX Runtime builds the event's strings inside the timed span:
-    3-8 us per node on our Intel VM, varying with the machine's state, and more than a narrow layer
+    3-8 us per node on a 2-core Intel Xeon (AVX-512), varying with the machine's state, and more than a narrow layer
     of MobileNetV2 at 32x32 computes); ``profile`` subtracts it from each node of an entry.
     """
     proto = onnx.load_from_string(graph)

@@ -24,7 +24,8 @@ ModelSource = bytes | str | Path
 
 
 def feed_for(session: Session, target: Target, seed: int = 0) -> Feed:
-    """Fixed random float inputs for every input of ``session``.
+    """Fixed random inputs for every input of ``session``: float32 standard normal, or uniform
+    over the range of an integer input (``session.input_dtypes``: a quantized layer's).
 
     Static dims are kept as the model declares them; dynamic ones come from the target
     (``batch`` for the first dim, ``input_shape`` for the rest of the first input).
@@ -39,7 +40,12 @@ def feed_for(session: Session, target: Target, seed: int = 0) -> Feed:
             want = [want[0], *target.input_shape]
         if not all(isinstance(d, int) and d > 0 for d in want):
             raise UserError(f"model input {name!r} has dynamic dims {shape}; set input_shape (and batch) in the target YAML")
-        feed[name] = rng.standard_normal([int(d) for d in want], dtype=np.float32)
+        dims, dtype = [int(d) for d in want], getattr(session, "input_dtypes", {}).get(name)
+        if dtype is None:
+            feed[name] = rng.standard_normal(dims, dtype=np.float32)
+        else:
+            info = np.iinfo(dtype)
+            feed[name] = rng.integers(info.min, info.max, dims, dtype=dtype, endpoint=True)
     return feed
 
 

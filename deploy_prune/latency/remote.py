@@ -209,7 +209,10 @@ class AgentMeasurer:
         stats: dict[str, Stats] = {}
         shapes: dict[str, list[int]] = {}
         layers: dict[str, dict[str, float]] = {}
-        names = [f.name for f in dataclasses.fields(Stats)]
+        # Fields with a default (the tail percentiles) are taken when the agent sends them.
+        fields = dataclasses.fields(Stats)
+        names = [f.name for f in fields if f.default is dataclasses.MISSING]
+        optional = [f.name for f in fields if f.default is not dataclasses.MISSING]
         for batch in batches:
             try:
                 body = _dumps({
@@ -226,7 +229,9 @@ class AgentMeasurer:
                                 f"at most {limit:g} MiB); restart the agent with a larger --max-body-mb")
             answer = self._call("POST", "/time", body, read_timeout=self.timeout_s)
             try:
-                stats.update({key: Stats(**{n: answer["stats"][key][n] for n in names}) for key in batch})
+                stats.update({key: Stats(**{n: answer["stats"][key][n] for n in names},
+                                         **{n: answer["stats"][key][n] for n in optional if n in answer["stats"][key]})
+                              for key in batch})
                 shapes.update({key: [int(d) for d in answer["shapes"][key]] for key in batch})
                 if layer_runs:
                     layers.update({key: {str(n): float(v) for n, v in answer["layers"][key].items()} for key in batch})

@@ -67,6 +67,10 @@ class Stats:
     rounds: int
     round_medians: list[float]
     round_cv: float  # std/mean of the per-round medians
+    # Tail percentiles of the per-run samples; None where only a summary was available
+    # (stats from an agent that does not send them).
+    p95: float | None = None
+    p99: float | None = None
 
     @property
     def quiet(self) -> float:
@@ -119,13 +123,13 @@ def pool_sittings(sittings: list[Stats]) -> dict[str, object]:
 def summarize(samples_by_round: list[list[float]]) -> Stats:
     allv = np.asarray([v for r in samples_by_round for v in r], dtype=float)
     med = float(np.median(allv))
-    q25, q75, p90 = np.percentile(allv, [25, 75, 90])
+    q25, q75, p90, p95, p99 = np.percentile(allv, [25, 75, 90, 95, 99])
     rm = np.asarray([np.median(r) for r in samples_by_round if r], dtype=float)
     cv = coefficient_of_variation(rm.tolist())
     return Stats(
         median=med, p90=float(p90), mean=float(allv.mean()), min=float(allv.min()), max=float(allv.max()),
         iqr=float(q75 - q25), mad=float(np.median(np.abs(allv - med))), n=int(allv.size),
-        rounds=len(samples_by_round), round_medians=rm.tolist(), round_cv=cv,
+        rounds=len(samples_by_round), round_medians=rm.tolist(), round_cv=cv, p95=float(p95), p99=float(p99),
     )
 
 

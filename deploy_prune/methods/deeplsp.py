@@ -1,10 +1,10 @@
 """DeepLSP: latency- and sensitivity-aware hybrid (structured + unstructured) pruning.
 
-From the Pruning Pathways README (seed 002): "structured + unstructured pruning guided by
-layer sensitivity and latency", with ``keep_ratio`` (default 0.5) and ``amount`` (default
-0.05, or adaptive). The README gives no equations; our choices, each stated:
+From the "Pruning Pathways" collection of pruning methods: "structured + unstructured pruning
+guided by layer sensitivity and latency", with ``keep_ratio`` (default 0.5) and ``amount``
+(default 0.05, or adaptive). The collection gives no equations; the choices made here:
 
-- **Sensitivity from real data.** The seed's DeepLSP fed dummy inputs; we run
+- **Sensitivity from real data.** The collection's DeepLSP feeds dummy inputs; this one runs
   ``deploy_prune.sensitivity`` on the validation subset: each group pruned alone at several
   ratios, accuracy drop measured (reused from ``sensitivity.json`` when given).
 - **Value of keeping k channels of group g** = ``-w_g * (1 - R_g(k))``: ``R_g(k)`` is the share
@@ -12,8 +12,10 @@ layer sensitivity and latency", with ``keep_ratio`` (default 0.5) and ``amount``
   held by its k best channels, and ``w_g`` the group's sensitivity scale, fitted by least squares
   so that the value matches the measured accuracy drops of that group. The criterion gives the
   order and shape at every width, the measurement the scale in accuracy points. ``w_g`` is
-  floored at a tenth of the median so no group is treated as free. (A steepness exponent
-  ``(1 - R)^p`` fitted per group was tried and lost after fine-tuning: see ``POWERS``.)
+  floored at a tenth of the median so no group is treated as free. The value is linear in the
+  lost share: a per-group exponent ``(1 - R)^p`` fits the one-shot curves better but scored
+  0.35-1.1 points lower after fine-tuning (benchmarks/results/compress_vs_uniform_power.md
+  against compress_vs_uniform_linear.md, ResNet-20 on Fashion-MNIST, one seed each).
 - **Structured allocation** = the latency knapsack of ``allocate.allocate``: per group one
   allowed width (multiples of the target's ``channel_multiple``), maximum total value within
   the LUT-predicted latency (or FLOPs / params / channels for other budgets).
@@ -42,38 +44,20 @@ if TYPE_CHECKING:
 ADAPTIVE_LADDER = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-# Steepness exponents tried by the fit. Only p = 1 by default: a fit over (1, 1.5, 2, 3, 4)
-# matched the measured one-shot curves better but lost 0.35-1.1 points after fine-tuning on
-# ResNet-20 / Fashion-MNIST at all three budgets (benchmarks/results/compress_vs_uniform_power.md
-# vs compress_vs_uniform_linear.md; one seed each, so weak evidence either way).
-POWERS: tuple[float, ...] = (1.0,)
-
-
-def sensitivity_weights(sens: dict[str, Any], scores: dict[str, Any], floor_share: float = 0.1,
-                        powers: tuple[float, ...] = POWERS) -> tuple[dict[str, float], dict[str, float]]:
-    """Per group, the scale ``w`` and power ``p`` with ``drop(k) ~ w * (1 - R(k)) ** p`` over the
-    measured ratios (least squares in ``w`` for each ``p`` of ``powers``; the best fit wins)."""
+def sensitivity_weights(sens: dict[str, Any], scores: dict[str, Any], floor_share: float = 0.1) -> dict[str, float]:
+    """Per group, the scale ``w`` with ``drop(k) ~ w * (1 - R(k))`` over the measured ratios
+    (least squares), floored at ``floor_share`` of the median positive scale."""
     lost = weighted_retained_value(scores, {})  # -(1 - R(k))
     w: dict[str, float] = {}
-    pw: dict[str, float] = {}
     for g in sens["groups"]:
         if g["name"] not in scores:
             continue
         x = np.array([-lost(g["name"], e["kept_channels"]) for e in g["entries"]])
         d = np.array([max(0.0, e["accuracy_drop"]) for e in g["entries"]])
-        best = (np.inf, 0.0, 2.0)
-        for p in powers:
-            xp = x**p
-            if xp @ xp <= 0:
-                continue
-            scale = max(0.0, float(xp @ d) / float(xp @ xp))
-            sse = float(((d - scale * xp) ** 2).sum())
-            if sse < best[0] - 1e-12:
-                best = (sse, scale, p)
-        w[g["name"]], pw[g["name"]] = best[1], best[2]
+        w[g["name"]] = max(0.0, float(x @ d) / float(x @ x)) if x @ x > 0 else 0.0
     pos = [v for v in w.values() if v > 0]
     floor = floor_share * float(np.median(pos)) if pos else 1.0
-    return {k: max(v, floor) for k, v in w.items()}, pw
+    return {k: max(v, floor) for k, v in w.items()}
 
 
 @METHODS.register("deeplsp", "latency knapsack weighted by measured sensitivity + unstructured magnitude masks")
@@ -96,13 +80,11 @@ class DeepLSP:
         check_number("--tolerance", tolerance, lo=0.0, hi=1.0)
         self.criterion, self.amount, self.tolerance = criterion, amount, tolerance
         self.weights: dict[str, float] = {}
-        self.powers: dict[str, float] = {}
         self.chosen_amounts: dict[str, float] = {}
 
     def settings(self) -> dict[str, Any]:
         return {"criterion": self.criterion, "amount": self.amount, "tolerance": self.tolerance,
                 "sensitivity_weights": {k: round(v, 6) for k, v in self.weights.items()},
-                "sensitivity_powers": self.powers,
                 "adaptive_amounts": self.chosen_amounts or None}
 
     def setup(self, run: MethodContext) -> None:
@@ -115,14 +97,14 @@ class DeepLSP:
         # scores (also when a resumed run's model is already pruned).
         base = copy.deepcopy(run.teacher)
         graph = ModelGraph(base, run.input_shape, run.ignore, run.graph.channel_multiple)
-        self.weights, self.powers = sensitivity_weights(sens, self._scores(run, base, graph))
+        self.weights = sensitivity_weights(sens, self._scores(run, base, graph))
 
     def _scores(self, run: MethodContext, model: Any = None, graph: Any = None) -> dict[str, Any]:
         return {k: v.numpy() for k, v in score_groups(model or run.model, graph or run.graph, self.criterion,
                                                        run.score_batches(), seed=run.seed).items()}
 
     def plan(self, run: MethodContext, budget: float, scores: dict[str, Any] | None = None) -> dict[str, int]:
-        value = weighted_retained_value(scores or self._scores(run), self.weights, self.powers)
+        value = weighted_retained_value(scores or self._scores(run), self.weights)
         plan, _ = allocate(run.graph, value, run.cost, budget)
         return plan
 

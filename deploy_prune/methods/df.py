@@ -1,4 +1,4 @@
-"""DF: a differentiable framework for hybrid filter + low-rank compression (seed 004).
+"""DF: a differentiable framework for hybrid filter + low-rank compression ("A Differentiable Framework for End-to-End Learning of Hybrid Structured Compression").
 
 Filters and ranks are chosen together by gradient descent on Eq. (7) with the pre-trained
 weights frozen (Algorithm 1), then the model is materialised and fine-tuned:

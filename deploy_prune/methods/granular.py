@@ -129,7 +129,7 @@ class StructuredPruning(IterativePruning):
             w = np.exp((accs - accs.max()) / 0.01)  # likelihood: a point of accuracy is worth e^1
             idx = rng.choice(len(parts), size=len(parts), p=w / w.sum())
             parts = [normalise(parts[i] + rng.normal(0, 0.05, len(names))) for i in idx]
-        run.say(f"particle filter: best subset accuracy {best_acc:.4f} over {self.rounds} rounds of {self.particles}")
+        run.say(f"particle filter: best subset accuracy {100 * best_acc:.2f} % over {self.rounds} rounds of {self.particles}")
         return dict(zip(names, best.tolist(), strict=True))
 
 

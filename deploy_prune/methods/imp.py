@@ -12,7 +12,7 @@ method          score                               count per iteration         
 ==============  ==================================  ====================================  ======  ========  ==================
 network         magnitude                           equal-ratio schedule to the target    layer   no        after E epochs
 lth             magnitude                           p = 0.2 of the remaining              layer   to start  after E epochs
-sap             magnitude                           PQ index (seed 003, Eq. 1)            layer   no        after E epochs
+sap             magnitude                           PQ index (InCoP paper, Eq. 1)         layer   no        after E epochs
 incop           magnitude                           PQ index                              layer   no        IF / GF consistent
 snip            |g w| on one batch, normalised      all at once (one iteration)           global  no        after E epochs
 loss-based      taylor | magnitude | random         equal-ratio schedule                  global  no        after E epochs
@@ -235,7 +235,7 @@ class IterativePruning:
                 rec["flow_after_prune"] = round(stop.after_prune, 5)
                 rec["flow_distances"] = [round(d, 5) for d in stop.distances]
             run.record_step("imp", **rec)
-            run.say(f"iteration {t}/{self.iterations}: sparsity {rec['sparsity']:.4f}, accuracy {acc:.4f}, "
+            run.say(f"iteration {t}/{self.iterations}: sparsity {100 * rec['sparsity']:.1f} %, accuracy {100 * acc:.2f} %, "
                     f"{rec['epochs_run']} epoch(s)")
             run.checkpoint(stage)
 

@@ -75,7 +75,7 @@ class _Regularized(IterativePruning):
             acc = run.finetune(self.reg_epochs, "regularize", penalty=penalty, stop=after_epoch)
             self.before_cut(run)
             run.record_step("regularize", accuracy=acc, train_seconds=(run.last_fit or {}).get("train_seconds", 0.0))
-            run.say(f"{self.name}: regularised for {self.reg_epochs} epoch(s), accuracy {acc:.4f}")
+            run.say(f"{self.name}: regularised for {self.reg_epochs} epoch(s), accuracy {100 * acc:.2f} %")
             run.checkpoint("regularize")
         super().prune(run, target)  # the cut (one iteration: the whole target) and the retraining
 

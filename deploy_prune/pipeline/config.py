@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy_prune import DEFAULT_TARGET
 from deploy_prune.checks import check_number
 from deploy_prune.data import DataOptions
 from deploy_prune.errors import UserError
@@ -21,7 +22,7 @@ class CompressConfig:
     model: str | None = None
     data: str = "digits"
     data_options: DataOptions = field(default_factory=DataOptions)
-    target: str = "cpu-ort-1t"
+    target: str = DEFAULT_TARGET
     latency_ms: float | None = None
     latency_ratio: float | None = None
     flops_ratio: float | None = None
@@ -58,6 +59,7 @@ class CompressConfig:
     resume: bool = False
     overwrite: bool = False  # replace the run already in ``out`` (else it is refused, unless resumed)
     seed: int = 0
+    log: list[str] = field(default_factory=list)  # trackers the finished run is recorded in (report.tracking)
 
     def __post_init__(self) -> None:
         """Every number checked here, where it enters (the CLI and the API build this), before
@@ -78,6 +80,9 @@ class CompressConfig:
         if self.margin >= self.slack:
             raise UserError(f"--margin {self.margin} must be below --slack {self.slack}: the window a measured latency "
                             "must land in is between them under the budget")
+        from deploy_prune.report.tracking import parse_trackers
+
+        parse_trackers(self.log)  # a bad --log fails before anything runs
 
     def budget_kind(self) -> tuple[str, float]:
         given = {k: v for k, v in (("latency_ms", self.latency_ms), ("latency_ratio", self.latency_ratio),

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from deploy_prune.allocate import CostModel, flops_cost
+from deploy_prune.backends import get_backend
 from deploy_prune.config import Target
 from deploy_prune.data import DataBundle, load_data, make_loader
 from deploy_prune.distributed import world as distributed_world
@@ -121,10 +122,12 @@ class FitJob:
 
 def run_job(job: FitJob, model: nn.Module, teacher: nn.Module, data: DataBundle, cfg: CompressConfig, parts: UserParts,
             out: Path, *, stop: Callable[[nn.Module, int], bool] | None = None,
-            penalty: Callable[[nn.Module], torch.Tensor] | None = None, distributed: bool = False) -> dict[str, Any]:
+            penalty: Callable[[nn.Module], torch.Tensor] | None = None, distributed: bool = False,
+            on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Fine-tune ``model`` in place: the user's ``finetune``, or the built-in loop (KD from
     ``teacher`` unless the user's ``loss`` or ``cfg.kd=False``), masks held. Returns the
-    training metrics. Rank 0 and the torchrun workers run this same function."""
+    training metrics. Rank 0 and the torchrun workers run this same function; ``on_step``
+    follows the built-in loop's optimizer steps."""
     rank, world = distributed_world() if distributed else (0, 1)
     if parts.finetune is not None:
         t0 = time.perf_counter()
@@ -153,7 +156,7 @@ def run_job(job: FitJob, model: nn.Module, teacher: nn.Module, data: DataBundle,
     masks = job.masks
     return fit(model, data, tcfg, out / "finetune" / job.tag, job.meta, resume=job.resume, loss_fn=loss,
                after_step=[lambda mod: apply_masks(mod, masks)] if masks else [], progress=False, stop=stop,
-               distributed=distributed)
+               distributed=distributed, on_step=on_step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +178,9 @@ class Run:
             raise UserError(f"{cfg.weights!r} is already a compress result; compress its original weights instead")
         self.out = ensure_dir(cfg.out)
         self.say = progress or (lambda msg: None)
+        # Counted work (``progress.count(task, done, total)``, where the callable has it): what a
+        # display turns into bars with an ETA; a plain function gets the lines alone.
+        self.count: Callable[[str, int, int], None] = getattr(progress, "count", None) or (lambda task, done, total: None)
         self.spec = self.parts.spec or cfg.model or meta.get("model", {}).get("spec")
         if not self.spec:
             raise UserError("the checkpoint does not record its architecture; pass --model")
@@ -257,8 +263,9 @@ class Run:
     def deployed(self, model: nn.Module, fp32_metric: float) -> tuple[bytes, dict[str, Any]] | None:
         """``model`` as the target ships it, and its figures: quantized with activation ranges
         calibrated on the scoring batches (``quantize.calibration_inputs``) and scored by the run's
-        metric through the target's backend; for a local target also the fp32 graph's latency on
-        the same backend, timed interleaved with the artefact; ``fp32_metric`` (the caller's
+        metric through the target's backend (where that backend runs here); for a local target
+        also the fp32 graph's latency on the same backend, timed interleaved with the artefact;
+        ``fp32_metric`` (the caller's
         score of ``model``) is what the deployed metric is compared with. None for an fp32 target,
         whose artefact is the ONNX export itself."""
         if self.target.precision == "fp32":
@@ -274,13 +281,20 @@ class Run:
         if len(cal) < want and short not in self.notes:
             self.notes.append(short)
         art = deploy_onnx(fp32, self.target, cal)
-        figures: dict[str, Any] = {"precision": self.target.precision, "calibration_samples": len(cal),
-                                   "accuracy": self.metric(DeployedModule(art, self.target))}
-        drop = fp32_metric - figures["accuracy"]
-        if drop > COLLAPSE:  # reported, never hidden: the gate judges this figure
-            self.notes.append(f"the {self.target.precision} artefact scores {figures['accuracy']:.4f}, {drop:.4f} under the "
-                              f"fp32 model's {self.parts.metric}: calibrate on more samples, another method, or keep "
-                              "sensitive layers unquantized")
+        figures: dict[str, Any] = {"precision": self.target.precision, "calibration_samples": len(cal)}
+        here, why = get_backend(self.target.backend).available()
+        if not here:  # a device behind an agent: the artefact is written, its metric is the device's to score
+            note = (f"the {self.target.precision} artefact was not scored: backend {self.target.backend} does not run "
+                    f"here ({why}); the gate judges the fp32 metric")
+            if note not in self.notes:
+                self.notes.append(note)
+        else:
+            figures["accuracy"] = self.metric(DeployedModule(art, self.target))
+            drop = fp32_metric - figures["accuracy"]
+            if drop > COLLAPSE:  # reported, never hidden: the gate judges this figure
+                self.notes.append(f"the {self.target.precision} artefact scores {100 * figures['accuracy']:.2f} %, "
+                                  f"{100 * drop:.2f} points under the fp32 model's {self.parts.metric}: calibrate on "
+                                  "more samples, another method, or keep sensitive layers unquantized")
         self._add_seconds("deploy", time.perf_counter() - t0)
         if isinstance(self.measurer, LocalMeasurer):
             t0 = time.perf_counter()
@@ -336,7 +350,8 @@ class Run:
                                  workers=self.cfg.workers, seed=self.cfg.seed)
         res = sensitivity_run(self.out, copy.deepcopy(self.teacher), self.data, scfg, ignore=self.cfg.ignore,
                               channel_multiple=self.target.channel_multiple, meta=self.meta["model"], profile=self.profile,
-                              metric=self.metric if self.parts.evaluate is not None else None)
+                              metric=self.metric if self.parts.evaluate is not None else None,
+                              on_job=lambda d, n: self.count("sensitivity", d, n))
         self.report["sensitivity"] = {"path": str(self.out / "sensitivity.json"), "reused": False, "criterion": criterion}
         self.report["stage_seconds"]["sensitivity"] = round(time.perf_counter() - t0, 2)
         return res
@@ -355,8 +370,11 @@ class Run:
         self._add_seconds("export", time.perf_counter() - t0)
         t0 = time.perf_counter()
 
+        rounds = self.target.protocol.rounds
+
         def take() -> dict[str, Any]:
-            stats = self.measurer.time({"baseline": self._baseline_onnx, "candidate": cand})  # type: ignore[dict-item]
+            stats = self.measurer.time({"baseline": self._baseline_onnx, "candidate": cand},  # type: ignore[dict-item]
+                                       on_round=lambda r: self.count("measure", r, rounds))
             return {"candidate": stats["candidate"].as_dict(), "baseline": stats["baseline"].as_dict()}
 
         best, self._quietest_baseline = quietest_take(take, self._quietest_baseline)
@@ -404,7 +422,7 @@ class Run:
             self._teacher_unsent = False
         try:
             m = run_job(job, self.model, self.teacher, self.data, self.cfg, self.parts, self.out, stop=stop,
-                        penalty=penalty, distributed=shared)
+                        penalty=penalty, distributed=shared, on_step=lambda d, n: self.count(f"fine-tune {tag}", d, n))
         except UserError as e:
             if self.parts.finetune is not None:
                 raise

@@ -89,11 +89,11 @@ def _ensure_profile(run: Run) -> None:
                         run.cfg.force_profile)
     lowrank = run.lowrank_profile and not (prof and any("lowrank" in la for la in prof["layers"].values()))
     if prof is None or lowrank:
-        run.say(f"no latency profile of {run.spec} for {run.target.name} under {run.cfg.profiles}/"
-                f"{' with low-rank tables' if lowrank else ''}: profiling now")
+        run.say(f"profiling {run.target.name}: no latency table{' with low-rank entries' if lowrank else ''} "
+                f"of this model under {run.cfg.profiles}/")
         _, prof = run_profile(ProfileSpec(copy.deepcopy(run.teacher), run.spec, tuple(run.data.input_shape), run.target,
                                           ignore=run.cfg.ignore, lowrank=run.lowrank_profile), run.cfg.profiles,
-                              seed=run.cfg.seed, reuse=True)
+                              seed=run.cfg.seed, reuse=True, progress=lambda stage, d, n: run.count(f"profile: {stage}", d, n))
     run.profile = prof
     run.report["profile"] = {"fingerprint": prof["fingerprint"], "calibration": prof.get("calibration"),
                              "validation": {k: v for k, v in (prof.get("validation") or {}).items() if k == "calibrated"}}
@@ -147,7 +147,7 @@ def _structured(run: Run, method: Method, budget: dict[str, Any]) -> None:
         record_step(run, "structured", cost_budget=b, accuracy=acc, measured_latency_ms=meas["candidate"],
               baseline_same_session_ms=quiet_of(meas["baseline"]), seconds=round(time.perf_counter() - t0, 2))
         run.say(f"step {i}/{steps}: {run.cost.kind} {run.cost.total(run.graph, group_widths(run.graph)):.4g} "
-                f"{run.cost.unit}" + (f", {run.parts.metric} {acc:.4f}" if acc is not None else ""))
+                f"{run.cost.unit}" + (f", {run.parts.metric} {100 * acc:.2f} %" if acc is not None else ""))
         run.checkpoint(stage)
 
 
@@ -304,7 +304,8 @@ def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) ->
     save_checkpoint(run.out / "model.pt", run.model, meta)
     _save_program(run)
     exp = export_onnx(run.model, run.data.input_shape, run.out / "model.onnx", batch=run.target.batch,
-                      parity_inputs=_parity_inputs(run))
+                      parity_inputs=_parity_inputs(run), model_spec=run.spec, mean=run.data.mean, std=run.data.std,
+                      class_names=run.data.classes)
     run._add_seconds("export", time.perf_counter() - t0)
     meas, met, why = _final_measure(run, budget)
     t0 = time.perf_counter()
@@ -347,7 +348,8 @@ def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) ->
         "profile": run.report.get("profile"),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "data_options"},
         "distributed": {"world_size": run.world, "backend": distributed_backend()},
-        "provenance": provenance(threads=torch.get_num_threads(), target=run.target.name),
+        "provenance": provenance(target=run.target.name, measure_threads=run.target.resolved_threads(),
+                                 training_threads=torch.get_num_threads()),
     }
     write_json(run.out / "report.json", rep)
     run.checkpoint("done")
@@ -357,6 +359,11 @@ def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) ->
         write_reports(run.out)
     except ImportError:  # reports are optional extras; report.json is the truth
         pass
+    if cfg.log:
+        from deploy_prune.report.tracking import parse_trackers, record
+
+        for line in record(parse_trackers(cfg.log), rep, run.out):
+            run.say(f"recorded in {line}")
     return rep
 
 

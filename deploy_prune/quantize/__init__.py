@@ -12,6 +12,10 @@ deployed model's metric) goes through ``deploy_onnx`` first. Quantizers are regi
   format, weights int8 per output channel, activations uint8 (the U8S8 pair its x86 kernels,
   VNNI included, run fastest), activation ranges calibrated on ``Calibration.samples`` inputs
   with ``Calibration.method`` (``minmax``, ``entropy`` or ``percentile``).
+- ``tensorrt:int8``: the same quantizer with symmetric int8 activations and weights (zero point
+  0), the Q/DQ graph TensorRT's explicit quantization builds INT8 layers from (its implicit,
+  calibrator-based mode is deprecated since TensorRT 10.1); ``tensorrt:fp16``: the fp32 graph,
+  built with the FP16 flag. ``torch:fp16`` / ``bf16``: the fp32 graph, cast by the backend.
 
 Calibration data: a model's accuracy at int8 depends on the activation ranges, so the deployed
 model is calibrated on the user's data (``calibration=``). Its *latency* does not: int8 kernels
@@ -67,6 +71,13 @@ def calibration_of(target: Target) -> Calibration:
     return Calibration(**target.calibration)
 
 
+# Why a backend:precision pair that users ask for has no quantizer (said in the refusal).
+NO_PATH = {
+    "torch:int8": "PyTorch's int8 kernels (torch.ao.quantization) are for its own eager or exported "
+                  "modules, not a runtime for the ONNX graph; time int8 on onnxruntime, openvino or tensorrt",
+    "onnxruntime:fp16": "the CPU execution provider has no fp16 kernels for most ops (it would time casts)",
+    "onnxruntime:bf16": "the CPU execution provider has no bf16 kernels; OpenVINO runs bf16 on this CPU",
+}
 PRECISION_KEY = "deploy_prune.precision"  # metadata of an artefact deploy_onnx made
 
 
@@ -109,8 +120,9 @@ def deploy_onnx(model: bytes, target: Target, calibration: Sequence[np.ndarray] 
     key = f"{target.backend}:{target.precision}"
     if key not in QUANTIZERS.names():
         runs = sorted(k.split(":")[1] for k in QUANTIZERS.names() if k.startswith(f"{target.backend}:"))
-        raise UserError(f"target {target.name!r}: backend {target.backend} has no {target.precision} path here "
-                        f"(it runs fp32{''.join(', ' + r for r in runs)}); change the target's precision")
+        why = f": {NO_PATH[key]}" if key in NO_PATH else ""
+        raise UserError(f"target {target.name!r}: backend {target.backend} has no {target.precision} path "
+                        f"(it runs fp32{''.join(', ' + r for r in runs)}){why}; change the target's precision")
     if calibration is not None:
         first = _graph_inputs(onnx.load_from_string(model))[0].name
         batches = [{first: x} for x in calibration]
@@ -122,6 +134,62 @@ def deploy_onnx(model: bytes, target: Target, calibration: Sequence[np.ndarray] 
     # Marked, so a graph with nothing to quantize (a probe, a lone pool) is still known as deployed.
     onnx.helper.set_model_props(out, {**{p.key: p.value for p in out.metadata_props}, PRECISION_KEY: target.precision})
     return out.SerializeToString()
+
+
+def in_model_view(artefact: bytes) -> bytes:
+    """A quantized one-layer graph as its layer runs inside a quantized model: between two int8
+    layers a tensor stays int8, so the graph's inputs become the quantized tensors its
+    ``QuantizeLinear`` nodes made and its outputs the quantized tensors its final
+    ``DequantizeLinear`` nodes read. Timing it leaves out the input quantization and output
+    dequantization a standalone graph pays per layer and a whole model pays once (at its own
+    input and output, which the whole-model calibration sees). Other graphs come back as given."""
+    proto = onnx.load_from_string(artefact)
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    producer: dict[str, onnx.NodeProto] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+        for o in n.output:
+            producer[o] = n
+
+    def quantized(node: onnx.NodeProto, like: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto | None:
+        zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+        if zp is None:
+            return None
+        dims = [d.dim_value for d in like.type.tensor_type.shape.dim]
+        return onnx.helper.make_tensor_value_info(name, zp.data_type, dims)
+
+    drop: set[int] = set()
+    inputs, outputs = [], []
+    for inp in g.input:
+        u = users.get(inp.name, [])
+        q = u[0] if len(u) == 1 and u[0].op_type == "QuantizeLinear" and inp.name not in inits else None
+        new = quantized(q, inp, q.output[0]) if q is not None else None
+        if new is None or q is None:
+            inputs.append(inp)
+            continue
+        drop.add(id(q))
+        inputs.append(new)
+    for out in g.output:
+        dq = producer.get(out.name)
+        new = quantized(dq, out, dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if new is None or dq is None:
+            outputs.append(out)
+            continue
+        drop.add(id(dq))
+        outputs.append(new)
+    if not drop:
+        return artefact
+    nodes = [n for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.input[:]
+    g.input.extend(inputs)
+    del g.output[:]
+    g.output.extend(outputs)
+    return proto.SerializeToString()
 
 
 _CACHE: dict[tuple[str, str], bytes] = {}
@@ -148,6 +216,9 @@ def _runtime_converts(model: bytes, target: Target, batches: Feeds) -> bytes:
 
 QUANTIZERS.register("openvino:bf16", "OpenVINO runs the fp32 graph in bf16 (INFERENCE_PRECISION_HINT)")(_runtime_converts)
 QUANTIZERS.register("openvino:fp16", "OpenVINO runs the fp32 graph in fp16 (INFERENCE_PRECISION_HINT)")(_runtime_converts)
+QUANTIZERS.register("tensorrt:fp16", "TensorRT builds the fp32 graph with BuilderFlag.FP16")(_runtime_converts)
+QUANTIZERS.register("torch:fp16", "the torch backend casts the converted module to fp16 (CUDA)")(_runtime_converts)
+QUANTIZERS.register("torch:bf16", "the torch backend casts the converted module to bf16")(_runtime_converts)
 
 
 @QUANTIZERS.register("openvino:int8", "NNCF post-training quantization (nncf.quantize) of the ONNX model, run by OpenVINO")
@@ -173,8 +244,9 @@ def _nncf_int8(model: bytes, target: Target, batches: Feeds) -> bytes:
     return out.SerializeToString()  # type: ignore[no-any-return]
 
 
-@QUANTIZERS.register("onnxruntime:int8", "ONNX Runtime static quantization, QDQ, per-channel int8 weights, uint8 activations")
-def _ort_int8(model: bytes, target: Target, batches: Feeds) -> bytes:
+def _ort_static(model: bytes, target: Target, batches: Feeds, symmetric: bool) -> bytes:
+    """``onnxruntime.quantization.quantize_static`` to QDQ with per-channel int8 weights;
+    activations uint8 (asymmetric) or, with ``symmetric``, int8 with zero point 0."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -204,12 +276,25 @@ def _ort_int8(model: bytes, target: Target, batches: Feeds) -> bytes:
             # fusion and the like), so ranges are calibrated on the graph the kernels will run.
             quant_pre_process(raw, src)
             quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-                            calibration_providers=["CPUExecutionProvider"])
+                            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=method,
+                            calibration_providers=["CPUExecutionProvider"],
+                            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
         except Exception as e:  # the quantizer's own errors name the node it could not handle
             raise UserError(f"onnxruntime.quantization cannot quantize the model: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
         return dst.read_bytes()
+
+
+@QUANTIZERS.register("onnxruntime:int8", "ONNX Runtime static quantization, QDQ, per-channel int8 weights, uint8 activations")
+def _ort_int8(model: bytes, target: Target, batches: Feeds) -> bytes:
+    return _ort_static(model, target, batches, symmetric=False)
+
+
+@QUANTIZERS.register("tensorrt:int8", "ONNX Runtime static quantization to symmetric int8 QDQ, for TensorRT's explicit quantization")
+def _trt_int8(model: bytes, target: Target, batches: Feeds) -> bytes:
+    """TensorRT takes Q/DQ with zero point 0 only, so activations are symmetric int8 as well."""
+    return _ort_static(model, target, batches, symmetric=True)
 
 
 class DeployedModule(nn.Module):

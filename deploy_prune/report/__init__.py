@@ -31,6 +31,7 @@ PLOTS: dict[str, str] = {
     "accuracy_vs_latency": "Accuracy vs measured latency along the steps",
     "widths": "Channels per group, before and after",
     "predicted_vs_measured": "Predicted vs measured latency",
+    "sensitivity": "Sensitivity: accuracy drop of each group pruned alone",
 }
 
 _DASH = "—"
@@ -260,11 +261,16 @@ def _rank_rows(rep: Mapping[str, Any]) -> list[list[str]]:
 
 
 def _stage_rows(rep: Mapping[str, Any]) -> list[list[str]]:
-    st = rep.get("stage_seconds") or {}
+    """One row per stage, then the run's wall-clock total (``total`` in the report, else the sum),
+    with what the stages do not account for (loading, planning, writing) as ``other``."""
+    st = dict(rep.get("stage_seconds") or {})
+    wall = _num(st.pop("total", None))
     rows = [[str(k), _secs(v)] for k, v in st.items()]
-    total = sum(v for v in (_num(x) for x in st.values()) if v is not None)
+    summed = sum(v for v in (_num(x) for x in st.values()) if v is not None)
+    if wall is not None and wall - summed >= 0.05:
+        rows.append(["other", f"{wall - summed:.1f}"])
     if rows:
-        rows.append(["total", f"{total:.1f}"])
+        rows.append(["total", f"{wall if wall is not None else summed:.1f}"])
     return rows
 
 
@@ -479,8 +485,15 @@ def _plot_accuracy(rep: Mapping[str, Any], plt: Any) -> Any:
         xs, ys = [ends["baseline"][0], *xs], [100 * ends["baseline"][1], *ys]
     if xs:
         ax.plot(xs, ys, "-o", color="#1f77b4", ms=4, lw=1, label="steps")
+        # Steps that land on (nearly) the same point share one label ("3,4"), and neighbouring
+        # labels alternate above and below the line, so none is drawn over another.
+        xr, yr = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+        spots: dict[tuple[int, int], tuple[float, float, list[str]]] = {}
         for (x, y, s) in pts:
-            ax.annotate(str(s.get("step", "")), (x, 100 * float(y or 0)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            key = (round(40 * (x - min(xs)) / xr), round(40 * (100 * float(y or 0) - min(ys)) / yr))
+            spots.setdefault(key, (x, 100 * float(y or 0), []))[2].append(str(s.get("step", "")))
+        for i, (x, y, labels) in enumerate(sorted(spots.values())):
+            ax.annotate(",".join(labels), (x, y), textcoords="offset points", xytext=(4, 5 if i % 2 == 0 else -11), fontsize=7)
     if "baseline" in ends:
         ax.scatter([ends["baseline"][0]], [100 * ends["baseline"][1]], marker="s", s=70, color="0.3", zorder=3, label="baseline")
     if "final" in ends:
@@ -564,6 +577,9 @@ def write_reports(run_dir: str | os.PathLike[str]) -> dict[str, Path]:
     rep = load_report(path)
     out_dir = path.parent
     plots = make_plots(rep, out_dir)
+    heat = Path(str((rep.get("sensitivity") or {}).get("path") or out_dir / "sensitivity.json")).with_suffix(".png")
+    if heat.is_file():  # the heat map the sensitivity analysis drew (sensitivity.plot_heatmap)
+        plots["sensitivity"] = heat
     md = write_text(out_dir / "report.md", render_markdown(rep, plots))
     page = write_text(out_dir / "report.html", render_html(rep, encode_plots(plots)))
     return {"markdown": md, "html": page, **plots}

@@ -172,9 +172,11 @@ def fit(
     progress: bool = True,
     stop: Callable[[nn.Module, int], bool] | None = None,
     distributed: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data.train``; write ``checkpoints/last.pt`` every epoch, then
     ``model.pt`` and ``metrics.json`` in ``out_dir``. Returns the metrics dict.
+    ``on_step(done, total)`` follows the optimizer steps (a caller's own progress display).
 
     ``stop(model, epochs_done)``, called after each epoch, ends training early when it returns
     True (InCoP's flow criterion); ``epochs_run`` in the metrics says how many epochs ran.
@@ -184,13 +186,13 @@ def fit(
     out = Path(out_dir)
     with _no_empty_dirs(out):
         return _fit(model, data, cfg, out, meta, resume=resume, loss_fn=loss_fn, after_step=after_step,
-                    progress=progress, stop=stop, distributed=distributed)
+                    progress=progress, stop=stop, distributed=distributed, on_step=on_step)
 
 
 def _fit(
     model: nn.Module, data: DataBundle, cfg: TrainConfig, out: Path, meta: dict[str, Any], *, resume: bool,
     loss_fn: LossFn | None, after_step: Sequence[Callable[[nn.Module], None]], progress: bool,
-    stop: Callable[[nn.Module, int], bool] | None, distributed: bool,
+    stop: Callable[[nn.Module, int], bool] | None, distributed: bool, on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     rank, world = distributed_world() if distributed else (0, 1)
     if rank == 0:
@@ -223,7 +225,8 @@ def _fit(
     bar = _progress(progress and rank == 0)
     with bar:
         steps = math.ceil(len(data.train) / (cfg.batch_size * world))  # type: ignore[arg-type]
-        task = bar.add_task("train", total=(cfg.epochs - start_epoch) * steps)
+        total, done = (cfg.epochs - start_epoch) * steps, 0
+        task = bar.add_task("train", total=total)
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             if sampler is not None:
@@ -244,6 +247,9 @@ def _fit(
                 loss_sum += loss.item() * y.numel()
                 n += y.numel()
                 bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / n:.3f}")
+                done += 1
+                if on_step is not None and rank == 0:
+                    on_step(min(done, total), total)
             lr = opt.param_groups[0]["lr"]
             sched.step()
             train_seconds += time.perf_counter() - t0

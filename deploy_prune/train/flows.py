@@ -1,4 +1,4 @@
-"""Information flow (IF) and gradient flow (GF) of a network, and InCoP's stopping rule (seed 003).
+"""Information flow (IF) and gradient flow (GF) of a network, and the stopping rule of "Information Consistent Pruning" (InCoP).
 
 * **IF** between consecutive layers l, l+1 (Eq. 2): ``Delta[i, j] = E[f_i^l f_j^(l+1)]``, the
   expected product of filter i's output in layer l and filter j's in layer l+1. The paper leaves
@@ -16,11 +16,10 @@
   epsilon. ``"dense"`` (IF's default) keeps that reading on the relative distance above.
   ``"pruned"`` (GF's default) stops once the distance is within ``eps`` times the distance
   measured right after the pruning step, i.e. retraining has undone a share ``1 - eps`` of what
-  the cut disturbed. We chose it for GF because the dense network sits at a minimum of its
-  training loss, so ``||g*||`` is small and the dense-relative GF distance ran from 1.3 to 212
-  between epochs in our ResNet-20 run (benchmarks/results/incop_vs_sap.md, session 5), which no
-  fixed epsilon can gate. Measured since (same file, T = 15, E = 4): neither scale reproduces the
-  paper's savings. IF's distance grows with sparsity and barely moves in retraining, so IF stopped
+  the cut disturbed. It is GF's default because the dense network sits at a minimum of its
+  training loss, so ``||g*||`` is small and the dense-relative GF distance runs from 1.3 to 212
+  between epochs on ResNet-20 (benchmarks/results/incop_vs_sap.md), which no fixed epsilon can
+  gate. With either scale (same file, T = 15, E = 4) the paper's savings do not reproduce. IF's distance grows with sparsity and barely moves in retraining, so IF stopped
   early only in the first three iterations (85 % of SAP's epochs). Retraining *raised* GF's
   distance, so GF stopped early only after prunes that left a large one (78 %).
 """

@@ -1,4 +1,4 @@
-"""Low-rank factorisation of conv layers ("scheme 1" of the DF paper, seed 004, Sec. 3.2).
+"""Low-rank factorisation of conv layers ("scheme 1", Sec. 3.2 of "A Differentiable Framework for End-to-End Learning of Hybrid Structured Compression").
 
 A conv weight ``W`` (C_out x C_in x k x k) matricised as C_out x (C_in k k) and truncated to
 rank r by SVD, ``W ~ U_r S_r V_r^T``, runs as two convs: ``r x C_in x k x k`` (the original
