@@ -79,3 +79,15 @@ def test_doctor_and_targets() -> None:
     assert r.exit_code == 0 and "cpu-ort-1t" in r.output and "(auto)" in r.output  # what auto resolved to
     r = runner.invoke(app, ["models"])
     assert "mobilenet_v3_large" in r.output
+
+
+def test_compress_progress_keeps_one_bar_for_the_step_running() -> None:
+    from deploy_prune.cli import _StageProgress
+
+    with _StageProgress() as shown:
+        shown.count("profile: layers", 1, 10)
+        assert [t.description for t in shown.bars.tasks] == ["profile: layers"]
+        shown.count("measure", 1, 5)  # a new step ends the last one's bar
+        assert [(t.description, t.completed, t.total) for t in shown.bars.tasks] == [("measure", 1, 5)]
+        shown.count("measure", 5, 5)
+        assert not shown.bars.tasks

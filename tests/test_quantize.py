@@ -117,9 +117,25 @@ def test_compress_to_the_int8_latency(tiny_run: Path, tmp_path: Path) -> None:
     target.write_text("name: q8\nbackend: onnxruntime\nprecision: int8\nthreads: 1\nchannel_multiple: 8\n"
                       "calibration: {method: minmax, samples: 64}\nwarmup: 3\nrepeats: 30\nrounds: 3\nmin_time_s: 0.05\n")
     out = tmp_path / "run"
+
+    class Progress:  # what the CLI's bars are fed: lines, and counted work with its total
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+            self.done: dict[str, tuple[int, int]] = {}
+
+        def __call__(self, msg: str) -> None:
+            self.lines.append(msg)
+
+        def count(self, task: str, done: int, total: int) -> None:
+            self.done[task] = (done, total)
+
+    shown = Progress()
     rep = compress(CompressConfig(out=out, weights=str(tiny_run), data="digits", data_options=DataOptions(train_limit=300),
                                   target=str(target), latency_ratio=0.95, method="uniform", epochs=1, step_fraction=0.5,
-                                  score_batches=2, batch_size=64, profiles=tmp_path / "profiles"))
+                                  score_batches=2, batch_size=64, profiles=tmp_path / "profiles"), progress=shown)
+    assert shown.done["measure"] == (3, 3) and shown.done["profile: layers"][0] == shown.done["profile: layers"][1]
+    assert any(t.startswith("fine-tune ") and d == n for t, (d, n) in shown.done.items()), shown.done
+    assert any(line.startswith("profiling q8: no latency table") for line in shown.lines)
     assert rep["target"]["precision"] == "int8" and rep["measurer"]["precision"] == "int8"
     base, fin = rep["baseline"], rep["final"]
     assert base["deployed"]["precision"] == "int8"
