@@ -1,4 +1,4 @@
-"""Does the best pruning decision depend on the backend? (backends issue, "must show")
+"""Does the best pruning decision depend on the backend?
 
 The same trained model is compressed with DeepLSP to the same share of its measured latency on
 each target (same sensitivity file, same fine-tuning), then the baseline and every compressed

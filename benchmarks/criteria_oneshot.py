@@ -1,4 +1,4 @@
-"""Which importance criterion removes the right channels? (issue: structured pruning, "must show")
+"""Which importance criterion removes the right channels?
 
 Every criterion prunes the same trained model to ``--flops-ratio`` of its FLOPs in one shot
 (one uniform keep share for all groups, so only the choice of channels *within* a group

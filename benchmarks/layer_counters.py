@@ -1,4 +1,4 @@
-"""Backends' own per-layer counters vs our LUT entries vs end-to-end timing (backends issue).
+"""Backends' own per-layer counters vs our LUT entries vs end-to-end timing.
 
 For each target: profile the model (or reuse the profile under --profiles), then for the full
 model and a pruned variant (every group at --keep of its channels), read the backend's own

@@ -1,4 +1,4 @@
-"""What pruning off ONNX Runtime's channel block costs outside the layers (the LUT issue).
+"""What pruning off ONNX Runtime's channel block costs outside the layers.
 
 ORT's CPU kernels keep activations in blocks of channels (MLAS NCHWc: 8 with AVX2, 16 with
 AVX-512). A conv pads a width up to the block, but a pool or a residual Add at a width that is not

@@ -1,4 +1,4 @@
-"""Does the LUT predict what the target measures? (issue: latency LUTs, "must show")
+"""Does the LUT predict what the target measures?
 
 For each model and target: ``deploy-prune profile`` (default grid), then ``--validate N``:
 N random pruned variants (half one keep share for all groups, half a share per group, in

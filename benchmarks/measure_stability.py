@@ -1,4 +1,4 @@
-"""How repeatable is one latency measurement? (issue: foundation, "must show")
+"""How repeatable is one latency measurement?
 
 Exports a ResNet-20 (random weights: latency does not depend on their values) at batch 1,
 then measures it N times in one run with each target's own protocol, and reports the

@@ -5,7 +5,7 @@ Channels are ranked by an importance criterion computed once on the unpruned mod
 training batches (so the validation subset stays untouched by scoring). Each (group, ratio)
 is an independent job on a copy of the model; jobs can be spread over worker processes.
 
-``latency_saved_ms`` is filled once the target has a latency profile (the LUT issue); until
+``latency_saved_ms`` is filled once the target has a latency profile (``deploy-prune profile``); until
 then it is recorded as null rather than guessed.
 """
 

@@ -27,7 +27,10 @@ the deployed model is scored by the same ``evaluate`` as the fp32 one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -238,7 +241,11 @@ def _nncf_int8(model: bytes, target: Target, batches: Feeds) -> bytes:
         raise UserError(f"target {target.name!r}: NNCF's post-training quantization takes calibration method minmax "
                         f"here, not {cal.method!r}")
     try:
-        out = nncf.quantize(proto, nncf.Dataset(list(batches)), subset_size=len(batches))
+        # NNCF draws progress bars on the console for every model it quantizes, and the closed
+        # loop quantizes many: they would bury compress's own output.
+        nncf.set_log_level(logging.ERROR)  # "the model has no operations to quantize" for every pool graph
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            out = nncf.quantize(proto, nncf.Dataset(list(batches)), subset_size=len(batches))
     except Exception as e:  # NNCF names the node or op it could not handle
         raise UserError(f"nncf cannot quantize the model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return out.SerializeToString()  # type: ignore[no-any-return]
