@@ -53,15 +53,15 @@ def _errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        out = kwargs.get("out")
-        fresh = isinstance(out, Path) and not out.exists()
+        out = kwargs.get("out") if isinstance(kwargs.get("out"), Path) else None
+        fresh = out is not None and not out.exists()
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         finally:
-            if fresh and sys.exc_info()[0] is not None:
+            if fresh and out is not None and sys.exc_info()[0] is not None:
                 from deploy_prune.io import remove_if_empty
 
                 remove_if_empty(out)
@@ -191,6 +191,16 @@ def benchmark(
         console.print(f"{name}: {r['device']}; " + ", ".join(f"{k} {v}" for k, v in r["backend_versions"].items()))
 
 
+def _slowest_layers(layers: dict[str, float], top: int) -> Table:
+    """The ``top`` slowest layers of an imported per-layer profile (trtexec, benchmark_app)."""
+    table = Table(title="slowest layers")
+    table.add_column("layer")
+    table.add_column("ms", justify="right")
+    for name, ms in sorted(layers.items(), key=lambda kv: -kv[1])[:top]:
+        table.add_row(name, f"{ms:.4f}")
+    return table
+
+
 @app.command()
 @_errors
 def trtexec(
@@ -210,12 +220,7 @@ def trtexec(
                   f"{stats.n} inferences, round CV {100 * stats.round_cv:.1f} %", highlight=False)
     if layers:
         console.print(f"{profile}: {len(layers)} layers, sum of medians {sum(layers.values()):.3f} ms", highlight=False)
-        table = Table(title="slowest layers")
-        table.add_column("layer")
-        table.add_column("ms", justify="right")
-        for name, ms in sorted(layers.items(), key=lambda kv: -kv[1])[:top]:
-            table.add_row(name, f"{ms:.4f}")
-        console.print(table)
+        console.print(_slowest_layers(layers, top))
     if out is not None:
         write_json(out, {"source": "trtexec", "times_file": str(times), "latency_ms": stats.as_dict(),
                          "profile_file": str(profile) if profile else None, "layers_ms": layers, "provenance": provenance()})
@@ -232,13 +237,14 @@ def benchmark_app(
     """Read OpenVINO benchmark_app's statistics report (latency, throughput) and per-layer counters as deploy-prune figures."""
     from deploy_prune.checks import check_number
     from deploy_prune.io import provenance, write_json
-    from deploy_prune.latency.benchmark_app import load_counters, load_report, report_files
+    from deploy_prune.latency.benchmark_app import kernel_precisions, load_counters, load_report, report_files
 
     check_number("--top", top, lo=0, integer=True)
     report, found = report_files(report)
     counters = counters or found
     rep = load_report(report)
     layers = load_counters(counters) if counters else {}
+    kernels = kernel_precisions(counters) if counters else {}
     line = f"{report}: latency " + ", ".join(f"{k} {v:.3f} ms" for k, v in rep.latency_ms.items())
     if rep.throughput_per_s is not None:
         line += f"; throughput {rep.throughput_per_s:.1f} inferences/s" + (f" at batch {rep.batch}" if rep.batch else "")
@@ -253,17 +259,16 @@ def benchmark_app(
                       "others; for a figure comparable with deploy-prune benchmark run benchmark_app with -hint latency "
                       "(or -api sync)", highlight=False)
     if layers:
-        console.print(f"{counters}: {len(layers)} executed layers, sum {sum(layers.values()):.3f} ms", highlight=False)
-        table = Table(title="slowest layers")
-        table.add_column("layer")
-        table.add_column("ms", justify="right")
-        for name, ms in sorted(layers.items(), key=lambda kv: -kv[1])[:top]:
-            table.add_row(name, f"{ms:.4f}")
-        console.print(table)
+        console.print(f"{counters}: {len(layers)} executed layers, sum {sum(layers.values()):.3f} ms; kernels "
+                      + ", ".join(f"{k} {n}" for k, n in kernels.items()), highlight=False)
+        if {"bf16", "f16"} & set(kernels):
+            console.print("note: OpenVINO ran layers in reduced precision (bf16/f16 kernels); for fp32 figures run "
+                          "benchmark_app with -infer_precision f32", highlight=False)
+        console.print(_slowest_layers(layers, top))
     if out is not None:
         write_json(out, {"source": "benchmark_app", "report_file": str(report), **rep.as_dict(),
                          "counters_file": str(counters) if counters else None, "layers_ms": layers,
-                         "provenance": provenance()})
+                         "kernel_precisions": kernels, "provenance": provenance()})
 
 
 def benchmark_table(res: dict[str, Any]) -> Table:

@@ -20,7 +20,7 @@ from deploy_prune.cli import app, benchmark_table
 from deploy_prune.config import Protocol, Target
 from deploy_prune.errors import UserError
 from deploy_prune.latency.benchmark import benchmark
-from deploy_prune.latency.benchmark_app import load_counters, load_report, report_files
+from deploy_prune.latency.benchmark_app import kernel_precisions, load_counters, load_report, report_files
 from deploy_prune.latency.timing import Stats, summarize
 
 runner = CliRunner()
@@ -260,9 +260,10 @@ def test_cpp_report_with_a_percentile(tmp_path: Path) -> None:
     assert rep.latency_ms == {"p90": 5.1, "mean": 4.9, "min": 2.0, "max": 9.0}
     assert (rep.throughput_per_s, rep.iterations, rep.batch, rep.parallel_requests) == (799.835, 48000, 1, 4)
     avg = tmp_path / "benchmark_average_counters_report.csv"
-    avg.write_text(HEADER.replace("\n", ";\n") + "conv;EXECUTED;Convolution;jit_avx2;0.700000;0.700000;\n"
-                   "Total;;;;0.700000;0.700000;\n\n")
-    assert load_counters(avg) == {"conv": 0.7}
+    avg.write_text(HEADER.replace("\n", ";\n") + "conv;EXECUTED;Convolution;brgconv_avx512_amx_bf16;0.700000;0.700000;\n"
+                   "fc;EXECUTED;FullyConnected;jit_avx2;0.100000;0.100000;\nTotal;;;;0.800000;0.800000;\n\n")
+    assert load_counters(avg) == {"conv": 0.7, "fc": 0.1}
+    assert kernel_precisions(avg) == {"bf16": 1, "other": 1}  # from execType's suffix
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -289,10 +290,14 @@ def test_benchmark_app_command(tmp_path: Path) -> None:
     assert "latency p90 5.100 ms, mean 4.900 ms, min 2.000 ms, max 9.000 ms" in r.output
     assert "throughput 799.8 inferences/s at batch 1" in r.output and "4 infer request(s)" in r.output
     assert "note: 4 parallel infer requests" in r.output  # the latency is not a one-at-a-time figure
-    assert "2 executed layers, sum 0.500 ms" in r.output
+    assert "2 executed layers, sum 0.500 ms; kernels f32 2" in r.output and "reduced precision" not in r.output
     rec = json.loads(out.read_text())
     assert rec["source"] == "benchmark_app" and rec["latency_ms"]["p90"] == 5.1 and rec["layers_ms"] == {"conv": 0.4, "fc": 0.1}
     assert rec["throughput_per_s"] == 799.835 and rec["provenance"]["tool"] == "deploy-prune"
+    assert rec["kernel_precisions"] == {"f32": 2}
+    (folder / "benchmark_average_counters_report.csv").write_text(_block(0.4, 0.1).replace("jit_avx2_f32", "brgconv_amx_bf16"))
+    r = runner.invoke(app, ["benchmark-app", str(folder)])
+    assert r.exit_code == 0 and "kernels bf16 1, f32 1" in r.output and "-infer_precision f32" in r.output
     r = runner.invoke(app, ["benchmark-app", str(tmp_path / "nope.csv")])
     assert r.exit_code == 2 and "not found" in r.output
     r = runner.invoke(app, ["benchmark-app", str(tmp_path)])  # a folder without the report
@@ -314,7 +319,8 @@ def test_a_real_benchmark_app_report(tmp_path: Path, counters: str) -> None:
     model = _mlp(tmp_path / "m.onnx", 256)
     folder = tmp_path / "report"
     cmd = [str(_benchmark_app()), "-m", str(model), "-d", "CPU", "-niter", "200", "-hint", "none", "-nstreams", "1",
-           "-nthreads", "1", "-nireq", "1", "-api", "sync", "-pc", "-report_type", counters, "-report_folder", str(folder)]
+           "-nthreads", "1", "-nireq", "1", "-api", "sync", "-infer_precision", "f32", "-pc", "-report_type", counters,
+           "-report_folder", str(folder)]
     folder.mkdir()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -330,5 +336,5 @@ def test_a_real_benchmark_app_report(tmp_path: Path, counters: str) -> None:
     assert rep.duration_ms is not None and rep.throughput_per_s is not None
     assert rep.throughput_per_s == pytest.approx(200 * 1000.0 / rep.duration_ms, rel=0.05)
     layers = load_counters(found)
-    print(layers)
     assert "matmul" in layers and all(v >= 0 for v in layers.values()), layers
+    assert set(kernel_precisions(found)) == {"f32"}  # -infer_precision f32 keeps bf16 kernels out

@@ -38,7 +38,8 @@ With ``-pc`` and ``-report_type average_counters`` (or ``detailed_counters``) it
 an empty line; the average file holds one such block (the requests' mean), the detailed file one
 block per infer request. ``execStatus`` is ``EXECUTED``, ``NOT_RUN`` or ``OPTIMIZED_OUT`` (the Python
 tool prefixes ``Status.``). ``load_counters`` returns layer name -> real time in ms of the executed
-layers, the median over the blocks.
+layers, the median over the blocks; ``kernel_precisions`` counts them by the precision their
+``execType`` ends in (``brgconv_avx512_amx_bf16``: OpenVINO ran this fp32 layer in bf16).
 
 benchmark_app's latency is the time of one request from start to completion. With several
 parallel infer requests (its default ``-hint throughput`` on CPU) a request also waits behind the
@@ -70,6 +71,7 @@ LATENCY_NAMES = {
 }
 PERCENTILE = re.compile(r"latency \((\d+) percentile\) \(ms\)")
 STREAMS = re.compile(r"number of (.+) streams", re.IGNORECASE)
+KERNEL_PRECISION = re.compile(r"_(f64|f32|bf16|f16|f8e4m3|f8e5m2|i64|i32|i8|u8|i4|u4|u1)$", re.IGNORECASE)
 
 
 @dataclass
@@ -180,13 +182,11 @@ def load_report(path: str | Path) -> BenchmarkAppReport:
     )
 
 
-def load_counters(path: str | Path) -> dict[str, float]:
-    """Layer name -> real time (ms) of each executed layer in an average or detailed counters file;
-    the median over its blocks (one per infer request in a detailed file)."""
-    p = Path(path)
-    times: dict[str, list[float]] = {}
+def _executed(path: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line number, {column: cell}) of every executed layer row of a counters file."""
+    out: list[tuple[int, dict[str, str]]] = []
     header: list[str] | None = None
-    for i, row in enumerate(_rows(p, "counters"), start=1):
+    for i, row in enumerate(_rows(path, "counters"), start=1):
         if not row:  # a block ends
             header = None
             continue
@@ -196,15 +196,36 @@ def load_counters(path: str | Path) -> dict[str, float]:
             header = row
             continue
         if header is None or len(row) < len(header):
-            raise UserError(f"benchmark_app counters file {str(p)!r}, line {i}: not a layer row under a "
+            raise UserError(f"benchmark_app counters file {str(path)!r}, line {i}: not a layer row under a "
                             "'layerName;execStatus;...' header; is it a benchmark_*_counters_report.csv?")
         rec = dict(zip(header, row, strict=False))
         if rec.get("execStatus", "").removeprefix("Status.") != "EXECUTED":
             continue
         if "realTime (ms)" not in rec:
-            raise UserError(f"benchmark_app counters file {str(p)!r} has no 'realTime (ms)' column (has {header})")
-        times.setdefault(rec["layerName"], []).append(_number(rec["realTime (ms)"], f"{str(p)!r}, line {i}"))
-    if not times:
-        raise UserError(f"benchmark_app counters file {str(p)!r} holds no executed layers; run benchmark_app with "
+            raise UserError(f"benchmark_app counters file {str(path)!r} has no 'realTime (ms)' column (has {header})")
+        out.append((i, rec))
+    if not out:
+        raise UserError(f"benchmark_app counters file {str(path)!r} holds no executed layers; run benchmark_app with "
                         "-pc -report_type average_counters (or detailed_counters) again")
+    return out
+
+
+def load_counters(path: str | Path) -> dict[str, float]:
+    """Layer name -> real time (ms) of each executed layer in an average or detailed counters file;
+    the median over its blocks (one per infer request in a detailed file)."""
+    p = Path(path)
+    times: dict[str, list[float]] = {}
+    for i, rec in _executed(p):
+        times.setdefault(rec["layerName"], []).append(_number(rec["realTime (ms)"], f"{str(p)!r}, line {i}"))
     return {name: float(statistics.median(v)) for name, v in times.items()}
+
+
+def kernel_precisions(path: str | Path) -> dict[str, int]:
+    """Executed layers per kernel precision, read from ``execType``'s suffix (``brgconv_avx512_amx_bf16``
+    -> ``bf16``; ``other`` where it names none): OpenVINO runs an fp32 model in bf16 on CPUs with bf16 units unless benchmark_app is
+    given ``-infer_precision f32``, and this shows which it did."""
+    seen: dict[str, set[str]] = {}
+    for _, rec in _executed(Path(path)):
+        m = KERNEL_PRECISION.search(rec.get("execType", ""))
+        seen.setdefault(m.group(1).lower() if m else "other", set()).add(rec["layerName"])
+    return {k: len(v) for k, v in sorted(seen.items())}

@@ -490,8 +490,8 @@ def _plot_accuracy(rep: Mapping[str, Any], plt: Any) -> Any:
         xr, yr = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
         spots: dict[tuple[int, int], tuple[float, float, list[str]]] = {}
         for (x, y, s) in pts:
-            key = (round(40 * (x - min(xs)) / xr), round(40 * (100 * float(y or 0) - min(ys)) / yr))
-            spots.setdefault(key, (x, 100 * float(y or 0), []))[2].append(str(s.get("step", "")))
+            cell = (round(40 * (x - min(xs)) / xr), round(40 * (100 * float(y or 0) - min(ys)) / yr))
+            spots.setdefault(cell, (x, 100 * float(y or 0), []))[2].append(str(s.get("step", "")))
         for i, (x, y, labels) in enumerate(sorted(spots.values())):
             ax.annotate(",".join(labels), (x, y), textcoords="offset points", xytext=(4, 5 if i % 2 == 0 else -11), fontsize=7)
     if "baseline" in ends:
