@@ -558,17 +558,7 @@ class _StageProgress:
     rank 0 reports."""
 
     def __init__(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                             TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True)
+        self.bars = _progress_bar(True, eta=True, transient=True)
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _StageProgress:
@@ -825,7 +815,7 @@ def agent_serve(
     serve(backend=backend, host=host, port=port, token_env=token_env, max_body_mb=max_body_mb)
 
 
-def _progress_bar(enabled: bool, eta: bool = False) -> Any:
+def _progress_bar(enabled: bool, eta: bool = False, transient: bool = False) -> Any:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -837,8 +827,8 @@ def _progress_bar(enabled: bool, eta: bool = False) -> Any:
 
     cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     if eta:
-        cols.append(TimeRemainingColumn())
-    return Progress(*cols, disable=not enabled, console=err_console)
+        cols += [TextColumn("eta"), TimeRemainingColumn()]
+    return Progress(*cols, disable=not enabled, console=err_console, transient=transient)
 
 
 def version_callback(value: bool) -> None:
