@@ -26,7 +26,7 @@ from torch import nn
 from deploy_prune import __version__
 from deploy_prune.checks import check_number
 from deploy_prune.errors import UserError
-from deploy_prune.io import ensure_dir, provenance
+from deploy_prune.io import ensure_dir, provenance, remove_if_empty
 from deploy_prune.models.checkpoint import remove_stale_temps
 
 DEFAULT_OPSET = 18  # torch's dynamo exporter emits 18 natively; >= 17 as required
@@ -145,8 +145,7 @@ def export_onnx(
         for t in temps:
             t.unlink(missing_ok=True)
         if made_dir:
-            with contextlib.suppress(OSError):
-                out.parent.rmdir()  # only if empty: a failed export leaves no empty directory
+            remove_if_empty(out.parent)  # a failed export leaves no empty directory
         raise
     return record
 

@@ -49,7 +49,7 @@ from deploy_prune.distributed import backend as distributed_backend
 from deploy_prune.distributed import world as distributed_world
 from deploy_prune.errors import BudgetUnreachable, UserError
 from deploy_prune.export import export_onnx
-from deploy_prune.io import atomic_write, provenance, write_json
+from deploy_prune.io import atomic_write, provenance, remove_if_empty, write_json
 from deploy_prune.latency.timing import quiet_of
 from deploy_prune.measured_search import between
 from deploy_prune.methods import Method, get_method
@@ -200,8 +200,8 @@ def open_run(cfg: CompressConfig, progress: Callable[[str], None] | None, parts:
     try:
         return Run(cfg, progress, parts)
     except BaseException:
-        if fresh and cfg.out.is_dir() and not any(cfg.out.iterdir()):
-            cfg.out.rmdir()
+        if fresh:
+            remove_if_empty(cfg.out)
         raise
 
 

@@ -39,7 +39,7 @@ from deploy_prune.checks import check_number
 from deploy_prune.data import DataBundle, make_loader
 from deploy_prune.distributed import world as distributed_world
 from deploy_prune.errors import UserError
-from deploy_prune.io import ensure_dir, provenance, write_json
+from deploy_prune.io import ensure_dir, provenance, remove_if_empty, write_json
 from deploy_prune.models.checkpoint import _unwrap, load_checkpoint, remove_stale_temps, save_checkpoint
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -110,16 +110,15 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 @contextlib.contextmanager
 def _no_empty_dirs(out: Path) -> Iterator[None]:
-    """On failure, remove an empty ``checkpoints/`` and an ``out`` left empty, unless ``out``
-    was already an empty directory before (then it is left as it was)."""
-    was_empty = out.is_dir() and not any(out.iterdir())
+    """On failure, remove an empty ``checkpoints/``, and ``out`` when this call made it and left
+    it empty (a directory that was there before is left as it was)."""
+    fresh = not out.exists()
     try:
         yield
     except BaseException:
-        for d in (out / "checkpoints", out):
-            with contextlib.suppress(OSError):  # not empty, not there, or not ours to remove
-                if d.is_dir() and not any(d.iterdir()) and not (d == out and was_empty):
-                    d.rmdir()
+        remove_if_empty(out / "checkpoints")
+        if fresh:
+            remove_if_empty(out)
         raise
 
 
