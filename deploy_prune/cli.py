@@ -684,7 +684,8 @@ def report_cmd(
     trackers = parse_trackers(log)
     paths = write_reports(run_dir)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
-    for line in record(trackers, load_report(report_path(run_dir)), report_path(run_dir).parent):
+    path = report_path(run_dir)
+    for line in record(trackers, load_report(path), path.parent):
         console.print(f"recorded in {line}")
 
 
