@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                    "raw": val["raw"], "calibrated": val["calibrated"], "anchored": val["calibrated_anchored"],
                    "same_session": val["calibrated_same_session"], "drift": val["drift"], "anchor": val["anchor"],
                    "contention": prof["contention"], "entry_field": prof.get("entry_field", "predict_ms"),
+                   "weight_stream": prof.get("weight_stream"),
                    "entry_choice": prof.get("entry_choice"), "calibrated_by_entry_field": val.get("calibrated_by_entry_field"),
                    "meets_goals_raw": meets(val["raw"]),
                    "meets_goals_calibrated": meets(val["calibrated"]), "meets_goals_anchored": meets(val["calibrated_anchored"]),
@@ -105,16 +106,17 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = ["# LUT fidelity: predicted vs measured latency of random pruned variants", "",
              f"{args.variants} variants per case (half uniform, half per-group keep shares in [0.2, 1.0]), each exported "
-             "and measured end to end with the target's protocol; the calibration is fitted on 4 other (uniform) variants, "
-             "so calibrated figures are out of sample. *Calibrated* uses the calibration measured at profile time; "
+             "and measured end to end with the target's protocol; the calibration is fitted on the full model and 3 uniform and 4 "
+             "mixed variants drawn apart from these, so calibrated figures are out of sample. *Calibrated* uses the calibration measured at profile time; "
              "*anchored* scales that prediction by the full model measured with the validation ones / its prediction, "
              "as compress scales its budget by the baseline it measures; "
-             "*same session* refits the calibration on the 4 calibration variants re-measured interleaved with the validation ones "
+             "*same session* refits the calibration on the calibration variants re-measured interleaved with the validation ones "
              "(drift = full model at validation / at profile time). *Re-timed*: layer configurations timed again because the "
              "profile's sentinel said the machine was slow (still slow after two passes in brackets). *Entries*: the "
              "layer figure the table predicts from (wall: `net_ms`, counters: `counter_net_ms`; with `layer_timing: auto`, "
              "the one whose calibration fitted the whole-model measurements better: each candidate's relative RMS residual, "
-             "→ its calibrated validation median |err| / within ±10 %). "
+             "→ its calibrated validation median |err| / within ±10 %; *+ weights*: the calibration refitted with the "
+             "whole-model weight term, its shape in brackets). "
              f"Goals: median |error| <= {GOALS['median_abs_error_pct']:.0f} %, "
              f">= {GOALS['within_10pct_share']:.0%} within ±10 %, Spearman >= {GOALS['spearman']}.", "",
              "| target | model | configs | re-timed | profile s | entries | full model ms (round CV) | raw: med |err| / ≤10 % / ρ | "
@@ -127,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         fits = ", ".join(f"{k} {v['calibration_rms_pct']:.1f} %" + (f" → {by[k]['median_abs_error_pct']:.1f} % / "
                                                                       f"{by[k]['within_10pct_share']:.0%}" if k in by else "")
                          for k, v in ch["candidates"].items()) if ch else ""
-        return f"{r.get('entry_field', '-')} ({fits})" if fits else str(r.get("entry_field", "-"))
+        kept = ((r.get("weight_stream") or {}).get("whole_model_fit") or {}).get("kept")
+        field = str(r.get("entry_field", "-")) + (f" + weights ({kept})" if kept else "")
+        return f"{field} ({fits})" if fits else field
 
     def cell(v: dict) -> str:
         return f"{v['median_abs_error_pct']:.1f} % / {v['within_10pct_share']:.0%} / {v['spearman']:.3f}"

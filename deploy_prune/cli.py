@@ -460,8 +460,10 @@ def profile(
                           f"{100 * v['within_10pct_share']:.0f} % within ±10 %")
     con = prof.get("contention") or {}
     if con.get("configs_remeasured"):
+        unsteady = (f", or their rounds disagreed by more than {100 * con['unsteady_cv']:.0f} %; "
+                    f"{con['configs_still_unsteady']} still unsteady") if "unsteady_cv" in con else ""
         console.print(f"{con['configs_remeasured']} configuration timings repeated because the machine ran slow while they were timed "
-                      f"(sentinel more than {100 * con['band']:.0f} % above its quiet {con['quiet_sentinel_ms']:.4f} ms); "
+                      f"(sentinel more than {100 * con['band']:.0f} % above its quiet {con['quiet_sentinel_ms']:.4f} ms{unsteady}); "
                       f"{con['configs_still_contended']} still slow")
     if "validation" in prof:
         for kind in ("raw", "calibrated", "calibrated_anchored", "calibrated_same_session"):

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deploy_prune.checks import check_number
 from deploy_prune.errors import UserError
+from deploy_prune.widths import WidthSpace, auto_narrow
 
 PACKAGE_TARGETS = Path(__file__).resolve().parent.parent / "targets"
 
@@ -76,6 +77,9 @@ class Target:
     # ``target.resolve`` asks the backend, then what ``auto`` resolved to on this machine (the
     # backend's blocked channel layout; backends.channel_block).
     channel_multiple_from: str = ""
+    # Widths below channel_multiple a group may also keep (``widths``): None is ``auto``
+    # (``widths.auto_narrow``: 4, 8 and 12 below a block of 16), [] none.
+    narrow_widths: list[int] | None = None
     # How a LUT entry's layer time is taken: "wall" (the standalone graph's median minus the
     # backend's fixed cost of a run), "counters" (the backend's own per-node times of the
     # layer's nodes in that graph, leaving out the layout reorders at its boundary) or "auto"
@@ -100,6 +104,12 @@ class Target:
             return len(os.sched_getaffinity(0))
         except AttributeError:  # not on Linux
             return os.cpu_count() or 1
+
+    def width_space(self) -> WidthSpace:
+        """The widths a group may keep on this target: multiples of its channel multiple and its
+        narrow widths (the profile measures both; the allocator takes what pays)."""
+        m = self.channel_multiple
+        return WidthSpace(m, auto_narrow(m) if self.narrow_widths is None else tuple(self.narrow_widths))
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -176,6 +186,7 @@ class TargetFile(BaseModel):
     batch: int = Field(1, ge=1, le=65_536)
     input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1, max_length=4)
     channel_multiple: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1
+    narrow_widths: list[Annotated[int, Field(ge=1, le=1024)]] | Literal["auto"] = "auto"
     layer_timing: Literal["wall", "counters", "auto"] = "wall"
     cache_kib: int | None = Field(None, ge=1)
     description: str = ""
@@ -195,6 +206,8 @@ def _first_problem(e: ValidationError) -> str:
     key = loc.split(".")[0]
     if key == "channel_multiple":  # a union: pydantic lists one complaint per branch
         return f"channel_multiple must be an integer from 1 to 1024 or auto, got {e.errors()[0]['input']!r}"
+    if key == "narrow_widths":
+        return f"narrow_widths must be a list of channel counts (e.g. [4, 8, 12]), [] for none, or auto, got {e.errors()[0]['input']!r}"
     if err["type"] == "extra_forbidden":
         return f"unknown key {loc!r}"
     return f"{loc}: {err['msg'][0].lower()}{err['msg'][1:]}, got {err.get('input')!r}"
@@ -216,6 +229,8 @@ def parse_target_dict(raw: Any, source: str = "<dict>") -> Target:
     except ValidationError as e:
         raise UserError(f"target {source!r}: {_first_problem(e)}; fix the YAML") from None
     fields = {k: v for k, v in raw.items() if k in _TARGET_KEYS}
+    if fields.get("narrow_widths") == "auto":
+        fields["narrow_widths"] = None
     auto = fields.get("channel_multiple") == "auto"
     if auto:
         if raw.get("agent"):

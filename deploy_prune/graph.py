@@ -24,6 +24,7 @@ import torch_pruning as tp
 from torch import nn
 
 from deploy_prune.errors import UserError
+from deploy_prune.widths import WidthSpace
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
 
@@ -60,18 +61,6 @@ class GroupInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def round_channels(keep: float, total: int, multiple: int = 1) -> int:
-    """Round a keep count to the target's channel multiple, within [multiple, total].
-
-    When ``total`` itself is not a multiple of ``multiple``, keeping all channels is allowed.
-    """
-    multiple = max(1, multiple)
-    if keep >= total:
-        return total
-    k = int(round(keep / multiple)) * multiple
-    return int(min(total, max(multiple, k, 1)))
 
 
 def layer_table(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo]:
@@ -173,12 +162,14 @@ class ModelGraph:
         model: nn.Module,
         input_shape: Sequence[int],
         ignore: Iterable[str] = (),
-        channel_multiple: int = 1,
+        channel_multiple: int | WidthSpace = 1,
     ) -> None:
         self.model = model
         device = next(iter(model.parameters()), torch.empty(0)).device
         self.example = torch.randn(1, *input_shape, device=device)
-        self.channel_multiple = max(1, channel_multiple)
+        # the widths a group may keep (``widths``); a bare number is a multiple with no narrow widths
+        self.space = channel_multiple if isinstance(channel_multiple, WidthSpace) else WidthSpace(channel_multiple)
+        self.channel_multiple = self.space.multiple
         modules = dict(model.named_modules())
         self.ignore_names = list(ignore)
         missing = [n for n in self.ignore_names if n not in modules]
@@ -281,7 +272,7 @@ class ModelGraph:
         for g in self.groups():
             if g.name not in keep:
                 continue
-            r = round_channels(keep[g.name], g.channels, self.channel_multiple) / g.channels
+            r = self.space.snap(keep[g.name], g.channels) / g.channels
             for n in g.out_layers:
                 out_share[n] = r
             for n in g.in_layers:
@@ -318,12 +309,12 @@ class ModelGraph:
         self._build()
 
     def prune_by_scores(self, keep: Mapping[str, int], scores: Mapping[str, torch.Tensor]) -> dict[str, int]:
-        """Keep the ``keep[name]`` highest-scoring channels of each group (rounded to the channel
-        multiple); returns the channel counts actually kept."""
+        """Keep the ``keep[name]`` highest-scoring channels of each group (snapped to the width
+        space); returns the channel counts actually kept."""
         remove, kept = {}, {}
         for name, k in keep.items():
             total = self._info[name].channels
-            k = round_channels(k, total, self.channel_multiple)
+            k = self.space.snap(k, total)
             s = scores[name]
             if s.numel() != total:
                 raise ValueError(f"scores for {name} have {s.numel()} entries, group has {total} channels")

@@ -26,10 +26,11 @@ from torch import nn
 
 from deploy_prune.data import DataBundle, make_loader
 from deploy_prune.errors import UserError
-from deploy_prune.graph import ModelGraph, round_channels
+from deploy_prune.graph import ModelGraph
 from deploy_prune.importance import CRITERIA, score_groups
 from deploy_prune.io import atomic_write, provenance, read_json, write_json
 from deploy_prune.latency import lut
+from deploy_prune.widths import round_channels
 
 SCHEMA_VERSION = 1
 

@@ -9,12 +9,17 @@ from typing import Any
 
 from deploy_prune.backends import channel_block
 from deploy_prune.config import AUTO, Target, parse_target, parse_target_dict
+from deploy_prune.errors import UserError
 
 
 def resolve(target: Target) -> Target:
     """``target`` with every setting the backend decides filled in (in place; returned)."""
     if target.channel_multiple_from == AUTO:
         target.channel_multiple, target.channel_multiple_from = channel_block(target)
+    wide = [n for n in target.narrow_widths or () if n >= target.channel_multiple]
+    if wide:
+        raise UserError(f"target {target.source or target.name!r}: narrow_widths {wide} are not below the channel multiple "
+                        f"{target.channel_multiple}; narrow widths are the ones under it (the multiples are allowed already)")
     return target
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -10,19 +11,22 @@ import torch
 from torch import nn
 
 from deploy_prune.allocate import (
+    CostModel,
     allocate,
     allowed_keeps,
     channels_cost,
+    cheapest_plan,
     flops_cost,
     plan_widths,
     solve_mckp,
     weighted_retained_value,
 )
 from deploy_prune.errors import BudgetUnreachable
-from deploy_prune.graph import ModelGraph
+from deploy_prune.graph import LayerInfo, ModelGraph
 from deploy_prune.models import build_model
 from deploy_prune.train import distillation_loss
 from deploy_prune.transforms import apply_masks, magnitude_masks, prune_to_widths, sparsity
+from deploy_prune.widths import WidthSpace, auto_narrow
 
 
 def test_mckp_matches_brute_force() -> None:
@@ -55,6 +59,41 @@ def test_allowed_keeps_honour_the_multiple() -> None:
     assert allowed_keeps(64, 8) == [8, 16, 24, 32, 40, 48, 56, 64]
     assert allowed_keeps(20, 8) == [8, 16, 20]
     assert allowed_keeps(5, 1) == [1, 2, 3, 4, 5]
+
+
+def test_width_space_adds_narrow_widths_below_the_multiple_and_snaps_to_them() -> None:
+    assert auto_narrow(16) == (4, 8, 12) and auto_narrow(8) == (4,) and auto_narrow(4) == () and auto_narrow(32) == (8, 16, 24)
+    space = WidthSpace(16, auto_narrow(16))
+    assert space.keeps(64) == [4, 8, 12, 16, 32, 48, 64] and space.keeps(10) == [4, 8, 10]
+    assert space.keeps(64, floor=16) == [16, 32, 48, 64]
+    assert space.snap(5, 64) == 4 and space.snap(10, 64) == 12 and space.snap(14, 64) == 16 and space.snap(41, 64) == 48
+    assert WidthSpace(16).snap(5, 64) == 16  # no narrow widths: the multiple is the floor, as before
+    assert allowed_keeps(64, 16, narrow=(8,)) == [8, 16, 32, 48, 64]
+
+
+def _blocked_cost(graph: ModelGraph, narrow_extra: float) -> CostModel:
+    """A latency-like cost: work in blocks of 16 channels, a width below 16 costing its share
+    plus ``narrow_extra`` (an unaligned kernel's penalty) per layer."""
+    def layer(li: LayerInfo, ci: int, co: int) -> float:
+        def blocks(c: int) -> float:
+            return c / 16 + narrow_extra if c < 16 else float(math.ceil(c / 16))
+        return li.flops / (li.in_channels * li.out_channels) * blocks(ci) * blocks(co) * 1e-6
+    return CostModel("latency", layer, "ms")
+
+
+def test_allocate_takes_a_narrow_width_only_where_it_is_cheaper() -> None:
+    """A budget under the aligned floor is met with narrow widths when they cost less; when they
+    cost more than the block, the block is the floor and the budget is out of reach."""
+    graph = ModelGraph(build_model("tiny-cnn", 10, 1), (1, 32, 32), channel_multiple=WidthSpace(16, (4, 8, 12)))
+    value = weighted_retained_value({g.name: np.ones(g.channels) for g in graph.groups()}, {})
+    cheap, dear = _blocked_cost(graph, 0.0), _blocked_cost(graph, 2.0)
+    aligned_floor = cheap.total(graph, {g.name: 16 for g in graph.groups()})
+    plan, got = allocate(graph, value, cheap, 0.8 * aligned_floor)
+    assert got <= 0.8 * aligned_floor and any(k < 16 for k in plan.values())
+    assert cheapest_plan(graph, dear) == {g.name: 16 for g in graph.groups()}
+    assert cheapest_plan(graph, flops_cost()) == {g.name: 4 for g in graph.groups()}
+    with pytest.raises(BudgetUnreachable, match="cheapest allowed widths"):
+        allocate(graph, value, dear, 0.8 * aligned_floor)
 
 
 def test_allocate_meets_the_flops_budget_and_spends_it_where_value_is_low() -> None:

@@ -9,8 +9,9 @@ from torch import nn
 
 from deploy_prune.errors import UserError
 from deploy_prune.export import export_onnx
-from deploy_prune.graph import ModelGraph, keep_ratio_plan, round_channels
+from deploy_prune.graph import ModelGraph, keep_ratio_plan
 from deploy_prune.models import build_model
+from deploy_prune.widths import round_channels
 
 BIG = {"vgg16", "resnet50"}  # large ONNX files: exported in the slow suite only
 ALL = ["tiny-cnn", "resnet20", "resnet56", "vgg16_bn", "resnet18", "mobilenet_v2", "mobilenet_v3_large", "resnet50", "vgg16"]

@@ -35,6 +35,8 @@ def _one_error_line(output: str) -> str:
     ({"batch": 0}, "batch: input should be greater than or equal to 1, got 0"),
     ({"threads": True}, "threads: input should be a valid integer, got True"),
     ({"channel_multiple": 0}, "channel_multiple must be an integer from 1 to 1024 or auto, got 0"),
+    ({"narrow_widths": "some"}, "narrow_widths must be a list of channel counts (e.g. [4, 8, 12]), [] for none, or auto, got 'some'"),
+    ({"narrow_widths": [8, 0]}, "narrow_widths must be a list of channel counts (e.g. [4, 8, 12]), [] for none, or auto, got 0"),
     ({"agent": {"url": "http://127.0.0.1:1", "timeout_s": math.nan}}, "agent.timeout_s: input should be a finite number"),
     ({"agent": {"url": "http://127.0.0.1:1", "tokens": "x"}}, "unknown key 'agent.tokens'"),
 ])
@@ -43,6 +45,16 @@ def test_target_yaml_schema(raw: dict, message: str) -> None:
         target_from_dict({"name": "x", "backend": "onnxruntime", **raw}, source="t.yaml")
     text = str(e.value)
     assert "\n" not in text and text.startswith("target 't.yaml': ") and message in text, text
+
+
+def test_narrow_widths_default_to_auto_below_the_multiple() -> None:
+    base = {"name": "x", "backend": "onnxruntime", "channel_multiple": 16}
+    assert target_from_dict(base).width_space().narrow == (4, 8, 12)
+    assert target_from_dict({**base, "narrow_widths": "auto"}).width_space().narrow == (4, 8, 12)
+    assert target_from_dict({**base, "narrow_widths": []}).width_space().narrow == ()
+    assert target_from_dict({**base, "narrow_widths": [8]}).width_space().narrow == (8,)
+    with pytest.raises(UserError, match=r"narrow_widths \[24\] are not below the channel multiple 16"):
+        target_from_dict({**base, "narrow_widths": [8, 24]})
 
 
 def test_a_target_yaml_file_with_a_bad_value_is_one_line_through_the_cli(tiny_onnx: Path, tmp_path: Path) -> None:

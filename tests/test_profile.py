@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ def tiny() -> nn.Module:
 
 
 def test_channel_grid_honours_multiple_and_includes_full_width() -> None:
+    assert lut.channel_grid(64, True, 16, narrow=(4, 8, 12)) == [4, 8, 12, 16, 32, 48, 64]
+    assert lut.channel_grid(10, True, 16, narrow=(4, 8, 12)) == [4, 8, 10]
     assert lut.channel_grid(16, True, 8) == [8, 16]
     assert lut.channel_grid(20, True, 8) == [8, 16, 20]  # full width even off the multiple
     assert lut.channel_grid(6, True, 1) == [1, 2, 3, 4, 5, 6]  # small: every count
@@ -215,6 +218,45 @@ def test_profile_times_again_the_chunks_measured_while_the_machine_was_slow(tmp_
     assert con["configs_remeasured"] <= prof_mod.REMEASURE_SHARE * prof["configs_total"]  # the cap on re-timing
 
 
+def test_profile_times_again_the_entries_whose_rounds_disagreed(tmp_path: Path, fast_target: Target) -> None:
+    """A burst shorter than a round slows a few configurations and not the sentinel: entries
+    whose round medians disagree are timed again and the steadier reading kept."""
+    from dataclasses import replace as dc_replace
+
+    import deploy_prune.latency.profile as prof_mod
+
+    fast_target = dc_replace(fast_target, protocol=Protocol(warmup=2, repeats=6, rounds=3, min_time_s=0.1))
+    real = LocalMeasurer(fast_target)
+    shaken: list[str] = []
+
+    class BurstInFirstChunk:
+        target, shapes = fast_target, real.shapes
+
+        def info(self) -> dict[str, Any]:
+            return real.info()
+
+        def time(self, models: Any, protocol: Any = None, on_round: Any = None) -> Any:
+            stats = real.time(models, protocol)
+            if SENTINEL in models and not shaken:
+                shaken.extend(k for k in models if k not in (SENTINEL, prof_mod.OVERHEAD))
+                return {k: dc_replace(st, round_cv=0.5) if k in shaken else st for k, st in stats.items()}
+            return {k: dc_replace(st, round_cv=min(st.round_cv, 0.05)) for k, st in stats.items()}
+
+    old_chunk = prof_mod.CHUNK
+    prof_mod.CHUNK = 4
+    try:
+        _, prof = run_profile(ProfileSpec(tiny(), "tiny-cnn", SHAPE, fast_target), tmp_path, calibrate=(0.5,),
+                              measurer=BurstInFirstChunk())
+    finally:
+        prof_mod.CHUNK = old_chunk
+    assert len(shaken) == 4
+    for k in shaken:
+        e = prof["entries"][k]
+        assert e["replaced"]["round_cv"] == 0.5 and e["round_cv"] <= 0.05 and e["chunk"] != e["replaced"]["chunk"]
+    con = prof["contention"]
+    assert con["configs_remeasured"] >= 4 and con["configs_still_unsteady"] == 0 and con["unsteady_cv"] == prof_mod.UNSTEADY_CV
+
+
 @pytest.fixture(scope="module")
 def small_profile(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     target = Target(name="fast", backend="onnxruntime", threads=1, channel_multiple=8,
@@ -245,6 +287,10 @@ def test_profile_is_refused_for_another_target_model_or_backend(small_profile: t
         check_profile(prof, replace(fast_target, channel_multiple=4), fp, None)
     with pytest.raises(UserError, match="precision 'fp32', not 'int8'"):  # an fp32 table prices no int8 kernel
         check_profile(prof, replace(fast_target, precision="int8"), fp, None)
+    assert prof["grid"]["narrow"] == [4]  # auto below a block of 8, measured: every narrow width is a grid point
+    assert all(4 in lay["grid_out"] for lay in prof["layers"].values() if lay["prunable_out"])
+    with pytest.raises(UserError, match=r"narrow widths \[4\], not \[\]"):  # a width it never timed would be extrapolated
+        check_profile(prof, replace(fast_target, narrow_widths=[]), fp, None)
     with pytest.raises(UserError, match="no profile"):
         load_profile(path.with_name("nope.json"), fast_target, fp)
 
@@ -467,6 +513,43 @@ def test_auto_layer_timing_keeps_the_entries_whose_calibration_fits(small_profil
     # a target that names its timing gets it, fit or not, and no choice is recorded
     counters = choose_entries(dict(base), replace(fast_target, layer_timing="counters"), spec, no_stream, variants, measured_as("net_ms"))
     assert counters["entry_field"] == "counter_net_ms" and "entry_choice" not in counters
+
+
+def test_whole_model_weight_term_is_kept_only_where_it_predicts_the_models(small_profile: tuple[Path, dict[str, Any]],
+                                                                           fast_target: Target) -> None:
+    """Whole models that pay per weight byte beyond their entries get the weight term (and the
+    allocator prices it as ``lut.predict`` does); models that do not, keep the plain calibration."""
+    from deploy_prune.allocate import latency_cost
+    from deploy_prune.graph import ModelGraph
+    from deploy_prune.latency.profile import whole_model_weight_term
+    from deploy_prune.latency.validate import calibration_variants
+    from deploy_prune.transforms import group_widths
+
+    _, prof = small_profile
+    model = tiny()
+    base = {**prof, "weight_stream": {"bytes_per_weight": 4, "ms_per_mb": None}, "calibration": None}
+    spec = ProfileSpec(model, "tiny-cnn", SHAPE, fast_target)
+    graph = ModelGraph(model, SHAPE, (), 8)
+    variants = calibration_variants(spec, graph, (0.75, 0.5), mixed=4)
+    assert sum(k.startswith("mixed-") for k in variants) == 4
+    layers = {k: lut.predict(m, base)["layer_sum_ms"] for k, m in variants.items()}
+    mb = {k: sum(lut.weight_bytes(m, 4).values()) / 1e6 for k, m in variants.items()}
+
+    paying = {k: {"quiet": 1.5 * layers[k] + 0.2 * mb[k] + 0.01} for k in variants}
+    out = whole_model_weight_term(copy.deepcopy(base), variants, paying)
+    ws = out["weight_stream"]
+    assert ws["whole_model_fit"]["kept"] == "every byte" and ws["every_byte"] and ws["ms_per_mb"] == pytest.approx(0.2 / 1.5, rel=1e-4)
+    assert out["calibration"]["a"] == pytest.approx(1.5, rel=1e-4) and out["calibration"]["b"] == pytest.approx(0.01, abs=1e-6)
+    for k, m in variants.items():
+        assert lut.predict(m, out)["calibrated_ms"] == pytest.approx(paying[k]["quiet"], rel=1e-4)
+    half = pruned_copy(model, SHAPE, plan_variant(graph, {g.name: 0.5 for g in graph.groups()}), multiple=8)
+    plan = group_widths(ModelGraph(half, SHAPE, (), 8))
+    assert latency_cost(out).total(graph, plan) == pytest.approx(lut.predict(half, out)["calibrated_ms"], rel=1e-6)
+
+    plain = {k: {"quiet": 1.5 * layers[k] + 0.01} for k in variants}
+    kept = whole_model_weight_term(copy.deepcopy(base), variants, plain)
+    assert kept["weight_stream"]["whole_model_fit"]["kept"] is None and kept["weight_stream"]["ms_per_mb"] is None
+    assert kept["calibration"] is None  # left as choose_entries fitted it
 
 
 def test_auto_profile_scores_every_candidate_in_its_validation(tmp_path: Path, fast_target: Target) -> None:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from deploy_prune.errors import BudgetUnreachable, UserError
-from deploy_prune.graph import LayerInfo, ModelGraph, round_channels
+from deploy_prune.graph import LayerInfo, ModelGraph
+from deploy_prune.widths import WidthSpace
 
 
 def uniform_plan(graph: ModelGraph, keep_share: float) -> dict[str, int]:
@@ -154,12 +155,33 @@ def channels_cost() -> CostModel:
 # ---------------------------------------------------------------------------------------------
 # The knapsack
 # ---------------------------------------------------------------------------------------------
-def allowed_keeps(channels: int, multiple: int, floor: int = 1) -> list[int]:
+def allowed_keeps(channels: int, multiple: int, floor: int = 1, narrow: Sequence[int] = ()) -> list[int]:
     """Every width a group may keep: multiples of the target's channel multiple (at least
-    ``floor``), and the full width."""
-    m = max(1, multiple)
-    keeps = {round_channels(k, channels, m) for k in range(m, channels + 1, m)} | {channels}
-    return sorted(k for k in keeps if k >= min(floor, channels))
+    ``floor``), the full width and the ``narrow`` widths below the multiple (``widths``)."""
+    return WidthSpace(multiple, tuple(narrow)).keeps(channels, floor)
+
+
+def cheapest_plan(graph: ModelGraph, cost: CostModel, widths: Mapping[str, int] | None = None, floor: int = 1) -> dict[str, int]:
+    """Every group at the allowed width ``cost`` prices lowest, each priced with the others at
+    their narrowest (first order; a tie goes to the wider). Under FLOPs, parameters or channels
+    that is the narrowest width; under a latency table it need not be: a narrow, unaligned width
+    can measure slower than the block above it (ONNX Runtime's int8 convs: 8 output channels
+    slower than 16), and then the floor of what pruning can reach is the block.
+    ``widths`` (default: the graph's) are the groups' full widths; ``floor`` as ``allocate``'s."""
+    full = widths if widths is not None else {g.name: g.channels for g in graph.groups()}
+    keeps = {n: graph.space.keeps(c, floor) for n, c in full.items()}
+    narrowest = {n: ks[0] for n, ks in keeps.items()}
+    if cost.kind == "channels":
+        return narrowest
+    names = {g.name for g in graph.groups()}
+    out = {}
+    for n, ks in keeps.items():
+        if n not in names or len(ks) == 1:
+            out[n] = ks[0]
+            continue
+        c = group_costs(graph, cost, narrowest, n, ks)
+        out[n] = ks[min(range(len(ks)), key=lambda j: (c[j], -ks[j]))]
+    return out
 
 
 def group_costs(graph: ModelGraph, cost: CostModel, plan: Mapping[str, int], name: str, keeps: Sequence[int]) -> list[float]:
@@ -238,11 +260,11 @@ def allocate(
     full_cost = cost.total(graph, current)
     if full_cost <= budget:
         return current, full_cost
-    keeps = {g.name: allowed_keeps(g.channels, graph.channel_multiple, floor) for g in groups}
-    narrow = {n: ks[0] for n, ks in keeps.items()}
+    keeps = {g.name: graph.space.keeps(g.channels, floor) for g in groups}
+    narrow = cheapest_plan(graph, cost, floor=floor)
     min_cost = cost.total(graph, narrow)
     if min_cost > budget:
-        raise BudgetUnreachable(f"the narrowest allowed widths cost {min_cost:.4g} {cost.unit}, over the budget "
+        raise BudgetUnreachable(f"the cheapest allowed widths cost {min_cost:.4g} {cost.unit}, over the budget "
                                 f"{budget:.4g} {cost.unit}; the lowest reachable is {min_cost:.4g} {cost.unit}")
     names = [g.name for g in groups]
     vals = [[value(n, k) for k in keeps[n]] for n in names]

@@ -65,7 +65,7 @@ import bisect
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -282,13 +282,16 @@ def model_fingerprint(name: str, specs: list[LayerSpec], input_shape: list[int] 
 # ---------------------------------------------------------------------------------------------
 # Grids and standalone graphs
 # ---------------------------------------------------------------------------------------------
-def channel_grid(full: int, prunable: bool, multiple: int = 1, step: int | None = None, max_points: int = 8) -> list[int]:
+def channel_grid(full: int, prunable: bool, multiple: int = 1, step: int | None = None, max_points: int = 8,
+                 narrow: Sequence[int] = ()) -> list[int]:
     """Channel counts at which a dimension is measured.
 
     Every count (multiple of the target's ``channel_multiple``) when that gives at most
     ``max_points`` values; otherwise ``step`` (default: the multiple of ``channel_multiple``
     that gives about ``max_points`` values; 8 is our choice, see ``benchmarks/lut_fidelity.py``
-    for the accuracy it buys). The full width is always included.
+    for the accuracy it buys). The full width is always included, and so is every ``narrow``
+    width below the multiple (``widths``): a group may keep one only at its measured cost, which
+    interpolation between aligned points would not give (unaligned kernels are other kernels).
     """
     if not prunable or full <= 1:
         return [full]
@@ -296,17 +299,18 @@ def channel_grid(full: int, prunable: bool, multiple: int = 1, step: int | None 
     if step is None:
         step = m * max(1, math.ceil(full / m / max_points))
     step = m * max(1, math.ceil(step / m))
-    pts = set(range(step, full, step)) | {min(m, full), full}
+    pts = set(range(step, full, step)) | {min(m, full), full} | {n for n in narrow if n < min(m, full)}
     return sorted(p for p in pts if 1 <= p <= full)
 
 
-def layer_configs(spec: LayerSpec, multiple: int = 1, step: int | None = None, max_points: int = 8) -> list[tuple[int, int]]:
+def layer_configs(spec: LayerSpec, multiple: int = 1, step: int | None = None, max_points: int = 8,
+                  narrow: Sequence[int] = ()) -> list[tuple[int, int]]:
     """The (cin, cout) grid of a layer; depthwise convs have cin == cout."""
     if spec.family.depthwise:
-        return [(c, c) for c in channel_grid(spec.cout, spec.prunable_out, multiple, step, max_points)]
+        return [(c, c) for c in channel_grid(spec.cout, spec.prunable_out, multiple, step, max_points, narrow)]
     g = spec.family.groups
-    cins = [c for c in channel_grid(spec.cin, spec.prunable_in, max(multiple, g), step, max_points) if c % g == 0]
-    couts = [c for c in channel_grid(spec.cout, spec.prunable_out, max(multiple, g), step, max_points) if c % g == 0]
+    cins = [c for c in channel_grid(spec.cin, spec.prunable_in, max(multiple, g), step, max_points, narrow) if c % g == 0]
+    couts = [c for c in channel_grid(spec.cout, spec.prunable_out, max(multiple, g), step, max_points, narrow) if c % g == 0]
     return [(ci, co) for ci in cins for co in couts]
 
 
@@ -626,6 +630,8 @@ def weight_bytes(model: nn.Module, bytes_per_weight: int = 4) -> dict[str, int]:
 def streamed_share(total_bytes: float, ws: Mapping[str, Any]) -> float:
     """Share of ``total_bytes`` of weights a run streams in (module docstring). A profile made
     before the ramp stores none and keeps the step it was made with: all above the cache, else none."""
+    if ws.get("every_byte"):  # a term fitted on whole models: every weight byte costs (profile.whole_model_weight_term)
+        return 1.0
     cache = float(ws["cache_bytes"])
     lo, hi = ws.get("ramp") or (1.0, 1.0)
     if hi <= lo:

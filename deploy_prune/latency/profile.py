@@ -36,11 +36,12 @@ from deploy_prune import __version__
 from deploy_prune.config import Protocol, Target
 from deploy_prune.errors import UserError
 from deploy_prune.export import onnx_bytes, to_onnx
-from deploy_prune.graph import ModelGraph, round_channels
+from deploy_prune.graph import ModelGraph
 from deploy_prune.io import ensure_dir, provenance, read_json, write_json
 from deploy_prune.latency import lut
 from deploy_prune.latency.measure import Measurer, measurer_for
 from deploy_prune.latency.timing import QUIET_BAND, pool_sittings, quiet_estimate, split_protocol
+from deploy_prune.widths import round_channels
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 CHUNK = 48  # configurations timed together (interleaved); also the resume granularity
@@ -68,6 +69,12 @@ SENTINEL = "__sentinel__"
 SENTINEL_DESC = "conv 3x3, 32 -> 32 channels, 16x16, ReLU"
 REMEASURE_PASSES = 2
 REMEASURE_SHARE = 0.5
+# An entry whose rounds disagree (std/mean of its round medians above UNSTEADY_CV) is timed again
+# too, even when its chunk's sentinel read quiet: a burst shorter than a round slows the few
+# configurations timed during it and not the sentinel. A MobileNetV2 int8 profile had 53 of 695
+# entries above 0.1 (a typical entry: 0.01), a row of one layer's grid up to 2.5x its neighbours;
+# timed again, all 53 read steady and 10-60 % lower. The steadier reading is kept.
+UNSTEADY_CV = 0.1
 
 
 def layer_protocol(p: Protocol) -> Protocol:
@@ -163,6 +170,9 @@ def check_profile(prof: Mapping[str, Any], target: Target, fingerprint: str | No
     made_in = prof.get("target", {}).get("channel_multiple")
     if made_in is not None and made_in != target.channel_multiple:  # its grid steps in other units
         why.append(f"channel multiple {made_in}, not {target.channel_multiple}")
+    narrow = list(target.width_space().narrow)
+    if "grid" in prof and prof["grid"].get("narrow", []) != narrow:  # widths it did not measure would be extrapolated
+        why.append(f"narrow widths {prof['grid'].get('narrow', [])}, not {narrow}")
     made_at = prof.get("measurer", {}).get("precision", "fp32")
     if made_at != target.precision:  # int8 kernels are other kernels: an fp32 table prices none of them
         why.append(f"precision {made_at!r}, not {target.precision!r}")
@@ -205,6 +215,7 @@ def run_profile(
     validate: int = 0,
     calibrate: Sequence[float] = (0.75, 0.5, 0.3),
     seed: int = 0,
+    calibrate_mixed: int | None = None,
     progress: Progress | None = None,
     measurer: Measurer | None = None,
     force: bool = False,
@@ -228,8 +239,9 @@ def run_profile(
 
     configs: dict[str, tuple[lut.Family, int, int]] = {}
     layers: dict[str, dict[str, Any]] = {}
+    narrow = list(target.width_space().narrow)
     for s in specs:
-        pairs = lut.layer_configs(s, target.channel_multiple, spec.step, spec.max_points)
+        pairs = lut.layer_configs(s, target.channel_multiple, spec.step, spec.max_points, narrow)
         d = s.as_dict()
         d["grid_in"] = sorted({ci for ci, _ in pairs})
         d["grid_out"] = sorted({co for _, co in pairs})
@@ -253,7 +265,7 @@ def run_profile(
                      **({"counters": {"rounds": COUNTER_ROUNDS, "runs": COUNTER_ROUND_RUNS, "probe": True}}
                         if reads_counters(target) else {}),
                      "sentinel": SENTINEL_DESC},
-        "grid": {"step": spec.step, "max_points": spec.max_points, "channel_multiple": target.channel_multiple},
+        "grid": {"step": spec.step, "max_points": spec.max_points, "channel_multiple": target.channel_multiple, "narrow": narrow},
         "layer_timing": target.layer_timing,
         "layers": layers,
     }
@@ -275,7 +287,8 @@ def run_profile(
     # The calibration variants are timed in two sittings, before and after the layers (minutes
     # apart), and their quiet figure taken over both (``timing.pool_sittings``).
     t0 = time.perf_counter()
-    variants = calibration_variants(spec, graph, calibrate)
+    mixed = CALIBRATION_MIXED if calibrate_mixed is None else calibrate_mixed
+    variants = calibration_variants(spec, graph, calibrate, mixed, seed)
     cal_blobs = export_variants(variants, spec.input_shape, target, progress, "calibration")
     first_half, second_half = split_protocol(target.protocol)
     two_sittings = target.protocol.rounds >= 2
@@ -302,8 +315,8 @@ def run_profile(
                 old = entries.get(k)
                 if old is None:
                     entries[k] = e
-                elif e["sentinel_ms"] < old["sentinel_ms"]:
-                    entries[k] = {**e, "replaced": {f: old[f] for f in ("predict_ms", "sentinel_ms", "chunk")}}
+                elif cleaner(e, old):
+                    entries[k] = {**e, "replaced": {f: old.get(f) for f in ("predict_ms", "sentinel_ms", "round_cv", "chunk")}}
             write_json(partial, {**header, "tool_version": __version__, "entries": entries})
             done += len(new)
             if progress:
@@ -314,18 +327,21 @@ def run_profile(
     remeasured = 0
     for attempt in range(1, REMEASURE_PASSES + 1):
         slow = sorted(contended(entries)[1], key=lambda k: -entries[k]["sentinel_ms"])
+        slow += sorted(set(unsteady(entries)) - set(slow), key=lambda k: -entries[k]["round_cv"])
         slow = slow[:max(0, int(REMEASURE_SHARE * len(configs)) - remeasured)]
         if not slow:
             break
         remeasured += len(slow)
         run_chunks(slow, f"layers: re-measure slow chunks ({attempt})", 0, len(slow))
     ref, slow = contended(entries)
+    still_unsteady = len(unsteady(entries))
     t_layers = time.perf_counter() - t_start - t_cal
 
     prof: dict[str, Any] = {**header, "entries": entries, "configs_measured": len(todo), "configs_resumed": resumed,
                             "configs_total": len(configs),
                             "contention": {"sentinel": SENTINEL_DESC, "quiet_sentinel_ms": ref, "band": QUIET_BAND,
-                                           "configs_remeasured": remeasured, "configs_still_contended": len(slow)}}
+                                           "configs_remeasured": remeasured, "configs_still_contended": len(slow),
+                                           "unsteady_cv": UNSTEADY_CV, "configs_still_unsteady": still_unsteady}}
     # Whole-model measurements: full width (the remainder) and uniform variants (calibration).
     t0 = time.perf_counter()
     stream = stream_counters(spec, m, info)
@@ -337,7 +353,7 @@ def run_profile(
         progress(label, 1, 1)
     measured = {k: pool_sittings([first[k], second[k]]) if two_sittings else second[k].as_dict() for k in cal_blobs}
     prof = choose_entries(prof, target, spec, stream, variants, measured)
-    prof["calibration"]["shares"] = list(calibrate)
+    prof["calibration"].update(shares=list(calibrate), mixed=mixed, seed=seed)
     t_cal += time.perf_counter() - t0
     prof["stage_seconds"] = {"layers": round(t_layers, 2), "calibration": round(t_cal, 2)}
     prof["provenance"] = provenance(target=target.name, backend=info.get("backend"), backend_versions=info.get("backend_versions"),
@@ -409,6 +425,19 @@ def contended(entries: Mapping[str, Mapping[str, Any]]) -> tuple[float | None, l
     return ref, [k for k, e in entries.items() if e.get("sentinel_ms", 0.0) > ref * (1.0 + QUIET_BAND)]
 
 
+def unsteady(entries: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Entries whose round medians disagree by more than ``UNSTEADY_CV`` (std / mean)."""
+    return [k for k, e in entries.items() if e.get("round_cv", 0.0) > UNSTEADY_CV]
+
+
+def cleaner(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
+    """Whether a re-timed entry replaces the old one: the steadier reading when the old one was
+    unsteady, else the one whose chunk ran quieter (its sentinel)."""
+    if old.get("round_cv", 0.0) > UNSTEADY_CV:
+        return bool(new.get("round_cv", 0.0) < old["round_cv"])
+    return bool(new["sentinel_ms"] < old.get("sentinel_ms", float("inf")))
+
+
 def chunk_counters(m: Measurer, graphs: Mapping[str, bytes]) -> dict[str, dict[str, float]]:
     """Counter fields of each layer graph's entry, read in ``COUNTER_ROUNDS`` interleaved rounds.
 
@@ -437,6 +466,11 @@ def chunk_counters(m: Measurer, graphs: Mapping[str, bytes]) -> dict[str, dict[s
 
 
 BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+# Random-share variants measured beside the uniform ones for the calibration (whole_model_weight_term).
+CALIBRATION_MIXED = 4
+# The share of the calibration's leave-one-out error the whole-model weight term must remove to be
+# kept: on 8 noisy points a third coefficient also fits noise.
+WEIGHT_TERM_GAIN = 0.25
 
 
 ENTRY_FIELDS = {"wall": ("net_ms",), "counters": ("counter_net_ms",), "auto": ("counter_net_ms", "net_ms")}
@@ -484,7 +518,106 @@ def choose_entries(prof: dict[str, Any], target: Target, spec: ProfileSpec, stre
         out["entry_choice"] = {"chosen": best, "by": "relative RMS residual of the calibration fit",
                                "candidates": {f: {"calibration_rms_pct": rms[f], "a": c["calibration"]["a"], "b": c["calibration"]["b"],
                                                   "weight_stream": c["weight_stream"]} for f, c in fits.items()}}
-    return out
+    return whole_model_weight_term(out, variants, measured)
+
+
+def loo_rms_pct(features: np.ndarray, ys: np.ndarray, always: int | None = None) -> float:
+    """Leave-one-out relative RMS residual (%) of the least-squares fit ``ys ~ features @ coef``:
+    each point predicted by the fit on the others (a fit with more terms always fits its own
+    points better; this asks whether it predicts the next model better). Point ``always`` is
+    never left out: the full model anchors the table (its remainder), and it is the one point
+    above the cache that the variants never reach, so leaving it out tests an extrapolation
+    no prediction makes."""
+    res = []
+    for i in range(len(ys)):
+        if i == always:
+            continue
+        keep = np.arange(len(ys)) != i
+        coef = np.linalg.lstsq(features[keep], ys[keep], rcond=None)[0]
+        res.append(float(features[i] @ coef) / ys[i] - 1.0)
+    return float(100.0 * np.sqrt(np.mean(np.square(res))))
+
+
+# The shapes of the whole-model weight term: each weight byte costs the same, or it costs in
+# proportion to the share a cache of the profile's size streams (``lut.streamed_share``) on a ramp.
+WEIGHT_TERM_SHAPES: dict[str, tuple[float, float] | None] = {"every byte": None, "ramp 0.5-1.4": lut.STREAM_RAMP,
+                                                               "ramp 0.3-1.0": (0.3, 1.0)}
+
+
+def whole_model_weight_term(prof: dict[str, Any], variants: Mapping[str, nn.Module],
+                            measured: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``prof`` with its calibration refitted as ``measured ~ a * layer_sum + w * streamed_MB + b``
+    on the whole-model measurements, when that predicts them clearly better (leave-one-out) than
+    its own calibration; the record of the comparison either way (``weight_stream.whole_model_fit``).
+
+    A layer's entry is timed with its weights hot in the cache; inside the model each layer
+    reads its weights in again from a farther level. ``fit_stream`` measures that from the
+    backend's per-layer counters, but ONNX Runtime's int8 counters are too coarse for it (about
+    1 us per node), and a calibration on uniform variants cannot tell it from the layers' own
+    work, which shrinks with the weights. The mixed calibration variants tell them apart. Int8
+    MobileNetV2 at 32x32 on one Xeon core (2.2 MB of int8 weights, a 2 MiB L2): the weights alone
+    ranked 30 random variants' measured latency at Spearman 0.93-0.97, the layer sum at
+    0.92-0.94, and with this term the calibrated prediction ranked them at 0.98
+    (``benchmarks/results/lut_fidelity_cpu-ort-int8-1t_mobilenet_v2.md``).
+
+    ``streamed_MB`` is the weights' MB times the share streamed, in one of ``WEIGHT_TERM_SHAPES``
+    (the one with the smallest leave-one-out error; ramps need the cache size). The term is a
+    weight-streaming term of the table (``lut.stream_ms``), so the allocator prices it as it
+    prices streaming. Needs at least 5 variants (three coefficients, one point left out)."""
+    keys = list(variants)
+    ws = dict(prof.get("weight_stream") or {})
+    bpw = int(ws.get("bytes_per_weight", 4))
+    if len(keys) < 5 or "full" not in keys:
+        return prof
+    hot = {**prof, "weight_stream": None, "calibration": None}
+    layers = np.array([lut.predict(variants[k], hot)["layer_sum_ms"] for k in keys])
+    now = np.array([lut.predict(variants[k], {**prof, "calibration": None})["layer_sum_ms"] for k in keys])
+    nbytes = np.array([float(sum(lut.weight_bytes(variants[k], bpw).values())) for k in keys])
+    ys = np.array([measured[k]["quiet"] for k in keys])
+    ones, full = np.ones(len(keys)), keys.index("full")
+    loo_now = loo_rms_pct(np.c_[now, ones], ys, full)
+    shapes: dict[str, dict[str, Any]] = {}
+    for label, ramp in WEIGHT_TERM_SHAPES.items():
+        if ramp is None:
+            rec: dict[str, Any] = {"every_byte": True}
+        elif "cache_bytes" in ws:
+            rec = {"cache_bytes": ws["cache_bytes"], "ramp": list(ramp)}
+        else:
+            continue
+        mb = np.array([b / 1e6 * lut.streamed_share(b, rec) for b in nbytes])
+        if np.ptp(mb) == 0:
+            continue
+        feats = np.c_[layers, mb, ones]
+        a, w, b = (float(v) for v in np.linalg.lstsq(feats, ys, rcond=None)[0])
+        raw = layers + mb * w / a + (ys[full] - layers[full] - mb[full] * w / a) if a > 0 else layers
+        shapes[label] = {"a": a, "w_ms_per_mb": w, "b": b, "loo_rms_pct": loo_rms_pct(feats, ys, full), "rec": rec,
+                         "mb": mb, "plausible": bool(a > 0 and w > 0 and raw.min() > 0)}
+    record = {"points": len(keys), "loo_rms_pct_calibration": loo_now,
+              "shapes": {k: {f: v[f] for f in ("a", "w_ms_per_mb", "b", "loo_rms_pct", "plausible")} for k, v in shapes.items()}}
+    # Kept only when it predicts clearly better, and as a cost a run can pay: positive, and
+    # leaving every variant's raw prediction (entries + term + remainder) above zero.
+    fit = [k for k, v in shapes.items() if v["plausible"] and v["loo_rms_pct"] < (1.0 - WEIGHT_TERM_GAIN) * loo_now]
+    if not fit:
+        prof["weight_stream"] = {**ws, "whole_model_fit": {**record, "kept": None}}
+        return prof
+    best = min(fit, key=lambda k: shapes[k]["loo_rms_pct"])
+    c = shapes[best]
+    prof["weight_stream"] = {"bytes_per_weight": bpw, "ms_per_mb": c["w_ms_per_mb"] / c["a"], **c["rec"],
+                             "from": "whole-model fit (profile.whole_model_weight_term)",
+                             "whole_model_fit": {**record, "kept": best}, "replaced": ws}
+    stream = c["mb"] * c["w_ms_per_mb"] / c["a"]
+    chosen = (prof.get("entry_choice") or {}).get("candidates", {}).get(prof.get("entry_field"))
+    if chosen is not None:  # the chosen candidate, rebuilt from its record, is the profile's prediction
+        chosen.update(a=c["a"], b=c["b"], weight_stream=prof["weight_stream"])
+    prof["calibration"] = {"a": c["a"], "b": c["b"],
+                           "fit": f"measured_ms = a * (layer_sum_ms + streamed_MB * ms_per_mb) + b (least squares; {best})",
+                           "points": [{"variant": k, "layer_sum_ms": float(x + st), "measured_ms": float(y)}
+                                      for k, x, st, y in zip(keys, layers, stream, ys, strict=True)]}
+    # the remainder keeps raw_ms exact at full width, as choose_entries set it
+    s_full = lut.predict(variants["full"], {**prof, "calibration": None})["layer_sum_ms"]
+    prof["remainder_ms"] = float(measured["full"]["quiet"] - s_full)
+    prof["full_model"] = {**prof.get("full_model", {}), "layer_sum_ms": s_full}
+    return prof
 
 
 def predicting_from(prof: Mapping[str, Any], field: str, fit: Mapping[str, Any] | None = None) -> dict[str, Any]:

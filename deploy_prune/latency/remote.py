@@ -29,7 +29,7 @@ _MIB = 1024 * 1024
 _AGENT_KEYS = {"url", "token_env", "timeout_s"}
 _PROTOCOL_FIELDS = ("warmup", "repeats", "rounds", "min_time_s")
 # Target.as_dict() keys that describe the client, not the measurement.
-_CLIENT_ONLY_KEYS = {"threads_resolved", "protocol", "source", "agent", "channel_multiple_from"}
+_CLIENT_ONLY_KEYS = {"threads_resolved", "protocol", "source", "agent", "channel_multiple_from", "narrow_widths"}
 
 
 def _first_line(e: BaseException) -> str:

@@ -39,12 +39,20 @@ from deploy_prune.latency.profile import (
 from deploy_prune.latency.timing import quiet_of
 
 
-def calibration_variants(spec: ProfileSpec, graph: ModelGraph, shares: Sequence[float]) -> dict[str, nn.Module]:
-    """The full model and one uniformly pruned copy per keep share."""
+def calibration_variants(spec: ProfileSpec, graph: ModelGraph, shares: Sequence[float], mixed: int = 0,
+                         seed: int = 0) -> dict[str, nn.Module]:
+    """The full model, one uniformly pruned copy per keep share, and ``mixed`` copies with a
+    random share per group (in [0.2, 1.0]; drawn apart from ``validate_profile``'s variants, so
+    these stay out of its sample). Uniform copies shrink every layer's work and weights together;
+    the mixed ones tell the two apart (``profile.whole_model_weight_term``)."""
     variants = {"full": spec.model}
     for r in shares:
         plan = plan_variant(graph, {g.name: r for g in graph.groups()})
         variants[f"uniform-{r:g}"] = pruned_copy(spec.model, spec.input_shape, plan, spec.ignore, spec.target.channel_multiple)
+    rng = np.random.default_rng(seed + 1000)
+    for i in range(mixed):
+        plan = plan_variant(graph, random_shares(graph, rng, uniform=False))
+        variants[f"mixed-{i}"] = pruned_copy(spec.model, spec.input_shape, plan, spec.ignore, spec.target.channel_multiple)
     return variants
 
 
@@ -120,7 +128,8 @@ def validate_profile(spec: ProfileSpec, prof: Mapping[str, Any], graph: ModelGra
     every use of the table has, and fits nothing on the variants.
     """
     rng = np.random.default_rng(seed + 1)
-    cal = calibration_variants(spec, graph, prof.get("calibration", {}).get("shares", (0.75, 0.5, 0.3)))
+    c = prof.get("calibration", {})
+    cal = calibration_variants(spec, graph, c.get("shares", (0.75, 0.5, 0.3)), c.get("mixed", 0), c.get("seed", 0))
     variants: dict[str, nn.Module] = {f"cal:{k}": v for k, v in cal.items()}
     kinds = {}
     for i in range(n):

@@ -96,7 +96,7 @@ class DeepLSP:
         # The sensitivity was measured on the unpruned model: fit its weights with that model's
         # scores (also when a resumed run's model is already pruned).
         base = copy.deepcopy(run.teacher)
-        graph = ModelGraph(base, run.input_shape, run.ignore, run.graph.channel_multiple)
+        graph = ModelGraph(base, run.input_shape, run.ignore, run.graph.space)
         self.weights = sensitivity_weights(sens, self._scores(run, base, graph))
 
     def _scores(self, run: MethodContext, model: Any = None, graph: Any = None) -> dict[str, Any]:

@@ -66,10 +66,11 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from deploy_prune.errors import BudgetUnreachable, UserError
-from deploy_prune.graph import ModelGraph, round_channels
+from deploy_prune.graph import ModelGraph
 from deploy_prune.methods import METHODS
 from deploy_prune.transforms import Masks
 from deploy_prune.transforms.lowrank import LowRankConv2d, factorize, full_rank
+from deploy_prune.widths import round_channels
 
 if TYPE_CHECKING:
     from deploy_prune.methods.context import MethodContext
@@ -236,8 +237,7 @@ class DF:
 
         full = float(price({}, {}))
         groups = {g.name: g for g in graph.groups()} if self.mode != "ranks" else {}
-        m = graph.channel_multiple
-        low = float(price({g: round_channels(1, x.channels, m) for g, x in groups.items()}, {n: 1 for n in rankable}))
+        low = float(price({g: graph.space.snap(1, x.channels) for g, x in groups.items()}, {n: 1 for n in rankable}))
         if low > budget:
             raise BudgetUnreachable(f"the budget {budget:.4g} {run.cost.unit} ({budget / full:.3f} of the model) is below "
                                     f"what df can reach in mode {self.mode!r}: {low:.4g} ({low / full:.3f}) with the fewest "
@@ -250,7 +250,7 @@ class DF:
         graph.prune(remove)
         fact = {n: ranks[n] for n in sorted(chosen)}
         factorize(run.model, fact)
-        run.graph = ModelGraph(run.model, run.input_shape, run.ignore, m)
+        run.graph = ModelGraph(run.model, run.input_shape, run.ignore, graph.space)
         done = run.cost.total(run.graph, {g.name: g.channels for g in run.graph.groups()})
         self.rounds.append({
             **learned, "threshold_shift": shift, "cost_ratio": round(done / full, 4),
@@ -348,7 +348,7 @@ class DF:
                 sv[n] = torch.linalg.svdvals(w.flatten(1)) if w.shape[0] else torch.zeros(1)
 
         def structure(d: float) -> tuple[dict[str, int], dict[str, int]]:
-            keep = {g: round_channels(int((v > 0.5 + d).sum()), groups[g].channels, m) for g, v in mask.items()}
+            keep = {g: run.graph.space.snap(int((v > 0.5 + d).sum()), groups[g].channels) for g, v in mask.items()}
             ranks = {}
             for n, s in sv.items():
                 gamma, tau = (gnorm[n] + d) * sig1[n], self.c / max(sig1[n], 1e-12)

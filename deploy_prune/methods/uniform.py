@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from deploy_prune.errors import BudgetUnreachable
-from deploy_prune.graph import round_channels
 from deploy_prune.importance import CRITERIA, score_groups
 from deploy_prune.methods import BUDGET_KINDS, METHODS
 from deploy_prune.transforms import Masks
@@ -39,8 +38,7 @@ class Uniform:
         pass
 
     def _share_plan(self, run: MethodContext, share: float) -> dict[str, int]:
-        m = run.graph.channel_multiple
-        return {g.name: round_channels(g.channels * share, g.channels, m) for g in run.graph.groups()}
+        return {g.name: run.graph.space.snap(g.channels * share, g.channels) for g in run.graph.groups()}
 
     def plan(self, run: MethodContext, budget: float) -> dict[str, int]:
         graph, cost = run.graph, run.cost

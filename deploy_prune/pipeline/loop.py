@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from deploy_prune.allocate import CostModel, allowed_keeps, channels_cost, flops_cost, latency_cost, params_cost
+from deploy_prune.allocate import CostModel, channels_cost, cheapest_plan, flops_cost, latency_cost, params_cost
 from deploy_prune.errors import BudgetUnreachable, UserError
 from deploy_prune.graph import ModelGraph
 from deploy_prune.latency.timing import quiet_estimate, quiet_of
@@ -22,6 +22,7 @@ from deploy_prune.transforms import (
     prune_to_widths,
     sparsity,
 )
+from deploy_prune.widths import WidthSpace
 
 
 def cost_model(run: Run) -> CostModel:
@@ -68,24 +69,25 @@ def _measure_widths(run: Run, model: Any, widths: dict[str, int]) -> tuple[Any, 
     return cand, run.measure(cand)
 
 
-def _keeps(widths: dict[str, int], multiple: int) -> dict[str, list[int]]:
+def _keeps(widths: dict[str, int], space: WidthSpace) -> dict[str, list[int]]:
     """Every allowed width of every group."""
-    return {g: allowed_keeps(c, multiple) for g, c in widths.items()}
+    return {g: space.keeps(c) for g, c in widths.items()}
 
 
-def _narrowest(widths: dict[str, int], multiple: int) -> dict[str, int]:
-    """The narrowest allowed width of every group."""
-    return {g: ks[0] for g, ks in _keeps(widths, multiple).items()}
+def _cheapest(run: Run, widths: dict[str, int]) -> dict[str, int]:
+    """The allowed widths the run's cost model prices lowest, for groups whose full widths are
+    ``widths`` (``allocate.cheapest_plan``, priced on the current graph)."""
+    return cheapest_plan(run.graph, run.cost, widths)
 
 
-def _narrowest_or_unreachable(run: Run, budget: dict[str, Any]) -> float:
-    """The planner put the corrected budget below the narrowest allowed widths' predicted cost.
-    Only a measurement decides whether that is so: the narrowest widths are measured, and if they
+def _floor_or_unreachable(run: Run, budget: dict[str, Any]) -> float:
+    """The planner put the corrected budget below the cheapest allowed widths' predicted cost.
+    Only a measurement decides whether that is so: the cheapest widths are measured, and if they
     are over the budget it is unreachable (exit 3, giving the lowest latency reachable); if not,
     the prediction (or a noisy round) was wrong, and their predicted cost is returned as the floor
     to plan at. The measurement is kept (``state["narrowest"]``): it is the one architecture
     known to meet the budget when the table misleads (``measured_search``)."""
-    plan = _narrowest(run.baseline_widths, run.target.channel_multiple)
+    plan = _cheapest(run, run.baseline_widths)
     if "narrowest" in run.state:  # measured once per run: the loop can hit the floor again and again
         meas = run.state["narrowest"]["meas"]
     else:
@@ -95,13 +97,13 @@ def _narrowest_or_unreachable(run: Run, budget: dict[str, Any]) -> float:
     if r > 1.0:
         got = f"{low:.3f} ms ({fig:.3f} of the baseline timed with it)" if budget["kind"] == "latency_ratio" else f"{low:.3f} ms"
         want = f"ratio {budget['value']:.3f} of the baseline" if budget["kind"] == "latency_ratio" else f"{budget['latency_ms']:.3f} ms"
-        raise BudgetUnreachable(f"the budget ({want}) cannot be met on {run.target.name}: even the narrowest allowed "
+        raise BudgetUnreachable(f"the budget ({want}) cannot be met on {run.target.name}: even the cheapest allowed "
                                 f"widths measure {got}, the lowest reachable; raise the budget")
     run.state["narrowest"] = {"widths": plan, "r": r, "meas": meas}
-    run.say(f"the LUT puts the budget below the narrowest widths, but they measure {100 * r:.0f} % of it: planning from them")
+    run.say(f"the LUT puts the budget below the cheapest widths, but they measure {100 * r:.0f} % of it: planning from them")
     # The floor is priced on the current graph, whose groups can differ from the baseline's
-    # measured above (a factorised layer's rank group): as allocate's narrowest plan.
-    floor = _narrowest(group_widths(run.graph), run.graph.channel_multiple)
+    # measured above (a factorised layer's rank group): as allocate prices its cheapest plan.
+    floor = _cheapest(run, group_widths(run.graph))
     return run.cost.total(run.graph, floor) * (1 + 1e-9)
 
 
@@ -117,7 +119,7 @@ def _search_measured(run: Run, budget: dict[str, Any], under: Point, over: Point
         run.say(f"{stage} (measured search): {quiet_of(meas['candidate']):.3f} ms ({100 * r:.0f} % of the budget)")
         return Point(widths, r)
 
-    keeps = _keeps(group_widths(run.graph), run.graph.channel_multiple)
+    keeps = _keeps(group_widths(run.graph), run.graph.space)
     # Groups that add the fewest MACs when widened move first along the line: FLOPs, unlike the
     # table the search is working around, cannot call a wide layer cheap.
     macs = flops_cost()
@@ -141,7 +143,7 @@ def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float
     A plan met again (the corrections oscillate between two neighbouring architectures, as
     coarse channel steps make them) pools its measurements and ends the corrections, and so does
     ``max_loops``. Then measurement alone decides: a ``measured_search`` between the widest
-    architecture measured under the budget (the plans, the narrowest widths when they were
+    architecture measured under the budget (the plans, the cheapest widths when they were
     measured) and the fastest one over it (or the unpruned model), whose widths the steps then
     prune to (``_pin``). Only when nothing measured is under the budget is the fastest plan
     measured taken; never a correction that was not measured."""
@@ -152,7 +154,7 @@ def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float
         try:
             plan = method.plan(run, pred)
         except BudgetUnreachable:
-            pred = _narrowest_or_unreachable(run, budget)
+            pred = _floor_or_unreachable(run, budget)
             plan = method.plan(run, pred)
         key = tuple(sorted(plan.items()))
         cand, meas = _measure_widths(run, run.model, plan)
@@ -210,7 +212,7 @@ def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
     """Measure the pruned architecture; while over ``1 - margin`` of the budget, tighten the
     predicted budget by the measured/predicted ratio and prune further. When the widths were
     chosen on measurement (``_pin``), or a tightening leaves them where they were (the table
-    calls the cuts free), the next widths come from a measured search between the narrowest
+    calls the cuts free), the next widths come from a measured search between the cheapest
     widths and the current ones instead."""
     if run.state.get("verified"):  # a resumed run that had already met the budget
         return
@@ -238,12 +240,12 @@ def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
             try:
                 method.prune(run, run.state["cost_budget"])
             except BudgetUnreachable:
-                run.state["cost_budget"] = _narrowest_or_unreachable(run, budget)
+                run.state["cost_budget"] = _floor_or_unreachable(run, budget)
                 method.prune(run, run.state["cost_budget"])
         if run.state.get("pinned") or group_widths(run.graph) == before:
             why = ("the widths were chosen on measurement" if run.state.get("pinned")
                    else "the LUT's tightening leaves the widths as they are")
-            run.say(f"verify {i + 1}: {why}; searching between the narrowest widths and these on measured latency")
+            run.say(f"verify {i + 1}: {why}; searching between the cheapest widths and these on measured latency")
             _prune_to(run, method, _verified_widths(run, budget, Point(before, r), stage).widths)
         run.state["loop_accuracy"] = run.finetune(run.cfg.step_fraction, stage)
         run.checkpoint(stage)
@@ -252,11 +254,11 @@ def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
 
 def _verified_widths(run: Run, budget: dict[str, Any], over: Point, stage: str) -> Point:
     """Widths under the budget for the current model, chosen on measurement: a search between its
-    narrowest widths (measured here; over the budget: unreachable, exit 3) and ``over``."""
-    floor = _narrowest(group_widths(run.graph), run.graph.channel_multiple)
+    cheapest widths (measured here; over the budget: unreachable, exit 3) and ``over``."""
+    floor = _cheapest(run, group_widths(run.graph))
     r = _pooled_over([_measure_widths(run, run.model, floor)[1]], budget)[0]
     if r > _window(run.cfg)[1]:
-        raise BudgetUnreachable(f"the budget cannot be met on {run.target.name}: even the narrowest allowed widths "
+        raise BudgetUnreachable(f"the budget cannot be met on {run.target.name}: even the cheapest allowed widths "
                                 f"measure {100 * r:.0f} % of it; raise the budget")
     best = _search_measured(run, budget, Point(floor, r), over, stage)
     _pin(run, best, stage)

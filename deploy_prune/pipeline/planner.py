@@ -86,7 +86,7 @@ class Planner:
         if steps < 1:
             raise UserError(f"steps must be at least 1, got {steps}")
         full = self.run.baseline_widths
-        keeps = _keeps(full, self.run.target.channel_multiple)
+        keeps = _keeps(full, self.run.target.width_space())
         return [dict(between(widths, full, 1 - i / steps, keeps)) for i in range(1, steps + 1)]
 
     def apply(self, widths: dict[str, int], model: nn.Module | None = None) -> nn.Module:
@@ -95,7 +95,7 @@ class Planner:
         ``model``'s own weights. Groups already at or under their width are left as they are."""
         m = copy.deepcopy(model if model is not None else self.run.teacher).cpu()
         run = self.run
-        graph = ModelGraph(m, run.data.input_shape, run.cfg.ignore, run.target.channel_multiple)
+        graph = ModelGraph(m, run.data.input_shape, run.cfg.ignore, run.target.width_space())
         current = group_widths(graph)
         unknown = sorted(set(widths) - set(current))
         if unknown:
@@ -112,6 +112,6 @@ class Planner:
         if budget["measured"]:
             share, _ = _pooled_over([meas], budget)
             return Check(share <= 1.0, quiet_of(meas["candidate"]), budget["latency_ms"], share, meas)
-        graph = ModelGraph(model, run.data.input_shape, run.cfg.ignore, run.target.channel_multiple)
+        graph = ModelGraph(model, run.data.input_shape, run.cfg.ignore, run.target.width_space())
         share = run.cost.total(graph, group_widths(graph)) / budget["cost_budget"]
         return Check(share <= 1.0 + 1e-9, quiet_of(meas["candidate"]), None, share, meas)

@@ -188,7 +188,7 @@ class Run:
                      "input_shape": list(self.data.input_shape), "data": self.data.describe()}
         self.teacher = copy.deepcopy(self.model).eval()
         self.measurer: Measurer = measurer_for(self.target)
-        self.graph = ModelGraph(self.model, self.data.input_shape, cfg.ignore, self.target.channel_multiple)
+        self.graph = ModelGraph(self.model, self.data.input_shape, cfg.ignore, self.target.width_space())
         self.baseline_widths = group_widths(self.graph)
         self.cost: CostModel = flops_cost()
         self.profile: dict[str, Any] | None = None
@@ -452,7 +452,7 @@ class Run:
         ck = load_checkpoint(path)
         rebuild_pruned(self.model, ck["pruned"], self.data.input_shape)
         self.model.load_state_dict(ck["state_dict"])
-        self.graph = ModelGraph(self.model, self.data.input_shape, self.cfg.ignore, self.target.channel_multiple)
+        self.graph = ModelGraph(self.model, self.data.input_shape, self.cfg.ignore, self.target.width_space())
         self.masks = dict(ck.get("masks", {}))
         self.done = list(ck["done"])
         self.report = json.loads(ck["report"])
@@ -464,7 +464,7 @@ class Run:
 # The pipeline
 # ---------------------------------------------------------------------------------------------
 def _model_figures(run: Run, model: nn.Module, accuracy: float | None, latency: dict[str, Any] | None) -> dict[str, Any]:
-    g = ModelGraph(model, run.data.input_shape, run.cfg.ignore, run.target.channel_multiple)
+    g = ModelGraph(model, run.data.input_shape, run.cfg.ignore, run.target.width_space())
     flops, params = g.flops_params()
     return {"accuracy": accuracy, "latency_ms": latency, "predicted_latency_ms": run.predicted_ms(model),
             "flops": flops, "params": params, "sparsity": round(sparsity(model), 6)}
@@ -472,7 +472,7 @@ def _model_figures(run: Run, model: nn.Module, accuracy: float | None, latency: 
 
 def record_step(run: Run, stage: str, model: nn.Module | None = None, **rec: Any) -> None:
     """Record one step; figures are the current model's, or ``model``'s (a planned candidate)."""
-    g = run.graph if model is None else ModelGraph(model, run.data.input_shape, run.cfg.ignore, run.target.channel_multiple)
+    g = run.graph if model is None else ModelGraph(model, run.data.input_shape, run.cfg.ignore, run.target.width_space())
     flops, params = g.flops_params()
     run.report["steps"].append({"step": len(run.report["steps"]) + 1, "stage": stage, "flops": flops, "params": params,
                                 "predicted_latency_ms": run.predicted_ms(model), "widths": group_widths(g), **rec})

@@ -58,8 +58,8 @@ from deploy_prune.pipeline.config import CompressConfig, parse_nm
 from deploy_prune.pipeline.loop import (
     _budget,
     _final_measure,
+    _floor_or_unreachable,
     _keeps,
-    _narrowest_or_unreachable,
     _plan_closed_loop,
     _prune_to,
     _verify,
@@ -136,7 +136,7 @@ def _structured(run: Run, method: Method, budget: dict[str, Any]) -> None:
         b = start * (goal / start) ** (i / steps)  # geometric: equal relative cuts per step
         if pinned:  # widths chosen on measurement: walk to them, the method choosing which channels go
             start_w = run.state["step_start_widths"]
-            _prune_to(run, method, between(start_w, pinned["widths"], i / steps, _keeps(start_w, run.graph.channel_multiple)))
+            _prune_to(run, method, between(start_w, pinned["widths"], i / steps, _keeps(start_w, run.graph.space)))
         else:
             method.prune(run, b)
         t_prune = time.perf_counter() - t0
@@ -265,7 +265,7 @@ def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:
         except BudgetUnreachable:
             if not budget["measured"]:
                 raise
-            run.state["cost_budget"] = _narrowest_or_unreachable(run, budget)
+            run.state["cost_budget"] = _floor_or_unreachable(run, budget)
             _structured(run, method, budget)
     # 6. verification
     if budget["measured"]:
