@@ -14,6 +14,7 @@ temporary directory, so the repository's profiles/ is not touched).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -42,6 +43,57 @@ def meets(v: dict) -> bool:
             and v["spearman"] >= GOALS["spearman"])
 
 
+def render(rows: list[dict], n_variants: int, prov: dict) -> str:
+    """The Markdown table of ``rows`` (``prov``: the run's provenance)."""
+    lines = ["# LUT fidelity: predicted vs measured latency of random pruned variants", "",
+             f"{n_variants} variants per case (half uniform, half per-group keep shares in [0.2, 1.0]), each exported "
+             "and measured end to end with the target's protocol; the calibration is fitted on the full model and 3 uniform and 4 "
+             "mixed variants drawn apart from these, so calibrated figures are out of sample. *Calibrated* uses the calibration measured at profile time; "
+             "*anchored* scales that prediction by the full model measured with the validation ones / its prediction, "
+             "as compress scales its budget by the baseline it measures; "
+             "*same session* refits the calibration on the calibration variants re-measured interleaved with the validation ones "
+             "(drift = full model at validation / at profile time). *Re-timed*: layer configurations timed again because the "
+             "profile's sentinel said the machine was slow or their rounds disagreed by over 10 % (still slow after two passes in brackets). *Entries*: the "
+             "layer figure the table predicts from (wall: `net_ms`, counters: `counter_net_ms`; with `layer_timing: auto`, "
+             "the one whose calibration fitted the whole-model measurements better: each candidate's relative RMS residual, "
+             "→ its calibrated validation median |err| / within ±10 %; *+ weights*: the calibration refitted with the "
+             "whole-model weight term, its shape in brackets). "
+             f"Goals: median |error| <= {GOALS['median_abs_error_pct']:.0f} %, "
+             f">= {GOALS['within_10pct_share']:.0%} within ±10 %, Spearman >= {GOALS['spearman']}.", "",
+             "| target | model | configs | re-timed | profile s | entries | full model ms (round CV) | raw: med |err| / ≤10 % / ρ | "
+             "calibrated: med |err| / ≤10 % / ρ | anchored | same session | drift | goals met (cal. / anch. / same s.) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def entries(r: dict) -> str:
+        ch = r.get("entry_choice")
+        by = r.get("calibrated_by_entry_field") or {}
+        fits = ", ".join(f"{k} {v['calibration_rms_pct']:.1f} %" + (f" → {by[k]['median_abs_error_pct']:.1f} % / "
+                                                                      f"{by[k]['within_10pct_share']:.0%}" if k in by else "")
+                         for k, v in ch["candidates"].items()) if ch else ""
+        kept = ((r.get("weight_stream") or {}).get("whole_model_fit") or {}).get("kept")
+        field = str(r.get("entry_field", "-")) + (f" + weights ({kept})" if kept else "")
+        return f"{field} ({fits})" if fits else field
+
+    def cell(v: dict) -> str:
+        return f"{v['median_abs_error_pct']:.1f} % / {v['within_10pct_share']:.0%} / {v['spearman']:.3f}"
+
+    def yes(ok: bool) -> str:
+        return "yes" if ok else "no"
+
+    for r in rows:
+        con = r.get("contention") or {}
+        lines.append(f"| {r['target']} ({r['threads']} thr) | {r['case']} | {r['configs_total']} | "
+                     f"{con.get('configs_remeasured', 0)} ({con.get('configs_still_contended', 0)}) | "
+                     f"{r['profile_seconds_without_validation']} | {entries(r)} | {r['full_model_ms']:.3f} ({100 * r['full_model_round_cv']:.1f} %) | "
+                     f"{cell(r['raw'])} | {cell(r['calibrated'])} | {cell(r['anchored'])} | {cell(r['same_session'])} | {r['drift']:.3f} | "
+                     f"{yes(r['meets_goals_calibrated'])} / {yes(r['meets_goals_anchored'])} / {yes(r['meets_goals_same_session'])} |")
+    lines += ["", "Profile seconds = per-layer entries + whole-model calibration, without the validation runs.",
+              f"Whole-model protocol: {rows[0]['model_protocol'] if rows else '-'}; layer protocol: "
+              f"{rows[0]['layer_protocol'] if rows else '-'}.", "",
+              f"{prov['date']}; deploy-prune {prov['tool_version']} ({prov['git_commit']}); {prov['cpu']}.", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default="cpu-ort-1t,cpu-ort")
@@ -52,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-min-time", type=float, default=None, help="override the whole-model protocol's min_time_s")
     ap.add_argument("--profiles", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS / "lut_fidelity")
+    ap.add_argument("--render", type=Path, default=None, help="write the Markdown of a finished run's JSON and stop")
     args = ap.parse_args(argv)
+    if args.render is not None:
+        d = json.loads(args.render.read_text())
+        write_text(args.render.with_suffix(".md"), render(d["rows"], len(d["rows"][0]["variants"]), d["provenance"]))
+        return 0
     torch.set_num_threads(1)  # export/pruning work stays off the cores being measured as far as possible
 
     tmp = tempfile.TemporaryDirectory()
@@ -104,55 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.out.with_suffix(".json"), {"benchmark": "lut_fidelity", "goals": GOALS, "rows": rows,
                                                        "provenance": provenance()})
 
-    lines = ["# LUT fidelity: predicted vs measured latency of random pruned variants", "",
-             f"{args.variants} variants per case (half uniform, half per-group keep shares in [0.2, 1.0]), each exported "
-             "and measured end to end with the target's protocol; the calibration is fitted on the full model and 3 uniform and 4 "
-             "mixed variants drawn apart from these, so calibrated figures are out of sample. *Calibrated* uses the calibration measured at profile time; "
-             "*anchored* scales that prediction by the full model measured with the validation ones / its prediction, "
-             "as compress scales its budget by the baseline it measures; "
-             "*same session* refits the calibration on the calibration variants re-measured interleaved with the validation ones "
-             "(drift = full model at validation / at profile time). *Re-timed*: layer configurations timed again because the "
-             "profile's sentinel said the machine was slow (still slow after two passes in brackets). *Entries*: the "
-             "layer figure the table predicts from (wall: `net_ms`, counters: `counter_net_ms`; with `layer_timing: auto`, "
-             "the one whose calibration fitted the whole-model measurements better: each candidate's relative RMS residual, "
-             "→ its calibrated validation median |err| / within ±10 %; *+ weights*: the calibration refitted with the "
-             "whole-model weight term, its shape in brackets). "
-             f"Goals: median |error| <= {GOALS['median_abs_error_pct']:.0f} %, "
-             f">= {GOALS['within_10pct_share']:.0%} within ±10 %, Spearman >= {GOALS['spearman']}.", "",
-             "| target | model | configs | re-timed | profile s | entries | full model ms (round CV) | raw: med |err| / ≤10 % / ρ | "
-             "calibrated: med |err| / ≤10 % / ρ | anchored | same session | drift | goals met (cal. / anch. / same s.) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def entries(r: dict) -> str:
-        ch = r.get("entry_choice")
-        by = r.get("calibrated_by_entry_field") or {}
-        fits = ", ".join(f"{k} {v['calibration_rms_pct']:.1f} %" + (f" → {by[k]['median_abs_error_pct']:.1f} % / "
-                                                                      f"{by[k]['within_10pct_share']:.0%}" if k in by else "")
-                         for k, v in ch["candidates"].items()) if ch else ""
-        kept = ((r.get("weight_stream") or {}).get("whole_model_fit") or {}).get("kept")
-        field = str(r.get("entry_field", "-")) + (f" + weights ({kept})" if kept else "")
-        return f"{field} ({fits})" if fits else field
-
-    def cell(v: dict) -> str:
-        return f"{v['median_abs_error_pct']:.1f} % / {v['within_10pct_share']:.0%} / {v['spearman']:.3f}"
-
-    def yes(ok: bool) -> str:
-        return "yes" if ok else "no"
-
-    for r in rows:
-        con = r.get("contention") or {}
-        lines.append(f"| {r['target']} ({r['threads']} thr) | {r['case']} | {r['configs_total']} | "
-                     f"{con.get('configs_remeasured', 0)} ({con.get('configs_still_contended', 0)}) | "
-                     f"{r['profile_seconds_without_validation']} | {entries(r)} | {r['full_model_ms']:.3f} ({100 * r['full_model_round_cv']:.1f} %) | "
-                     f"{cell(r['raw'])} | {cell(r['calibrated'])} | {cell(r['anchored'])} | {cell(r['same_session'])} | {r['drift']:.3f} | "
-                     f"{yes(r['meets_goals_calibrated'])} / {yes(r['meets_goals_anchored'])} / {yes(r['meets_goals_same_session'])} |")
-    prov = provenance()
-    lines += ["", "Profile seconds = per-layer entries + whole-model calibration, without the validation runs.",
-              f"Whole-model protocol: {rows[0]['model_protocol'] if rows else '-'}; layer protocol: "
-              f"{rows[0]['layer_protocol'] if rows else '-'}.", "",
-              f"{prov['date']}; deploy-prune {prov['tool_version']} ({prov['git_commit']}); {prov['cpu']}.", ""]
-    write_text(args.out.with_suffix(".md"), "\n".join(lines))
-    print("\n".join(lines))
+    text = render(rows, args.variants, provenance())
+    write_text(args.out.with_suffix(".md"), text)
+    print(text)
     return 0
 
 

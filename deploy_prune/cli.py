@@ -21,6 +21,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deploy_prune import DEFAULT_TARGET, __version__
@@ -58,7 +59,8 @@ def _errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # escaped: a message naming an extra ("deploy-prune[openvino]") is not rich markup
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         finally:
             if fresh and out is not None and sys.exc_info()[0] is not None:
@@ -77,7 +79,7 @@ ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="resize i
 TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="allow loading a pickled model (runs code from the file)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed for splits, init and shuffling")]
 CheckpointModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="architecture, if the checkpoint does not record it")]
-LOG_HELP = "record the finished run: tensorboard:DIR or mlflow[:URI] (repeatable; pip install 'deploy-prune[tracking]')"
+LOG_HELP = "record the finished run: tensorboard:DIR or mlflow[:URI] (repeatable; pip install 'deploy-prune\\[tracking]')"
 IgnoreOpt = Annotated[str, typer.Option("--ignore", help="comma-separated layer names never to prune")]
 
 

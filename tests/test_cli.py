@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from deploy_prune.cli import app
@@ -68,6 +69,20 @@ def test_shape_mismatch(tmp_path: Path) -> None:
     r = runner.invoke(app, ["train", "--model", "vgg16", "--data", "synthetic:3x8x8", "--out", str(tmp_path / "r"),
                             "--no-progress"])
     assert r.exit_code == 2 and "cannot run on inputs of shape" in r.output
+
+
+def test_an_error_naming_an_extra_keeps_its_brackets(tiny_onnx: Path, tmp_path: Path) -> None:
+    """Error lines are printed through rich: "deploy-prune[tensorrt]" must not be read as markup."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: its backend does not fail")
+    y = tmp_path / "trt.yaml"
+    y.write_text("name: trt-local\nbackend: tensorrt\ndevice: cuda\n")
+    res = runner.invoke(app, ["benchmark", str(tiny_onnx), "--target", str(y)])
+    assert res.exit_code == 2 and "pip install 'deploy-prune[tensorrt]'" in res.output, res.output
+    help_text = runner.invoke(app, ["compress", "--help"], env={"COLUMNS": "250"}).output
+    assert "deploy-prune[tracking]" in help_text
 
 
 def test_doctor_and_targets() -> None:

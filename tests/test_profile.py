@@ -552,6 +552,18 @@ def test_whole_model_weight_term_is_kept_only_where_it_predicts_the_models(small
     assert kept["calibration"] is None  # left as choose_entries fitted it
 
 
+def test_mixed_calibration_variants_are_timed_where_the_weights_can_stream(fast_target: Target) -> None:
+    """The tiny CNN's 132 KB of weights: against a 64 KiB cache they stream, against 4 MiB they
+    stay put and the profile spends no time on mixed variants."""
+    from dataclasses import replace
+
+    from deploy_prune.latency.profile import weights_may_stream
+
+    info = {"where": "local", "threads": 1}
+    assert weights_may_stream(ProfileSpec(tiny(), "tiny-cnn", SHAPE, replace(fast_target, cache_kib=64)), info)
+    assert not weights_may_stream(ProfileSpec(tiny(), "tiny-cnn", SHAPE, replace(fast_target, cache_kib=4096)), info)
+
+
 def test_auto_profile_scores_every_candidate_in_its_validation(tmp_path: Path, fast_target: Target) -> None:
     from dataclasses import replace
 

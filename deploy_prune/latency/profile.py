@@ -287,7 +287,7 @@ def run_profile(
     # The calibration variants are timed in two sittings, before and after the layers (minutes
     # apart), and their quiet figure taken over both (``timing.pool_sittings``).
     t0 = time.perf_counter()
-    mixed = CALIBRATION_MIXED if calibrate_mixed is None else calibrate_mixed
+    mixed = (CALIBRATION_MIXED if weights_may_stream(spec, info) else 0) if calibrate_mixed is None else calibrate_mixed
     variants = calibration_variants(spec, graph, calibrate, mixed, seed)
     cal_blobs = export_variants(variants, spec.input_shape, target, progress, "calibration")
     first_half, second_half = split_protocol(target.protocol)
@@ -635,6 +635,30 @@ def calibration_rms_pct(cal: Mapping[str, Any]) -> float:
     return float(100.0 * np.sqrt(np.mean(np.square(r)))) if r else float("inf")
 
 
+def cache_of(target: Target, info: Mapping[str, Any]) -> tuple[int, str] | None:
+    """(bytes, where from) of the cache a model's weights must fit in to stay resident: the
+    target's ``cache_kib``, else this machine's L2 per thread times the threads (a CPU measured
+    locally: each thread's core has its own), else None (unknown)."""
+    from deploy_prune.io import cpu_cache_bytes
+
+    if target.cache_kib is not None:
+        return target.cache_kib * 1024, "target cache_kib"
+    if info.get("where") == "local" and target.device == "cpu" and (l2 := cpu_cache_bytes(2)):
+        return l2 * max(1, int(info.get("threads") or 1)), "L2 per thread x threads (sysfs)"
+    return None
+
+
+def weights_may_stream(spec: ProfileSpec, info: Mapping[str, Any]) -> bool:
+    """Whether the full model's weights reach the lowest ramp of ``WEIGHT_TERM_SHAPES`` (0.3 of
+    the cache), where the whole-model weight term can find something; below that the mixed
+    calibration variants would cost profile time for nothing (an unknown cache: they are timed)."""
+    cache = cache_of(spec.target, info)
+    if cache is None:
+        return True
+    lowest = min(r[0] for r in WEIGHT_TERM_SHAPES.values() if r is not None)
+    return sum(lut.weight_bytes(spec.model, BYTES_PER_WEIGHT.get(spec.target.precision, 4)).values()) >= lowest * cache[0]
+
+
 def stream_counters(spec: ProfileSpec, m: Measurer, info: Mapping[str, Any]) -> dict[str, Any]:
     """What the weight-streaming term is fitted on (``latency.lut`` docstring): the cache, and the
     full model's own per-layer counters (``by_layer``), measured once whatever the entries.
@@ -643,18 +667,15 @@ def stream_counters(spec: ProfileSpec, m: Measurer, info: Mapping[str, Any]) -> 
     locally: each thread's core has its own), else unknown. The counters are read only when the
     full model streams at least half its weights (``lut.streamed_share``): below that there is
     little to fit. ``rec`` says why there is no term when there is none."""
-    from deploy_prune.io import cpu_cache_bytes
     from deploy_prune.latency.counters import attribute, node_to_layer
 
     target = spec.target
     bpw = BYTES_PER_WEIGHT.get(target.precision, 4)
     rec: dict[str, Any] = {"bytes_per_weight": bpw, "ms_per_mb": None}
-    if target.cache_kib is not None:
-        rec["cache_bytes"], rec["cache_from"] = target.cache_kib * 1024, "target cache_kib"
-    elif info.get("where") == "local" and target.device == "cpu" and (l2 := cpu_cache_bytes(2)):
-        rec["cache_bytes"], rec["cache_from"] = l2 * max(1, int(info.get("threads") or 1)), "L2 per thread x threads (sysfs)"
-    else:
+    cache = cache_of(target, info)
+    if cache is None:
         return {"rec": {**rec, "why_none": "cache size unknown: set cache_kib in the target"}}
+    rec["cache_bytes"], rec["cache_from"] = cache
     rec["ramp"] = list(lut.STREAM_RAMP)
     rec["full_model_bytes"] = sum(lut.weight_bytes(spec.model, bpw).values())
     share = rec["full_model_streamed_share"] = lut.streamed_share(rec["full_model_bytes"], rec)
