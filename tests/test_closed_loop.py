@@ -1,5 +1,5 @@
 """The closed loop when the latency table misprices widths: measurement decides, and a budget the
-narrowest widths meet ends MET.
+cheapest widths meet ends MET.
 
 The device here is deterministic (``deterministic_device`` in conftest: latency proportional to
 the ONNX model's weights): the test is about the loop's decisions.

@@ -108,7 +108,7 @@ def test_latency_budget_closed_loop_through_the_cli(tiny_run: Path, target_yaml:
 
 def test_a_planner_floor_the_measurement_contradicts_is_not_unreachable(tiny_run: Path, target_yaml: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    # The LUT (or a noisy round) can put a corrected budget under the narrowest widths' predicted
+    # The LUT (or a noisy round) can put a corrected budget under the cheapest widths' predicted
     # cost while those widths measure well within the budget: compress must plan from them, not exit 3.
     from deploy_prune.errors import BudgetUnreachable
     from deploy_prune.methods.uniform import Uniform
@@ -118,7 +118,7 @@ def test_a_planner_floor_the_measurement_contradicts_is_not_unreachable(tiny_run
     def first_call_unreachable(self: Uniform, run: object, budget: float) -> dict[str, int]:
         calls.append(budget)
         if len(calls) == 1:
-            raise BudgetUnreachable("the narrowest allowed widths cost more than the budget")
+            raise BudgetUnreachable("the cheapest allowed widths cost more than the budget")
         return real(self, run, budget)
 
     monkeypatch.setattr(Uniform, "plan", first_call_unreachable)

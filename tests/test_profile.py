@@ -237,6 +237,8 @@ def test_profile_times_again_the_entries_whose_rounds_disagreed(tmp_path: Path, 
 
         def time(self, models: Any, protocol: Any = None, on_round: Any = None) -> Any:
             stats = real.time(models, protocol)
+            if SENTINEL in models:  # every chunk's sentinel reads quiet: only the rounds disagree
+                stats[SENTINEL] = dc_replace(stats[SENTINEL], median=0.03)
             if SENTINEL in models and not shaken:
                 shaken.extend(k for k in models if k not in (SENTINEL, prof_mod.OVERHEAD))
                 return {k: dc_replace(st, round_cv=0.5) if k in shaken else st for k, st in stats.items()}

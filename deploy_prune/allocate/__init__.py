@@ -163,7 +163,9 @@ def allowed_keeps(channels: int, multiple: int, floor: int = 1, narrow: Sequence
 
 def cheapest_plan(graph: ModelGraph, cost: CostModel, widths: Mapping[str, int] | None = None, floor: int = 1) -> dict[str, int]:
     """Every group at the allowed width ``cost`` prices lowest, each priced with the others at
-    their narrowest (first order; a tie goes to the wider). Under FLOPs, parameters or channels
+    their narrowest (first order; a tie goes to the narrower: a table that prices widths alike,
+    as a flat or coarse one does, should not lift the floor, which measurement checks anyway).
+    Under FLOPs, parameters or channels
     that is the narrowest width; under a latency table it need not be: a narrow, unaligned width
     can measure slower than the block above it (ONNX Runtime's int8 convs: 8 output channels
     slower than 16), and then the floor of what pruning can reach is the block.
@@ -180,7 +182,7 @@ def cheapest_plan(graph: ModelGraph, cost: CostModel, widths: Mapping[str, int] 
             out[n] = ks[0]
             continue
         c = group_costs(graph, cost, narrowest, n, ks)
-        out[n] = ks[min(range(len(ks)), key=lambda j: (c[j], -ks[j]))]
+        out[n] = ks[min(range(len(ks)), key=lambda j: (c[j], ks[j]))]
     return out
 
 

@@ -1,7 +1,7 @@
 """Uniform L1 channel pruning: the baseline every latency-aware method must beat.
 
 The same keep share in every group, channels ranked by torch-pruning's group L1 magnitude
-importance (what its ``MagnitudePruner`` uses), rounded to the target's channel multiple. The
+importance (what its ``MagnitudePruner`` uses), snapped to the target's width space. The
 share is the largest whose cost meets the budget, so uniform pruning reaches the same
 *measured* latency as any other method through the same closed loop.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from deploy_prune.allocate import cheapest_plan
 from deploy_prune.errors import BudgetUnreachable
 from deploy_prune.importance import CRITERIA, score_groups
 from deploy_prune.methods import BUDGET_KINDS, METHODS
@@ -37,23 +38,28 @@ class Uniform:
     def setup(self, run: MethodContext) -> None:
         pass
 
-    def _share_plan(self, run: MethodContext, share: float) -> dict[str, int]:
-        return {g.name: run.graph.space.snap(g.channels * share, g.channels) for g in run.graph.groups()}
+    @staticmethod
+    def _share_plan(run: MethodContext, share: float, floor: dict[str, int]) -> dict[str, int]:
+        """Every group at ``share`` of its channels, snapped to the width space, and never under
+        its cheapest width (``floor``): a narrow width the table prices above the block is both
+        slower and less accurate."""
+        return {g.name: max(run.graph.space.snap(g.channels * share, g.channels), floor[g.name]) for g in run.graph.groups()}
 
     def plan(self, run: MethodContext, budget: float) -> dict[str, int]:
         graph, cost = run.graph, run.cost
-        lo_plan = self._share_plan(run, 0.0)
+        floor = cheapest_plan(graph, cost)
+        lo_plan = self._share_plan(run, 0.0, floor)
         if cost.total(graph, lo_plan) > budget:
-            raise BudgetUnreachable(f"the narrowest uniform widths cost {cost.total(graph, lo_plan):.4g} {cost.unit}, "
+            raise BudgetUnreachable(f"the cheapest uniform widths cost {cost.total(graph, lo_plan):.4g} {cost.unit}, "
                                     f"over the budget {budget:.4g} {cost.unit}")
         lo, hi = 0.0, 1.0
         for _ in range(30):
             mid = (lo + hi) / 2
-            if cost.total(graph, self._share_plan(run, mid)) <= budget:
+            if cost.total(graph, self._share_plan(run, mid, floor)) <= budget:
                 lo = mid
             else:
                 hi = mid
-        return self._share_plan(run, lo)
+        return self._share_plan(run, lo, floor)
 
     def prune(self, run: MethodContext, budget: float) -> None:
         plan = self.plan(run, budget)
