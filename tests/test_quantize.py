@@ -204,3 +204,27 @@ def test_a_graph_with_two_inputs_is_timed_at_int8() -> None:
     m = LocalMeasurer(parse_target_dict(INT8))
     assert is_quantized(m.deployed(model))
     assert m.time({"g": model})["g"].median > 0
+
+
+def test_an_int8_entry_runs_channels_last_as_inside_the_model() -> None:
+    """ORT runs int8 convs channels-last; a one-layer graph pays a transpose in and out that a
+    layer between two int8 layers does not. The entry drops them and computes the same."""
+    from deploy_prune.backends.onnxruntime import optimized_graph, without_layout_transposes
+    from deploy_prune.latency import lut
+    from deploy_prune.latency.profile import layer_entry_graph
+    from deploy_prune.quantize import in_model_view
+
+    target = parse_target_dict(INT8)
+    fam = lut.Family(op="conv", kernel=(3, 3), padding=(1, 1), in_hw=(16, 16), batch=1, act="Relu")
+    quantized = in_model_view(deploy_onnx(lut.layer_graph(fam, 16, 32), target))
+    entry = layer_entry_graph(lut.layer_graph(fam, 16, 32), target)
+    assert entry == without_layout_transposes(quantized)
+    assert [n.op_type for n in optimized_graph(quantized).graph.node] == ["Transpose", "QLinearConv", "Transpose"]
+    assert [n.op_type for n in optimized_graph(entry).graph.node] == ["QLinearConv"]
+    s0 = ort.InferenceSession(quantized, providers=["CPUExecutionProvider"])
+    s1 = ort.InferenceSession(entry, providers=["CPUExecutionProvider"])
+    assert s1.get_inputs()[0].shape == [1, 16, 16, 16] and s1.get_outputs()[0].shape == [1, 16, 16, 32]
+    x = np.random.default_rng(0).integers(0, 255, (1, 16, 16, 16), dtype=np.uint8)
+    nchw = s0.run(None, {s0.get_inputs()[0].name: x})[0]
+    nhwc = s1.run(None, {s1.get_inputs()[0].name: x.transpose(0, 2, 3, 1)})[0]
+    assert np.array_equal(nhwc.transpose(0, 3, 1, 2), nchw)

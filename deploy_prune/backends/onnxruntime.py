@@ -81,6 +81,65 @@ def optimized_graph(model: bytes) -> Any:
         return onnx.load(so.optimized_model_filepath)
 
 
+def without_layout_transposes(model: bytes) -> bytes:
+    """``model`` as ONNX Runtime runs it, less the layout transposes at its boundary: the
+    optimized graph with each ``Transpose`` that reads a graph input or writes a graph output
+    removed, those tensors becoming the graph's inputs and outputs (in the layout the kernel
+    uses). ORT runs int8 convs as channels-last ``QLinearConv`` kernels, so a one-layer int8
+    graph runs Transpose, QLinearConv, Transpose, while inside a whole model consecutive int8
+    layers stay channels-last and only the model's own input and output are transposed (which
+    the whole-model calibration sees). A graph with no such transposes, or whose input is also
+    read untransposed, comes back as given."""
+    import onnx
+    from onnx import helper
+
+    proto = optimized_graph(model)
+    g = proto.graph
+    ins, outs = {i.name: i for i in g.input}, {o.name: o for o in g.output}
+    drop: set[int] = set()  # node indices (protobuf wrappers are not stable objects to key on)
+    new_in, new_out = dict(ins), dict(outs)
+
+    def dims(vi: Any) -> list[int]:
+        return [d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for x in n.input:
+            readers[x] = readers.get(x, 0) + 1
+    for idx, n in enumerate(g.node):
+        if n.op_type != "Transpose" or n.domain not in ("", "ai.onnx"):
+            continue
+        if n.input[0] in ins and readers[n.input[0]] > 1:  # the input also read as it is: keep the graph
+            return model
+        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+        if perm is None:
+            continue
+        if n.input[0] in ins:
+            src = ins[n.input[0]]
+            d = dims(src)
+            new_in.pop(n.input[0])
+            new_in[n.output[0]] = helper.make_tensor_value_info(n.output[0], src.type.tensor_type.elem_type, [d[i] for i in perm])
+            drop.add(idx)
+        elif n.output[0] in outs:
+            dst = outs[n.output[0]]
+            d = dims(dst)
+            inverse = [perm.index(i) for i in range(len(perm))]
+            new_out.pop(n.output[0])
+            new_out[n.input[0]] = helper.make_tensor_value_info(n.input[0], dst.type.tensor_type.elem_type, [d[i] for i in inverse])
+            drop.add(idx)
+    if not drop:
+        return model
+    nodes = [n for i, n in enumerate(g.node) if i not in drop]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.input[:]
+    g.input.extend(new_in.values())
+    del g.output[:]
+    g.output.extend(new_out.values())
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
 INT8_CHANNEL_STEP = 16
 
 

@@ -378,7 +378,8 @@ def layer_entry_graph(graph: bytes, target: Target) -> bytes:
     """What an entry times for ``graph``: the graph itself at fp32; at a quantized precision its
     deployed artefact, on ONNX Runtime as the layer runs inside the quantized model
     (``quantize.in_model_view``: int8 in, int8 out; the boundary quantize and dequantize are
-    15-20 % of a small int8 conv there). OpenVINO keeps the boundary: its CPU plugin runs a
+    15-20 % of a small int8 conv there), and channels-last in and out as its int8 kernels run
+    between two int8 layers (``backends.onnxruntime.without_layout_transposes``). OpenVINO keeps the boundary: its CPU plugin runs a
     graph fed int8 more slowly than the float one (a 32-channel 3x3 conv at 16x16: 0.069 ms
     against 0.033 ms), which is not how a layer runs inside its model."""
     if target.precision == "fp32":
@@ -386,7 +387,11 @@ def layer_entry_graph(graph: bytes, target: Target) -> bytes:
     from deploy_prune.quantize import deploy_cached, in_model_view
 
     deployed = deploy_cached(graph, target)
-    return in_model_view(deployed) if target.backend == "onnxruntime" else deployed
+    if target.backend != "onnxruntime":
+        return deployed
+    from deploy_prune.backends.onnxruntime import without_layout_transposes
+
+    return without_layout_transposes(in_model_view(deployed))
 
 
 def time_chunk(m: Measurer, target: Target, configs: Mapping[str, tuple[lut.Family, int, int]], lp: Protocol,
