@@ -436,11 +436,11 @@ def unsteady(entries: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def cleaner(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
-    """Whether a re-timed entry replaces the old one: the steadier reading when the old one was
-    unsteady, else the one whose chunk ran quieter (its sentinel)."""
-    if old.get("round_cv", 0.0) > UNSTEADY_CV:
-        return bool(new.get("round_cv", 0.0) < old["round_cv"])
-    return bool(new["sentinel_ms"] < old.get("sentinel_ms", float("inf")))
+    """Whether a re-timed entry replaces the old one: a reading whose chunk ran quieter (its
+    sentinel) always does; when the old one was unsteady, so does a steadier one."""
+    if new["sentinel_ms"] < old.get("sentinel_ms", float("inf")):
+        return True
+    return bool(old.get("round_cv", 0.0) > UNSTEADY_CV and new.get("round_cv", 0.0) < old["round_cv"])
 
 
 def chunk_counters(m: Measurer, graphs: Mapping[str, bytes]) -> dict[str, dict[str, float]]:
