@@ -4,7 +4,8 @@ Steps: (1) list the model's layers and the configurations pruning can reach
 (``lut.layer_configs``), (2) time each distinct configuration's standalone graph, in chunks
 interleaved round by round, saving after every chunk so an interrupted profile resumes, and
 time again the chunks whose sentinel says the machine was slow meanwhile (``SENTINEL``),
-(3) time the full model and a few uniformly pruned variants end to end, in two sittings (one
+(3) time the full model and a few uniformly pruned variants end to end (and, where the weights
+can stream, a few with a share per group: ``whole_model_weight_term``), in two sittings (one
 before step 2, one after), giving the constant remainder and the linear calibration, (4)
 optionally validate on random pruned variants. Steps (3) and (4) use ``latency.validate``,
 which measures whole pruned models against the table.
