@@ -61,7 +61,8 @@ OVERHEAD = "__overhead__"
 # sentinel read 1.74x and the layers a median 1.24x); entries timed then would be priced as if
 # their layers were slow, and not by one factor that could be divided out. Chunks whose
 # sentinel reads above the quiet band of all chunks' sentinels (``timing.QUIET_BAND``) are timed
-# again, at most REMEASURE_PASSES times, and an entry is replaced only by a quieter reading.
+# again, at most REMEASURE_PASSES times, and an entry is replaced only by a quieter reading (or,
+# when its rounds disagreed, a steadier one: UNSTEADY_CV).
 # The passes together time again at most REMEASURE_SHARE of the configurations, the slowest
 # chunks first: on a machine loaded throughout, most chunks read slow, and re-timing them all
 # (ResNet-18 on both vCPUs: 1861 timings for 1093 configurations, 1056 still slow) took the
@@ -74,7 +75,8 @@ REMEASURE_SHARE = 0.5
 # too, even when its chunk's sentinel read quiet: a burst shorter than a round slows the few
 # configurations timed during it and not the sentinel. A MobileNetV2 int8 profile had 53 of 695
 # entries above 0.1 (a typical entry: 0.01), a row of one layer's grid up to 2.5x its neighbours;
-# timed again, all 53 read steady and 10-60 % lower. The steadier reading is kept.
+# timed again, all 53 read steady and 10-60 % lower. A quieter reading replaces it, and so does a
+# steadier one (``cleaner``).
 UNSTEADY_CV = 0.1
 
 
@@ -563,8 +565,8 @@ def whole_model_weight_term(prof: dict[str, Any], variants: Mapping[str, nn.Modu
     work, which shrinks with the weights. The mixed calibration variants tell them apart. Int8
     MobileNetV2 at 32x32 on one Xeon core (2.2 MB of int8 weights, a 2 MiB L2): the weights alone
     ranked 30 random variants' measured latency at Spearman 0.93-0.97, the layer sum at
-    0.92-0.94, and with this term the calibrated prediction ranked them at 0.98
-    (``benchmarks/results/lut_fidelity_cpu-ort-int8-1t_mobilenet_v2.md``).
+    0.92-0.94, and with this term the calibrated prediction ranked them at 0.977
+    (``benchmarks/results/lut_fidelity_cpu-ort-int8-1t.md``).
 
     ``streamed_MB`` is the weights' MB times the share streamed, in one of ``WEIGHT_TERM_SHAPES``
     (the one with the smallest leave-one-out error; ramps need the cache size). The term is a
