@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 RUN    := runs/demo
 
-.PHONY: install demo test test-all bench lint data clean
+.PHONY: install install-bench demo test test-all bench lint data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# the peers benchmarks/peer_comparison.py runs against (Torch-Pruning is a runtime dependency)
+$(VENV)/.bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]' $(TORCH_PINS)
+	touch $@
+
+install-bench: $(VENV)/.bench
 
 # 50 % of the measured latency. On a CPU where the tiny CNN's narrowest widths measure more than
 # that, compress exits 3 naming the floor, and the demo asks for 60 % instead.
