@@ -44,6 +44,46 @@ def test_a_table_that_misprices_on_purpose_still_ends_met(method: str, tiny_run:
     assert len(plans) - len(set(plans)) <= 1
 
 
+@pytest.fixture
+def slow_narrow_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``deterministic_device``, but inside a whole model every conv whose output channels are
+    not a multiple of 8 costs 20 us more (a layout reorder around it), which the latency table's
+    one-layer entries do not see: the table calls narrow widths cheap where the model runs them
+    slowly, as OpenVINO runs MobileNetV2's 4-channel groups."""
+    import onnx
+    from onnx import numpy_helper
+
+    from deploy_prune.latency.measure import LocalMeasurer
+    from deploy_prune.latency.timing import summarize
+
+    def ms(model: object) -> float:
+        m = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+        weights = [numpy_helper.to_array(t) for t in m.graph.initializer]
+        convs = [w for w in weights if w.ndim == 4]
+        narrow = sum(1 for w in convs if w.shape[0] % 8) if len(convs) > 1 else 0
+        return 0.01 + 1e-6 * sum(w.size for w in weights) + 0.02 * narrow
+
+    def time(self: LocalMeasurer, models: dict, protocol: object = None, on_round: object = None) -> dict:
+        return {k: summarize([[ms(src)] * 3] * 3) for k, src in models.items()}
+
+    monkeypatch.setattr(LocalMeasurer, "time", time)
+
+
+def test_a_floor_of_slow_narrow_widths_falls_back_on_the_aligned_one(tiny_run: Path, quick_target_yaml: Callable[[int], Path],
+                                                                      tmp_path: Path, slow_narrow_device: None) -> None:
+    """The cheapest plan the table prices (4-channel groups) measures over the budget; the
+    cheapest aligned one (8 channels) under it: the run plans from the aligned floor and ends MET
+    instead of calling the budget unreachable."""
+    cfg = CompressConfig(out=tmp_path / "run", weights=str(tiny_run), data="digits", data_options=DataOptions(train_limit=300),
+                         target=str(quick_target_yaml(8)), latency_ratio=0.35, method="deeplsp", epochs=1, step_fraction=0,
+                         sensitivity_samples=200, score_batches=2, batch_size=64, profiles=tmp_path / "profiles")
+    rep = compress(cfg)
+    assert rep["met_budget"] is True, rep["budget_note"]
+    assert rep["final"]["latency_ms"]["quiet"] <= 0.35 * rep["baseline"]["latency_ms"]["quiet"] * (1 + 1e-9)
+    widths = rep["steps"][-1]["widths"]
+    assert all(w % 8 == 0 for w in widths.values()), widths
+
+
 def _linear(total: int) -> Callable[[dict[str, int]], Point]:
     return lambda w: Point(dict(w), sum(w.values()) / total)
 
