@@ -15,8 +15,10 @@ meets a budget, then fine-tune, export and report.
    until the measurement lands between ``slack`` and ``margin`` under the budget (the margin
    absorbs the re-measurement noise of the final check); when no plan the table prices lands
    there, measurement alone chooses the widths (``loop``, ``measured_search``).
-5. **structured pruning** in ``steps`` steps (geometric schedule of budgets, or of widths when
-   they were chosen on measurement), each followed by a short fine-tuning; or, for a ``--sparsity`` budget, the unstructured method's own
+5. **structured pruning** in ``steps`` steps walking to the widths measured in stage 4 (the
+   method's criterion, re-scored on the current weights, choosing which channels go; a method
+   whose plan was not measured follows a geometric schedule of budgets), each followed by a
+   short fine-tuning; or, for a ``--sparsity`` budget, the unstructured method's own
    prune-retrain schedule (``methods.imp``), checkpointed per iteration.
 6. **verification**: the pruned model is measured; over budget, the predicted budget is
    tightened by the measured/predicted ratio and the model pruned further (or, where the table
@@ -141,11 +143,15 @@ def _structured(run: Run, method: Method, budget: dict[str, Any]) -> None:
             method.prune(run, b)
         t_prune = time.perf_counter() - t0
         run._add_seconds("structured", t_prune)
+        run.recalibrate()
         acc = run.finetune(run.cfg.step_fraction, stage) if i < steps or budget["measured"] else None
-        meas = run.measure(run.model)
-        run.state["last_measurement"] = meas
-        record_step(run, "structured", cost_budget=b, accuracy=acc, measured_latency_ms=meas["candidate"],
-              baseline_same_session_ms=quiet_of(meas["baseline"]), seconds=round(time.perf_counter() - t0, 2))
+        # Walking to measured widths, the steps before the last decide nothing by latency: only
+        # the last is measured (verification starts from it).
+        meas = run.measure(run.model) if i == steps or not pinned else None
+        if meas is not None:
+            run.state["last_measurement"] = meas
+        record_step(run, "structured", cost_budget=b, accuracy=acc, measured_latency_ms=meas and meas["candidate"],
+                    baseline_same_session_ms=meas and quiet_of(meas["baseline"]), seconds=round(time.perf_counter() - t0, 2))
         run.say(f"step {i}/{steps}: {run.cost.kind} {run.cost.total(run.graph, group_widths(run.graph)):.4g} "
                 f"{run.cost.unit}" + (f", {run.parts.metric} {100 * acc:.2f} %" if acc is not None else ""))
         run.checkpoint(stage)
