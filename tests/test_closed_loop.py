@@ -132,3 +132,18 @@ def test_line_search_steps_past_widths_coarser_than_its_bracket() -> None:
     best, tried = line_search(Point({"a": 16}, 0.8), Point({"a": 48}, 2.0), lambda w: Point(w, r[w["a"]]),
                               (0.9, 0.97, 0.935), keeps, evals=5)
     assert best.widths == {"a": 32} and best.r == 0.95 and len(tried) == 2
+
+
+def test_the_steps_walk_to_widths_the_plan_measured(tiny_run: Path, quick_target_yaml: Callable[[int], Path], tmp_path: Path,
+                                                    deterministic_device: None) -> None:
+    """The structured steps end at an architecture the plan stage measured (no re-plan on the
+    part-pruned model), and only the last step, the one verification starts from, is measured."""
+    cfg = CompressConfig(out=tmp_path / "run", weights=str(tiny_run), data="digits", data_options=DataOptions(train_limit=300),
+                         target=str(quick_target_yaml(8)), latency_ratio=0.6, method="deeplsp", epochs=1, step_fraction=0,
+                         sensitivity_samples=200, score_batches=2, batch_size=64, profiles=tmp_path / "profiles")
+    rep = compress(cfg)
+    assert rep["met_budget"] is True, rep["budget_note"]
+    measured = [s["widths"] for s in rep["steps"] if s["stage"] == "plan"]
+    structured = [s for s in rep["steps"] if s["stage"] == "structured"]
+    assert structured[-1]["widths"] in measured
+    assert [s["measured_latency_ms"] is not None for s in structured] == [False] * (len(structured) - 1) + [True]

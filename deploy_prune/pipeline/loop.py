@@ -83,16 +83,21 @@ def _cheapest(run: Run, widths: dict[str, int], aligned: bool = False) -> dict[s
 
 def _fastest_floor(run: Run, model: nn.Module, widths: dict[str, int], budget: dict[str, Any]) -> tuple[dict[str, int], dict[str, Any], bool]:
     """The fastest *measured* of the floors ``model`` (full widths ``widths``) can be pruned to:
-    the cheapest plan the table prices, and the cheapest with no narrow widths. The table can
-    call narrow widths cheap where the target runs them slowly (OpenVINO's one-layer entries:
-    MobileNetV2's cheapest plan with 4-channel groups measures 0.60 of the baseline, its aligned
-    floor far less), so only a measurement decides which floor is lower. Returns its widths, its
-    measurement and whether it is the aligned one."""
+    the cheapest plan the table prices, every group at its narrowest allowed width, and every
+    group at the channel multiple. A table can misprice exactly these extremes (OpenVINO's
+    one-layer entries rank MobileNetV2's variants at Spearman -0.48; its cheapest plan there
+    measured 0.43-0.60 of the baseline), so only measurements decide which floor is lowest.
+    Returns its widths, its measurement and whether it has no narrow widths."""
+    channels = channels_cost()
+    plans = [(_cheapest(run, widths), False),
+             (cheapest_plan(run.graph, channels, widths), False),
+             (cheapest_plan(run.graph, channels, widths, floor=run.graph.space.multiple), True)]
     best: tuple[dict[str, int], dict[str, Any], bool] | None = None
-    for aligned in (False, True):
-        plan = _cheapest(run, widths, aligned)
-        if best is not None and plan == best[0]:
+    seen: list[dict[str, int]] = []
+    for plan, aligned in plans:
+        if plan in seen:
             continue
+        seen.append(plan)
         meas = _measure_widths(run, model, plan)[1]
         if best is None or _pooled_over([meas], budget)[0] < _pooled_over([best[1]], budget)[0]:
             best = (plan, meas, aligned)
@@ -121,12 +126,12 @@ def _floor_or_unreachable(run: Run, budget: dict[str, Any]) -> float:
         raise BudgetUnreachable(f"the budget ({want}) cannot be met on {run.target.name}: even the cheapest allowed "
                                 f"widths measure {got}, the lowest reachable; raise the budget")
     run.state["narrowest"] = {"widths": plan, "r": r, "meas": meas, "aligned": aligned}
-    which = "the cheapest aligned widths (the table's cheapest, with narrow widths, measure slower)" if aligned else "the cheapest widths"
-    run.say(f"the LUT puts the budget below the cheapest widths, but {which} measure {100 * r:.0f} % of it: planning from them")
+    which = "every group at the channel multiple" if aligned else "narrow widths allowed"
+    run.say(f"the LUT puts the budget below the cheapest widths, but the fastest floor measured ({which}) is "
+            f"{100 * r:.0f} % of it: planning from it")
     # The floor is priced on the current graph, whose groups can differ from the baseline's
     # measured above (a factorised layer's rank group): as allocate prices its cheapest plan.
-    floor = _cheapest(run, group_widths(run.graph), aligned)
-    return run.cost.total(run.graph, floor) * (1 + 1e-9)
+    return run.cost.total(run.graph, _cheapest(run, group_widths(run.graph), aligned)) * (1 + 1e-9)
 
 
 def _search_measured(run: Run, budget: dict[str, Any], under: Point, over: Point, stage: str) -> Point:
