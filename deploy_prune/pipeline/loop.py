@@ -213,9 +213,9 @@ def _plan_closed_loop(run: Run, method: Method, budget: dict[str, Any]) -> float
         # steps, do not match the target. Measurement alone decides, on the line from the
         # architecture measured under the budget that keeps the most MACs to the unpruned model
         # (measured over it), and the steps then prune to those widths. Along that line every
-        # group widens in proportion to what it lost, as a uniform pruner's would; the line to
-        # a plan the table chose over the budget kept that table's lopsided widths (MobileNetV2
-        # on cpu-openvino-1t: 76.8 % against Torch-Pruning's uniform 80.9 % at the same budget).
+        # group widens in proportion to what it lost, as a uniform pruner's would; a line to a
+        # plan the table chose over the budget would keep the lopsided widths of a table that,
+        # here, is known to misprice them.
         base = run.report["baseline"]["latency_ms"]
         macs = flops_cost()
         a = max(under, key=lambda p: (macs.total(run.graph, p.widths), p.r))
