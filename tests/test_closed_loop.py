@@ -26,7 +26,8 @@ def flat_table(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lut, "layer_ms", lambda profile, name, cin, cout: 0.01)
 
 
-@pytest.mark.parametrize("method", ["uniform", "deeplsp"])
+# uniform is the slow half of the pair (make test-all); deeplsp runs in the default suite
+@pytest.mark.parametrize("method", [pytest.param("uniform", marks=pytest.mark.slow), "deeplsp"])
 def test_a_table_that_misprices_on_purpose_still_ends_met(method: str, tiny_run: Path, quick_target_yaml: Callable[[int], Path],
                                                           tmp_path: Path, deterministic_device: None, flat_table: None) -> None:
     cfg = CompressConfig(out=tmp_path / "run", weights=str(tiny_run), data="digits", data_options=DataOptions(train_limit=300),

@@ -18,6 +18,7 @@ from deploy_prune.models.checkpoint import load_model
 timm = pytest.importorskip("timm")
 
 
+@pytest.mark.slow  # 20-33 s on 2 cores; make test-all runs it
 def test_a_timm_model_is_profiled_and_compressed(tmp_path: Path, quick_target_yaml: Callable[[int], Path],
                                                  deterministic_device: None) -> None:
     torch.manual_seed(0)

@@ -54,6 +54,7 @@ def test_torch_backend_matches_the_model_and_times_it(resnet: tuple[torch.nn.Mod
     assert all(v > 0 for v in layers.values())
 
 
+@pytest.mark.slow  # 20-33 s on 2 cores; make test-all runs it
 def test_torch_compile_matches_eager(resnet: tuple[torch.nn.Module, bytes]) -> None:
     model, proto = resnet
     sess = get_backend("torch").load(proto, _target(options={"torch": {"compile": True}}))
