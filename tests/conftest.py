@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import fake_device
 
 from deploy_prune.config import Protocol, Target
 from deploy_prune.data import DataOptions
@@ -54,20 +55,7 @@ def deterministic_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every local measurement reads 1 us per thousand ONNX weights plus 10 us, the same every
     time: for tests of what the pipeline decides from measurements, which a noisy timer on a
     shared machine would make flaky (the timing itself is tested against real backends)."""
-    import onnx
-    from onnx import numpy_helper
-
-    from deploy_prune.latency.measure import LocalMeasurer
-    from deploy_prune.latency.timing import summarize
-
-    def ms(model: object) -> float:
-        m = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
-        return 0.01 + 1e-6 * sum(numpy_helper.to_array(t).size for t in m.graph.initializer)
-
-    def time(self: LocalMeasurer, models: dict, protocol: object = None, on_round: object = None) -> dict:
-        return {k: summarize([[ms(src)] * 3] * 3) for k, src in models.items()}
-
-    monkeypatch.setattr(LocalMeasurer, "time", time)
+    fake_device(monkeypatch, lambda weights: 0.01 + 1e-6 * sum(w.size for w in weights))
 
 
 @pytest.fixture

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deploy_prune.data import DataOptions
@@ -22,3 +24,22 @@ def one_line(e: pytest.ExceptionInfo[UserError]) -> str:
 def snapshot(d: Path) -> dict[str, bytes | None]:
     """Every file's bytes and every directory under ``d``: equal snapshots, untouched directory."""
     return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
+
+
+def fake_device(monkeypatch: pytest.MonkeyPatch, ms: Callable[[list[np.ndarray]], float]) -> None:
+    """Every local measurement reads ``ms(the ONNX model's initializers)``, the same every time:
+    for tests of what the pipeline decides from measurements."""
+    import onnx
+    from onnx import numpy_helper
+
+    from deploy_prune.latency.measure import LocalMeasurer
+    from deploy_prune.latency.timing import summarize
+
+    def read(model: object) -> float:
+        m = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+        return ms([numpy_helper.to_array(t) for t in m.graph.initializer])
+
+    def time(self: LocalMeasurer, models: dict, protocol: object = None, on_round: object = None) -> dict:
+        return {k: summarize([[read(src)] * 3] * 3) for k, src in models.items()}
+
+    monkeypatch.setattr(LocalMeasurer, "time", time)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import fake_device
 
 from deploy_prune.data import DataOptions
 from deploy_prune.measured_search import Point, between, line_search
@@ -51,23 +52,12 @@ def slow_narrow_device(monkeypatch: pytest.MonkeyPatch) -> None:
     not a multiple of 8 costs 20 us more (a layout reorder around it), which the latency table's
     one-layer entries do not see: the table calls narrow widths cheap where the model runs them
     slowly, as OpenVINO runs MobileNetV2's 4-channel groups."""
-    import onnx
-    from onnx import numpy_helper
-
-    from deploy_prune.latency.measure import LocalMeasurer
-    from deploy_prune.latency.timing import summarize
-
-    def ms(model: object) -> float:
-        m = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
-        weights = [numpy_helper.to_array(t) for t in m.graph.initializer]
+    def ms(weights: list) -> float:
         convs = [w for w in weights if w.ndim == 4]
         narrow = sum(1 for w in convs if w.shape[0] % 8) if len(convs) > 1 else 0
         return 0.01 + 1e-6 * sum(w.size for w in weights) + 0.02 * narrow
 
-    def time(self: LocalMeasurer, models: dict, protocol: object = None, on_round: object = None) -> dict:
-        return {k: summarize([[ms(src)] * 3] * 3) for k, src in models.items()}
-
-    monkeypatch.setattr(LocalMeasurer, "time", time)
+    fake_device(monkeypatch, ms)
 
 
 def test_a_floor_of_slow_narrow_widths_falls_back_on_the_aligned_one(tiny_run: Path, quick_target_yaml: Callable[[int], Path],
