@@ -236,6 +236,9 @@ def main() -> None:
         write_text(out_json.with_suffix(".md"), markdown(res))
         return
     say = lambda msg: print(msg, flush=True)  # noqa: E731
+    unknown = [x for x in args.sides.split(",") if x.split(":")[0] != "deploy-prune" and x not in PEERS]
+    if unknown:
+        ap.error(f"--sides: unknown side(s) {', '.join(unknown)}; choose from deploy-prune[:METHOD], {', '.join(PEERS)}")
 
     target = load_target(args.target)
     model, meta = load_model(args.weights)
