@@ -8,7 +8,9 @@ Peers (``pip install 'deploy-prune[bench]'``):
   sets for a blocked CPU layout).
 - ``fastnas``: NVIDIA ModelOpt FastNAS with ``channel_divisor`` 8 (its default 32 leaves CIFAR-style
   ResNets nearly unprunable), score = validation accuracy on 2,000 images.
-- ``deploy-prune``: ``compress`` with the method given (``--method``, default deeplsp).
+- ``deploy-prune``: ``compress`` with the method given (``--method``, default deeplsp), or per side
+  ``deploy-prune:METHOD:KEY=VALUE...`` (``criterion``, ``amount``, ``steps``, ``step_fraction``, or a
+  setting of the method): ``deploy-prune:halp:criterion=fisher``.
 
 Neither peer knows latency, so each one's knob (TP's pruning ratio, FastNAS's FLOPs constraint
 as 1 - amount) is searched on latency measured on the target, every candidate timed interleaved
@@ -40,15 +42,17 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+from deploy_prune.cli import parse_options
 from deploy_prune.config import Target
 from deploy_prune.data import DataBundle, DataOptions, load_data
-from deploy_prune.errors import BudgetUnreachable
+from deploy_prune.errors import BudgetUnreachable, UserError
 from deploy_prune.export import onnx_bytes
 from deploy_prune.graph import ModelGraph
 from deploy_prune.io import atomic_write, provenance, provenance_line, write_json, write_text
 from deploy_prune.latency.benchmark import benchmark
 from deploy_prune.latency.measure import measurer_for
 from deploy_prune.latency.timing import quiet_of
+from deploy_prune.methods import get_method
 from deploy_prune.models.checkpoint import load_model
 from deploy_prune.pipeline import CompressConfig, compress
 from deploy_prune.target import load_target
@@ -186,10 +190,34 @@ def finetune(model: nn.Module, teacher: nn.Module, data: DataBundle, args: argpa
     return fit(model, data, cfg, out, meta, loss_fn=distillation_loss(teacher), progress=False, distributed=False)
 
 
-def run_deploy_prune(args: argparse.Namespace, method: str, budget: float, out: Path, say: Callable[[str], None]) -> dict[str, Any]:
+# compress settings a deploy-prune side may set (``deploy-prune:METHOD:KEY=VALUE``); any other key
+# is a setting of the method itself. The fine-tuning epochs stay ``--epochs`` for every side.
+SIDE_CONFIG = {"criterion": str, "amount": str, "steps": int, "step_fraction": float}
+
+
+def parse_side(side: str, default_method: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``deploy-prune[:METHOD[:KEY=VALUE]...]`` -> (method, compress settings, method settings)."""
+    _, *rest = side.split(":")
+    method = rest[0] if rest and rest[0] else default_method
+    config: dict[str, Any] = {}
+    options: list[str] = []
+    for item in rest[1:]:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"side {side!r}: {item!r} is not KEY=VALUE")
+        if key in SIDE_CONFIG:
+            config[key] = SIDE_CONFIG[key](value)
+        else:
+            options.append(item)
+    return method, config, parse_options(options)
+
+
+def run_deploy_prune(args: argparse.Namespace, side: str, budget: float, out: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    method, config, options = parse_side(side, args.method)
+    config.setdefault("step_fraction", args.step_fraction)
     cfg = CompressConfig(out=out, weights=args.weights, data=args.data, data_options=_data_options(args), target=args.target,
-                         latency_ratio=budget, method=method, epochs=args.epochs, step_fraction=args.step_fraction,
-                         lr=args.lr, seed=args.seed, profiles=Path(args.profiles), overwrite=True)
+                         latency_ratio=budget, method=method, method_options=options, epochs=args.epochs,
+                         lr=args.lr, seed=args.seed, profiles=Path(args.profiles), overwrite=True, **config)
     try:
         rep = compress(cfg, progress=lambda msg: say(f"[deploy-prune {method} {budget:.0%}] {msg}"))
     except BudgetUnreachable as e:
@@ -238,7 +266,15 @@ def main() -> None:
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     unknown = [x for x in args.sides.split(",") if x.split(":")[0] != "deploy-prune" and x not in PEERS]
     if unknown:
-        ap.error(f"--sides: unknown side(s) {', '.join(unknown)}; choose from deploy-prune[:METHOD], {', '.join(PEERS)}")
+        ap.error(f"--sides: unknown side(s) {', '.join(unknown)}; choose from deploy-prune[:METHOD[:KEY=VALUE...]], "
+                 f"{', '.join(PEERS)}")
+    for side in args.sides.split(","):
+        if side.split(":")[0] == "deploy-prune":
+            try:  # a bad setting fails here, not after the peers before it have run
+                method, config, options = parse_side(side, args.method)
+                get_method(method, **options, **{k: v for k, v in config.items() if k in ("criterion", "amount")})
+            except (ValueError, UserError) as e:
+                ap.error(f"--sides: {e}")
 
     target = load_target(args.target)
     model, meta = load_model(args.weights)
@@ -258,9 +294,9 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             row: dict[str, Any] = {"side": side, "budget": b}
-            run_dir = runs / f"{side.replace(':', '-')}-{int(round(100 * b))}"
+            run_dir = runs / f"{side.replace(':', '-').replace('=', '')}-{int(round(100 * b))}"
             if side.split(":")[0] == "deploy-prune":  # deploy-prune[:METHOD]
-                res = run_deploy_prune(args, side.partition(":")[2] or args.method, b, run_dir, say)
+                res = run_deploy_prune(args, side, b, run_dir, say)
                 row.update({k: v for k, v in res.items() if k not in ("model",)})
                 if res["reached"]:
                     pruned, _ = load_model(run_dir / "model.pt")
@@ -323,7 +359,7 @@ SIDE_NAMES = {"deploy-prune": "deploy-prune compress", "tp-l1": "Torch-Pruning L
 
 def _side_name(side: str, method: str) -> str:
     name, _, m = side.partition(":")
-    return f"deploy-prune compress ({m or method})" if name == "deploy-prune" else SIDE_NAMES.get(side, side)
+    return f"deploy-prune compress ({m.replace(':', ', ') or method})" if name == "deploy-prune" else SIDE_NAMES.get(side, side)
 
 
 def markdown(res: dict[str, Any]) -> str:

@@ -169,3 +169,18 @@ def test_sensitivity_fit_recovers_the_scale_of_each_group() -> None:
     assert w["a"] == pytest.approx(0.5) and w["b"] == pytest.approx(0.1) and w["c"] == pytest.approx(0.1 * 0.3)
     value = weighted_retained_value(scores, w)
     assert value("a", 16) == pytest.approx(-0.5 * 0.5) and value("b", n) == 0.0
+
+
+def test_halp_value_is_importance_kept_so_the_knapsack_cuts_the_least_important_channels() -> None:
+    """HALP's value: channels of every group compete on their own scores, with no per-group
+    rescaling, so at equal cost the knapsack removes the globally lowest-scoring channels."""
+    from deploy_prune.methods.halp import importance_weights
+
+    scores = {"a": np.array([4.0, 3.0, 0.1, 0.1]), "b": np.array([2.0, 2.0, 2.0, 2.0])}
+    value = weighted_retained_value(scores, importance_weights(scores))
+    assert value("a", 2) == pytest.approx(-0.2) and value("b", 2) == pytest.approx(-4.0)
+    keeps = [[1, 2, 3, 4]] * 2
+    vals = [[value(g, k) for k in ks] for g, ks in zip("ab", keeps, strict=True)]
+    costs = [[float(k) for k in ks] for ks in keeps]  # one unit per channel kept
+    picks = solve_mckp(vals, costs, 6.0)
+    assert picks is not None and [keeps[0][picks[0]], keeps[1][picks[1]]] == [2, 4]

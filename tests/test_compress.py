@@ -199,3 +199,10 @@ def test_a_take_inside_a_contention_episode_is_taken_again() -> None:
     # The first measurement of a run sets the yardstick.
     best, q = quietest_take(takes(2.0), quietest=float("inf"))
     assert best["takes"] == 1 and q == 2.0
+
+
+def test_halp_runs_without_a_sensitivity_analysis(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+    rep = compress(_cfg(tiny_run, tmp_path / "halp", target_yaml, flops_ratio=0.5, method="halp", epochs=0))
+    assert rep["met_budget"] is True and rep["final"]["flops"] <= 0.5 * rep["baseline"]["flops"]
+    assert rep["final"]["sparsity"] == 0.0  # purely structured: no masks by default
+    assert "sensitivity" not in rep["stage_seconds"] and not (tmp_path / "halp" / "sensitivity.json").exists()

@@ -85,4 +85,4 @@ def get_method(name: str, **settings: Any) -> Method:
 
 
 # Register the built-in methods.
-from deploy_prune.methods import deeplsp, df, granular, imp, regularized, uniform  # noqa: E402,F401
+from deploy_prune.methods import deeplsp, df, granular, halp, imp, regularized, uniform  # noqa: E402,F401

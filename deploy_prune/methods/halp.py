@@ -1,0 +1,56 @@
+"""HALP-style latency-saliency knapsack ("HALP: Hardware-Aware Latency Pruning", Shen et al. 2022).
+
+Per group one allowed width, chosen by the latency knapsack of ``allocate.allocate``; the value
+of keeping ``k`` channels of a group is the summed importance of its ``k`` best channels, in the
+criterion's own units (``taylor``: the loss change of removing each channel), so channels of
+different groups compete directly, priced by the target's latency table. There is no fitted
+sensitivity curve and no sensitivity analysis: DeepLSP's value is this one rescaled per group by
+a least-squares fit to one-shot accuracy drops, and this method is the control that tells
+whether that fit pays (``benchmarks/allocation_study.py``).
+
+HALP itself prunes every few hundred minibatches while training, with the latency target
+lowered linearly; here the pipeline's structured steps (``--steps``, each followed by
+``--step-fraction`` of an epoch of fine-tuning) play that part, and the measured closed loop
+corrects the table's prices as for every latency-budget method. It is purely structured: no
+unstructured masks unless ``--amount`` asks for them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from deploy_prune.methods import BUDGET_KINDS, METHODS
+from deploy_prune.methods.deeplsp import DeepLSP
+
+if TYPE_CHECKING:
+    from deploy_prune.methods.context import MethodContext
+
+
+def importance_weights(scores: dict[str, Any]) -> dict[str, float]:
+    """Per group, its total (non-negative) importance: with it as the weight,
+    ``weighted_retained_value`` is the importance kept minus a constant per group."""
+    return {n: float(np.clip(np.asarray(s, dtype=np.float64), 0, None).sum()) for n, s in scores.items()}
+
+
+@METHODS.register("halp", "latency knapsack on channel importance alone (HALP): value = importance kept, cost = LUT latency")
+class Halp(DeepLSP):
+    name = "halp"
+    kind = "structured"
+    budget_kinds: tuple[str, ...] = BUDGET_KINDS
+
+    def __init__(self, criterion: str = "taylor", amount: float | str = 0.0, tolerance: float = 0.005) -> None:
+        super().__init__(criterion, amount, tolerance)
+
+    def settings(self) -> dict[str, Any]:
+        return {"criterion": self.criterion, "amount": self.amount, "tolerance": self.tolerance,
+                "adaptive_amounts": self.chosen_amounts or None}
+
+    def setup(self, run: MethodContext) -> None:
+        """Nothing to fit: the value is the criterion's scores, re-computed at every step."""
+
+    def plan(self, run: MethodContext, budget: float, scores: dict[str, Any] | None = None) -> dict[str, int]:
+        scores = scores or self._scores(run)
+        self.weights = importance_weights(scores)
+        return super().plan(run, budget, scores)
