@@ -169,13 +169,30 @@ def cheapest_plan(graph: ModelGraph, cost: CostModel, widths: Mapping[str, int] 
     that is the narrowest width; under a latency table it need not be: a narrow, unaligned width
     can measure slower than the block above it (ONNX Runtime's int8 convs: 8 output channels
     slower than 16), and then the floor of what pruning can reach is the block.
-    ``widths`` (default: the graph's) are the groups' full widths; ``floor`` as ``allocate``'s."""
+    ``widths`` (default: the graph's) are the groups' full widths; ``floor`` as ``allocate``'s.
+
+    First order can mislead: each group is priced with its neighbours at their narrowest, and
+    they may not stay there. Of the first-order plans with and without the narrow widths and the
+    narrowest plan itself, the one whose exact cost is lowest is returned, so the floor with the
+    narrow widths allowed never costs more than the aligned floor (the closed loop plans at the
+    latter's price when measurement puts the budget there)."""
     full = widths if widths is not None else {g.name: g.channels for g in graph.groups()}
     keeps = {n: graph.space.keeps(c, floor) for n, c in full.items()}
     narrowest = {n: ks[0] for n, ks in keeps.items()}
     if cost.kind == "channels":
         return narrowest
     names = {g.name for g in graph.groups()}
+    candidates = [_first_order_cheapest(graph, cost, keeps, names), narrowest]
+    if graph.space.multiple > floor:
+        aligned = {n: graph.space.keeps(c, graph.space.multiple) for n, c in full.items()}
+        candidates.append(_first_order_cheapest(graph, cost, aligned, names))
+    return min(candidates, key=lambda p: cost.total(graph, p))  # the first of equals: first order's
+
+
+def _first_order_cheapest(graph: ModelGraph, cost: CostModel, keeps: Mapping[str, Sequence[int]],
+                          names: set[str]) -> dict[str, int]:
+    """Every group at its cheapest keep, priced with the others at their narrowest."""
+    narrowest = {n: ks[0] for n, ks in keeps.items()}
     out = {}
     for n, ks in keeps.items():
         if n not in names or len(ks) == 1:
