@@ -261,9 +261,16 @@ def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
             record_step(run, "closed-loop", measured_latency_ms=meas["candidate"], accuracy=run.state.get("loop_accuracy"),
                   baseline_same_session_ms=quiet_of(meas["baseline"]))
         run.say(f"verify {i + 1}: measured {quiet_of(meas['candidate']):.3f} ms ({100 * r:.0f} % of the budget)")
+        high = _window(run.cfg)[1]
+        if high < r <= 1.0:
+            # Under the budget but inside the margin: one reading there is as likely noise as a
+            # real overshoot, and pruning further on it costs accuracy for nothing (a ResNet-20
+            # step read 97.2 % and ended at 82 %). Pool a second measurement before deciding.
+            r = _pooled_over([meas, run.measure(run.model)], budget)[0]
+            run.say(f"verify {i + 1}: inside the margin; re-measured, pooled {100 * r:.0f} % of the budget")
         # The plan loop's margin, not the budget itself: the final check re-measures, and the
         # steps' re-planning on fine-tuned weights may have moved the architecture off the plan.
-        if r <= _window(run.cfg)[1]:
+        if r <= high:
             run.state["verified"] = True
             run.checkpoint(stage)
             return
