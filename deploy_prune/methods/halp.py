@@ -6,7 +6,7 @@ criterion's own units (``taylor``: the loss change of removing each channel), so
 different groups compete directly, priced by the target's latency table. There is no fitted
 sensitivity curve and no sensitivity analysis: DeepLSP's value is this one rescaled per group by
 a least-squares fit to one-shot accuracy drops, and this method is the control that tells
-whether that fit pays (``benchmarks/allocation_study.py``).
+whether that fit pays (docs/peer-comparison.md, "Which allocation": it does at deep cuts).
 
 HALP itself prunes every few hundred minibatches while training, with the latency target
 lowered linearly; here the pipeline's structured steps (``--steps``, each followed by
