@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deploy_prune.methods import BUDGET_KINDS, METHODS
+from deploy_prune.methods import METHODS
 from deploy_prune.methods.deeplsp import DeepLSP
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ def importance_weights(scores: dict[str, Any]) -> dict[str, float]:
 class Halp(DeepLSP):
     name = "halp"
     kind = "structured"
-    budget_kinds: tuple[str, ...] = BUDGET_KINDS
 
     def __init__(self, criterion: str = "taylor", amount: float | str = 0.0, tolerance: float = 0.005) -> None:
         super().__init__(criterion, amount, tolerance)

@@ -264,8 +264,8 @@ def _verify(run: Run, method: Method, budget: dict[str, Any]) -> None:
         high = _window(run.cfg)[1]
         if high < r <= 1.0:
             # Under the budget but inside the margin: one reading there is as likely noise as a
-            # real overshoot, and pruning further on it costs accuracy for nothing (a ResNet-20
-            # step read 97.2 % and ended at 82 %). Pool a second measurement before deciding.
+            # real overshoot, and pruning further on it costs accuracy for nothing (the search
+            # below can only step to the next coarse width). Pool a second measurement first.
             r = _pooled_over([meas, run.measure(run.model)], budget)[0]
             run.say(f"verify {i + 1}: inside the margin; re-measured, pooled {100 * r:.0f} % of the budget")
         # The plan loop's margin, not the budget itself: the final check re-measures, and the
