@@ -106,6 +106,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (Linux /proc/cpuinfo: ``avx2``, ``avx512_vnni`` ...); None where
+    they cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
 def cpu_cache_bytes(level: int = 2) -> int | None:
     """Size of one core's data (or unified) cache at ``level``, from Linux sysfs; None elsewhere."""
     root = Path("/sys/devices/system/cpu/cpu0/cache")

@@ -49,6 +49,25 @@ def test_int8_quantizes_to_qdq_and_stays_close(fp32: bytes) -> None:
     assert deploy_onnx(fp32, parse_target_dict({**INT8, "precision": "fp32"})) == fp32
 
 
+@pytest.mark.parametrize(("flags", "full_range"), [({"avx2"}, False), ({"avx2", "avx512_vnni"}, True), ({"avx2", "avx_vnni"}, True)])
+def test_int8_weights_take_7_bits_on_an_x86_cpu_without_vnni(fp32: bytes, monkeypatch: pytest.MonkeyPatch,
+                                                             flags: set[str], full_range: bool) -> None:
+    """Without VNNI, ORT's U8S8 kernels add u8*s8 product pairs in int16 and saturate at full
+    range: an AVX2 CPU gets 7-bit weights, one with VNNI the full 8 bits."""
+    import platform
+
+    from deploy_prune import io
+
+    monkeypatch.setattr(io, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    rng = np.random.default_rng(1)
+    q = deploy_onnx(fp32, parse_target_dict(INT8), [rng.standard_normal((1, 3, 16, 16), dtype=np.float32) for _ in range(4)])
+    weights = [onnx.numpy_helper.to_array(t) for t in onnx.load_from_string(q).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and t.dims and len(t.dims) == 4]
+    peak = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert (peak > 64) == full_range, peak
+
+
 def test_the_measurer_times_the_quantized_model(fp32: bytes) -> None:
     m = LocalMeasurer(parse_target_dict(INT8))
     stats = m.time({"model": fp32})["model"]
