@@ -82,6 +82,26 @@ def conv_pool_graph(channels: int) -> bytes:
     return model.SerializeToString()
 
 
+def with_boundary(proto: Any, drop: set[int], inputs: list[Any], outputs: list[Any]) -> bytes:
+    """``proto`` (an ONNX ``ModelProto``, changed in place) without the nodes at indices ``drop``
+    and with ``inputs`` and ``outputs`` as its graph's boundary, serialized and checked. Used to
+    time a one-layer graph as its layer runs inside a model: boundary nodes that a whole model
+    runs once (layout transposes, int8 quantize/dequantize) are cut off, and the tensors they made
+    or read become the graph's inputs and outputs."""
+    import onnx
+
+    g = proto.graph
+    nodes = [n for i, n in enumerate(g.node) if i not in drop]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.input[:]
+    g.input.extend(inputs)
+    del g.output[:]
+    g.output.extend(outputs)
+    onnx.checker.check_model(proto)
+    return bytes(proto.SerializeToString())
+
+
 def channel_block(target: Target) -> tuple[int, str]:
     """``channel_multiple: auto``: the channel block of the target backend's layout on this machine,
     and where the number came from.

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy_prune.backends import BACKENDS, Feed, center_by_node, conv_pool_graph
+from deploy_prune.backends import BACKENDS, Feed, center_by_node, conv_pool_graph, with_boundary
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 from deploy_prune.io import cpu_model
@@ -90,7 +90,6 @@ def without_layout_transposes(model: bytes) -> bytes:
     layers stay channels-last and only the model's own input and output are transposed (which
     the whole-model calibration sees). A graph with no such transposes, or whose input is also
     read untransposed, comes back as given."""
-    import onnx
     from onnx import helper
 
     proto = optimized_graph(model)
@@ -129,15 +128,7 @@ def without_layout_transposes(model: bytes) -> bytes:
             drop.add(idx)
     if not drop:
         return model
-    nodes = [n for i, n in enumerate(g.node) if i not in drop]
-    del g.node[:]
-    g.node.extend(nodes)
-    del g.input[:]
-    g.input.extend(new_in.values())
-    del g.output[:]
-    g.output.extend(new_out.values())
-    onnx.checker.check_model(proto)
-    return proto.SerializeToString()
+    return with_boundary(proto, drop, list(new_in.values()), list(new_out.values()))
 
 
 INT8_CHANNEL_STEP = 16

@@ -103,8 +103,13 @@ class DeepLSP:
         return {k: v.numpy() for k, v in score_groups(model or run.model, graph or run.graph, self.criterion,
                                                        run.score_batches(), seed=run.seed).items()}
 
+    def value_weights(self, scores: dict[str, Any]) -> dict[str, float]:
+        """Per group, the weight of its importance in the knapsack's value: the sensitivity fit."""
+        return self.weights
+
     def plan(self, run: MethodContext, budget: float, scores: dict[str, Any] | None = None) -> dict[str, int]:
-        value = weighted_retained_value(scores or self._scores(run), self.weights)
+        scores = scores or self._scores(run)
+        value = weighted_retained_value(scores, self.value_weights(scores))
         plan, _ = allocate(run.graph, value, run.cost, budget)
         return plan
 

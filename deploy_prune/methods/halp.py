@@ -49,7 +49,6 @@ class Halp(DeepLSP):
     def setup(self, run: MethodContext) -> None:
         """Nothing to fit: the value is the criterion's scores, re-computed at every step."""
 
-    def plan(self, run: MethodContext, budget: float, scores: dict[str, Any] | None = None) -> dict[str, int]:
-        scores = scores or self._scores(run)
-        self.weights = importance_weights(scores)
-        return super().plan(run, budget, scores)
+    def value_weights(self, scores: dict[str, Any]) -> dict[str, float]:
+        """The groups' total importance, so that the value is the importance kept."""
+        return importance_weights(scores)
