@@ -107,15 +107,33 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags (Linux /proc/cpuinfo: ``avx2``, ``avx512_vnni`` ...); None where
-    they cannot be read."""
+    """The CPU's feature flags (Linux /proc/cpuinfo ``flags`` on x86, ``Features`` on Arm:
+    ``avx2``, ``avx512_vnni``, ``asimddp`` ...); None where they cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):
                 return set(line.split(":", 1)[1].split())
     except OSError:
         pass
     return None
+
+
+# The vector extensions that decide which kernels a backend runs (and so a layer's latency).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "asimd", "asimddp", "i8mm", "sve")
+
+
+def cpu_isa() -> str:
+    """The CPU's vector extensions among ``ISA_FLAGS``, space-separated ("" where unknown)."""
+    flags = cpu_flags() or set()
+    return " ".join(f for f in ISA_FLAGS if f in flags)
+
+
+def cpu_id() -> str:
+    """The CPU as a latency table must match it: its name and its vector extensions. Cloud VMs
+    often report a bare family name ("AMD EPYC") for chips from AVX2-only to AVX-512 with VNNI,
+    whose kernels, channel blocks and per-layer times differ."""
+    isa = cpu_isa()
+    return f"{cpu_model()} [{isa}]" if isa else cpu_model()
 
 
 def cpu_cache_bytes(level: int = 2) -> int | None:
@@ -163,6 +181,7 @@ def provenance(**extra: Any) -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -173,5 +192,6 @@ def provenance(**extra: Any) -> dict[str, Any]:
 
 def provenance_line(p: dict[str, Any]) -> str:
     """One sentence for a benchmark's Markdown: when, on what, with which tool version."""
-    return f"Measured {p['date']} on {p['cpu']} ({p['cpu_count']} cores), deploy-prune {p['tool_version']} ({p['git_commit']})."
+    isa = f", {p['cpu_isa']}" if p.get("cpu_isa") else ""
+    return f"Measured {p['date']} on {p['cpu']} ({p['cpu_count']} cores{isa}), deploy-prune {p['tool_version']} ({p['git_commit']})."
 

@@ -268,6 +268,20 @@ def small_profile(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     return run_profile(ProfileSpec(tiny(), "tiny-cnn", SHAPE, target), tmp_path_factory.mktemp("prof"), calibrate=(0.5,))
 
 
+def test_a_cpu_with_the_same_name_but_other_vector_units_is_another_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cloud VMs name AVX2-only and AVX-512 EPYCs alike; their kernels differ, so their tables must."""
+    from deploy_prune import io
+    from deploy_prune.backends import get_backend
+
+    monkeypatch.setattr(io, "cpu_model", lambda: "AMD EPYC")
+    target = Target(name="fast", backend="onnxruntime", threads=1)
+    seen = {}
+    for flags in ({"fpu", "avx2"}, {"fpu", "avx2", "avx512f"}):
+        monkeypatch.setattr(io, "cpu_flags", lambda flags=flags: flags)
+        seen[frozenset(flags)] = get_backend("onnxruntime").device_string(target)
+    assert sorted(seen.values()) == ["AMD EPYC [avx2 avx512f] (1 threads)", "AMD EPYC [avx2] (1 threads)"]
+
+
 def test_profile_is_refused_for_another_target_model_or_backend(small_profile: tuple[Path, dict[str, Any]],
                                                                  fast_target: Target) -> None:
     path, prof = small_profile

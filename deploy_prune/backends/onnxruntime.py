@@ -21,7 +21,7 @@ import numpy as np
 from deploy_prune.backends import BACKENDS, Feed, center_by_node, conv_pool_graph, with_boundary
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
-from deploy_prune.io import cpu_model
+from deploy_prune.io import cpu_id
 
 ORT_DTYPES = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8}  # non-float inputs a feed must match
 
@@ -162,7 +162,7 @@ class OnnxRuntimeBackend:
         return {"onnxruntime": ort.__version__}
 
     def device_string(self, target: Target) -> str:
-        return f"{cpu_model()} ({target.resolved_threads()} threads)"
+        return f"{cpu_id()} ({target.resolved_threads()} threads)"
 
     def channel_block(self, target: Target) -> int:
         if target.precision == "int8":

@@ -126,7 +126,12 @@ class OpenVinoBackend:
 
         core = ov.Core()
         dev = self._device(core, target)
-        return f"{core.get_property(dev, 'FULL_DEVICE_NAME')} ({target.resolved_threads()} threads)"
+        name = core.get_property(dev, "FULL_DEVICE_NAME")
+        if dev == "CPU":  # the name alone can cover CPUs with other vector units (io.cpu_id)
+            from deploy_prune.io import cpu_isa
+
+            name = f"{name} [{cpu_isa()}]" if cpu_isa() else name
+        return f"{name} ({target.resolved_threads()} threads)"
 
     def config(self, target: Target, per_layer: bool = False) -> dict[str, Any]:
         if target.precision not in PRECISION:

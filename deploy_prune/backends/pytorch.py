@@ -217,12 +217,12 @@ class TorchBackend:
         return dev
 
     def device_string(self, target: Target) -> str:
-        from deploy_prune.io import cpu_model
+        from deploy_prune.io import cpu_id
 
         dev = self._device(target)
         if dev.type == "cuda":
             return f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda}, {target.precision})"
-        return f"{cpu_model()} ({target.resolved_threads()} threads)"
+        return f"{cpu_id()} ({target.resolved_threads()} threads)"
 
     def settings(self, target: Target) -> dict[str, Any]:
         """The target's ``options.torch``, checked."""
