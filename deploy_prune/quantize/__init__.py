@@ -14,7 +14,7 @@ deployed model's metric) goes through ``deploy_onnx`` first. Quantizers are regi
   with ``Calibration.method`` (``minmax``, ``entropy`` or ``percentile``). On an x86 CPU without
   VNNI, weights take 7 bits (``reduce_range``, ORT's advice for such CPUs): there the U8S8
   kernels sum pairs of 8-bit products in 16 bits, which saturates at full range (a small CNN
-  scored 31 % at int8 against 61 % at fp32 on an AVX2 EPYC before this).
+  with 8-bit weights scored 31 % at int8 against 61 % at fp32 on an AVX2 EPYC).
 - ``tensorrt:int8``: the same quantizer with symmetric int8 activations and weights (zero point
   0), the Q/DQ graph TensorRT's explicit quantization builds INT8 layers from (its implicit,
   calibrator-based mode is deprecated since TensorRT 10.1); ``tensorrt:fp16``: the fp32 graph,
