@@ -202,7 +202,38 @@ def test_a_take_inside_a_contention_episode_is_taken_again() -> None:
 
 
 def test_halp_runs_without_a_sensitivity_analysis(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
-    rep = compress(_cfg(tiny_run, tmp_path / "halp", target_yaml, flops_ratio=0.5, method="halp", epochs=0))
+    # candidates=4: the knapsack's value weights are chosen among up to four draws, by their
+    # plans at the first step's budget scored whole; the later steps reuse the chosen draw
+    rep = compress(_cfg(tiny_run, tmp_path / "halp", target_yaml, flops_ratio=0.5, method="halp", epochs=0,
+                        method_options={"candidates": 4}))
     assert rep["met_budget"] is True and rep["final"]["flops"] <= 0.5 * rep["baseline"]["flops"]
     assert rep["final"]["sparsity"] == 0.0  # purely structured: no masks by default
     assert "sensitivity" not in rep["stage_seconds"] and not (tmp_path / "halp" / "sensitivity.json").exists()
+    (c,) = rep["method"]["settings"]["subnet_choices"]  # scored once, not at every step
+    assert 1 < c["plans"] <= 4 and len(c["metrics"]) == c["plans"]  # the draws did move the knapsack
+    # the best-scoring plan, the knapsack's own (index 0) on ties
+    assert c["metrics"][c["chosen"]] == max(c["metrics"]) and c["chosen"] == c["metrics"].index(max(c["metrics"]))
+    with pytest.raises(UserError, match="candidates must be an integer >= 1"):
+        compress(_cfg(tiny_run, tmp_path / "halp0", target_yaml, flops_ratio=0.5, method="halp",
+                      method_options={"candidates": 0}))
+
+
+def test_a_subnet_is_scored_on_a_copy_and_recovery_trains_it(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from deploy_prune.methods.subnet import subnet_metric
+    from deploy_prune.pipeline.planner import Planner
+    from deploy_prune.pipeline.run import UserParts
+
+    planner = Planner(_cfg(tiny_run, tmp_path / "p", target_yaml, flops_ratio=0.3, method="halp"), UserParts())
+    run = planner.run
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    scores = planner.method._scores(run)
+    widths = planner.plan()
+    shocked, recovered = subnet_metric(run, widths, scores), subnet_metric(run, widths, scores, recover_steps=24)
+    assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())  # the run's model is untouched
+    assert subnet_metric(run, widths, scores) == shocked  # the same batches, the same score
+    assert recovered > shocked + 0.05  # a deep cut: a few steps undo much of the shock
+    # A user's finetune callback without a loss: nothing to train the copy with, so no recovery
+    run.parts = replace(run.parts, finetune=lambda model, epochs, ctx: None)
+    assert subnet_metric(run, widths, scores, recover_steps=24) == shocked

@@ -61,6 +61,8 @@ class MethodContext(Protocol):
 
     def subset_accuracy(self, model: nn.Module) -> float: ...
 
+    def recover(self, model: nn.Module, steps: int) -> bool: ...  # a few training steps of a candidate copy (``Run.recover``)
+
     def sensitivity(self, criterion: str) -> dict[str, Any]: ...
 
     def finetune(self, epochs: float, tag: str, resume: bool = False, stop: Callable[[nn.Module, int], bool] | None = None,

@@ -19,6 +19,13 @@ guided by layer sensitivity and latency", with ``keep_ratio`` (default 0.5) and 
 - **Structured allocation** = the latency knapsack of ``allocate.allocate``: per group one
   allowed width (multiples of the target's ``channel_multiple``), maximum total value within
   the LUT-predicted latency (or FLOPs / params / channels for other budgets).
+- **Whole-subnet choice** (``candidates`` > 1): the knapsack scores each group on its own, so
+  its plan is one of many that cost the same and differ in where the cut falls. At the first
+  budget planned, the knapsack runs again ``candidates - 1`` times with each group's weight
+  scaled by a log-normal factor (``spread``: its sigma; drawn from the run's seed), and every
+  distinct plan is scored as a whole: a copy of the model cut to it, BatchNorm statistics
+  re-estimated, ``recover_steps`` training steps on the scoring batches, the run's metric on the
+  validation subset (``subnet.choose``). The best draw's factors then stay for the whole run.
 - **Unstructured part**: magnitude masks of ``amount`` of the remaining weights in every
   conv/linear layer (the output layer included), or ``adaptive``: per layer, the largest share
   in a ladder whose accuracy drop, that layer alone masked, stays within ``tolerance`` on the
@@ -36,6 +43,7 @@ from deploy_prune.checks import check_number
 from deploy_prune.errors import UserError
 from deploy_prune.importance import CRITERIA, score_groups
 from deploy_prune.methods import BUDGET_KINDS, METHODS
+from deploy_prune.methods.subnet import choose
 from deploy_prune.transforms import Masks, apply_masks, magnitude_masks, weight_layers
 
 if TYPE_CHECKING:
@@ -68,7 +76,8 @@ class DeepLSP:
     default_steps = 3
     budget_kinds: tuple[str, ...] = BUDGET_KINDS
 
-    def __init__(self, criterion: str = "taylor", amount: float | str = 0.05, tolerance: float = 0.005) -> None:
+    def __init__(self, criterion: str = "taylor", amount: float | str = 0.05, tolerance: float = 0.005,
+                 candidates: int = 1, spread: float = 0.5, recover_steps: int = 24) -> None:
         if isinstance(amount, str) and amount != "adaptive":
             try:
                 amount = float(amount)
@@ -78,14 +87,24 @@ class DeepLSP:
             raise UserError(f"--amount must be a share in [0, 1) or 'adaptive', got {amount}")
         CRITERIA.get(criterion)  # an unknown name fails now, not after profiling and sensitivity
         check_number("--tolerance", tolerance, lo=0.0, hi=1.0)
+        check_number(f"--method {self.name}: candidates", candidates, lo=1, integer=True)
+        check_number(f"--method {self.name}: spread", spread, lo=0.0)
+        check_number(f"--method {self.name}: recover_steps", recover_steps, lo=0, integer=True)
         self.criterion, self.amount, self.tolerance = criterion, amount, tolerance
+        self.candidates, self.spread, self.recover_steps = int(candidates), float(spread), int(recover_steps)
+        self.chosen: list[dict[str, Any]] = []
+        self.factors: dict[str, float] | None = None  # the chosen draw (``_choose_factors``)
         self.weights: dict[str, float] = {}
         self.chosen_amounts: dict[str, float] = {}
 
     def settings(self) -> dict[str, Any]:
+        return {**self._common_settings(), "sensitivity_weights": {k: round(v, 6) for k, v in self.weights.items()}}
+
+    def _common_settings(self) -> dict[str, Any]:
         return {"criterion": self.criterion, "amount": self.amount, "tolerance": self.tolerance,
-                "sensitivity_weights": {k: round(v, 6) for k, v in self.weights.items()},
-                "adaptive_amounts": self.chosen_amounts or None}
+                "candidates": self.candidates, "spread": self.spread, "recover_steps": self.recover_steps,
+                "adaptive_amounts": self.chosen_amounts or None,
+                "subnet_choices": self.chosen or None}
 
     def setup(self, run: MethodContext) -> None:
         import copy
@@ -109,9 +128,49 @@ class DeepLSP:
 
     def plan(self, run: MethodContext, budget: float, scores: dict[str, Any] | None = None) -> dict[str, int]:
         scores = scores or self._scores(run)
-        value = weighted_retained_value(scores, self.value_weights(scores))
-        plan, _ = allocate(run.graph, value, run.cost, budget)
-        return plan
+        weights = self.value_weights(scores)
+        if self.candidates > 1 and self.factors is None:
+            self.factors = self._choose_factors(run, budget, scores)
+        return self._knapsack(run, budget, scores, weights, self.factors or {})
+
+    @staticmethod
+    def _knapsack(run: MethodContext, budget: float, scores: dict[str, Any], weights: dict[str, float],
+                  factors: dict[str, float]) -> dict[str, int]:
+        """``allocate``'s plan with each group's value weight scaled by its factor (1 when absent)."""
+        value = weighted_retained_value(scores, {g: w * factors.get(g, 1.0) for g, w in weights.items()})
+        return allocate(run.graph, value, run.cost, budget)[0]
+
+    def draws(self, run: MethodContext, weights: dict[str, float]) -> list[dict[str, float]]:
+        """Per-group factors on the value weights: none for the knapsack's own plan, then
+        ``candidates - 1`` draws of ``exp(spread * z)``, z from the run's seed."""
+        rng = np.random.default_rng(run.seed)
+        return [{}] + [{g: float(np.exp(self.spread * rng.standard_normal())) for g in weights}
+                       for _ in range(self.candidates - 1)]
+
+    def candidate_plans(self, run: MethodContext, budget: float, scores: dict[str, Any]) -> list[tuple[dict[str, float], dict[str, int]]]:
+        """(factors, plan) for every draw whose knapsack plan at ``budget`` is new."""
+        weights = self.value_weights(scores)
+        out: list[tuple[dict[str, float], dict[str, int]]] = []
+        for f in self.draws(run, weights):
+            p = self._knapsack(run, budget, scores, weights, f)
+            if all(p != q for _, q in out):
+                out.append((f, p))
+        return out
+
+    def _choose_factors(self, run: MethodContext, budget: float, scores: dict[str, Any]) -> dict[str, float] | None:
+        """The draw whose plan scores best as a whole subnet (``subnet.choose``), at the first
+        budget planned where the draws' plans differ (None before). It is kept for the rest of
+        the run: the closed loop's corrections and the steps re-run the knapsack with it, so
+        the subnets are scored once."""
+        cands = self.candidate_plans(run, budget, scores)
+        if len(cands) == 1:  # a light cut where every draw plans alike: choose at a later, deeper one
+            return None
+        best, metrics = choose(run, [p for _, p in cands], scores, self.recover_steps)
+        self.chosen.append({"budget": round(float(budget), 6), "plans": len(cands), "chosen": best,
+                            "metrics": [round(m, 5) for m in metrics]})
+        run.say(f"{len(cands)} plans scored whole (adaptive BN, {self.recover_steps} recovery steps, validation subset): "
+                f"{', '.join(f'{100 * m:.1f}' for m in metrics)} %; plan {best + 1} chosen")
+        return cands[best][0]
 
     def prune(self, run: MethodContext, budget: float) -> None:
         import torch

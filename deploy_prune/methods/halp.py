@@ -39,12 +39,12 @@ class Halp(DeepLSP):
     name = "halp"
     kind = "structured"
 
-    def __init__(self, criterion: str = "taylor", amount: float | str = 0.0, tolerance: float = 0.005) -> None:
-        super().__init__(criterion, amount, tolerance)
+    def __init__(self, criterion: str = "taylor", amount: float | str = 0.0, tolerance: float = 0.005,
+                 candidates: int = 1, spread: float = 0.5, recover_steps: int = 24) -> None:
+        super().__init__(criterion, amount, tolerance, candidates, spread, recover_steps)
 
     def settings(self) -> dict[str, Any]:
-        return {"criterion": self.criterion, "amount": self.amount, "tolerance": self.tolerance,
-                "adaptive_amounts": self.chosen_amounts or None}
+        return self._common_settings()
 
     def setup(self, run: MethodContext) -> None:
         """Nothing to fit: the value is the criterion's scores, re-computed at every step."""

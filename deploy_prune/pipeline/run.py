@@ -319,6 +319,34 @@ class Run:
         with torch.no_grad():
             return float(sum(int((model(x[i:i + 256]).argmax(1) == y[i:i + 256]).sum()) for i in range(0, len(x), 256)) / len(x))
 
+    def recover(self, model: nn.Module, steps: int) -> bool:
+        """Train ``model`` (a cut copy, not the run's model) for ``steps`` SGD steps on the
+        scoring batches, with the built-in loop's loss (the user's ``loss``, else distillation from
+        the unpruned model, else cross-entropy) at ``--lr``: enough to undo the first shock of a
+        cut, so that its score says how it will fine-tune (``methods.subnet``). False, and no
+        training, where the run has no loss of its own to train with: a user's ``finetune``
+        callback without ``loss``."""
+        if self.parts.finetune is not None and self.parts.loss is None:
+            return False
+        user_loss = self.parts.loss
+        if user_loss is not None:
+            loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = lambda m, x, y: user_loss(m, (x, y))  # noqa: E731
+        elif self.cfg.kd:
+            loss = distillation_loss(self.teacher)
+        else:
+            loss = lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y)  # noqa: E731
+        batches = self.score_batches()
+        device = next(model.parameters()).device
+        opt = torch.optim.SGD(model.parameters(), lr=self.cfg.lr, momentum=0.9)
+        model.train()
+        for i in range(steps):
+            x, y = batches[i % len(batches)]
+            opt.zero_grad()
+            loss(model, x.to(device), y.to(device)).backward()
+            opt.step()
+        model.eval()
+        return True
+
     def sensitivity(self, criterion: str) -> dict[str, Any]:
         """The sensitivity analysis of the unpruned model: ``--sensitivity`` or the run's own
         sensitivity.json when they match these weights and data, else computed now."""
