@@ -188,7 +188,8 @@ class Prober:
 def finetune(model: nn.Module, teacher: nn.Module, data: DataBundle, args: argparse.Namespace, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The fine-tuning every side gets: compress's final fine-tuning loop (distillation from the
     unpruned model, cosine schedule, SGD), for ``--epochs``."""
-    cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, seed=args.seed,
+                      bn_batches=getattr(args, "bn_batches", TrainConfig.bn_batches))
     return fit(model, data, cfg, out, meta, loss_fn=distillation_loss(teacher), progress=False, distributed=False)
 
 

@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--profiles", default="runs/peer-profiles")
+    ap.add_argument("--bn-batches", type=int, default=16,
+                    help="the fine-tuning's precise-BN batches after every epoch (0: the running averages as trained)")
     ap.add_argument("--recover-steps", type=int, default=0,
                     help="also score each plan after this many training steps on the scoring batches (run.recover)")
     ap.add_argument("--finetuned-from", default=None,

@@ -21,11 +21,12 @@ guided by layer sensitivity and latency", with ``keep_ratio`` (default 0.5) and 
   the LUT-predicted latency (or FLOPs / params / channels for other budgets).
 - **Whole-subnet choice** (``candidates`` > 1): the knapsack scores each group on its own, so
   its plan is one of many that cost the same and differ in where the cut falls. At the first
-  budget planned, the knapsack runs again ``candidates - 1`` times with each group's weight
-  scaled by a log-normal factor (``spread``: its sigma; drawn from the run's seed), and every
-  distinct plan is scored as a whole: a copy of the model cut to it, BatchNorm statistics
+  budget planned, ``candidates`` allocations each plan: the knapsack, the knapsack again
+  ``candidates - 2`` times with each group's weight scaled by a log-normal factor (``spread``:
+  its sigma; drawn from the run's seed), and one keep share for every group (``uniform``).
+  Every distinct plan is scored as a whole: a copy of the model cut to it, BatchNorm statistics
   re-estimated, ``recover_steps`` training steps on the scoring batches, the run's metric on the
-  validation subset (``subnet.choose``). The best draw's factors then stay for the whole run.
+  validation subset (``subnet.choose``). The best allocation then plans for the whole run.
 - **Unstructured part**: magnitude masks of ``amount`` of the remaining weights in every
   conv/linear layer (the output layer included), or ``adaptive``: per layer, the largest share
   in a ladder whose accuracy drop, that layer alone masked, stays within ``tolerance`` on the
@@ -40,10 +41,11 @@ import numpy as np
 
 from deploy_prune.allocate import allocate, weighted_retained_value
 from deploy_prune.checks import check_number
-from deploy_prune.errors import UserError
+from deploy_prune.errors import BudgetUnreachable, UserError
 from deploy_prune.importance import CRITERIA, score_groups
 from deploy_prune.methods import BUDGET_KINDS, METHODS
 from deploy_prune.methods.subnet import choose
+from deploy_prune.methods.uniform import Uniform
 from deploy_prune.transforms import Masks, apply_masks, magnitude_masks, weight_layers
 
 if TYPE_CHECKING:
@@ -93,7 +95,7 @@ class DeepLSP:
         self.criterion, self.amount, self.tolerance = criterion, amount, tolerance
         self.candidates, self.spread, self.recover_steps = int(candidates), float(spread), int(recover_steps)
         self.chosen: list[dict[str, Any]] = []
-        self.factors: dict[str, float] | None = None  # the chosen draw (``_choose_factors``)
+        self.allocation: dict[str, float] | str | None = None  # the chosen one (``_choose``)
         self.weights: dict[str, float] = {}
         self.chosen_amounts: dict[str, float] = {}
 
@@ -128,48 +130,56 @@ class DeepLSP:
 
     def plan(self, run: MethodContext, budget: float, scores: dict[str, Any] | None = None) -> dict[str, int]:
         scores = scores or self._scores(run)
-        weights = self.value_weights(scores)
-        if self.candidates > 1 and self.factors is None:
-            self.factors = self._choose_factors(run, budget, scores)
-        return self._knapsack(run, budget, scores, weights, self.factors or {})
+        if self.candidates > 1 and self.allocation is None:
+            self.allocation = self._choose(run, budget, scores)
+        return self._allocate(run, budget, scores, self.allocation or {})
 
-    @staticmethod
-    def _knapsack(run: MethodContext, budget: float, scores: dict[str, Any], weights: dict[str, float],
-                  factors: dict[str, float]) -> dict[str, int]:
-        """``allocate``'s plan with each group's value weight scaled by its factor (1 when absent)."""
-        value = weighted_retained_value(scores, {g: w * factors.get(g, 1.0) for g, w in weights.items()})
+    def _allocate(self, run: MethodContext, budget: float, scores: dict[str, Any], how: dict[str, float] | str) -> dict[str, int]:
+        """The plan at ``budget`` of one allocation: ``"uniform"`` (one keep share for every group,
+        ``methods.uniform``), or the knapsack with each group's value weight scaled by its factor
+        in ``how`` (1 when absent)."""
+        if how == "uniform":
+            return Uniform().plan(run, budget)
+        assert isinstance(how, dict)
+        weights = self.value_weights(scores)
+        value = weighted_retained_value(scores, {g: w * how.get(g, 1.0) for g, w in weights.items()})
         return allocate(run.graph, value, run.cost, budget)[0]
 
-    def draws(self, run: MethodContext, weights: dict[str, float]) -> list[dict[str, float]]:
-        """Per-group factors on the value weights: none for the knapsack's own plan, then
-        ``candidates - 1`` draws of ``exp(spread * z)``, z from the run's seed."""
+    def allocations(self, run: MethodContext, scores: dict[str, Any]) -> list[dict[str, float] | str]:
+        """The knapsack's own allocation (no factors), ``candidates - 2`` draws of per-group
+        factors ``exp(spread * z)`` with z from the run's seed, and the uniform share."""
         rng = np.random.default_rng(run.seed)
-        return [{}] + [{g: float(np.exp(self.spread * rng.standard_normal())) for g in weights}
-                       for _ in range(self.candidates - 1)]
+        draws: list[dict[str, float] | str] = [{g: float(np.exp(self.spread * rng.standard_normal())) for g in scores}
+                                               for _ in range(self.candidates - 2)]
+        return [{}, *draws, "uniform"]
 
-    def candidate_plans(self, run: MethodContext, budget: float, scores: dict[str, Any]) -> list[tuple[dict[str, float], dict[str, int]]]:
-        """(factors, plan) for every draw whose knapsack plan at ``budget`` is new."""
-        weights = self.value_weights(scores)
-        out: list[tuple[dict[str, float], dict[str, int]]] = []
-        for f in self.draws(run, weights):
-            p = self._knapsack(run, budget, scores, weights, f)
+    def candidate_plans(self, run: MethodContext, budget: float, scores: dict[str, Any]) -> list[tuple[dict[str, float] | str, dict[str, int]]]:
+        """(allocation, plan) for every allocation whose plan at ``budget`` is new (a uniform
+        share that cannot meet the budget is left out)."""
+        out: list[tuple[dict[str, float] | str, dict[str, int]]] = []
+        for how in self.allocations(run, scores):
+            try:
+                p = self._allocate(run, budget, scores, how)
+            except BudgetUnreachable:
+                continue
             if all(p != q for _, q in out):
-                out.append((f, p))
+                out.append((how, p))
         return out
 
-    def _choose_factors(self, run: MethodContext, budget: float, scores: dict[str, Any]) -> dict[str, float] | None:
-        """The draw whose plan scores best as a whole subnet (``subnet.choose``), at the first
-        budget planned where the draws' plans differ (None before). It is kept for the rest of
-        the run: the closed loop's corrections and the steps re-run the knapsack with it, so
-        the subnets are scored once."""
+    def _choose(self, run: MethodContext, budget: float, scores: dict[str, Any]) -> dict[str, float] | str | None:
+        """The allocation whose plan scores best as a whole subnet (``subnet.choose``), at the
+        first budget planned where the plans differ (None before). It is kept for the rest of
+        the run: the closed loop's corrections and the steps plan with it, so the subnets are
+        scored once."""
         cands = self.candidate_plans(run, budget, scores)
-        if len(cands) == 1:  # a light cut where every draw plans alike: choose at a later, deeper one
+        if len(cands) == 1:  # a light cut where every allocation plans alike: choose at a later, deeper one
             return None
         best, metrics = choose(run, [p for _, p in cands], scores, self.recover_steps)
-        self.chosen.append({"budget": round(float(budget), 6), "plans": len(cands), "chosen": best,
+        names = ["knapsack" if how == {} else how if isinstance(how, str) else f"draw {i}" for i, (how, _) in enumerate(cands)]
+        self.chosen.append({"budget": round(float(budget), 6), "plans": len(cands), "chosen": best, "allocations": names,
                             "metrics": [round(m, 5) for m in metrics]})
         run.say(f"{len(cands)} plans scored whole (adaptive BN, {self.recover_steps} recovery steps, validation subset): "
-                f"{', '.join(f'{100 * m:.1f}' for m in metrics)} %; plan {best + 1} chosen")
+                f"{', '.join(f'{n} {100 * m:.1f} %' for n, m in zip(names, metrics, strict=True))}; {names[best]} chosen")
         return cands[best][0]
 
     def prune(self, run: MethodContext, budget: float) -> None:

@@ -370,20 +370,20 @@ def _ckpt_spec(weights: str, trust: bool) -> str | None:
     return ck.get("model", {}).get("spec") if isinstance(ck, dict) else None
 
 
-@torch.no_grad()
 def precise_bn(model: nn.Module, data: DataBundle, cfg: TrainConfig, epoch: int) -> None:
     """Re-estimate BatchNorm statistics on ``cfg.bn_batches`` training batches with the epoch's
     final weights ("precise BN", as pycls does before every evaluation). The running averages
-    that training leaves lag behind weights still moving: a ResNet-20 pruned to 4-channel layers
-    and fine-tuned one epoch scored 51.4 % on its running averages and 85.1 % once they were
-    re-estimated (76.6 % and 87.4 % for another plan; docs/peer-comparison.md). The batches come
-    from one seeded loader, the same on every DDP rank, so the ranks agree."""
+    that training leaves lag behind weights still moving: a ResNet-20 cut to 4-channel layers and
+    fine-tuned one epoch scored 51.41 % on them and 85.13 % with them re-estimated
+    (benchmarks/results/precise_bn_resnet20_40.md). The batches come from one seeded loader, the
+    same on every DDP rank, so the ranks agree."""
     if cfg.bn_batches <= 0:
         return
     loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed + 7919 * (epoch + 1))
     recalibrate_bn(model, [b for _, b in zip(range(cfg.bn_batches), loader, strict=False)])
 
 
+@torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
     """Re-estimate BatchNorm running statistics on a few training batches, no weight update.
 
