@@ -33,7 +33,7 @@ from deploy_prune.models import check_runs_on
 from deploy_prune.models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from deploy_prune.pipeline.config import CompressConfig
 from deploy_prune.target import load_target
-from deploy_prune.train import TrainConfig, distillation_loss, evaluate, fit, recalibrate_bn
+from deploy_prune.train import LossFn, TrainConfig, distillation_loss, evaluate, fit, recalibrate_bn
 from deploy_prune.transforms import (
     Masks,
     apply_masks,
@@ -120,6 +120,15 @@ class FitJob:
     meta: dict[str, Any]  # the checkpoint metadata of the model being fine-tuned
 
 
+def builtin_loss(cfg: CompressConfig, parts: UserParts, teacher: nn.Module) -> LossFn | None:
+    """The built-in loop's loss: the user's ``loss``, else distillation from ``teacher`` (unless
+    ``--no-kd``), else None (``train.fit``'s cross-entropy)."""
+    user_loss = parts.loss
+    if user_loss is not None:
+        return lambda mod, x, y: user_loss(mod, (x, y))
+    return distillation_loss(teacher) if cfg.kd else None
+
+
 def run_job(job: FitJob, model: nn.Module, teacher: nn.Module, data: DataBundle, cfg: CompressConfig, parts: UserParts,
             out: Path, *, stop: Callable[[nn.Module, int], bool] | None = None,
             penalty: Callable[[nn.Module], torch.Tensor] | None = None, distributed: bool = False,
@@ -146,10 +155,7 @@ def run_job(job: FitJob, model: nn.Module, teacher: nn.Module, data: DataBundle,
         g = torch.Generator().manual_seed(job.subset_seed)
         data = replace(data, train=Subset(data.train, torch.randperm(len(data.train), generator=g)[:n].tolist()))  # type: ignore[arg-type]
     tcfg = TrainConfig(epochs=whole, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-    loss = distillation_loss(teacher) if cfg.kd else None
-    user_loss = parts.loss
-    if user_loss is not None:
-        loss = lambda mod, x, y: user_loss(mod, (x, y))  # noqa: E731
+    loss = builtin_loss(cfg, parts, teacher)
     if penalty is not None:
         base = loss or (lambda mod, x, y: torch.nn.functional.cross_entropy(mod(x), y))
         loss = lambda mod, x, y: base(mod, x, y) + penalty(mod)  # noqa: E731
@@ -328,13 +334,7 @@ class Run:
         callback without ``loss``."""
         if self.parts.finetune is not None and self.parts.loss is None:
             return False
-        user_loss = self.parts.loss
-        if user_loss is not None:
-            loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = lambda m, x, y: user_loss(m, (x, y))  # noqa: E731
-        elif self.cfg.kd:
-            loss = distillation_loss(self.teacher)
-        else:
-            loss = lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y)  # noqa: E731
+        loss = builtin_loss(self.cfg, self.parts, self.teacher) or (lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y))
         batches = self.score_batches()
         device = next(model.parameters()).device
         opt = torch.optim.SGD(model.parameters(), lr=self.cfg.lr, momentum=0.9)
