@@ -368,6 +368,8 @@ def sensitivity(
     ignore: IgnoreOpt = "",
     val_samples: Annotated[int, typer.Option(help="size of the fixed validation subset")] = 1000,
     score_batches: Annotated[int, typer.Option(help="training batches used by the criterion")] = 8,
+    bn_batches: Annotated[int, typer.Option(help="re-estimate BatchNorm statistics on this many scoring batches after "
+                                            "each cut (0: the drop right after it); deeplsp's -O sensitivity_bn")] = 0,
     workers: Annotated[int, typer.Option(help="processes to split the evaluation over")] = 1,
     profiles: Annotated[Path, typer.Option(help="profiles directory (latency saved, with --target)")] = Path("profiles"),
     force: Annotated[bool, typer.Option("--force", help="use a profile made for another tool/backend version")] = False,
@@ -382,9 +384,9 @@ def sensitivity(
     from deploy_prune.target import load_target
 
     cfg = SensitivityConfig(criterion=criterion, ratios=_parse_floats(ratios, "--ratios"), val_samples=val_samples,
-                            score_batches=score_batches, workers=workers, seed=seed)
+                            score_batches=score_batches, workers=workers, seed=seed, bn_batches=bn_batches)
     tgt = load_target(target) if target else None
-    multiple = tgt.channel_multiple if tgt else 1
+    space = tgt.width_space() if tgt else 1
     bundle = load_data(data, _data_options(data_dir, image_size, seed))
     net, meta = load_model(weights, model, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
                            trust=trust_checkpoint)
@@ -402,7 +404,7 @@ def sensitivity(
     with _progress_bar(True) as bar:
         task = bar.add_task(f"sensitivity ({criterion})", total=None)
         res = sensitivity_run(out, net, bundle, cfg, ignore=[s for s in ignore.split(",") if s],
-                              channel_multiple=multiple, meta=meta.get("model", {}), profile=lut_profile,
+                              channel_multiple=space, meta=meta.get("model", {}), profile=lut_profile,
                               on_job=lambda i, n: bar.update(task, completed=i, total=n))
     worst = max(res["groups"], key=lambda g: g["entries"][len(g["entries"]) // 2]["accuracy_drop"])
     console.print(f"baseline accuracy {100 * res['baseline_accuracy']:.2f} % on {res['val_subset']} validation samples; "

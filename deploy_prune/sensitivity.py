@@ -1,6 +1,12 @@
 """Per-group sensitivity: prune one group alone at several ratios, no fine-tuning, and
 measure the validation-accuracy drop on a fixed validation subset.
 
+Each ratio is snapped to the nearest width of the target's width space (``widths.WidthSpace``:
+the multiples of its channel block and the narrow widths below it), the widths the allocator
+chooses from. Rounding to the block alone would leave every group of one block (ResNet-20's
+first stage at 16 channels on AVX-512) unmeasured below its full width, and the allocator would
+then price those narrow widths as nearly free.
+
 Channels are ranked by an importance criterion computed once on the unpruned model from
 training batches (so the validation subset stays untouched by scoring). Each (group, ratio)
 is an independent job on a copy of the model; jobs can be spread over worker processes.
@@ -30,7 +36,8 @@ from deploy_prune.graph import ModelGraph
 from deploy_prune.importance import CRITERIA, score_groups
 from deploy_prune.io import atomic_write, provenance, read_json, write_json
 from deploy_prune.latency import lut
-from deploy_prune.widths import round_channels
+from deploy_prune.train import recalibrate_bn
+from deploy_prune.widths import WidthSpace
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +51,9 @@ class SensitivityConfig:
     batch_size: int = 128
     workers: int = 1
     seed: int = 0
+    # 0: the drop right after the cut. N: BatchNorm statistics re-estimated on N of the scoring
+    # batches first (adaptive BN), so the drop is the cut's and not its stale statistics'.
+    bn_batches: int = 0
 
     def __post_init__(self) -> None:
         bad = [r for r in self.ratios if not 0.0 < r < 1.0]
@@ -52,6 +62,8 @@ class SensitivityConfig:
         CRITERIA.get(self.criterion)
         if self.workers < 1 or self.val_samples < 1 or self.score_batches < 1:
             raise UserError("--workers, --val-samples and --score-batches must be >= 1")
+        if not 0 <= self.bn_batches <= self.score_batches:
+            raise UserError(f"--bn-batches must be from 0 to --score-batches ({self.score_batches}), got {self.bn_batches}")
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 256) -> float:
@@ -73,10 +85,12 @@ def _job(job: tuple[str, float]) -> dict[str, Any]:
     if s.get("forked"):
         torch.set_num_threads(1)  # one thread per worker: no oversubscription, no OpenMP-after-fork hang
     model = copy.deepcopy(s["model"])
-    graph = ModelGraph(model, s["input_shape"], s["ignore"], s["channel_multiple"])
+    graph = ModelGraph(model, s["input_shape"], s["ignore"], s["space"])
     total = graph_channels = next(g.channels for g in graph.groups() if g.name == name)
-    keep = round_channels(total * (1.0 - ratio), total, s["channel_multiple"])
+    keep = s["space"].snap(total * (1.0 - ratio), total)
     graph.prune_by_scores({name: keep}, {name: s["scores"][name]})
+    if s["bn_batches"]:
+        recalibrate_bn(model, s["batches"][: s["bn_batches"]])
     acc = s["metric"](model) if s.get("metric") else _accuracy(model, s["x"], s["y"])
     flops, params = graph.flops_params()
     saved = None
@@ -97,7 +111,7 @@ def run_sensitivity(
     cfg: SensitivityConfig,
     *,
     ignore: Sequence[str] = (),
-    channel_multiple: int = 1,
+    channel_multiple: int | WidthSpace = 1,
     on_job: Callable[[int, int], None] | None = None,
     meta: dict[str, Any] | None = None,
     profile: dict[str, Any] | None = None,
@@ -109,7 +123,8 @@ def run_sensitivity(
     (the drops are then in its units), and the jobs run in this process."""
     t0 = time.perf_counter()
     input_shape = data.input_shape
-    graph = ModelGraph(model, input_shape, ignore, channel_multiple)
+    space = channel_multiple if isinstance(channel_multiple, WidthSpace) else WidthSpace(channel_multiple)
+    graph = ModelGraph(model, input_shape, ignore, space)
     # Fixed validation subset: the first ``val_samples`` of the seeded validation split.
     x = y = None
     n = 0
@@ -129,8 +144,9 @@ def run_sensitivity(
     baseline = metric(model) if metric else _accuracy(model, x, y)  # type: ignore[arg-type]
     lat0 = lut.predict(model, profile)["calibrated_ms"] if profile else None
     _STATE.clear()
-    _STATE.update(model=model, input_shape=input_shape, ignore=list(ignore), channel_multiple=channel_multiple,
-                  scores=scores, x=x, y=y, metric=metric, baseline=baseline, flops0=flops0, params0=params0, profile=profile, lat0=lat0)
+    _STATE.update(model=model, input_shape=input_shape, ignore=list(ignore), space=space,
+                  scores=scores, batches=batches, bn_batches=cfg.bn_batches, x=x, y=y, metric=metric, baseline=baseline,
+                  flops0=flops0, params0=params0, profile=profile, lat0=lat0)
     jobs = [(g.name, r) for g in graph.groups() for r in cfg.ratios]
     results: list[dict[str, Any]] = []
     try:
@@ -156,11 +172,12 @@ def run_sensitivity(
         "schema_version": SCHEMA_VERSION,
         "config": asdict(cfg),
         "model": meta or {},
-        "fingerprint": fingerprint(model, cfg, data.name, ignore, channel_multiple),
+        "fingerprint": fingerprint(model, cfg, data.name, ignore, space),
         "baseline_accuracy": baseline,
         "val_subset": n,
         "latency_profile": {"fingerprint": profile["fingerprint"], "target": profile["target"]["name"],
                             "baseline_predicted_ms": lat0} if profile else None,
+        "width_space": {"multiple": space.multiple, "narrow": list(space.narrow)},
         "flops": flops0,
         "params": params0,
         "groups": groups,
@@ -169,15 +186,20 @@ def run_sensitivity(
     }
 
 
-def fingerprint(model: nn.Module, cfg: SensitivityConfig, data: str, ignore: Sequence[str], multiple: int) -> str:
+def fingerprint(model: nn.Module, cfg: SensitivityConfig, data: str, ignore: Sequence[str], multiple: int | WidthSpace) -> str:
     """Identifies what a sensitivity file was computed from, so compress can reuse it safely."""
+    space = multiple if isinstance(multiple, WidthSpace) else WidthSpace(multiple)
+    # A space without narrow widths keeps the plain multiple's fingerprint.
+    widths: Any = (space.multiple, space.narrow) if space.narrow else space.multiple
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     cfg_d = asdict(cfg)
     cfg_d.pop("workers")  # how the work was split does not change the result
-    h.update(repr((sorted(cfg_d.items()), data, list(ignore), multiple)).encode())
+    if not cfg_d["bn_batches"]:
+        cfg_d.pop("bn_batches")  # files written without the field stay valid
+    h.update(repr((sorted(cfg_d.items()), data, list(ignore), widths)).encode())
     return h.hexdigest()[:16]
 
 

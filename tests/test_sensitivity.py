@@ -54,3 +54,39 @@ def test_sensitivity_bad_input(tiny_run: Path, tmp_path: Path) -> None:
     r = runner.invoke(app, ["sensitivity", "--weights", str(tiny_run), "--ignore", "nope", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "--ignore names no layer" in r.output
     assert not (tmp_path / "sensitivity.json").exists()
+
+
+def test_sensitivity_measures_the_narrow_widths_of_the_width_space(tiny_run: Path) -> None:
+    """A group of one channel block (16 of 16) is measured below it when the space has narrow widths:
+    rounding to the block alone would leave it unmeasured, and the allocator would price it as free."""
+    from deploy_prune.widths import WidthSpace
+
+    model, _ = load_model(tiny_run)
+    data = load_data("digits", DataOptions())
+    cfg = SensitivityConfig(criterion="l1", ratios=(0.5, 0.75), val_samples=100, score_batches=1)
+    aligned = run_sensitivity(model, data, cfg, channel_multiple=16)
+    spaced = run_sensitivity(model, data, cfg, channel_multiple=WidthSpace(16, (4, 8, 12)))
+    first = {r: next(g for g in res["groups"] if g["channels"] == 16) for r, res in (("aligned", aligned), ("spaced", spaced))}
+    assert [e["kept_channels"] for e in first["aligned"]["entries"]] == [16, 16]
+    assert [e["accuracy_drop"] for e in first["aligned"]["entries"]] == [0.0, 0.0]
+    assert [e["kept_channels"] for e in first["spaced"]["entries"]] == [8, 4]
+    assert first["spaced"]["entries"][1]["accuracy_drop"] > 0
+    assert spaced["width_space"] == {"multiple": 16, "narrow": [4, 8, 12]}
+    assert spaced["fingerprint"] != aligned["fingerprint"]  # a file from the aligned space is not reused
+    assert aligned["fingerprint"] == fingerprint(model, cfg, "digits", [], WidthSpace(16))
+
+
+def test_sensitivity_after_adaptive_bn(tiny_run: Path) -> None:
+    """``bn_batches`` re-estimates BatchNorm statistics after each cut: a deep cut of the stream then
+    loses less than with the stale ones, and the file is told apart from a raw one."""
+    model, _ = load_model(tiny_run)
+    data = load_data("digits", DataOptions())
+    raw_cfg = SensitivityConfig(criterion="l1", ratios=(0.75,), val_samples=200, score_batches=2)
+    bn_cfg = SensitivityConfig(criterion="l1", ratios=(0.75,), val_samples=200, score_batches=2, bn_batches=2)
+    raw, bn = run_sensitivity(model, data, raw_cfg), run_sensitivity(model, data, bn_cfg)
+    drops = [(r["entries"][0]["accuracy_drop"], b["entries"][0]["accuracy_drop"]) for r, b in zip(raw["groups"], bn["groups"], strict=True)]
+    assert sum(b for _, b in drops) < sum(r for r, _ in drops), drops
+    assert raw["fingerprint"] != bn["fingerprint"] and bn["config"]["bn_batches"] == 2
+    assert raw["fingerprint"] == fingerprint(model, raw_cfg, "digits", [], 1)
+    with pytest.raises(UserError, match="--bn-batches must be from 0 to --score-batches"):
+        SensitivityConfig(score_batches=2, bn_batches=3)

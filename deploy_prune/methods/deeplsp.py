@@ -79,7 +79,7 @@ class DeepLSP:
     budget_kinds: tuple[str, ...] = BUDGET_KINDS
 
     def __init__(self, criterion: str = "taylor", amount: float | str = 0.05, tolerance: float = 0.005,
-                 candidates: int = 1, spread: float = 0.5, recover_steps: int = 24) -> None:
+                 candidates: int = 1, spread: float = 0.5, recover_steps: int = 24, sensitivity_bn: int = 0) -> None:
         if isinstance(amount, str) and amount != "adaptive":
             try:
                 amount = float(amount)
@@ -92,6 +92,8 @@ class DeepLSP:
         check_number(f"--method {self.name}: candidates", candidates, lo=1, integer=True)
         check_number(f"--method {self.name}: spread", spread, lo=0.0)
         check_number(f"--method {self.name}: recover_steps", recover_steps, lo=0, integer=True)
+        check_number(f"--method {self.name}: sensitivity_bn", sensitivity_bn, lo=0, integer=True)
+        self.sensitivity_bn = int(sensitivity_bn)
         self.criterion, self.amount, self.tolerance = criterion, amount, tolerance
         self.candidates, self.spread, self.recover_steps = int(candidates), float(spread), int(recover_steps)
         self.chosen: list[dict[str, Any]] = []
@@ -100,7 +102,8 @@ class DeepLSP:
         self.chosen_amounts: dict[str, float] = {}
 
     def settings(self) -> dict[str, Any]:
-        return {**self._common_settings(), "sensitivity_weights": {k: round(v, 6) for k, v in self.weights.items()}}
+        return {**self._common_settings(), "sensitivity_bn": self.sensitivity_bn,
+                "sensitivity_weights": {k: round(v, 6) for k, v in self.weights.items()}}
 
     def _common_settings(self) -> dict[str, Any]:
         return {"criterion": self.criterion, "amount": self.amount, "tolerance": self.tolerance,
@@ -113,7 +116,7 @@ class DeepLSP:
 
         from deploy_prune.graph import ModelGraph
 
-        sens = run.sensitivity(self.criterion)
+        sens = run.sensitivity(self.criterion, self.sensitivity_bn)
         # The sensitivity was measured on the unpruned model: fit its weights with that model's
         # scores (also when a resumed run's model is already pruned).
         base = copy.deepcopy(run.teacher)

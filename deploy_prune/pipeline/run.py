@@ -347,9 +347,10 @@ class Run:
         model.eval()
         return True
 
-    def sensitivity(self, criterion: str) -> dict[str, Any]:
+    def sensitivity(self, criterion: str, bn_batches: int = 0) -> dict[str, Any]:
         """The sensitivity analysis of the unpruned model: ``--sensitivity`` or the run's own
-        sensitivity.json when they match these weights and data, else computed now."""
+        sensitivity.json when they match these weights, data and settings, else computed now
+        (``bn_batches``: ``SensitivityConfig.bn_batches``)."""
         from deploy_prune.sensitivity import SensitivityConfig, fingerprint, load_sensitivity, sensitivity_run
 
         t0 = time.perf_counter()
@@ -365,8 +366,11 @@ class Run:
             res = load_sensitivity(p)
             c = res["config"]
             scfg = SensitivityConfig(**{**c, "ratios": tuple(c["ratios"])})
-            fp = fingerprint(self.teacher, scfg, self.data.name, self.cfg.ignore, self.target.channel_multiple)
-            if res["fingerprint"] == fp:
+            if scfg.bn_batches != bn_batches and cand == self.cfg.sensitivity:
+                raise UserError(f"--sensitivity {str(p)!r} was computed with --bn-batches {scfg.bn_batches}, the method asks for "
+                                f"{bn_batches}; rerun sensitivity with --bn-batches {bn_batches}")
+            fp = fingerprint(self.teacher, scfg, self.data.name, self.cfg.ignore, self.target.width_space())
+            if res["fingerprint"] == fp and scfg.bn_batches == bn_batches:
                 self.say(f"sensitivity: reusing {p}")
                 self.report["sensitivity"] = {"path": str(p), "reused": True, "criterion": c["criterion"]}
                 return res
@@ -375,9 +379,9 @@ class Run:
         self.say("sensitivity: pruning each group alone on the validation subset")
         scfg = SensitivityConfig(criterion=criterion, val_samples=self.cfg.sensitivity_samples,
                                  score_batches=self.cfg.score_batches, batch_size=self.cfg.batch_size,
-                                 workers=self.cfg.workers, seed=self.cfg.seed)
+                                 workers=self.cfg.workers, seed=self.cfg.seed, bn_batches=bn_batches)
         res = sensitivity_run(self.out, copy.deepcopy(self.teacher), self.data, scfg, ignore=self.cfg.ignore,
-                              channel_multiple=self.target.channel_multiple, meta=self.meta["model"], profile=self.profile,
+                              channel_multiple=self.target.width_space(), meta=self.meta["model"], profile=self.profile,
                               metric=self.metric if self.parts.evaluate is not None else None,
                               on_job=lambda d, n: self.count("sensitivity", d, n))
         self.report["sensitivity"] = {"path": str(self.out / "sensitivity.json"), "reused": False, "criterion": criterion}
