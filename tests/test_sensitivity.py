@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -90,3 +92,28 @@ def test_sensitivity_after_adaptive_bn(tiny_run: Path) -> None:
     assert raw["fingerprint"] == fingerprint(model, raw_cfg, "digits", [], 1)
     with pytest.raises(UserError, match="--bn-batches must be from 0 to --score-batches"):
         SensitivityConfig(score_batches=2, bn_batches=3)
+
+
+def test_compress_reuses_a_sensitivity_made_for_its_target_widths(tiny_run: Path, tmp_path: Path,
+                                                                   quick_target_yaml: Callable[[int], Path]) -> None:
+    """``--sensitivity`` is reused when it was measured at the target's widths (16-channel blocks
+    and the narrow widths below them), and refused with the fix when it was not."""
+    target = str(quick_target_yaml(16))
+    common = ["--weights", str(tiny_run), "--data", "digits", "--criterion", "l1", "--val-samples", "100", "--score-batches", "2"]
+    for name, extra in (("s16", ["--target", target]), ("s1", [])):
+        r = runner.invoke(app, ["sensitivity", *common, *extra, "--profiles", str(tmp_path / "p"), "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+    s16 = json.loads((tmp_path / "s16" / "sensitivity.json").read_text())
+    first = next(g for g in s16["groups"] if g["channels"] == 16)
+    assert {e["kept_channels"] for e in first["entries"]} == {16, 12, 8, 4}
+
+    def compress(sens: str, out: str) -> Any:
+        return runner.invoke(app, ["compress", "--weights", str(tiny_run), "--data", "digits", "--train-limit", "300",
+                                   "--target", target, "--flops-ratio", "0.6", "--method", "deeplsp", "--criterion", "l1", "--epochs", "0",
+                                   "--sensitivity", str(tmp_path / sens), "--profiles", str(tmp_path / "p"), "--out", str(tmp_path / out)])
+
+    r = compress("s16", "c16")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c16" / "report.json").read_text())["sensitivity"]["reused"] is True
+    r = compress("s1", "c1")
+    assert r.exit_code == 2 and f"target widths; rerun sensitivity with --target {target}" in r.output, r.output

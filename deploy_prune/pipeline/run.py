@@ -376,7 +376,8 @@ class Run:
                 self.report["sensitivity"] = {"path": str(p), "reused": True, "criterion": c["criterion"]}
                 return res
             if cand == self.cfg.sensitivity:
-                raise UserError(f"--sensitivity {str(p)!r} was computed for other weights, data or --ignore; rerun sensitivity")
+                raise UserError(f"--sensitivity {str(p)!r} was computed for other weights, data, --ignore or target widths; "
+                                f"rerun sensitivity with --target {self.cfg.target}")
         self.say("sensitivity: pruning each group alone on the validation subset")
         scfg = SensitivityConfig(criterion=criterion, val_samples=self.cfg.sensitivity_samples,
                                  score_batches=self.cfg.score_batches, batch_size=self.cfg.batch_size,
