@@ -407,8 +407,9 @@ class Run:
         if self._baseline_onnx is None:
             self._baseline_onnx = self.onnx(self.teacher)
             self._last_timed = (arch(self.teacher), self._baseline_onnx)
-        if self._last_timed is None or self._last_timed[0] != arch(model):
-            self._last_timed = (arch(model), self.onnx(model))
+        key = arch(model)
+        if self._last_timed is None or self._last_timed[0] != key:
+            self._last_timed = (key, self.onnx(model))
         cand = self._last_timed[1]
         self._add_seconds("export", time.perf_counter() - t0)
         t0 = time.perf_counter()
