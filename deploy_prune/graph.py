@@ -168,7 +168,7 @@ class ModelGraph:
         device = next(iter(model.parameters()), torch.empty(0)).device
         self.example = torch.randn(1, *input_shape, device=device)
         # the widths a group may keep (``widths``); a bare number is a multiple with no narrow widths
-        self.space = channel_multiple if isinstance(channel_multiple, WidthSpace) else WidthSpace(channel_multiple)
+        self.space = WidthSpace.of(channel_multiple)
         self.channel_multiple = self.space.multiple
         modules = dict(model.named_modules())
         self.ignore_names = list(ignore)

@@ -123,7 +123,7 @@ def run_sensitivity(
     (the drops are then in its units), and the jobs run in this process."""
     t0 = time.perf_counter()
     input_shape = data.input_shape
-    space = channel_multiple if isinstance(channel_multiple, WidthSpace) else WidthSpace(channel_multiple)
+    space = WidthSpace.of(channel_multiple)
     graph = ModelGraph(model, input_shape, ignore, space)
     # Fixed validation subset: the first ``val_samples`` of the seeded validation split.
     x = y = None
@@ -188,7 +188,7 @@ def run_sensitivity(
 
 def fingerprint(model: nn.Module, cfg: SensitivityConfig, data: str, ignore: Sequence[str], multiple: int | WidthSpace) -> str:
     """Identifies what a sensitivity file was computed from, so compress can reuse it safely."""
-    space = multiple if isinstance(multiple, WidthSpace) else WidthSpace(multiple)
+    space = WidthSpace.of(multiple)
     # A space without narrow widths keeps the plain multiple's fingerprint.
     widths: Any = (space.multiple, space.narrow) if space.narrow else space.multiple
     h = hashlib.sha256()

@@ -53,6 +53,11 @@ class WidthSpace:
         object.__setattr__(self, "multiple", max(1, int(self.multiple)))
         object.__setattr__(self, "narrow", tuple(sorted({int(n) for n in self.narrow if 0 < int(n) < self.multiple})))
 
+    @classmethod
+    def of(cls, widths: int | WidthSpace) -> WidthSpace:
+        """``widths`` itself, or a bare number as a multiple with no narrow widths."""
+        return widths if isinstance(widths, WidthSpace) else cls(widths)
+
     def keeps(self, channels: int, floor: int = 1) -> list[int]:
         """Every width a group of ``channels`` may keep, at least ``floor`` (or all of it)."""
         m = self.multiple
