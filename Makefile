@@ -62,3 +62,10 @@ data:
 
 clean:
 	rm -rf runs/demo .pytest_cache .mypy_cache .ruff_cache
+
+# deploy-prune's CUDA paths on this machine's GPU in about five minutes, with the .venv as it is
+# (no install step): benchmarks/results/device_check.json and .md (docs/backends.md).
+# Arguments through DEVICE_CHECK_ARGS, e.g. DEVICE_CHECK_ARGS="runs/gpu.json --budget-s 240".
+.PHONY: device-check
+device-check:
+	benchmarks/device_check.sh $(DEVICE_CHECK_ARGS)

@@ -13,23 +13,34 @@ Protocol (HTTP/1.0, JSON bodies, one request per connection):
 
 ``GET /info``
     ``{"tool_version", "backend", "backend_versions", "device", "cpu", "hostname", "platform",
-    "cpu_count", "max_body_mb"}``.
+    "cpu_count", "max_body_mb", "max_request_s"}``.
 ``POST /time``
     Body ``{"target": {name, backend, device, precision, threads, batch, input_shape, options, ...},
     "protocol": {"warmup", "repeats", "rounds", "min_time_s"}, "models": {key: base64 ONNX}}``.
+    ``options`` may hold only ``options.<the agent's backend>``, and in it only the options of
+    ``_BACKEND_OPTIONS`` (scheduling and precision settings; none that names a file or directory,
+    such as OpenVINO's ``CACHE_DIR``), with values of the kind listed there.
     Answer ``{"stats": {key: Stats.as_dict()}, "shapes": {key: first input shape}, "info": {...}}``.
     With ``"layer_runs": N`` in the body the answer adds ``"layers": {key: {node: ms}}``, the
     backend's own per-node times (interquartile mean of N runs), as ``LocalMeasurer.layer_times`` gives them.
     The agent times the models with exactly the code a local run uses
     (``LocalMeasurer`` and ``deploy_prune.latency.timing.measure``), one request at a time, so
-    that two clients never disturb each other's timings.
+    that two clients never disturb each other's timings. Before each model is loaded and each
+    run of a model, the work stops once it has run ``MAX_REQUEST_S`` (answered with a 400 saying
+    so) or once the client has closed its connection, which is also looked at while the request
+    waits for its turn (nothing is answered; the log shows status 499). A client that closes
+    only its sending side counts as gone. Per-layer counters (``layer_runs``) stop between
+    models only.
 
 Errors are JSON ``{"error": message}`` with 400 (bad request, bad model, wrong backend, any
 ``UserError``; also a body shorter than its Content-Length, a model with external data, bad JSON
-including bare ``NaN``/``Infinity``, and a protocol number out of range), 401 (token), 404, 405,
-411 (no Content-Length), 413 (over ``--max-body-mb``), 503 (over ``MAX_CONNECTIONS`` open
-connections; retry shortly) or 500 (unexpected failure: exception type and first line). The client
-turns each into one ``UserError`` line naming the URL and the fix.
+including bare ``NaN``/``Infinity``, a protocol number out of range, a backend option not allowed,
+a model input that is not float32 (or uint8/int8), a model whose inputs would hold more than
+``MAX_INPUT_ELEMENTS`` elements once ``batch`` and ``input_shape`` are applied, and work past
+``MAX_REQUEST_S``), 401 (token), 404, 405, 411 (no Content-Length), 413 (over ``--max-body-mb``),
+503 (over ``MAX_CONNECTIONS`` open connections; retry shortly) or 500 (unexpected failure:
+exception type and first line). The client turns each into one ``UserError`` line naming the URL
+and the fix.
 
 Security model: the agent runs models it is sent, so only holders of the shared token may talk
 to it. The token lives in an environment variable on both ends (never on a command line, where
@@ -44,11 +55,15 @@ thread each); the accepting thread answers any beyond that with 503 itself. Ever
 protocol is checked against a range (``_PROTOCOL_LIMITS``), every model must parse, keep its
 weights inside (external data would make the backend open files on the device, relative to the
 agent's working directory) and pass ``onnx.checker`` before a backend sees it, and every answer is
-strict JSON (no ``NaN``). The log names method, path, status and duration, never headers or the
-token. Plain HTTP carries the token and the models unencrypted, so the agent listens on 127.0.0.1
-by default; across a network, forward the port through SSH (``ssh -N -L 8765:127.0.0.1:8765
-device``) rather than binding to a public address, or put it behind a TLS-terminating proxy
-(``https://`` URLs work).
+strict JSON (no ``NaN``). Backend options come from an allow-list (``_BACKEND_OPTIONS``), so a
+request cannot point the backend at files or directories of the device. The memory a request
+makes the agent allocate is bounded by ``MAX_INPUT_ELEMENTS`` per model, and the time it keeps
+the agent busy by ``MAX_REQUEST_S`` and by its client staying connected. The log names method,
+path, status and duration, never headers or the token; the path and any traceback are logged
+with control characters escaped (``_printable``). Plain HTTP carries the token and the models
+unencrypted, so the agent listens on 127.0.0.1 by default; across a network, forward the port
+through SSH (``ssh -N -L 8765:127.0.0.1:8765 device``) rather than binding to a public address,
+or put it behind a TLS-terminating proxy (``https://`` URLs work).
 
 This is one module, over the usual length, because it is the agent's whole surface: the request
 handler, the checks every request and model passes, and the server's connection and size limits
@@ -72,7 +87,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -104,8 +119,70 @@ _PROTOCOL_LIMITS: dict[str, tuple[type, float, float]] = {
 }
 _TARGET_LIMITS: dict[str, tuple[type, float, float]] = {"threads": (int, 0, 4096), "batch": (int, 1, 65536)}
 _MAX_DIM = 65536  # largest entry of input_shape
+# Elements of all the inputs one model is fed (batch and input_shape resolved as ``feed_for``
+# does): 2**26, 256 MiB of float32, over 20 images of 3x1024x1024.
+MAX_INPUT_ELEMENTS = 1 << 26
+# Input element types the agent feeds (``feed_for``), as onnx.TensorProto data types: FLOAT, and
+# the UINT8/INT8 of a quantized layer's input.
+_INPUT_TYPES = {1, 2, 3}
+# Seconds of work one POST /time may take once it holds the measurement lock (loading, warm-up,
+# timing); past it the work stops and the client gets a 400. Twice the longest read time-out a
+# bundled target sets (jetson-orin-nano: 1800 s, for TensorRT engine builds), so that work a
+# client still waits for is not cut; a client that gives up sooner stops the work by closing.
+MAX_REQUEST_S = 3600.0
+CLIENT_POLL_S = 0.25  # how often running work checks that its client is still connected
 
 
+@dataclasses.dataclass(frozen=True)
+class _Option:
+    """One backend option a request may set: what its value must be (shown in errors) and the test."""
+
+    what: str
+    ok: Callable[[Any], bool]
+
+
+def _one_of(*values: str) -> _Option:
+    return _Option("one of " + ", ".join(values), lambda v: isinstance(v, str) and v in values)
+
+
+def _int_in(lo: int, hi: int, *words: str) -> _Option:
+    what = f"an integer in [{lo}, {hi}]" + "".join(f" or {w}" for w in words)
+    return _Option(what, lambda v: (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi)
+                   or (isinstance(v, str) and v in words))
+
+
+_FLAG = _Option("true, false, YES or NO", lambda v: isinstance(v, bool) or v in ("YES", "NO"))
+_BOOL = _Option("true or false", lambda v: isinstance(v, bool))
+# The backend options (``target.options.<backend>``) a request may set: settings of how the
+# backend schedules and computes, none that names a file or directory (OpenVINO's CACHE_DIR or
+# WEIGHTS_PATH would make the agent write or read paths the client picks). The onnxruntime
+# backend reads no options; torch's and tensorrt's are those their backends take.
+_BACKEND_OPTIONS: dict[str, dict[str, _Option]] = {
+    "onnxruntime": {},
+    "openvino": {
+        "PERFORMANCE_HINT": _one_of("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"),
+        "PERFORMANCE_HINT_NUM_REQUESTS": _int_in(0, 1024),
+        "NUM_STREAMS": _int_in(0, 4096, "AUTO"),
+        "INFERENCE_NUM_THREADS": _int_in(0, 4096),
+        "INFERENCE_PRECISION_HINT": _one_of("f32", "bf16", "f16"),
+        "EXECUTION_MODE_HINT": _one_of("PERFORMANCE", "ACCURACY"),
+        "ENABLE_CPU_PINNING": _FLAG,
+        "ENABLE_HYPER_THREADING": _FLAG,
+        "SCHEDULING_CORE_TYPE": _one_of("ANY_CORE", "PCORE_ONLY", "ECORE_ONLY"),
+        "CPU_DENORMALS_OPTIMIZATION": _FLAG,
+    },
+    "torch": {
+        "compile": _BOOL,
+        "compile_mode": _one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        "cudnn_benchmark": _BOOL,
+    },
+    "tensorrt": {
+        "workspace_mb": _int_in(1, 1 << 20),
+        "builder_optimization_level": _int_in(0, 5),
+        "tf32": _BOOL,
+        "cache": _BOOL,  # engines go to the agent's own cache directory (backends.tensorrt.cache_dir)
+    },
+}
 
 
 def _show(value: Any, limit: int = 40) -> str:
@@ -115,6 +192,24 @@ def _show(value: Any, limit: int = 40) -> str:
     except ValueError:  # an int over Python's digit limit
         text = f"an integer of about {value.bit_length() * 0.30103:.0f} digits"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_LOG_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _printable(text: str) -> str:
+    """``text`` for a log line, escaped as a Python string literal would be (backslash, ``\\n``,
+    ``\\r``, ``\\t``, ``\\xNN``, ``\\uNNNN``) wherever it is not printable, so that a request can
+    neither start log lines nor send terminal escapes through the log."""
+    out = []
+    for ch in text:
+        if ch in _LOG_ESCAPES:
+            out.append(_LOG_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ascii(ch)[1:-1] if ord(ch) > 0xFF else f"\\x{ord(ch):02x}")
+    return "".join(out)
 
 
 
@@ -138,6 +233,16 @@ def _check_number(where: str, value: Any, kind: type, lo: float, hi: float) -> A
     return value
 
 
+def _log_traceback(e: BaseException) -> None:
+    """``e``'s traceback on stderr, its message escaped whole (``_printable``): a message may quote
+    what a request sent (a model's node names), and none of it may start a log line of its own."""
+    te = traceback.TracebackException.from_exception(e)
+    stack = "".join(te.stack.format()).rstrip("\n").split("\n")
+    message = "".join(te.format_exception_only()).rstrip("\n")
+    print("Traceback (most recent call last):", *(_printable(line) for line in stack), _printable(message),
+          sep="\n", file=sys.stderr, flush=True)
+
+
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -155,6 +260,82 @@ class _HTTPError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class _ClientGone(Exception):
+    """The client closed its connection: nobody waits for the work's result."""
+
+
+class _OverTime(Exception):
+    """The work ran past ``MAX_REQUEST_S``."""
+
+
+def _client_gone(sock: socket.socket) -> bool:
+    """Whether the peer closed ``sock`` (or reset it): a non-blocking peek finds the end of the
+    stream. A client that has sent its request and waits for the answer sends nothing more."""
+    timeout = sock.gettimeout()
+    try:
+        sock.settimeout(0.0)
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:  # nothing to read: still there
+        return False
+    except OSError:  # reset, or closed here
+        return True
+    finally:
+        try:
+            sock.settimeout(timeout)
+        except OSError:
+            pass
+
+
+class _Watch:
+    """Stops a request's work, between two runs of a model: past ``MAX_REQUEST_S`` from
+    ``start`` (``_OverTime``) or once the client has closed its connection (``_ClientGone``,
+    looked at every ``CLIENT_POLL_S``)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline = math.inf
+        self.next_poll = 0.0
+
+    def start(self) -> None:
+        self.deadline = time.monotonic() + MAX_REQUEST_S
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now > self.deadline:
+            raise _OverTime
+        if now >= self.next_poll:
+            self.next_poll = now + CLIENT_POLL_S
+            if _client_gone(self.sock):
+                raise _ClientGone
+
+
+def _watched_measurer(target: Target, watch: _Watch) -> Any:
+    """A ``LocalMeasurer`` for ``target`` whose every run of a model, and every model loaded,
+    first passes ``watch.check()`` (outside the timed span: ``time_once`` times itself)."""
+    from deploy_prune.latency.measure import LocalMeasurer, ModelSource
+
+    class Watched(LocalMeasurer):
+        def timer(self, key: str, model: ModelSource) -> Callable[[], float]:
+            watch.check()
+            run = super().timer(key, model)
+            check = watch.check
+
+            def timed() -> float:
+                check()
+                return run()
+
+            return timed
+
+        def layer_times(self, models: Mapping[str, ModelSource], runs: int = 20) -> dict[str, dict[str, float]]:
+            out: dict[str, dict[str, float]] = {}
+            for key, src in models.items():  # a model's own counter runs have no stop in between
+                watch.check()
+                out.update(super().layer_times({key: src}, runs))
+            return out
+
+    return Watched(target)
 
 
 class _AgentServer(ThreadingHTTPServer):
@@ -249,6 +430,7 @@ class _Handler(BaseHTTPRequestHandler):
         t0 = time.perf_counter()
         path = self.path.split("?", 1)[0]
         self._body_read = False
+        note = ""
         try:
             self._check_token()
             routes: dict[str, dict[str, Callable[[], dict[str, Any]]]] = {
@@ -260,23 +442,26 @@ class _Handler(BaseHTTPRequestHandler):
             if method not in routes[path]:
                 raise _HTTPError(405, f"{path} takes {', '.join(routes[path])}, not {method}")
             status, answer = 200, routes[path][method]()
+        except _ClientGone:
+            status, answer, note = 499, None, " (client closed the connection; its work was stopped)"
         except _HTTPError as e:
             status, answer = e.status, {"error": e.message}
         except UserError as e:
             status, answer = 400, {"error": str(e)}
         except Exception as e:  # reported to the client; the agent keeps serving
-            traceback.print_exc(file=sys.stderr)
+            _log_traceback(e)
             status, answer = 500, {"error": f"{type(e).__name__}: {_first_line(e)}"}
-        try:
-            data = _dumps(answer)
-        except ValueError as e:  # a NaN or infinity in the answer: strict JSON has no token for it
-            status, data = 500, _dumps({"error": f"the agent's answer holds a non-finite number ({_first_line(e)})"})
-        try:
-            self._reply(status, data)
-        except OSError:  # the client went away
-            pass
-        print(f"agent: {self.client_address[0]} {method} {path} {status} {time.perf_counter() - t0:.3f}s",
-              file=sys.stderr, flush=True)
+        if answer is not None:
+            try:
+                data = _dumps(answer)
+            except ValueError as e:  # a NaN or infinity in the answer: strict JSON has no token for it
+                status, data = 500, _dumps({"error": f"the agent's answer holds a non-finite number ({_first_line(e)})"})
+            try:
+                self._reply(status, data)
+            except OSError:  # the client went away
+                pass
+        print(f"agent: {self.client_address[0]} {method} {_printable(path)} {status} "
+              f"{time.perf_counter() - t0:.3f}s{note}", file=sys.stderr, flush=True)
 
     def _check_token(self) -> None:
         got = self.headers.get("Authorization", "")
@@ -340,16 +525,26 @@ class _Handler(BaseHTTPRequestHandler):
         if target.backend != self.server.backend_name:
             raise _HTTPError(400, f"this agent serves backend {self.server.backend_name!r}, not {target.backend!r}; "
                                   f"start one with --backend {target.backend} or use a {self.server.backend_name} target")
+        _check_options(target.options, target.backend)
         protocol = _protocol_from_request(req["protocol"])
-        models = _models_from_request(req["models"])
-
-        from deploy_prune.latency.measure import LocalMeasurer
-
+        models = _models_from_request(req["models"], target)
         layer_runs = _check_number("layer_runs", req.get("layer_runs", 0), int, 0, 10000)
-        with self.server.lock:  # one measurement at a time: concurrent runs would skew each other
-            m = LocalMeasurer(dataclasses.replace(target, agent=None))
+        watch = _Watch(self.connection)
+        # One measurement at a time: concurrent runs would skew each other. A client that leaves
+        # while waiting gives up its turn.
+        while not self.server.lock.acquire(timeout=CLIENT_POLL_S):
+            watch.check()
+        try:
+            watch.start()
+            m = _watched_measurer(dataclasses.replace(target, agent=None), watch)
             stats = m.time(models, protocol)
             layers = m.layer_times(models, layer_runs) if layer_runs else None
+        except _OverTime:
+            raise _HTTPError(400, f"the request ran past this agent's limit of {MAX_REQUEST_S:g} s of work per request "
+                                  "and was stopped; ask for less per request (fewer models, repeats or rounds, "
+                                  "a smaller min_time_s or layer_runs)") from None
+        finally:
+            self.server.lock.release()
         answer = {"stats": {k: s.as_dict() for k, s in stats.items()}, "shapes": m.shapes, "info": self.server.info}
         if layers is not None:
             answer["layers"] = layers
@@ -409,6 +604,73 @@ def _target_from_request(raw: Any) -> Target:
     return target_from_dict(fields, source="sent to the agent")
 
 
+def _key(name: str) -> str:
+    """An option's name as it goes into a dotted path in an error: as is when it is a plain word, else quoted (``_show``)."""
+    return name if name.replace("_", "").isalnum() and name.isascii() and len(name) <= 40 else _show(name)
+
+
+def _check_options(options: dict[str, Any], backend: str) -> None:
+    """A 400 unless ``options`` holds only ``options.<backend>`` with keys and values of ``_BACKEND_OPTIONS``."""
+    allowed = _BACKEND_OPTIONS.get(backend, {})
+    listed = ", ".join(allowed) if allowed else f"none (backend {backend} here takes no options)"
+    for name, sub in options.items():
+        if name != backend:
+            raise _HTTPError(400, f"target.options.{_key(name)} is not for backend {backend}, which this agent serves; "
+                                  f"options go under target.options.{backend} (allowed: {listed})")
+        if sub is not None and not isinstance(sub, dict):
+            raise _HTTPError(400, f"target.options.{backend} must be a mapping of options; allowed: {listed}")
+        for key, value in (sub or {}).items():
+            option = allowed.get(key)
+            if option is None:
+                raise _HTTPError(400, f"target.options.{backend}.{_key(key)} is not an option this agent accepts; "
+                                      f"allowed: {listed}")
+            if not option.ok(value):
+                raise _HTTPError(400, f"target.options.{backend}.{key} must be {option.what}, got {_show(value)}")
+
+
+def _check_inputs(key: str, graph: Any, target: Target) -> None:
+    """A 400 for an input the agent cannot feed: an element type ``feed_for`` does not make
+    (``_INPUT_TYPES``), or more than ``MAX_INPUT_ELEMENTS`` elements in all (dims resolved as
+    ``feed_for`` resolves them: ``batch`` for a dynamic first dim, ``input_shape`` for the rest
+    of the first input's; a dim still unknown is left to ``feed_for``'s error)."""
+    import numpy as np
+    import onnx
+
+    weights = {t.name for t in graph.initializer}
+    total, shown = 0, []
+    for i, vi in enumerate(v for v in graph.input if v.name not in weights):
+        kind = vi.type.WhichOneof("value")
+        if kind != "tensor_type":
+            raise _HTTPError(400, f"model {key} input {_show(vi.name)} is a {kind or 'value of no type'}, not a tensor; "
+                                  "the agent feeds float32 tensors (uint8/int8 for a quantized layer's input)")
+        elem = vi.type.tensor_type.elem_type
+        if elem not in _INPUT_TYPES:
+            try:  # numpy's name (float64, int64), else ONNX's (bfloat16, string)
+                name = str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).name)
+            except Exception:
+                name = onnx.TensorProto.DataType.Name(elem).lower() if elem in onnx.TensorProto.DataType.values() else str(elem)
+            raise _HTTPError(400, f"model {key} input {_show(vi.name)} is {name}; the agent feeds float inputs "
+                                  "(float32, or uint8/int8 for a quantized layer's input): export the model with a "
+                                  "float32 input")
+        if not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims: list[int | None] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                                  for d in vi.type.tensor_type.shape.dim]
+        if i == 0 and dims and dims[0] is None:
+            dims[0] = target.batch
+        if i == 0 and target.input_shape and any(d is None for d in dims[1:]):
+            dims = [dims[0], *target.input_shape]
+        if any(d is None for d in dims):
+            continue
+        total += math.prod(d for d in dims if d is not None)
+        shown.append(f"{_show(vi.name)} {'x'.join(str(d) for d in dims)}")
+    if total > MAX_INPUT_ELEMENTS:
+        gib = total * 4 / (1024 * _MIB)
+        raise _HTTPError(400, f"model {key} would be fed {total} input elements ({', '.join(shown[:3])}; {gib:.1f} GiB "
+                              f"as float32), over this agent's cap of {MAX_INPUT_ELEMENTS} "
+                              f"({MAX_INPUT_ELEMENTS * 4 // _MIB} MiB); ask for a smaller target.input_shape or batch")
+
+
 def _protocol_from_request(raw: Any) -> Protocol:
     if not isinstance(raw, dict):
         raise _HTTPError(400, f"protocol must be a JSON object with {', '.join(_PROTOCOL_FIELDS)}")
@@ -420,7 +682,7 @@ def _protocol_from_request(raw: Any) -> Protocol:
                     min_time_s=float(vals["min_time_s"]))
 
 
-def _models_from_request(raw: Any) -> dict[str, bytes]:
+def _models_from_request(raw: Any, target: Target) -> dict[str, bytes]:
     import onnx
 
     if not isinstance(raw, dict) or not raw:
@@ -447,6 +709,7 @@ def _models_from_request(raw: Any) -> dict[str, bytes]:
             onnx.checker.check_model(model)
         except Exception as e:  # onnx ValidationError, ...
             raise _HTTPError(400, f"model {key} is not a valid ONNX model: {_first_line(e)}") from None
+        _check_inputs(key, model.graph, target)
         out[key] = data
     return out
 
@@ -536,6 +799,7 @@ def make_server(backend: str, host: str, port: int, token_env: str, max_body_mb:
         "platform": platform.platform(),
         "cpu_count": _cpu_count(),
         "max_body_mb": max_body_mb,
+        "max_request_s": MAX_REQUEST_S,
     }
     server_cls: type[_AgentServer] = _AgentServer6 if ":" in host else _AgentServer  # ":" = an IPv6 address
     try:

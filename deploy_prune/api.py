@@ -14,10 +14,12 @@ the same pipeline (``deploy_prune.pipeline``), so a notebook gets exactly what t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from deploy_prune.budget import Budget
+from deploy_prune.checks import check_api_args
 from deploy_prune.config import Target
 from deploy_prune.data import DataBundle
 from deploy_prune.errors import UserError
@@ -42,6 +45,34 @@ _CONFIG_FIELDS = {f.name for f in dataclasses.fields(CompressConfig)}
 # Set by compress() itself from its own arguments, never through **settings.
 _RESERVED = {"out", "weights", "model", "data", "data_options", "target", "method", "method_options",
              "latency_ms", "latency_ratio", "flops_ratio", "params_ratio", "sparsity", "keep_ratio"}
+
+
+SCRATCH = "<a new temporary directory>"  # the out of a run given out=None, until _scratch makes it
+
+
+def _scratch(cfg: CompressConfig) -> CompressConfig:
+    """``cfg`` with a new ``deploy-prune-*`` temporary directory as ``out`` where none was given."""
+    if str(cfg.out) != SCRATCH:
+        return cfg
+    return dataclasses.replace(cfg, out=Path(tempfile.mkdtemp(prefix="deploy-prune-")))
+
+
+@contextlib.contextmanager
+def _scratch_removed_on_failure(cfg: CompressConfig, scratch: bool) -> Iterator[None]:
+    """A run in a temporary directory (``out=None``) that fails leaves nothing: the directory
+    goes, and the error no longer points at checkpoints in it."""
+    try:
+        yield
+    except BaseException as e:
+        if not scratch:
+            raise
+        shutil.rmtree(cfg.out, ignore_errors=True)
+        from deploy_prune.pipeline.stages import without_resume_hint
+
+        if not isinstance(e, UserError) or without_resume_hint(str(e)) == str(e):
+            raise
+        raise type(e)(f"{without_resume_hint(str(e))} (the run's temporary directory is removed; pass out= to keep "
+                      "the checkpoints of a failed run for resume=True)") from None
 
 
 @dataclass
@@ -108,7 +139,9 @@ def _prepare(model: nn.Module, example_input: torch.Tensor, *, target: str | Tar
              finetune: Callable[[nn.Module, float, FinetuneContext], object] | None,
              evaluate: Callable[[nn.Module], float] | None, loss: Callable[[nn.Module, Any], torch.Tensor] | None,
              metric: str | None, out: str | Path | None, settings: dict[str, Any]) -> tuple[CompressConfig, UserParts]:
-    """The pipeline's settings and the user's parts, from the API's arguments (checked)."""
+    """The pipeline's settings and the user's parts, from the API's arguments (checked); with
+    ``out=None`` the settings' ``out`` is ``SCRATCH``, for ``_scratch`` to replace."""
+    check_api_args(model, example_input, target, budget)
     train_ds, val_ds = _dataset(train), _dataset(val)
     if train_ds is None:
         raise UserError("compress needs train data (a Dataset or DataLoader): its first batches rank the channels")
@@ -124,10 +157,10 @@ def _prepare(model: nn.Module, example_input: torch.Tensor, *, target: str | Tar
         config.setdefault("kd", False)  # the user's loss is the task's; distillation would replace it
     data = _bundle(model, example_input, train_ds, val_ds, items_checked=loss is None)
     name = metric or (str(getattr(evaluate, "__name__", "metric")) if evaluate is not None else "accuracy")
-    out_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="deploy-prune-"))
     given: dict[str, Any] = {**budget.settings(), **config}
-    cfg = CompressConfig(out=out_dir, weights="", data="user", target=target if isinstance(target, str) else target.name,
-                         method=method, method_options=method_options, **given)
+    cfg = CompressConfig(out=Path(out) if out is not None else Path(SCRATCH), weights="", data="user",
+                         target=target if isinstance(target, str) else target.name, method=method,
+                         method_options=method_options, **given)
     parts = UserParts(model=model, spec=model_spec(model), data=data, target=target if isinstance(target, Target) else None,
                       finetune=finetune, evaluate=evaluate, metric=name if name != "<lambda>" else "metric", loss=loss,
                       parity_input=example_input)
@@ -164,6 +197,11 @@ def compress(
     - ``evaluate(model) -> float``: your metric, higher is better, named ``metric`` in the report
       (default: the function's name).
     - ``loss(model, batch) -> Tensor``: your task's loss inside the built-in loop.
+    - ``out``: the run directory (as the CLI's ``--out``; ``overwrite=True`` / ``resume=True`` as
+      there). ``out=None`` runs in a new temporary directory (``deploy-prune-*`` under
+      ``tempfile.gettempdir()``): after success it holds the result's files (``result.out``,
+      ``result.paths``; its resume checkpoints are removed) and is yours to delete; a run that
+      fails removes it. A failed run in a new ``out`` leaves no empty directory.
     - ``**settings``: pipeline settings (``epochs``, ``lr``, ``steps``, ``seed``, ``criterion``, ...,
       as the CLI's flags) and the method's own (``deploy-prune methods``); an unknown one is an error.
 
@@ -177,8 +215,15 @@ def compress(
     """
     cfg, parts = _prepare(model, example_input, target=target, budget=budget, method=method, train=train, val=val,
                           finetune=finetune, evaluate=evaluate, loss=loss, metric=metric, out=out, settings=settings)
+    cfg = _scratch(cfg)
     out_dir = cfg.out
-    report, pruned = _run_pipeline(cfg, progress, parts=parts, return_model=True)
+    with _scratch_removed_on_failure(cfg, out is None):
+        report, pruned = _run_pipeline(cfg, progress, parts=parts, return_model=True)
+    if out is None:  # nothing to resume: only the result's files stay
+        from deploy_prune.pipeline.stages import RUN_DIRS
+
+        for d in RUN_DIRS:
+            shutil.rmtree(out_dir / d, ignore_errors=True)
     paths = {k: out_dir / f for k, f in (("onnx", "model.onnx"), ("checkpoint", "model.pt"), ("program", "model.pt2"),
                                          ("report", "report.json"), ("markdown", "report.md"), ("html", "report.html"))
              if (out_dir / f).is_file()}
@@ -218,15 +263,16 @@ def planner(
 
     cfg, parts = _prepare(model, example_input, target=target, budget=budget, method=method, train=train, val=val,
                           finetune=None, evaluate=evaluate, loss=None, metric=metric, out=out, settings=settings)
-    return Planner(cfg, parts, progress)
+    cfg = _scratch(cfg)
+    with _scratch_removed_on_failure(cfg, out is None):
+        return Planner(cfg, parts, progress)
 
 
 def load(run_dir: str | Path, model: nn.Module | None = None) -> nn.Module:
     """The pruned model of a compress run. A registered architecture is rebuilt by name; a model
     of your own needs a fresh instance of it (``model=``), which is cut to the run's widths and
     loaded with its weights. Weights are loaded with ``weights_only=True``."""
-    from deploy_prune.models.checkpoint import load_checkpoint, load_model
-    from deploy_prune.transforms import rebuild_pruned
+    from deploy_prune.models.checkpoint import load_checkpoint, load_into, load_model
 
     path = Path(run_dir)
     path = path / "model.pt" if path.is_dir() else path
@@ -236,12 +282,7 @@ def load(run_dir: str | Path, model: nn.Module | None = None) -> nn.Module:
         if "@" in spec:  # recorded by the API as class@hash: no name to rebuild it by
             raise UserError(f"{str(path)!r} holds your own model ({spec}); pass a fresh instance: load(run_dir, model=...)")
         return load_model(path)[0]
-    ck = load_checkpoint(path)
-    if not isinstance(ck, dict) or "pruned" not in ck:
-        raise UserError(f"{str(path)!r} is not the model.pt of a compress run")
-    rebuild_pruned(model, ck["pruned"], ck["input_shape"])
-    model.load_state_dict(ck["state_dict"])
-    return model
+    return load_into(model, path)
 
 
 def profile(model: nn.Module, example_input: torch.Tensor, target: str | Target, profiles: str | Path = "profiles") -> LatencyTable:

@@ -11,6 +11,7 @@ and the consoles defined here; no verb holds logic beyond parsing and printing.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -49,8 +50,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _errors(fn: F) -> F:
-    """Turn UserError into one clear line and the error's exit code; an ``--out`` directory the
-    failed command created and wrote nothing into is removed."""
+    """Turn UserError into one clear line and the error's exit code, and a full disk (``ENOSPC``)
+    into one line naming the file, exit code 2; an ``--out`` directory the failed command created
+    and wrote nothing into is removed."""
+    resumable = "resume" in inspect.signature(fn).parameters
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -62,6 +65,16 @@ def _errors(fn: F) -> F:
             # escaped: a message naming an extra ("deploy-prune[openvino]") is not rich markup
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            from deploy_prune.io import is_disk_full
+
+            if not is_disk_full(e):
+                raise
+            kept = resumable and out is not None and any((out / "checkpoints").glob("*.pt"))
+            where = f" writing {e.filename}" if e.filename else ""
+            err_console.print(f"[bold red]error:[/] no space left on device{escape(where)}; free space and rerun"
+                              + (" with --resume" if kept else ""), highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         finally:
             if fresh and out is not None and sys.exc_info()[0] is not None:
                 from deploy_prune.io import remove_if_empty
@@ -173,6 +186,9 @@ def benchmark(
     from deploy_prune.latency.benchmark import benchmark as run_benchmark
     from deploy_prune.target import load_target
 
+    if out is not None:  # checked before anything is measured
+        _check_json_out(out, "a benchmark result", lambda d: {"protocol", "results"} <= set(d),
+                        [("model", p) for p in onnx_models])
     targets = [load_target(t) for t in target]
     base = targets[0].protocol
     proto = Protocol(
@@ -191,6 +207,17 @@ def benchmark(
     console.print(benchmark_table(res))
     for name, r in {r["target"]: r for r in res["results"]}.items():
         console.print(f"{name}: {r['device']}; " + ", ".join(f"{k} {v}" for k, v in r["backend_versions"].items()))
+
+
+def _check_json_out(out: Path, what: str, ours: Callable[[dict[str, Any]], bool], inputs: list[tuple[str, Path | None]]) -> None:
+    """``--out`` of a verb that writes a JSON result: not one of its inputs, and replacing only an
+    earlier result of the same kind (never a checkpoint, a model or another report)."""
+    from deploy_prune.io import check_replaceable, json_object, refuse_input_as_output
+
+    if out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a directory; give a file name")
+    refuse_input_as_output("--out", out, [out], inputs)
+    check_replaceable("--out", out, what, lambda p: (d := json_object(p)) is not None and ours(d))
 
 
 def _slowest_layers(layers: dict[str, float], top: int) -> Table:
@@ -216,6 +243,9 @@ def trtexec(
     from deploy_prune.io import provenance, write_json
     from deploy_prune.latency.trtexec import load_profile, load_times
 
+    if out is not None:
+        _check_json_out(out, "an earlier trtexec result", lambda d: d.get("source") == "trtexec",
+                        [("TIMES", times), ("--profile", profile)])
     stats = load_times(times, rounds=rounds)
     layers = load_profile(profile) if profile else {}
     console.print(f"{times}: GPU compute median {stats.median:.3f} ms, p90 {stats.p90:.3f} ms, IQR {stats.iqr:.3f} ms, "
@@ -244,6 +274,9 @@ def benchmark_app(
     check_number("--top", top, lo=0, integer=True)
     report, found = report_files(report)
     counters = counters or found
+    if out is not None:
+        _check_json_out(out, "an earlier benchmark-app result", lambda d: d.get("source") == "benchmark_app",
+                        [("REPORT", report), ("--counters", counters)])
     rep = load_report(report)
     layers = load_counters(counters) if counters else {}
     kernels = kernel_precisions(counters) if counters else {}
@@ -488,7 +521,7 @@ def compress(
     image_size: Annotated[int | None, typer.Option("--image-size", help="resize inputs to SIZE x SIZE", rich_help_panel="Input and output")] = None,
     train_limit: Annotated[int | None, typer.Option(help="use only N training samples (quick runs)", rich_help_panel="Input and output")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from OUT/checkpoints", rich_help_panel="Input and output")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run already in --out", rich_help_panel="Input and output")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the compress run already in --out, once the new run finishes: until then the old run waits in OUT/.replaced-run/ and comes back if the new run fails (a killed run leaves it there; --resume finishes the replacement)", rich_help_panel="Input and output")] = False,
     log: Annotated[list[str], typer.Option("--log", help=LOG_HELP, rich_help_panel="Input and output")] = [],  # noqa: B006
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="allow loading a pickled model (runs code from the file)", rich_help_panel="Input and output")] = False,
     seed: Annotated[int, typer.Option("--seed", help="seed for splits, init and shuffling", rich_help_panel="Input and output")] = 0,
@@ -497,7 +530,7 @@ def compress(
     flops_ratio: Annotated[float | None, typer.Option("--flops-ratio", help="budget: share of the baseline FLOPs (MACs)", rich_help_panel="Budget")] = None,
     params_ratio: Annotated[float | None, typer.Option("--params-ratio", help="budget: share of the baseline parameters", rich_help_panel="Budget")] = None,
     sparsity: Annotated[float | None, typer.Option("--sparsity", help="budget of unstructured methods: share of the weights zeroed", rich_help_panel="Budget")] = None,
-    keep_ratio: Annotated[float, typer.Option("--keep-ratio", help="with no other budget: share of channels kept", rich_help_panel="Budget")] = 0.5,
+    keep_ratio: Annotated[float | None, typer.Option("--keep-ratio", help="budget: share of every group's channels kept (the budget when none is given: 0.5)", rich_help_panel="Budget")] = None,
     method: Annotated[str, typer.Option(help="compression method (deploy-prune methods)", rich_help_panel="Method")] = "deeplsp",
     criterion: Annotated[str | None, typer.Option(help="importance criterion ranking channels [default: the method's; deeplsp: taylor]", rich_help_panel="Method")] = None,
     amount: Annotated[str | None, typer.Option(help="unstructured share of remaining weights masked, or 'adaptive' [default: the method's; deeplsp: 0.05]", rich_help_panel="Method")] = None,
@@ -549,8 +582,12 @@ def compress(
         else:
             rep = run_compress(cfg)
     except KeyboardInterrupt:
-        err_console.print(f"interrupted: the last finished stage is kept in {out}/checkpoints; "
-                          f"run the same command with --resume to continue")
+        from deploy_prune.pipeline.stages import ASIDE
+
+        msg = f"interrupted: the last finished stage is kept in {out}/checkpoints; run the same command with --resume to continue"
+        if (out / ASIDE).is_dir():
+            msg += f" (--resume in place of --overwrite: the run it replaces waits in {out}/{ASIDE} until then)"
+        err_console.print(msg)
         raise typer.Exit(130) from None
     if is_main():  # under torchrun every rank returns the report; one prints it
         _print_compress_table(rep)
@@ -716,7 +753,7 @@ def gate(
     res = run_gate(report, max_latency_ms=max_latency_ms, min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop,
                    remeasure_target=target if remeasure else None, junit=junit)
     for line in format_result(res):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)  # one line per check, as the report's text
     if not res.passed:
         raise typer.Exit(1)
 

@@ -155,10 +155,39 @@ def parse_target(name_or_path: str) -> Target:
             raise UserError(f"unknown target {name_or_path!r}; valid targets: {valid} (or a path to a .yaml file)")
         p = targets[name_or_path]
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.load(p.read_text(), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except DuplicateKey as e:
+        raise UserError(f"target file {str(p)!r}: {e}; keep one of them") from None
     except yaml.YAMLError as e:
         raise UserError(f"target file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     return parse_target_dict(raw, source=str(p))
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names the same key twice (YAML keeps the last silently)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (``DuplicateKey``, naming
+    the key and both lines) instead of keeping the last. Keys merged in with ``<<`` may be
+    overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+            if first is not None:
+                where = f"on line {line}" if first == line else f"on lines {first} and {line}"
+                raise DuplicateKey(f"key {key!r} appears twice {where}")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)  # type: ignore[no-untyped-call,no-any-return]
 
 
 class _AgentFile(BaseModel):

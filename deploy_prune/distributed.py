@@ -23,6 +23,8 @@ def world() -> tuple[int, int]:
 
     if not dist.is_initialized():
         cuda = torch.cuda.is_available() and os.environ.get("DEPLOY_PRUNE_DEVICE", "cpu") == "cuda"
+        if cuda:  # one GPU per process: nccl refuses two ranks on one device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), size
 

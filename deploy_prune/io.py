@@ -1,17 +1,26 @@
-"""Atomic file writes and provenance records shared by every output the tool writes."""
+"""Atomic file writes, the run-directory lock, the checks that keep an output off an input or
+off a file of another kind, and provenance records: shared by every output the tool writes."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; run directories are not locked there
+    fcntl = None  # type: ignore[assignment]
 
 from deploy_prune import __version__
 from deploy_prune.errors import UserError
@@ -39,21 +48,213 @@ def remove_if_empty(path: str | os.PathLike[str]) -> bool:
     return not p.exists()
 
 
+LOCK_NAME = ".deploy-prune.lock"
+
+
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``DIR/.deploy-prune.lock``, held while this process writes
+    the run directory ``DIR``: a second writer (another process, or another open of it here)
+    gets a ``UserError`` naming the holder (pid, host, start time, command) instead of mixing
+    two runs in one directory. The kernel drops the lock when the holder dies, however it dies;
+    ``release`` also removes the lock file, and a file a killed holder left behind is taken
+    over. Where ``fcntl`` is missing (Windows) nothing is locked.
+
+    >>> with RunLock(run_dir):      # doctest: +SKIP
+    ...     write_the_run()
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], command: str | None = None) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self.command = command if command is not None else " ".join(
+            [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *map(shlex.quote, sys.argv[1:])])
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock (``DIR`` is made if missing), or raise ``UserError`` naming its holder."""
+        if fcntl is None or self._fd is not None:
+            return self
+        ensure_dir(self.directory)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_fd(fd)
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise UserError(f"{str(self.directory)!r} is being written by another process ({_holder(holder)}); "
+                                "wait for it to finish, or choose another --out") from None
+            try:  # the holder before us may have removed the file between our open and our flock
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": platform.node(),
+                "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "command": self.command}
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(info) + "\n").encode())
+        except OSError:  # a full disk: the lock holds without its record
+            pass
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock and remove its file (removed first, so no one locks a file about to go)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_fd(fd: int) -> str:
+    try:
+        return os.pread(fd, 4096, 0).decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _holder(text: str) -> str:
+    """The lock holder's record as words (what is known of it)."""
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
+    except (ValueError, TypeError, KeyError):
+        return "it has not recorded itself yet"
+
+
+def input_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a command reads it, resolved (links, ``..``): a run directory stands for its ``model.pt``."""
+    p = Path(path)
+    return (p / "model.pt" if p.is_dir() else p).resolve()
+
+
+def refuse_input_as_output(flag: str, out: str | os.PathLike[str], writes: Iterable[str | os.PathLike[str]],
+                           inputs: Iterable[tuple[str, str | os.PathLike[str] | None]]) -> None:
+    """One line (``UserError``) when a path the command writes (``writes``: files, or directories
+    it writes below) is one of its ``inputs`` ((flag, path as given) pairs, read as
+    ``input_file`` reads them; a link to it too) or holds it: an output never replaces the file
+    it is made from."""
+    written = [Path(w).resolve() for w in writes]
+    for in_flag, given in inputs:
+        if given is None or str(given) == "":
+            continue
+        src = input_file(given)
+        for w in written:
+            if src == w or w in src.parents or (w.is_file() and src.is_file() and os.path.samefile(w, src)):
+                shown = "" if Path(given).resolve() == src else f" ({src})"
+                raise UserError(f"{flag} {str(out)!r} would overwrite {in_flag} {str(given)!r}{shown}, an input of this "
+                                f"command; choose another {flag}")
+
+
+def file_kind(path: str | os.PathLike[str]) -> str:
+    """What an existing file holds, judged by its first bytes: "a checkpoint" (a torch zip archive
+    or pickle), "an ONNX model", "JSON", "an image", "HTML", "an empty file" or "other data"."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return "other data"
+    text = head.lstrip()
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "a checkpoint"
+    if head[:1] == b"\x08" and len(head) > 1 and head[1] < 0x80:  # ModelProto: ir_version (field 1, varint) first
+        return "an ONNX model"
+    if text[:1] in (b"{", b"["):
+        return "JSON"
+    if head.startswith((b"\x89PNG", b"%PDF", b"GIF8", b"\xff\xd8")):
+        return "an image"
+    if text[:1] == b"<":
+        return "HTML"
+    return "other data"
+
+
+def json_object(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None where the file is not one (small files only)."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > (64 << 20):
+            return None
+        obj = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def check_replaceable(flag: str, path: str | os.PathLike[str], what: str, ours: Callable[[Path], bool]) -> None:
+    """An output file may replace what is there only when it is ``what`` (an earlier output of the
+    same command, which ``ours`` recognises); a directory, or a file of another kind (a
+    checkpoint, a model, a report), is one line (``UserError``) and stays as it is."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {str(p)!r} is a directory; give a file name")
+    if p.exists() and not ours(p):
+        raise UserError(f"{flag} {str(p)!r} already exists and is not {what} (it holds {file_kind(p)}); "
+                        f"choose another {flag}, or remove the file yourself")
+
+
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object]) -> Path:
-    """Write via ``writer(tmp_path)`` then rename over ``path``, so readers never see half a file."""
+    """Write via ``writer(tmp_path)`` then rename over ``path``, so readers never see half a file.
+    A full disk is an ``OSError`` with errno ``ENOSPC`` naming ``path``, whatever the writer
+    raised (torch's checkpoint writer raises a ``RuntimeError``)."""
     dest = Path(path)
     ensure_dir(dest.parent)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(dest) from e
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         writer(tmp_path)
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp_path, dest)
+    except Exception as e:
+        full = is_disk_full(e) or (not isinstance(e, OSError) and _no_space_left(dest.parent))
+        tmp_path.unlink(missing_ok=True)
+        if full:
+            raise disk_full(dest) from e
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     return dest
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` is a write refused for want of space (``ENOSPC``, or a quota's ``EDQUOT``)."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def disk_full(path: str | os.PathLike[str]) -> OSError:
+    """The ``ENOSPC`` error of a write to ``path``."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+
+
+def _no_space_left(directory: Path) -> bool:
+    """Whether the file system holding ``directory`` has (almost) no space left for this user."""
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def _umask() -> int:

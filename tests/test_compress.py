@@ -218,22 +218,40 @@ def test_halp_runs_without_a_sensitivity_analysis(tiny_run: Path, target_yaml: P
                       method_options={"candidates": 0}))
 
 
-def test_a_subnet_is_scored_on_a_copy_and_recovery_trains_it(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+def test_a_subnet_is_scored_on_a_copy_and_recovery_trains_it(tiny_run: Path, target_yaml: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from dataclasses import replace
 
     from deploy_prune.methods.subnet import subnet_metric
     from deploy_prune.pipeline.planner import Planner
-    from deploy_prune.pipeline.run import UserParts
+    from deploy_prune.pipeline.run import Run, UserParts
 
     planner = Planner(_cfg(tiny_run, tmp_path / "p", target_yaml, flops_ratio=0.3, method="halp"), UserParts())
     run = planner.run
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     scores = planner.method._scores(run)
     widths = planner.plan()
-    shocked, recovered = subnet_metric(run, widths, scores), subnet_metric(run, widths, scores, recover_steps=24)
+    trained: list[dict] = []
+    recover = Run.recover
+
+    def spy(self: Run, model: torch.nn.Module, steps: int) -> bool:
+        start = [p.detach().clone() for p in model.parameters()]
+        done = recover(self, model, steps)
+        trained.append({"steps": steps, "done": done, "shapes": [tuple(p.shape) for p in model.parameters()],
+                        "moved": any(not torch.equal(a, b) for a, b in zip(start, model.parameters(), strict=True))})
+        return done
+
+    monkeypatch.setattr(Run, "recover", spy)
+    shocked = subnet_metric(run, widths, scores)
+    assert trained == []  # no recovery asked: none ran
+    recovered = subnet_metric(run, widths, scores, recover_steps=24)
     assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())  # the run's model is untouched
     assert subnet_metric(run, widths, scores) == shocked  # the same batches, the same score
-    assert recovered > shocked + 0.05  # a deep cut: a few steps undo much of the shock
+    assert subnet_metric(run, widths, scores, recover_steps=24) == recovered  # recovery is reproducible
+    # recovery trained the cut copy (its shapes are the plan's, not the run's model) for the steps asked
+    (first, again) = trained
+    assert first == again and first["steps"] == 24 and first["done"] and first["moved"]
+    assert first["shapes"] != [tuple(p.shape) for p in run.model.parameters()]
     # A user's finetune callback without a loss: nothing to train the copy with, so no recovery
     run.parts = replace(run.parts, finetune=lambda model, epochs, ctx: None)
     assert subnet_metric(run, widths, scores, recover_steps=24) == shocked

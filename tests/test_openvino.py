@@ -73,6 +73,9 @@ def test_openvino_bad_input(tiny: tuple[torch.nn.Module, bytes]) -> None:
         backend.load(b"not an onnx model", _target())
     with pytest.raises(UserError, match="precision 'int3'"):
         backend.load(proto, _target(precision="int3"))
+    # OpenVINO's own reason, not the source location its exception starts with
+    with pytest.raises(UserError, match=r"for CPU: NotFound: Unsupported property BOGUS by CPU plugin\.$"):
+        backend.load(proto, _target(options={"openvino": {"BOGUS": "1"}}))
 
 
 def test_profile_and_predict_on_openvino(tmp_path: Path) -> None:

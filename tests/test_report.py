@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -237,8 +238,11 @@ def test_gate_remeasure_onnxruntime(tmp_path: Path) -> None:
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     rep = make_report()
     rep["final"]["latency_ms"] = {"median": 1e9, "p90": 1e9}  # only a real re-measurement passes
+    rep["met_budget"] = False  # as that figure says: a verdict its own figures contradict fails the gate
     run = write(tmp_path / "run", rep)
-    (run / "model.onnx").write_bytes(onnx_bytes(net, (1, 8, 8)))
+    model = onnx_bytes(net, (1, 8, 8))
+    (run / "model.onnx").write_bytes(model)
+    (run / "model.onnx.json").write_text(json.dumps({"onnx_sha256": hashlib.sha256(model).hexdigest()}))  # the export record
     target = tmp_path / "t.yaml"
     target.write_text("name: t\nbackend: onnxruntime\nthreads: 1\nwarmup: 2\nrepeats: 10\nrounds: 2\nmin_time_s: 0\n")
 

@@ -65,6 +65,51 @@ class ChannelBlocked(Protocol):
 
 BACKENDS: Registry[Backend] = Registry("backend")
 
+# What a feed (``latency.measure.feed_for``) holds: float32 images, or the uint8/int8 input of a
+# quantized layer; the remote agent feeds the same. Other inputs (token ids, masks, shapes) are
+# refused rather than fed zeros or noise: what they should hold decides what the model computes.
+FEED_DTYPES = ("float32", "uint8", "int8")
+
+
+def check_feedable(name: str, dtype: str, allowed: tuple[str, ...] = FEED_DTYPES, who: str = "deploy-prune") -> None:
+    """A ``UserError`` naming input ``name`` when its element type ``dtype`` (numpy's name:
+    ``float32``, ``int64``, ...) is not one ``who`` feeds."""
+    if dtype in allowed:
+        return
+    also = " or uint8/int8 for a quantized layer's input" if "uint8" in allowed else ""
+    raise UserError(f"model input {name!r} is {dtype}; {who} times models with float inputs (float32{also}), "
+                    "not other types: export the model with a float32 input")
+
+
+def onnx_dtype_name(value: Any) -> str:
+    """An ONNX ``ValueInfoProto``'s element type as numpy names it (``float32``, ``int64``), else
+    ONNX's name in lower case (``bfloat16``, ``string``) or what the value is (``a sequence_type``)."""
+    from onnx import TensorProto, helper
+
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type":
+        return f"a {kind or 'value of no type'}"
+    elem = value.type.tensor_type.elem_type
+    try:
+        return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name)
+    except Exception:  # no numpy type
+        return TensorProto.DataType.Name(elem).lower() if elem in TensorProto.DataType.values() else str(elem)
+
+
+def check_onnx_inputs(path: str | Path) -> None:
+    """``check_feedable`` for every input of the ONNX file at ``path``, before any backend (or
+    quantizer) sees it; a file that does not parse is left to the backend to report."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:
+        return
+    weights = {t.name for t in graph.initializer}
+    for value in graph.input:
+        if value.name not in weights:
+            check_feedable(value.name, onnx_dtype_name(value))
+
 
 def conv_pool_graph(channels: int) -> bytes:
     """Conv 1x1 (channels -> channels) then MaxPool 2x2 on 8x8 pixels: the smallest graph whose

@@ -18,12 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from deploy_prune.backends import BACKENDS, Feed, center_by_node, conv_pool_graph, with_boundary
+from deploy_prune.backends import BACKENDS, Feed, center_by_node, check_feedable, conv_pool_graph, with_boundary
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 from deploy_prune.io import cpu_id
 
 ORT_DTYPES = {"tensor(uint8)": np.uint8, "tensor(int8)": np.int8}  # non-float inputs a feed must match
+ORT_NAMES = {"float": "float32", "double": "float64"}  # ORT's element type names that are not numpy's
+
+
+def _dtype_name(ort_type: str) -> str:
+    """``tensor(int64)`` -> ``int64``, ``tensor(float)`` -> ``float32``."""
+    inner = ort_type[len("tensor("):-1] if ort_type.startswith("tensor(") and ort_type.endswith(")") else ort_type
+    return ORT_NAMES.get(inner, inner)
 
 
 class OrtSession:
@@ -33,6 +40,8 @@ class OrtSession:
         self.inputs: list[tuple[str, list[int | str]]] = [
             (i.name, [d if isinstance(d, int) else str(d) for d in i.shape]) for i in sess.get_inputs()  # type: ignore[attr-defined]
         ]
+        for i in sess.get_inputs():  # type: ignore[attr-defined]
+            check_feedable(i.name, _dtype_name(i.type))
         self.input_dtypes: dict[str, np.dtype] = {
             i.name: np.dtype(ORT_DTYPES[i.type]) for i in sess.get_inputs() if i.type in ORT_DTYPES  # type: ignore[attr-defined]
         }

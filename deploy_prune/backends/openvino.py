@@ -24,12 +24,22 @@ from typing import Any
 
 import numpy as np
 
-from deploy_prune.backends import BACKENDS, Feed, center_by_node, conv_pool_graph
+from deploy_prune.backends import BACKENDS, Feed, center_by_node, check_feedable, conv_pool_graph
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 
 # int8 comes from the model's QDQ pairs (quantize.deploy_onnx); what is left unquantized runs f32.
 PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
+
+
+def _dtype_name(t: Any) -> str:
+    """An OpenVINO element type as numpy names it (``float32``, ``int64``), else OpenVINO's name."""
+    if t.get_type_name() == "bf16":  # to_dtype() says float16
+        return "bfloat16"
+    try:
+        return str(np.dtype(t.to_dtype()).name)
+    except Exception:  # no numpy type
+        return str(t.get_type_name())
 
 
 class OvSession:
@@ -43,6 +53,8 @@ class OvSession:
             (i.get_any_name(), [d.get_length() if d.is_static else str(d) for d in i.get_partial_shape()])
             for i in compiled.inputs
         ]
+        for i in compiled.inputs:
+            check_feedable(i.get_any_name(), _dtype_name(i.get_element_type()))
         self.input_dtypes: dict[str, np.dtype] = {
             i.get_any_name(): np.dtype(i.get_element_type().to_dtype()) for i in compiled.inputs
             if i.get_element_type().to_dtype() in (np.uint8, np.int8)
@@ -164,14 +176,22 @@ class OpenVinoBackend:
         try:
             net = core.read_model(model if isinstance(model, bytes) else str(model))
         except Exception as e:
-            raise UserError(f"openvino cannot read the model: {str(e).strip().splitlines()[0][:300]}") from None
+            raise UserError(f"openvino cannot read the model: {_reason(e)}") from None
         try:
             compiled = core.compile_model(net, dev, self.config(target, per_layer))
         except UserError:
             raise
         except Exception as e:  # the message names the op the plugin cannot compile
-            raise UserError(f"openvino cannot compile the model for {dev}: {str(e).strip().splitlines()[0][:300]}") from None
+            raise UserError(f"openvino cannot compile the model for {dev}: {_reason(e)}") from None
         return OvSession(compiled, per_layer)
+
+
+def _reason(e: Exception) -> str:
+    """OpenVINO's own reason from one of its exceptions: the last line that is not a source
+    location (its first line is "Exception from src/...cpp:N:"), at most 300 characters."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    said = [ln for ln in lines if not ln.startswith(("Exception from src", "Check '", "["))]
+    return (said or lines or [type(e).__name__])[-1][:300]
 
 
 BACKENDS.register("openvino", "OpenVINO runtime (CPU plugin; GPU/NPU where present)")(OpenVinoBackend())

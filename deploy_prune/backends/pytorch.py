@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deploy_prune.backends import BACKENDS, Feed, center_by_node
+from deploy_prune.backends import BACKENDS, Feed, center_by_node, check_feedable, onnx_dtype_name
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 
@@ -249,6 +249,9 @@ class TorchBackend:
         except Exception as e:
             raise UserError(f"backend torch cannot read the ONNX model: {str(e).splitlines()[0][:300]}") from None
         init = {i.name for i in proto.graph.initializer}
+        for i in proto.graph.input:  # float32 only: the session casts its feed to the precision's dtype
+            if i.name not in init:
+                check_feedable(i.name, onnx_dtype_name(i), ("float32",), "backend torch")
         inputs: list[tuple[str, list[int | str]]] = [
             (i.name, [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in i.type.tensor_type.shape.dim])
             for i in proto.graph.input if i.name not in init

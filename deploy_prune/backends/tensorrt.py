@@ -77,7 +77,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy_prune.backends import BACKENDS, Feed, center_by_node
+from deploy_prune.backends import BACKENDS, Feed, center_by_node, check_feedable
 from deploy_prune.config import Target
 from deploy_prune.errors import UserError
 from deploy_prune.io import atomic_write
@@ -337,6 +337,8 @@ class TrtSession:
             self.buffers[n] = torch.empty(shape, dtype=torch_dtype, device=self.device)
             for c in contexts:
                 c.set_tensor_address(n, self.buffers[n].data_ptr())
+        for n, _ in self.inputs:
+            check_feedable(n, self.np_dtype[n].name)
         self.input_dtypes = {n: self.np_dtype[n] for n, _ in self.inputs if self.np_dtype[n] in (np.uint8, np.int8)}
         if self.prof_context is not None:
             self.prof_context.profiler = self.profiler

@@ -26,7 +26,7 @@ from torch import nn
 from deploy_prune import __version__
 from deploy_prune.checks import check_number
 from deploy_prune.errors import UserError
-from deploy_prune.io import ensure_dir, provenance, remove_if_empty
+from deploy_prune.io import ensure_dir, file_kind, json_object, provenance, remove_if_empty
 from deploy_prune.models.checkpoint import remove_stale_temps
 
 DEFAULT_OPSET = 18  # torch's dynamo exporter emits 18 natively; >= 17 as required
@@ -324,6 +324,7 @@ def export_run(
     check_number("--opset", opset, integer=True)
     model, meta = load_model(weights, model_spec, trust=trust)
     recorded = meta.get("model", {})
+    bundle: Any = None
     if input_shape:
         try:
             shape = [int(v) for v in input_shape.replace("x", ",").split(",")]
@@ -335,8 +336,16 @@ def export_run(
                             f"{recorded['in_channels']}; give C = {recorded['in_channels']}")
     elif "input_shape" in meta:
         shape = list(meta["input_shape"])
+    elif data_spec:  # a bare state dict or pickled module: the data it was trained on gives the shape
+        bundle = load_data(data_spec, DataOptions(data_dir=data_dir, val_limit=8 * batch))
+        shape = list(bundle.input_shape)
+        stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if stem is not None and stem.in_channels != shape[0]:
+            raise UserError(f"--data {data_spec} has {shape[0]}-channel images but {str(weights)!r} takes "
+                            f"{stem.in_channels} channel(s); pass the --data it was trained on")
     else:
-        raise UserError(f"{str(weights)!r} does not record its input shape; pass --input-shape C,H,W")
+        raise UserError(f"{str(weights)!r} does not record its input shape; pass --input-shape C,H,W "
+                        "or the --data it was trained on")
     w = Path(weights)
     dest = Path(out) if out is not None else (w / "model.onnx" if w.is_dir() else w.with_suffix(".onnx"))
     _check_dest(dest, resolve_weights(weights), overwrite)
@@ -347,7 +356,8 @@ def export_run(
     spec = data_spec or recorded_data.get("spec")
     if spec:
         try:  # real samples make the parity check meaningful; skip quietly if the data is not here
-            bundle = load_data(spec, DataOptions(data_dir=data_dir, image_size=shape[-1], val_limit=8 * batch))
+            if bundle is None:
+                bundle = load_data(spec, DataOptions(data_dir=data_dir, image_size=shape[-1], val_limit=8 * batch))
         except UserError:
             if data_spec:
                 raise
@@ -367,12 +377,25 @@ def export_run(
                        model_spec=spec_name, mean=mean, std=std, class_names=class_names, metadata=legacy)
 
 
+# What an existing --out may hold for --overwrite to replace it: an ONNX model, or data of no kind
+# the tool writes (never a checkpoint, a report or a plot).
+_REPLACEABLE = ("an ONNX model", "other data", "an empty file")
+
+
 def _check_dest(dest: Path, checkpoint: Path, overwrite: bool) -> None:
-    """An existing output (a finished export or any other file) is replaced only when asked."""
+    """An existing output (a finished export or any other file) is replaced only when asked, and
+    never when it (or the record beside it) holds something else the tool wrote."""
     if dest.is_dir():
         raise UserError(f"--out {str(dest)!r} is a directory; give a file name such as {str(dest / 'model.onnx')!r}")
     if dest.resolve() == checkpoint.resolve():
         raise UserError(f"--out {str(dest)!r} is the checkpoint being exported; choose another --out")
+    side = record_path(dest)
+    if side.exists() and not {"onnx", "opset"} <= set(json_object(side) or {}):
+        raise UserError(f"--out {str(dest)!r} would replace {str(side)!r} with its export record, and that file is not "
+                        f"one (it holds {file_kind(side)}); choose another --out")
+    if dest.exists() and file_kind(dest) not in _REPLACEABLE:
+        raise UserError(f"--out {str(dest)!r} already exists and holds {file_kind(dest)}, not an ONNX model; "
+                        "choose another --out")
     if not dest.exists() or overwrite:
         return
     if export_record(dest) is not None:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from deploy_prune.backends import check_onnx_inputs
 from deploy_prune.config import Protocol, Target
 from deploy_prune.errors import UserError
 from deploy_prune.io import provenance
@@ -28,12 +29,20 @@ def benchmark(
     Each row has ``latency_ms`` (``Stats.as_dict()``: median, p90, p95, p99, min, ...), the
     ``batch`` the model was fed and ``throughput_per_s``, inferences (samples) per second at
     that batch from the median: ``batch * 1000 / median``.
+
+    Models are fed float32 inputs (uint8/int8 for a quantized layer's); a model with another
+    input type (int64 token ids, a bool mask) is refused naming the model and the input
+    (``backends.check_feedable``).
     """
     if not models or not targets:
         raise UserError("benchmark needs at least one model and one target")
     for path in models.values():
         if not Path(path).is_file():
             raise UserError(f"ONNX model {str(path)!r} not found")
+        try:
+            check_onnx_inputs(path)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
     proto = protocol or targets[0].protocol
     rows: list[dict[str, Any]] = []
     timers: dict[str, Any] = {}
@@ -43,7 +52,11 @@ def benchmark(
         info = m.info()
         keys = {f"{label}@{target.name}": path for label, path in models.items()}
         if isinstance(m, LocalMeasurer):
-            timers.update({key: m.timer(key, path) for key, path in keys.items()})
+            for key, path in keys.items():
+                try:
+                    timers[key] = m.timer(key, path)
+                except UserError as e:  # which of the models it is (an input it cannot feed, a graph it cannot load)
+                    raise type(e)(f"{path}: {e}") from None
         else:
             stats.update(m.time(keys, proto))
         for key, path in keys.items():

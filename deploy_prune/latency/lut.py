@@ -539,6 +539,78 @@ def layer_ms(profile: Mapping[str, Any], name: str, cin: int, cout: int) -> floa
     return interpolate(profile["entries"], fam, gin, gout, cin, cout)
 
 
+def _bad_number(v: Any, non_negative: bool) -> bool:
+    return (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+            or (non_negative and v < 0))
+
+
+def entry_problem(entry: Any) -> str | None:
+    """What is wrong with one LUT entry, or None: an entry is a mapping whose times (every
+    ``*_ms`` field) are finite numbers >= 0, and holds the field ``interpolate`` reads."""
+    if not isinstance(entry, Mapping):
+        return f"is a {type(entry).__name__}, not a mapping"
+    for k, v in entry.items():
+        if k.endswith("_ms") and v is not None and _bad_number(v, non_negative=True):
+            return f"{k} is {v!r}; a time must be a finite number >= 0"
+    read = next((f for f in ("predict_ms", "net_ms", "median_ms") if f in entry), None)
+    if read is None or entry[read] is None:
+        return "has no predict_ms, net_ms or median_ms"
+    return None
+
+
+def table_problem(data: Mapping[str, Any]) -> str | None:
+    """What makes ``data`` unusable as a latency table, or None: a malformed layer, an entry a
+    layer's grid needs that is missing or not a finite time >= 0 (``entry_problem``), or a
+    non-finite remainder, calibration or weight-streaming figure. The first problem found."""
+    entries, layers = data.get("entries"), data.get("layers")
+    if not isinstance(entries, Mapping) or not isinstance(layers, Mapping):
+        return "it has no entries or layers"
+    for key, e in entries.items():
+        why = entry_problem(e)
+        if why is not None:
+            return f"entry {key!r} {why}"
+    for name, lay in layers.items():
+        try:
+            fam = Family.from_dict(lay["family"])
+            tables = [(fam, list(lay["grid_in"]), list(lay["grid_out"]))]
+            lr = lay.get("lowrank")
+            if lr is not None:
+                ranks = list(lr["grid_rank"])
+                tables += [(Family.from_dict(lr["first"]), tables[0][1], ranks),
+                           (Family.from_dict(lr["second"]), ranks, tables[0][2])]
+        except (KeyError, TypeError, ValueError):
+            return f"layer {name!r} is malformed (family, grid_in or grid_out)"
+        for f, gin, gout in tables:
+            if not gin or not gout or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in gin + gout):
+                return f"layer {name!r} has a grid that is not a list of channel counts >= 1"
+            pairs = [(c, c) for c in gout] if f.depthwise else [(ci, co) for ci in gin for co in gout]
+            missing = next((f.key(ci, co) for ci, co in pairs if f.key(ci, co) not in entries), None)
+            if missing is not None:
+                return f"layer {name!r} lacks its entry {missing!r}"
+    if _bad_number(data.get("remainder_ms", 0.0), non_negative=False):
+        return f"remainder_ms is {data.get('remainder_ms')!r}, not a finite number"
+    cal = data.get("calibration") or {}
+    for k in ("a", "b"):
+        if k in cal and _bad_number(cal[k], non_negative=False):
+            return f"calibration {k} is {cal[k]!r}, not a finite number"
+    ws = data.get("weight_stream") or {}
+    if ws.get("ms_per_mb") is not None:
+        if _bad_number(ws["ms_per_mb"], non_negative=True):
+            return f"weight_stream ms_per_mb is {ws['ms_per_mb']!r}; it must be a finite number >= 0"
+        if _bad_number(ws.get("cache_bytes"), non_negative=True) or not ws["cache_bytes"] > 0:
+            return f"weight_stream cache_bytes is {ws.get('cache_bytes')!r}; it must be a number > 0"
+    return None
+
+
+def check_table(data: Mapping[str, Any], source: str) -> None:
+    """Refuse a latency table that ``table_problem`` finds fault with, in one line naming the
+    file and what is wrong; the fix is to profile again."""
+    why = table_problem(data)
+    if why is not None:
+        raise UserError(f"latency profile {source!r} is unusable: {why}; delete it and profile again "
+                        "(deploy-prune profile, or rerun compress, which profiles when none is found)")
+
+
 class LatencyTable:
     """A target's latency table of one model (the profile file's content): the one place latency
     is priced. ``predict`` (a whole model) and the allocator's cost model (``allocate.latency_cost``,
@@ -552,13 +624,17 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
-        """A profile file written by ``deploy-prune profile``."""
+        """A profile file written by ``deploy-prune profile``, checked (``check_table``)."""
         import json
 
         try:
-            return cls(json.loads(Path(path).read_text()))
+            data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read the latency table {str(path)!r}: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{str(path)!r} is not a deploy-prune latency table; make one with deploy-prune profile")
+        check_table(data, str(path))
+        return cls(data)
 
     @property
     def fingerprint(self) -> str:

@@ -189,13 +189,15 @@ def check_profile(prof: Mapping[str, Any], target: Target, fingerprint: str | No
 
 def load_profile(path: str | Path, target: Target | None = None, fingerprint: str | None = None,
                  info: Mapping[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
-    """Read a profile and check it belongs to ``target`` and the model ``fingerprint``."""
+    """Read a profile, check its entries (``lut.check_table``) and that it belongs to ``target`` and
+    the model ``fingerprint``."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"no profile at {str(p)!r}; create it with deploy-prune profile --target ... --model ...")
     prof = read_json(p)
     if not isinstance(prof, dict) or "entries" not in prof:
         raise UserError(f"{str(p)!r} is not a deploy-prune profile")
+    lut.check_table(prof, str(p))
     if target is not None:
         prof["compat_warnings"] = check_profile(prof, target, fingerprint, info, force)
     return prof
@@ -284,7 +286,7 @@ def run_profile(
             and old.get("layer_timing", "wall") == target.layer_timing \
             and old.get("target", {}).get("name") == target.name and tool == __version__
         if same or force:
-            entries.update({k: v for k, v in old.get("entries", {}).items() if k in configs})
+            entries.update({k: v for k, v in old.get("entries", {}).items() if k in configs and lut.entry_problem(v) is None})
     todo = [k for k in configs if k not in entries]
     resumed = len(configs) - len(todo)
     # The calibration variants are timed in two sittings, before and after the layers (minutes

@@ -166,6 +166,8 @@ def check_runs_on(model: nn.Module, input_shape: tuple[int, ...], num_classes: i
         ) from None
     finally:
         model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"the model's forward returns a {type(out).__name__}; deploy-prune needs a single tensor output")
     if num_classes is not None and (out.ndim != 2 or out.shape[1] != num_classes):
         raise UserError(
             f"model outputs shape {list(out.shape)} but the data has {num_classes} classes; "

@@ -136,6 +136,10 @@ def load_model(
 
     Returns ``(model, meta)``; ``meta`` carries the model spec, classes, input shape and data
     normalisation recorded at training time (empty for a bare state dict or pickled module).
+    A bare state dict needs ``model_spec``; its classes and input channels are ``num_classes``
+    and ``in_channels`` where given, else read from its weights (``state_dict_io``). A
+    ``model_spec`` other than the one a checkpoint records may rebuild it (a user model's file
+    moved); one whose architecture its weights do not fit is refused naming both.
     """
     if weights is None:
         if model_spec is None or num_classes is None or in_channels is None:
@@ -146,32 +150,121 @@ def load_model(
         return ckpt, {}
     if not isinstance(ckpt, dict):
         raise UserError(f"{str(weights)!r} holds a {type(ckpt).__name__}, not a checkpoint or state dict")
+    read = ""
     if ckpt.get("format") == FORMAT:
         _check_ours(ckpt, weights)
         meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scheduler")}
         state = ckpt["state_dict"]
-        spec = model_spec or meta["model"]["spec"]
+        recorded = meta["model"]["spec"]
+        spec = model_spec or recorded
         nc = meta["model"]["num_classes"] if num_classes is None else num_classes
         ic = meta["model"]["in_channels"] if in_channels is None else in_channels
     else:  # a bare state dict from elsewhere: the user names the architecture
-        meta, state = {}, ckpt.get("state_dict", ckpt)
-        if model_spec is None or num_classes is None or in_channels is None:
-            raise UserError(f"{str(weights)!r} is a bare state dict; name the architecture with --model and --data")
-        spec, nc, ic = model_spec, num_classes, in_channels
+        meta, state, recorded = {}, ckpt.get("state_dict", ckpt), None
+        if not isinstance(state, dict):
+            raise UserError(f"{str(weights)!r} holds a {type(state).__name__} under 'state_dict', not a state dict")
+        if model_spec is None:
+            raise UserError(f"{str(weights)!r} is a bare state dict; name its architecture with --model")
+        io_read = state_dict_io(state)
+        nc = num_classes if num_classes is not None else io_read[0]
+        ic = in_channels if in_channels is not None else io_read[1]
+        if nc is None or ic is None:
+            raise UserError(f"{str(weights)!r} is a bare state dict whose classes and input channels cannot be read "
+                            "from its weights; pass the --data it was trained on")
+        spec = model_spec
+        read = ", read from its weights" if num_classes is None or in_channels is None else ""
+    if recorded is not None and spec != recorded:
+        try:
+            return _rebuild(spec, nc, ic, meta, state, weights, read), meta
+        except Exception:  # any failure: the architecture named is not the one trained
+            raise UserError(f"{str(weights)!r} was trained as model {recorded!r} and does not fit model {spec!r}; "
+                            f"drop --model, or pass --model {recorded}") from None
+    return _rebuild(spec, nc, ic, meta, state, weights, read), meta
+
+
+def _rebuild(spec: str, nc: int, ic: int, meta: dict[str, Any], state: dict[str, Any], weights: str | Path,
+             read: str) -> nn.Module:
+    """``spec`` built for ``nc`` classes and ``ic`` channels, cut to a compress result's widths, with ``state`` loaded."""
     model = build_model(spec, nc, ic)
     if meta.get("pruned"):  # a compress result: cut the architecture to its widths first
         from deploy_prune.transforms import rebuild_pruned
 
-        rebuild_pruned(model, meta["pruned"], meta["input_shape"])
+        try:
+            rebuild_pruned(model, meta["pruned"], meta["input_shape"])
+        except Exception as e:
+            raise UserError(f"checkpoint {str(weights)!r}: its pruned widths do not fit model {spec!r} "
+                            f"({type(e).__name__}: {_first_line(e)}); check --model and --data") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
         raise UserError(
-            f"checkpoint {str(weights)!r} does not fit model {spec!r} ({nc} classes, {ic} input channels): "
-            f"{first}; check --model and --data"
+            f"checkpoint {str(weights)!r} does not fit model {spec!r} ({nc} classes, {ic} input channels{read}): "
+            f"{_load_problem(e)}; check --model and --data"
         ) from None
-    return model, meta
+    return model
+
+
+def state_dict_io(state: dict[str, Any]) -> tuple[int | None, int | None]:
+    """``(classes, input channels)`` of the model a state dict's weights are for, as far as their
+    shapes tell (None where they do not): the rows of the last matrix (else the outputs of the
+    last conv) and the inputs of the first conv, in the state dict's order (the modules')."""
+    tensors = [v for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+               and k.endswith("weight")]
+    convs = [t for t in tensors if t.ndim == 4]
+    mats = [t for t in tensors if t.ndim == 2]
+    head = mats[-1] if mats else (convs[-1] if convs else None)
+    classes = int(head.shape[0]) if head is not None else None
+    channels = int(convs[0].shape[1]) if convs else None
+    return classes, channels
+
+
+def _load_problem(e: RuntimeError) -> str:
+    """The first thing ``load_state_dict`` found wrong (torch's first line only names the class)."""
+    lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+    first = lines[0] if lines else str(e).splitlines()[0] if str(e) else type(e).__name__
+    return first if len(first) <= 200 else first[:200] + "..."
+
+
+def _first_mismatch(model: nn.Module, state: dict[str, Any]) -> str | None:
+    """The first key where ``model``'s state dict and ``state`` disagree (missing, unexpected, or
+    of another shape), described; None when they fit."""
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            return f"{k} (in your model, not in the run)"
+        got = getattr(state[k], "shape", None)
+        if got is not None and tuple(got) != tuple(v.shape):
+            return f"{k} (shape {list(v.shape)} in your model, {list(got)} in the run)"
+    extra = next((k for k in state if k not in own), None)
+    return f"{extra} (in the run, not in your model)" if extra is not None else None
+
+
+def load_into(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a compress run's ``model.pt`` into ``model``, a fresh instance of the architecture the
+    run compressed: cut to the run's widths, then given its weights (in place; returned). A model
+    of another architecture is refused in one line naming the first key that does not fit."""
+    from deploy_prune.transforms import rebuild_pruned
+
+    ck = load_checkpoint(path)
+    if not isinstance(ck, dict) or "pruned" not in ck or not isinstance(ck.get("state_dict"), dict):
+        raise UserError(f"{str(path)!r} is not the model.pt of a compress run")
+    spec = str((ck.get("model") or {}).get("spec") or "the compressed model")
+    fix = f"pass a fresh instance of the architecture the run compressed ({spec})"
+    unpruned = _first_mismatch(model, ck["state_dict"])
+    if unpruned is not None and "shape" not in unpruned:  # widths differ until the model is cut; names do not
+        raise UserError(f"{str(path)!r} does not fit this {type(model).__name__}: first mismatch {unpruned}; {fix}")
+    try:
+        rebuild_pruned(model, ck["pruned"], ck["input_shape"])
+    except UserError as e:
+        raise UserError(f"{str(path)!r} does not fit this {type(model).__name__}: {e}; {fix}") from None
+    except Exception as e:
+        raise UserError(f"{str(path)!r} does not fit this {type(model).__name__}: cutting it to the run's widths failed "
+                        f"({type(e).__name__}: {_first_line(e)}); {fix}") from None
+    bad = _first_mismatch(model, ck["state_dict"])
+    if bad is not None:
+        raise UserError(f"{str(path)!r} does not fit this {type(model).__name__}: first mismatch {bad}; {fix}")
+    model.load_state_dict(ck["state_dict"])
+    return model
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

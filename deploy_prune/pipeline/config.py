@@ -12,6 +12,8 @@ from deploy_prune.checks import check_number
 from deploy_prune.data import DataOptions
 from deploy_prune.errors import UserError
 
+DEFAULT_KEEP_RATIO = 0.5  # the budget of a run given none: keep half of every group's channels
+
 
 @dataclass
 class CompressConfig:
@@ -29,7 +31,7 @@ class CompressConfig:
     params_ratio: float | None = None
     sparsity: float | None = None  # unstructured methods: share of the weights zeroed
     nm: str | None = None  # "2:4": N:M semi-structured masks on top of the method's, held in the final fine-tuning
-    keep_ratio: float = 0.5
+    keep_ratio: float | None = None  # None: the budget when no other is given, at DEFAULT_KEEP_RATIO
     method: str = "deeplsp"
     method_options: dict[str, Any] = field(default_factory=dict)  # method-specific settings (e.g. df's mode)
     # Settings several methods share; None: the method's own default. A method that does not take
@@ -68,7 +70,7 @@ class CompressConfig:
         share = dict(lo=0.0, hi=1.0, lo_open=True, hi_open=True, optional=True)
         for name, rng in (("latency_ms", dict(lo=0.0, lo_open=True, optional=True)), ("latency_ratio", share),
                           ("flops_ratio", share), ("params_ratio", share), ("sparsity", share),
-                          ("keep_ratio", dict(lo=0.0, hi=1.0, lo_open=True)), ("tolerance", dict(lo=0.0, hi=1.0, optional=True)),
+                          ("keep_ratio", dict(lo=0.0, hi=1.0, lo_open=True, optional=True)), ("tolerance", dict(lo=0.0, hi=1.0, optional=True)),
                           ("step_fraction", dict(lo=0.0, hi=100.0)), ("lr", dict(lo=0.0, lo_open=True)),
                           ("slack", dict(lo=0.0, hi=1.0, lo_open=True, hi_open=True)),
                           ("margin", dict(lo=0.0, hi=1.0, hi_open=True))):
@@ -85,14 +87,16 @@ class CompressConfig:
         parse_trackers(self.log)  # a bad --log fails before anything runs
 
     def budget_kind(self) -> tuple[str, float]:
+        """The one budget given (kind, value); none given is ``keep_ratio`` at DEFAULT_KEEP_RATIO,
+        two or more are refused."""
         given = {k: v for k, v in (("latency_ms", self.latency_ms), ("latency_ratio", self.latency_ratio),
                                    ("flops_ratio", self.flops_ratio), ("params_ratio", self.params_ratio),
-                                   ("sparsity", self.sparsity)) if v is not None}
+                                   ("sparsity", self.sparsity), ("keep_ratio", self.keep_ratio)) if v is not None}
         if len(given) > 1:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             raise UserError(f"conflicting budgets {flags}: give one of --latency-ms, --latency-ratio, --flops-ratio, "
-                            "--params-ratio, --sparsity")
-        kind, value = next(iter(given.items())) if given else ("keep_ratio", self.keep_ratio)
+                            "--params-ratio, --keep-ratio, --sparsity")
+        kind, value = next(iter(given.items())) if given else ("keep_ratio", DEFAULT_KEEP_RATIO)
         if value <= 0:
             raise UserError(f"--{kind.replace('_', '-')} must be > 0, got {value}: nothing can run in no time")
         if kind == "sparsity" and value >= 1:

@@ -12,6 +12,7 @@ same widths as ``compress``.
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,10 @@ from deploy_prune.pipeline.loop import _keeps, _plan_closed_loop, _pooled_over, 
 from deploy_prune.pipeline.run import UserParts
 from deploy_prune.pipeline.stages import make_method, open_run, start
 from deploy_prune.transforms import group_widths
+
+
+def _listed(widths: list[int]) -> str:
+    return ", ".join(map(str, widths)) if len(widths) <= 8 else f"{', '.join(map(str, widths[:6]))}, ..., {widths[-1]}"
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,12 @@ class Planner:
     def apply(self, widths: dict[str, int], model: nn.Module | None = None) -> nn.Module:
         """A copy of ``model`` (default: the unpruned model) cut to ``widths``; in each group the
         lowest-scoring channels under the method's criterion (L1 without one) go, scored on
-        ``model``'s own weights. Groups already at or under their width are left as they are."""
+        ``model``'s own weights. Groups already at or under their width are left as they are.
+
+        Every width must be one the target allows for its group of the unpruned model (the
+        multiples of the target's channel multiple, its narrow widths, the group's full width),
+        as ``plan()`` and ``schedule()`` give; any other (< 1, over the group's channels, or
+        between allowed widths) is refused, naming the group, never rounded."""
         m = copy.deepcopy(model if model is not None else self.run.teacher).cpu()
         run = self.run
         graph = ModelGraph(m, run.data.input_shape, run.cfg.ignore, run.target.width_space())
@@ -101,8 +111,25 @@ class Planner:
         if unknown:
             raise UserError(f"widths name groups this model does not have: {', '.join(unknown[:5])}; "
                             "pass widths from plan() or schedule()")
-        cut(m, graph, widths, getattr(self.method, "criterion", "l1"), run.score_batches(), run.cfg.seed)
+        for g, k in widths.items():
+            self._check_width(g, k, run.baseline_widths.get(g, current[g]))
+        cut(m, graph, {g: int(k) for g, k in widths.items()}, getattr(self.method, "criterion", "l1"),
+            run.score_batches(), run.cfg.seed)
         return m
+
+    def _check_width(self, group: str, width: object, full: int) -> None:
+        if isinstance(width, bool) or not isinstance(width, numbers.Integral):
+            raise UserError(f"width of group {group!r} must be a whole number of channels, got {width!r}")
+        k = int(width)
+        keeps = self.run.target.width_space().keeps(full)
+        if not 1 <= k <= full:
+            raise UserError(f"width {k} of group {group!r} is out of range: the group has {full} channels; give one of "
+                            f"{_listed(keeps)}")
+        if k not in keeps:
+            near = [w for w in (max((w for w in keeps if w < k), default=None), min(w for w in keeps if w > k)) if w]
+            raise UserError(f"width {k} of group {group!r} is not one target {self.run.target.name} allows (multiples of "
+                            f"{self.run.target.channel_multiple}, its narrow widths, or all {full} channels); "
+                            f"the nearest allowed: {' or '.join(map(str, near))}")
 
     def check(self, model: nn.Module) -> Check:
         """``model`` measured on the target against the budget; for budgets that are not

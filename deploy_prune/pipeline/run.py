@@ -79,6 +79,95 @@ class UserParts:
     parity_input: torch.Tensor | None = None  # inputs for the ONNX parity check when there is no val data
 
 
+class ModelChanged(UserError):
+    """A user callback left the model it was given other than the pipeline needs it."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a user callback must leave as it found it: the module tree (names and classes) and
+    every parameter's and buffer's name, shape and dtype."""
+
+    modules: dict[str, str]
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Architecture:
+        return cls({n: type(m).__qualname__ for n, m in model.named_modules()},
+                   {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()})
+
+    def changes(self, model: nn.Module) -> list[str]:
+        """How ``model`` differs from this architecture, the first differences first."""
+        now = Architecture.of(model)
+        if now == self:
+            return []
+        out = [f"added {n} ({c})" for n, c in now.modules.items() if n not in self.modules]
+        out += [f"removed {n} ({c})" for n, c in self.modules.items() if n not in now.modules]
+        out += [f"{n or 'the model'} is now a {c}, not a {self.modules[n]}" for n, c in now.modules.items()
+                if n in self.modules and c != self.modules[n]]
+        moved = {n for n in {*self.modules, *now.modules} if self.modules.get(n) != now.modules.get(n)}
+        recast: dict[tuple[torch.dtype, torch.dtype], list[str]] = {}
+        for k, (shape, dtype) in now.tensors.items():
+            if k.rpartition(".")[0] in moved:  # said above, with its module
+                continue
+            if k not in self.tensors:
+                out.append(f"added {k}")
+                continue
+            was_shape, was_dtype = self.tensors[k]
+            if shape != was_shape:
+                out.append(f"{k} has shape {list(shape)} where the plan has {list(was_shape)}")
+            elif dtype != was_dtype:
+                recast.setdefault((was_dtype, dtype), []).append(k)
+        out += [f"removed {k}" for k in self.tensors if k not in now.tensors and k.rpartition(".")[0] not in moved]
+        for (was, dtype), names in recast.items():
+            more = f" and {len(names) - 1} more tensor(s)" if len(names) > 1 else ""
+            out.append(f"{names[0]}{more} became {str(dtype).removeprefix('torch.')} (was {str(was).removeprefix('torch.')})")
+        return out
+
+
+def non_finite(model: nn.Module) -> str | None:
+    """The first parameter or buffer of ``model`` holding NaN or Inf, described; None if none does."""
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() or v.is_complex():
+            bad = ~torch.isfinite(v)
+            if bool(bad.any()):
+                what = "NaN" if bool(torch.isnan(v).any()) else "Inf"
+                return f"{k} holds {what} ({int(bad.sum())} of {v.numel()} values)"
+    return None
+
+
+def check_after_callback(model: nn.Module, before: Architecture, callback: str, finite: bool = True) -> None:
+    """One ``ModelChanged`` line naming ``callback`` (e.g. "finetune (the 'step-1' fine-tuning)")
+    and what changed, when ``model`` is not ``before``'s architecture (layers added, removed,
+    resized, recast) or, with ``finite``, holds NaN or Inf."""
+    changed = before.changes(model)
+    if changed:
+        more = f" and {len(changed) - 3} more change(s)" if len(changed) > 3 else ""
+        raise ModelChanged(f"{callback} changed the model it was given: {'; '.join(changed[:3])}{more}; a callback must "
+                           "keep the model's layers, widths and dtype (the pipeline's plan) and change only its weights")
+    bad = non_finite(model) if finite else None
+    if bad:
+        raise ModelChanged(f"{callback} left non-finite values in the model: {bad}; lower the learning rate or check "
+                           "the loss")
+
+
+def checked_loss(user_loss: Callable[[nn.Module, Any], torch.Tensor]) -> LossFn:
+    """The user's ``loss(model, batch)`` as the built-in loop's ``(model, x, y)`` loss, the model
+    checked after every call (``check_after_callback``; finiteness is checked after the
+    fine-tuning, as the loop's optimizer step follows the loss)."""
+    seen: dict[int, Architecture] = {}
+
+    def loss(mod: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if id(mod) not in seen:
+            seen[id(mod)] = Architecture.of(mod)
+        before = seen[id(mod)]
+        value = user_loss(mod, (x, y))
+        check_after_callback(mod, before, "loss", finite=False)
+        return value
+
+    return loss
+
+
 def quietest_take(take: Callable[[], dict[str, Any]], quietest: float) -> tuple[dict[str, Any], float]:
     """One measurement (``take()``: candidate and baseline stats as dicts), taken again, up to
     ``REMEASURE`` more times, while the baseline's quiet figure is over ``1 + QUIET_BAND`` times
@@ -123,9 +212,8 @@ class FitJob:
 def builtin_loss(cfg: CompressConfig, parts: UserParts, teacher: nn.Module) -> LossFn | None:
     """The built-in loop's loss: the user's ``loss``, else distillation from ``teacher`` (unless
     ``--no-kd``), else None (``train.fit``'s cross-entropy)."""
-    user_loss = parts.loss
-    if user_loss is not None:
-        return lambda mod, x, y: user_loss(mod, (x, y))
+    if parts.loss is not None:
+        return checked_loss(parts.loss)
     return distillation_loss(teacher) if cfg.kd else None
 
 
@@ -136,17 +224,20 @@ def run_job(job: FitJob, model: nn.Module, teacher: nn.Module, data: DataBundle,
     """Fine-tune ``model`` in place: the user's ``finetune``, or the built-in loop (KD from
     ``teacher`` unless the user's ``loss`` or ``cfg.kd=False``), masks held. Returns the
     training metrics. Rank 0 and the torchrun workers run this same function; ``on_step``
-    follows the built-in loop's optimizer steps."""
+    follows the built-in loop's optimizer steps. The model the user's ``finetune`` or ``loss``
+    was given is checked after it (``check_after_callback``, ``checked_loss``)."""
     rank, world = distributed_world() if distributed else (0, 1)
     if parts.finetune is not None:
         t0 = time.perf_counter()
         model.train()
+        before = Architecture.of(model)
         try:
             parts.finetune(model, job.epochs, FinetuneContext(teacher, job.tag, cfg.seed, job.masks, rank, world))
         except UserError:
             raise
         except Exception as e:
             raise UserError(f"finetune raised {type(e).__name__}: {e} (in the {job.tag!r} fine-tuning)") from None
+        check_after_callback(model, before, f"finetune (the {job.tag!r} fine-tuning)")
         apply_masks(model, job.masks)
         return {"epochs_run": job.epochs, "train_seconds": round(time.perf_counter() - t0, 2), "world_size": world}
     whole = max(1, math.floor(job.epochs))
@@ -160,9 +251,15 @@ def run_job(job: FitJob, model: nn.Module, teacher: nn.Module, data: DataBundle,
         base = loss or (lambda mod, x, y: torch.nn.functional.cross_entropy(mod(x), y))
         loss = lambda mod, x, y: base(mod, x, y) + penalty(mod)  # noqa: E731
     masks = job.masks
-    return fit(model, data, tcfg, out / "finetune" / job.tag, job.meta, resume=job.resume, loss_fn=loss,
-               after_step=[lambda mod: apply_masks(mod, masks)] if masks else [], progress=False, stop=stop,
-               distributed=distributed, on_step=on_step)
+    metrics = fit(model, data, tcfg, out / "finetune" / job.tag, job.meta, resume=job.resume, loss_fn=loss,
+                  after_step=[lambda mod: apply_masks(mod, masks)] if masks else [], progress=False, stop=stop,
+                  distributed=distributed, on_step=on_step)
+    if parts.loss is not None:  # the user's loss saw the model at every step: the weights it trained, checked
+        bad = non_finite(model)
+        if bad:
+            raise ModelChanged(f"training with your loss left non-finite values in the model in the {job.tag!r} "
+                               f"fine-tuning: {bad}; lower --lr or check the loss")
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +293,8 @@ class Run:
         self.measurer: Measurer = measurer_for(self.target)
         self.graph = ModelGraph(self.model, self.data.input_shape, cfg.ignore, self.target.width_space())
         self.baseline_widths = group_widths(self.graph)
+        if not self.baseline_widths:
+            raise UserError(nothing_to_prune(self.model, self.spec, cfg.ignore))
         self.cost: CostModel = flops_cost()
         self.profile: dict[str, Any] | None = None
         self.masks: Masks = {}
@@ -254,13 +353,16 @@ class Run:
 
     def metric(self, model: nn.Module) -> float:
         """The run's metric of ``model`` on the validation data: the user's ``evaluate`` (checked
-        to be a finite number), else top-1 accuracy."""
+        to return a finite number and to leave the model as it was: ``check_after_callback``),
+        else top-1 accuracy."""
         if self.parts.evaluate is None:
             return float(evaluate(model, self.data.val)["accuracy"])
+        before = Architecture.of(model)
         try:
             value = self.parts.evaluate(model)
         except Exception as e:
             raise UserError(f"evaluate raised {type(e).__name__}: {e}") from None
+        check_after_callback(model, before, "evaluate")
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -477,7 +579,7 @@ class Run:
             m = run_job(job, self.model, self.teacher, self.data, self.cfg, self.parts, self.out, stop=stop,
                         penalty=penalty, distributed=shared, on_step=lambda d, n: self.count(f"fine-tune {tag}", d, n))
         except UserError as e:
-            if self.parts.finetune is not None:
+            if self.parts.finetune is not None or isinstance(e, ModelChanged):
                 raise
             raise UserError(f"{e}; the last good checkpoint is kept in {self.out}/checkpoints (resume with --resume "
                             "and a lower --lr)") from None
@@ -492,10 +594,18 @@ class Run:
         return {**self.meta, "pruned": {"widths": architecture_widths(self.graph), "ignore": list(self.cfg.ignore)}}
 
     def checkpoint(self, stage: str) -> None:
+        """Save the run after ``stage``. A non-finite number in the run's state or report is
+        refused (``UserError``), never saved: a resumed run would read it back, and the report
+        cannot be written with it; the last good checkpoint stays."""
+        for name, obj in (("state", self.state), ("report", self.report)):
+            bad = _non_finite_at(obj, name)
+            if bad:
+                raise UserError(f"stage {stage!r} produced a non-finite number ({bad}); it was not checkpointed "
+                                "(the last good stage is kept): check the inputs it came from, e.g. the latency profile")
         self.done.append(stage)
         save_checkpoint(self.out / "checkpoints" / "state.pt", self.model, self.meta_pruned(),
                         masks={k: v.cpu() for k, v in self.masks.items()}, done=list(self.done),
-                        report=json.dumps(self.report), run_state=json.dumps(self.state))
+                        report=json.dumps(self.report, allow_nan=False), run_state=json.dumps(self.state, allow_nan=False))
 
     def restore(self) -> None:
         """Continue from ``checkpoints/state.pt``: rebuild the pruned architecture, load weights."""
@@ -508,9 +618,45 @@ class Run:
         self.graph = ModelGraph(self.model, self.data.input_shape, self.cfg.ignore, self.target.width_space())
         self.masks = dict(ck.get("masks", {}))
         self.done = list(ck["done"])
-        self.report = json.loads(ck["report"])
-        self.state = json.loads(ck["run_state"])
+        self.report, self.state = _strict_json(ck["report"], path), _strict_json(ck["run_state"], path)
         self.say(f"resuming after stage {self.done[-1]!r}")
+
+
+def nothing_to_prune(model: nn.Module, spec: str, ignore: list[str]) -> str:
+    """Why a model with no prunable channel group cannot be compressed, as one line."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not layers:
+        return (f"the model ({spec}) has no Conv2d or Linear layer: deploy-prune prunes the channels of those, so there "
+                "is nothing to prune")
+    shown = ", ".join(layers[:5]) + (", ..." if len(layers) > 5 else "")
+    return (f"the model ({spec}) has no prunable channel group: its conv/linear layers ({shown}) all produce the "
+            f"output{' or are in --ignore' if ignore else ''}, and those are never pruned; nothing to prune")
+
+
+def _non_finite_at(obj: Any, where: str) -> str | None:
+    """Where in a JSON-like value the first NaN or Inf is (``state['budget']['cost_budget'] = nan``)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{where} = {obj}"
+    if isinstance(obj, dict):
+        items: Any = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        bad = _non_finite_at(v, f"{where}[{k!r}]")
+        if bad:
+            return bad
+    return None
+
+
+def _strict_json(text: str, path: Path) -> Any:
+    """A run checkpoint's JSON; a NaN or Infinity in it (``Run.checkpoint`` writes none) is refused."""
+    def refuse(name: str) -> Any:
+        raise UserError(f"{str(path)!r} holds a non-finite number ({name}) from a failed run; it cannot be resumed: rerun "
+                        "with --overwrite (profile again first if the latency profile was the cause)")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,13 +30,17 @@ meets a budget, then fine-tune, export and report.
 8. **export and final measurement**, re-measured before the budget is declared met; reports.
 
 Each stage ends with a checkpoint (``checkpoints/state.pt``), so ``--resume`` continues an
-interrupted run; the final fine-tuning checkpoints every epoch too.
+interrupted run; the final fine-tuning checkpoints every epoch too. One process at a time writes
+a run directory (``io.RunLock``), and ``--overwrite`` replaces the old run only once the new one
+finishes (``_Claim``).
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -51,7 +55,15 @@ from deploy_prune.distributed import backend as distributed_backend
 from deploy_prune.distributed import world as distributed_world
 from deploy_prune.errors import BudgetUnreachable, UserError
 from deploy_prune.export import export_onnx
-from deploy_prune.io import atomic_write, provenance, remove_if_empty, write_json
+from deploy_prune.io import (
+    RunLock,
+    atomic_write,
+    is_disk_full,
+    provenance,
+    refuse_input_as_output,
+    remove_if_empty,
+    write_json,
+)
 from deploy_prune.latency.timing import quiet_of
 from deploy_prune.measured_search import between
 from deploy_prune.methods import Method, get_method
@@ -161,7 +173,13 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None,
              return_model: bool = False) -> Any:
     """Run the whole pipeline; returns the report (also written to ``OUT/report.json``), and the
     pruned model with it when ``return_model``. ``parts`` carries the API's in-memory model, data
-    and callbacks (``UserParts``); the CLI passes none."""
+    and callbacks (``UserParts``); the CLI passes none.
+
+    ``OUT`` is locked for the run (``io.RunLock``). With ``overwrite`` the old run goes only when
+    the new one finishes: its files wait in ``OUT/.replaced-run/`` meanwhile and are put back if
+    the new run fails with an exception (a killed or interrupted run leaves them there: ``resume``
+    finishes the replacement). A failed run in a new ``OUT`` leaves no empty directory; a full
+    disk is a ``UserError`` naming the file."""
     t_start = time.perf_counter()
     method = make_method(cfg)
     if distributed_world()[0] > 0:  # under torchrun: rank 0 runs the pipeline, this rank fine-tunes with it
@@ -169,20 +187,54 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None,
 
         rep, model = serve(cfg, parts or UserParts())
         return (rep, model) if return_model else rep
-    run = open_run(cfg, progress, parts)
+    claim = _Claim(cfg)
+    run = claim.open(progress, parts)
     try:
         rep = _pipeline(run, method, t_start)
+        claim.finish()
         if run.world > 1:
             from deploy_prune.pipeline.workers import send_done
 
             send_done(rep, run.model, run.meta_pruned()["pruned"])
         return (rep, run.model) if return_model else rep
-    except UserError as e:
-        state = run.out / "checkpoints" / "state.pt"
-        if isinstance(e, BudgetUnreachable) or not state.is_file() or "--resume" in str(e):
+    except Exception as e:
+        err = _failure(e, run.out, restored=claim.fail())
+        if err is e:
             raise
-        # e.g. the agent became unreachable mid-run: what was done is kept
-        raise type(e)(f"{e} (stages done so far are kept in {state}; fix this and rerun with --resume)") from None
+        raise err from None
+    finally:
+        claim.release()
+
+
+def _failure(e: Exception, out: Path, restored: bool) -> Exception:
+    """What a failed run raises: ``e``, its message saying what of the run is kept."""
+    state = out / "checkpoints" / "state.pt"
+    if is_disk_full(e):
+        where = f" writing {getattr(e, 'filename', None) or out}"
+        if restored:
+            return UserError(f"no space left on device{where}; the previous run in {str(out)!r} is restored; free space and rerun")
+        return UserError(f"no space left on device{where}; free space and rerun" + (RESUME_TAIL if state.is_file() else ""))
+    if not isinstance(e, UserError):
+        return e
+    if restored:  # the new run's checkpoints are gone with it: no resume hint
+        return type(e)(f"{without_resume_hint(str(e))} (the previous run in {str(out)!r} is restored as it was)")
+    if isinstance(e, BudgetUnreachable) or not state.is_file() or "--resume" in str(e):
+        return e
+    # e.g. the agent became unreachable mid-run: what was done is kept
+    return type(e)(f"{e} (stages done so far are kept in {state}; fix this and rerun with --resume)")
+
+
+# How a failed run's message ends when its checkpoints are kept for --resume.
+RESUME_HINTS = (" (stages done so far are kept in ", "; the last good checkpoint is kept in ")
+RESUME_TAIL = " with --resume"
+
+
+def without_resume_hint(message: str) -> str:
+    """``message`` without the words that point at checkpoints for ``--resume`` (for a run whose
+    checkpoints did not survive its failure)."""
+    for hint in RESUME_HINTS:
+        message = message.split(hint)[0]
+    return message[: -len(RESUME_TAIL)] if message.endswith(RESUME_TAIL) else message
 
 
 def make_method(cfg: CompressConfig) -> Method:
@@ -200,42 +252,137 @@ def make_method(cfg: CompressConfig) -> Method:
 
 
 def open_run(cfg: CompressConfig, progress: Callable[[str], None] | None, parts: UserParts | None) -> Run:
-    """The run in ``cfg.out``, once the directory is claimed (``_claim_out``); a run that fails
-    to start leaves no directory it made."""
-    fresh = _claim_out(cfg)
+    """The run in ``cfg.out``, once the directory is claimed (``_Claim``), for a caller that drives
+    the stages itself and never finishes a run (``Planner``): ``overwrite`` replaces the old run
+    as soon as the new one's inputs are good, and the directory is not kept locked. A run that
+    fails to start leaves no directory it made."""
+    claim = _Claim(cfg)
     try:
-        return Run(cfg, progress, parts)
-    except BaseException:
-        if fresh:
-            remove_if_empty(cfg.out)
-        raise
+        run = claim.open(progress, parts)
+        claim.finish()
+        return run
+    finally:
+        claim.release()
 
 
-# What a compress run writes in its directory: --overwrite removes these, and nothing else.
+# What a compress run writes in its directory: --overwrite replaces these (and its *.png plots), and nothing else.
 RUN_FILES = ("model.onnx", "model.onnx.json", "model.pt", "model.pt2", "report.json", "report.md", "report.html",
              "sensitivity.json", *(f"model.{p}.onnx" for p in PRECISIONS if p != "fp32"))
 RUN_DIRS = ("checkpoints", "finetune")
+ASIDE = ".replaced-run"  # OUT/.replaced-run: the run an --overwrite replaces, until the new one finishes
+MARKS = ("report.json", "checkpoints/state.pt")  # files only a compress run leaves
 
 
-def _claim_out(cfg: CompressConfig) -> bool:
-    """Refuse to mix two runs in one directory: one that holds a run needs ``--resume`` (continue
-    it) or ``--overwrite`` (replace it). Returns whether the directory is new."""
-    import shutil
+class _Claim:
+    """This process's hold on a compress run directory ``OUT``: its lock (``io.RunLock``), the
+    checks that keep two runs from mixing in it, and, with ``--overwrite``, the old run moved to
+    ``OUT/.replaced-run/`` once the new run's inputs are good, deleted when it finishes (``finish``)
+    and put back when it fails (``fail``)."""
 
-    held = [n for n in ("report.json", "checkpoints/state.pt") if (cfg.out / n).is_file()]
-    if held and cfg.resume and cfg.overwrite:
-        raise UserError("--resume continues the run in --out and --overwrite replaces it: give one of them")
-    if held and not (cfg.resume or cfg.overwrite):
-        raise UserError(f"{str(cfg.out)!r} already holds a compress run ({held[0]}); pass --resume to continue it, "
-                        "--overwrite to replace it, or another --out")
-    if held and cfg.overwrite:
-        for name in RUN_FILES:
-            (cfg.out / name).unlink(missing_ok=True)
-        for name in RUN_DIRS:
-            shutil.rmtree(cfg.out / name, ignore_errors=True)
-        for stale in cfg.out.glob("*.png"):
-            stale.unlink()
-    return not cfg.out.exists()
+    def __init__(self, cfg: CompressConfig) -> None:
+        self.cfg = cfg
+        self.out = cfg.out
+        self.aside = cfg.out / ASIDE
+        self.fresh = not cfg.out.exists()
+        self.lock = RunLock(cfg.out)
+        self.replacing = False  # this run moved (or keeps) the old run aside, and puts it back if it fails
+        self.ending = False  # this run ends an interrupted replacement: finishing deletes the old run
+
+    def open(self, progress: Callable[[str], None] | None, parts: UserParts | None) -> Run:
+        """Lock and check ``OUT``, load the run's inputs; then (overwrite) set the old run aside."""
+        try:
+            self.lock.acquire()
+            self._check()
+            run = Run(self.cfg, progress, parts)
+            if self.replacing:
+                self._set_aside()
+            return run
+        except BaseException:
+            self.release()
+            raise
+
+    def _check(self) -> None:
+        """Refuse to mix two runs in one directory: one that holds a run needs ``--resume``
+        (continue it) or ``--overwrite`` (replace it); files of another command's run (a train
+        run's model.pt) are refused; and ``--weights`` may not be a file the run writes."""
+        cfg, out = self.cfg, self.out
+        refuse_input_as_output("--out", out, [out / n for n in (*RUN_FILES, *RUN_DIRS, ASIDE)],
+                               [("--weights", cfg.weights or None)])
+        held = [n for n in MARKS if (out / n).is_file()]
+        aside = self.aside.is_dir()
+        if (held or aside) and cfg.resume and cfg.overwrite:
+            raise UserError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        if aside:  # an --overwrite was killed before its run finished
+            hint = (f"{str(out)!r} holds a run an interrupted --overwrite was making (the run it replaces is kept in "
+                    f"{str(self.aside)!r})")
+            back = f"or move the files in {str(self.aside)!r} back into {str(out)!r}"
+            if cfg.resume and "checkpoints/state.pt" not in held:
+                raise UserError(f"nothing to resume: {hint} that stopped before its first stage; pass --overwrite "
+                                f"to start it again, {back}")
+            if not (cfg.resume or cfg.overwrite):
+                raise UserError(f"{hint}; pass --resume to continue it, --overwrite to start it again, {back}")
+            self.replacing, self.ending = cfg.overwrite, cfg.resume
+            return
+        if held and not (cfg.resume or cfg.overwrite):
+            raise UserError(f"{str(out)!r} already holds a compress run ({held[0]}); pass --resume to continue it, "
+                            "--overwrite to replace it, or another --out")
+        if not held:
+            theirs = [n for n in RUN_FILES if n != "sensitivity.json" and (out / n).is_file()]
+            if theirs:
+                raise UserError(f"{str(out)!r} holds {', '.join(theirs)}, which compress writes, but no compress run "
+                                f"(no {' or '.join(MARKS)}); choose another --out")
+        self.replacing = bool(held) and cfg.overwrite
+
+    def _set_aside(self) -> None:
+        """Move the old run's files into ``OUT/.replaced-run/``; a partial run left by an earlier
+        interrupted replacement (the old run is aside already) is deleted instead."""
+        if self.aside.is_dir():
+            self._remove_run_files()
+            return
+        self.aside.mkdir()
+        try:
+            for p in self._run_files():
+                os.replace(p, self.aside / p.name)
+        except BaseException:  # the old run stays whole: what was moved goes back
+            self._put_back()
+            raise
+
+    def _put_back(self) -> None:
+        for p in sorted(self.aside.iterdir()):
+            os.replace(p, self.out / p.name)
+        self.aside.rmdir()
+
+    def _run_files(self) -> list[Path]:
+        names = [*RUN_FILES, *RUN_DIRS]
+        return [*(self.out / n for n in names if (self.out / n).exists()), *sorted(self.out.glob("*.png"))]
+
+    def _remove_run_files(self) -> None:
+        for p in self._run_files():
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    def finish(self) -> None:
+        """The new run is complete: the one it replaces goes."""
+        if self.replacing or self.ending:
+            shutil.rmtree(self.aside, ignore_errors=True)
+        self.replacing = self.ending = False
+
+    def fail(self) -> bool:
+        """The new run failed: its files go and the old run comes back. True if there was one to restore."""
+        if not self.replacing or not self.aside.is_dir():
+            return False
+        self._remove_run_files()
+        self._put_back()
+        self.replacing = False
+        return True
+
+    def release(self) -> None:
+        """Unlock; a directory this run made and left empty goes too."""
+        self.lock.release()
+        if self.fresh:
+            remove_if_empty(self.out)
 
 
 def _pipeline(run: Run, method: Method, t_start: float) -> dict[str, Any]:

@@ -59,7 +59,15 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.exists():
         where = f"{str(p)!r}" if p.name == REPORT_FILE else f"{str(p)!r} (nor a run directory holding {REPORT_FILE})"
         raise UserError(f"report not found: {where}; pass a run directory written by deploy-prune compress or its {REPORT_FILE}")
-    rep = read_json(p)
+    try:
+        rep = read_json(p)
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise UserError(f"{str(p)!r} nests too deeply to be a deploy-prune report; rerun deploy-prune compress") from None
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:  # a directory, bytes that are not text, an integer of 5000 digits
+        why = e.strerror if isinstance(e, OSError) else str(e).split(":")[0]
+        raise UserError(f"{str(p)!r} is not a readable deploy-prune report ({why}); rerun deploy-prune compress") from None
     if not isinstance(rep, dict):
         raise UserError(f"{str(p)!r} is not a deploy-prune report (expected a JSON object); rerun deploy-prune compress")
     version = rep.get("schema_version")

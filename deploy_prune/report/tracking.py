@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,9 @@ NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "ml
 
 
 def parse_trackers(specs: Sequence[str]) -> list[Tracker]:
-    """``["tensorboard:runs/tb", "mlflow"]`` as trackers, checked now (name, argument, installed),
-    so a bad value fails before the run starts, not after it."""
+    """``["tensorboard:runs/tb", "mlflow"]`` as trackers, checked now (name, argument, installed,
+    and a local store writable: ``check_writable``), so a bad value fails before the run starts,
+    not after it."""
     out = []
     for spec in specs:
         name, _, where = spec.partition(":")
@@ -51,8 +53,55 @@ def parse_trackers(specs: Sequence[str]) -> list[Tracker]:
         module, pip = NEEDS[name]
         if importlib.util.find_spec(module) is None:
             raise UserError(f"--log {name} needs {pip}: pip install 'deploy-prune[tracking]'")
-        out.append(Tracker(name, where or None))
+        tracker = Tracker(name, where or None)
+        store = local_store(tracker)
+        if store is not None:
+            check_writable(store, f"--log {spec}")
+        out.append(tracker)
     return out
+
+
+def local_store(t: Tracker) -> Path | None:
+    """The directory a tracker writes into on this machine: TensorBoard's ``DIR``; MLflow's local
+    file store (``./mlruns``, a ``file:`` URI or a plain path); None for a tracking server."""
+    if t.name == "tensorboard":
+        return Path(str(t.where))
+    uri = t.where or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return Path("mlruns")
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path))
+    if "://" in uri or uri.startswith("databricks"):
+        return None
+    return Path(uri)
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """A ``UserError`` naming ``directory`` unless files can be made in it: a probe file is created
+    and removed in it, or, where it does not exist yet, in its nearest existing parent (which must
+    be a directory; nothing is created on the way)."""
+    probe_in = directory
+    try:
+        while not probe_in.exists():
+            if probe_in.parent == probe_in:
+                break
+            probe_in = probe_in.parent
+        ok = probe_in.is_dir()
+    except OSError as e:  # a parent that cannot be searched
+        raise UserError(f"{what}: cannot write into {str(directory)!r} ({e.strerror or e}); "
+                        "give a directory you can write to") from None
+    if not ok:
+        raise UserError(f"{what}: cannot write into {str(directory)!r}: {str(probe_in)!r} is a file, not a directory; "
+                        "give a directory you can write to")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe_in, prefix=".deploy-prune-probe.")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise UserError(f"{what}: cannot write into {str(directory)!r} ({e.strerror or e}); "
+                        "give a directory you can write to") from None
 
 
 def record(trackers: Sequence[Tracker], report: Mapping[str, Any], run_dir: Path) -> list[str]:

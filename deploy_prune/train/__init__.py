@@ -8,8 +8,9 @@ Under ``torchrun --nproc-per-node N`` it uses DistributedDataParallel with the g
 A run directory holds ``model.pt``, ``metrics.json``, ``checkpoints/last.pt`` and, once
 exported, ``model.onnx`` (+ ``.json``). ``train_model`` refuses a directory that already holds
 a run unless told to ``resume`` it or ``overwrite`` it (which first deletes the old run's files,
-so no stale ``model.onnx`` survives beside a new ``model.pt``); ``fit`` deletes the exports
-beside ``model.pt`` whenever it writes a changed one. A failed run leaves no empty ``out`` or
+so no stale ``model.onnx`` survives beside a new ``model.pt``), a compress run's directory, and an
+``out`` that holds its own ``weights``; it locks ``out`` while it writes (``io.RunLock``). ``fit``
+deletes the exports beside ``model.pt`` whenever it writes a changed one. A failed run leaves no empty ``out`` or
 ``checkpoints/`` directory, and temp files of a killed write are removed by the next run.
 
 This is one module, at about the usual length, because it is one training loop: the run
@@ -39,7 +40,7 @@ from deploy_prune.checks import check_number
 from deploy_prune.data import DataBundle, make_loader
 from deploy_prune.distributed import world as distributed_world
 from deploy_prune.errors import UserError
-from deploy_prune.io import ensure_dir, provenance, remove_if_empty, write_json
+from deploy_prune.io import RunLock, ensure_dir, provenance, refuse_input_as_output, remove_if_empty, write_json
 from deploy_prune.models.checkpoint import _unwrap, load_checkpoint, remove_stale_temps, save_checkpoint
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -84,8 +85,11 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def default_device() -> str:
-    """Where training runs: CUDA only when asked for (``DEPLOY_PRUNE_DEVICE=cuda``) and present."""
-    return "cuda" if torch.cuda.is_available() and os.environ.get("DEPLOY_PRUNE_DEVICE", "cpu") == "cuda" else "cpu"
+    """Where training runs: CUDA only when asked for (``DEPLOY_PRUNE_DEVICE=cuda``) and present;
+    under torchrun, the GPU of this process's ``LOCAL_RANK``."""
+    if not (torch.cuda.is_available() and os.environ.get("DEPLOY_PRUNE_DEVICE", "cpu") == "cuda"):
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
 
 
 def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, device: str = "cpu") -> dict[str, float]:
@@ -323,11 +327,15 @@ def train_model(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
                       weight_decay=weight_decay, seed=seed)
     out = Path(out)
-    _check_out(out, resume, overwrite)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; give a run directory")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # share the cores between the processes instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    with _no_empty_dirs(out):
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 alone writes, and locks, the run
+    # exits in reverse: the lock (and its file) goes before an empty directory is removed
+    with _no_empty_dirs(out), (RunLock(out) if writer else contextlib.nullcontext()):
+        _check_out(out, resume, overwrite, weights)
         data = load_data(data_spec, data_options)
         if resume and model_spec is None and weights is None:
             last = out / "checkpoints" / "last.pt"
@@ -355,10 +363,15 @@ def train_model(
     return metrics
 
 
-def _check_out(run: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to train over a run without being told what to do with it."""
+def _check_out(run: Path, resume: bool, overwrite: bool, weights: str | None = None) -> None:
+    """Refuse to train over a run without being told what to do with it, into a compress run, or
+    over the ``weights`` it starts from."""
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it; pass only one")
+    refuse_input_as_output("--out", run, [*(run / n for n in RUN_FILES), run / "checkpoints"], [("--weights", weights)])
+    compress = [n for n in ("report.json", "checkpoints/state.pt") if (run / n).is_file()]
+    if compress:
+        raise UserError(f"{str(run)!r} holds a compress run ({compress[0]}); train into another --out")
     found = [n for n in RUN_FILES if (run / n).exists()]
     if found and not (resume or overwrite):
         raise UserError(f"{str(run)!r} already holds a run ({', '.join(found)}); pass --resume to continue it, "
