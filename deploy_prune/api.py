@@ -29,7 +29,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from deploy_prune.budget import Budget
-from deploy_prune.checks import check_api_args
 from deploy_prune.config import Target
 from deploy_prune.data import DataBundle
 from deploy_prune.errors import UserError
@@ -48,6 +47,32 @@ _RESERVED = {"out", "weights", "model", "data", "data_options", "target", "metho
 
 
 SCRATCH = "<a new temporary directory>"  # the out of a run given out=None, until _scratch makes it
+BUDGETS = "dp.Latency(ms=...), dp.LatencyRatio(r), dp.Flops(r), dp.Params(r), dp.Channels(r) or dp.Sparsity(r)"
+
+
+def _check_args(model: Any, example_input: Any, target: Any, budget: Any) -> None:
+    """The Python API's model, example input, target and budget are of the kinds it takes (an
+    ``nn.Module``; a floating-point ``(N, C, H, W)`` tensor; a target name or ``Target``; one of
+    the ``budget`` objects), else one ``UserError`` line naming the argument and what it takes."""
+    import torch
+    from torch import nn
+
+    from deploy_prune.budget import Channels, Flops, Latency, LatencyRatio, Params, Sparsity
+    from deploy_prune.config import Target
+
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    want = "one batch of images (N, C, H, W) as a float tensor, e.g. torch.zeros(1, 3, 224, 224)"
+    if not isinstance(example_input, torch.Tensor):
+        raise UserError(f"example_input must be {want}, got a {type(example_input).__name__}")
+    if example_input.ndim != 4 or not example_input.is_floating_point():
+        raise UserError(f"example_input must be {want}, got a {str(example_input.dtype).removeprefix('torch.')} "
+                        f"tensor of shape {list(example_input.shape)}")
+    if not isinstance(target, (str, Target)):
+        raise UserError(f"target must be a target name (dp.list_targets()) or a loaded Target, got {target!r}")
+    if not isinstance(budget, (Latency, LatencyRatio, Flops, Params, Channels, Sparsity)):
+        raise UserError(f"budget must be one of {BUDGETS}, got {budget!r} ({type(budget).__name__}); "
+                        "a bare number does not say what it budgets: e.g. budget=dp.Flops(0.5)")
 
 
 def _scratch(cfg: CompressConfig) -> CompressConfig:
@@ -141,7 +166,7 @@ def _prepare(model: nn.Module, example_input: torch.Tensor, *, target: str | Tar
              metric: str | None, out: str | Path | None, settings: dict[str, Any]) -> tuple[CompressConfig, UserParts]:
     """The pipeline's settings and the user's parts, from the API's arguments (checked); with
     ``out=None`` the settings' ``out`` is ``SCRATCH``, for ``_scratch`` to replace."""
-    check_api_args(model, example_input, target, budget)
+    _check_args(model, example_input, target, budget)
     train_ds, val_ds = _dataset(train), _dataset(val)
     if train_ds is None:
         raise UserError("compress needs train data (a Dataset or DataLoader): its first batches rank the channels")

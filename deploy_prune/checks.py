@@ -1,5 +1,4 @@
-"""Checking numbers where they enter (flags, target YAML, API arguments, agent requests), and the
-kinds of the Python API's arguments (``check_api_args``).
+"""Checking numbers where they enter (flags, target YAML, API arguments, agent requests).
 
 One rule everywhere: a number is a real int or float (never a bool or a string), finite, and
 inside its range; otherwise one ``UserError`` line that names the setting, the valid range and
@@ -45,30 +44,3 @@ def check_number(name: str, value: Any, *, lo: float | None = None, hi: float | 
         raise UserError(f"{want}, got {value}")
     return value
 
-
-BUDGETS = "dp.Latency(ms=...), dp.LatencyRatio(r), dp.Flops(r), dp.Params(r), dp.Channels(r) or dp.Sparsity(r)"
-
-
-def check_api_args(model: Any, example_input: Any, target: Any, budget: Any) -> None:
-    """The Python API's model, example input, target and budget are of the kinds it takes (an
-    ``nn.Module``; a floating-point ``(N, C, H, W)`` tensor; a target name or ``Target``; one of
-    the ``budget`` objects), else one ``UserError`` line naming the argument and what it takes."""
-    import torch
-    from torch import nn
-
-    from deploy_prune.budget import Channels, Flops, Latency, LatencyRatio, Params, Sparsity
-    from deploy_prune.config import Target
-
-    if not isinstance(model, nn.Module):
-        raise UserError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    want = "one batch of images (N, C, H, W) as a float tensor, e.g. torch.zeros(1, 3, 224, 224)"
-    if not isinstance(example_input, torch.Tensor):
-        raise UserError(f"example_input must be {want}, got a {type(example_input).__name__}")
-    if example_input.ndim != 4 or not example_input.is_floating_point():
-        raise UserError(f"example_input must be {want}, got a {str(example_input.dtype).removeprefix('torch.')} "
-                        f"tensor of shape {list(example_input.shape)}")
-    if not isinstance(target, (str, Target)):
-        raise UserError(f"target must be a target name (dp.list_targets()) or a loaded Target, got {target!r}")
-    if not isinstance(budget, (Latency, LatencyRatio, Flops, Params, Channels, Sparsity)):
-        raise UserError(f"budget must be one of {BUDGETS}, got {budget!r} ({type(budget).__name__}); "
-                        "a bare number does not say what it budgets: e.g. budget=dp.Flops(0.5)")

@@ -120,7 +120,7 @@ def train(
     weights: Annotated[str | None, typer.Option(help="start from this checkpoint or run directory")] = None,
     trust_checkpoint: TrustOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from OUT/checkpoints/last.pt")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run already in OUT (removes its model.onnx)")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run already in OUT, once the new run finishes: until then the old run (its model.onnx too) waits in OUT/.replaced-run/ and comes back if training fails (a killed run leaves it there; --resume finishes the replacement)")] = False,
     seed: SeedOpt = 0,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:

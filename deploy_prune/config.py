@@ -160,6 +160,10 @@ def parse_target(name_or_path: str) -> Target:
         raise UserError(f"target file {str(p)!r}: {e}; keep one of them") from None
     except yaml.YAMLError as e:
         raise UserError(f"target file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:  # the YAML composer recurses once per level of nesting
+        raise UserError(f"target file {str(p)!r} nests too deeply to be a target; fix the file") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise UserError(f"target file {str(p)!r} is not a readable target ({str(e).split(':')[0]}); fix the file") from None
     return parse_target_dict(raw, source=str(p))
 
 

@@ -1,5 +1,6 @@
-"""Atomic file writes, the run-directory lock, the checks that keep an output off an input or
-off a file of another kind, and provenance records: shared by every output the tool writes."""
+"""Atomic file writes, the run-directory lock, the old run an ``--overwrite`` sets aside until
+the new one finishes, the checks that keep an output off an input or off a file of another kind,
+JSON reading, and provenance records: shared by every output the tool writes."""
 
 from __future__ import annotations
 
@@ -136,6 +137,106 @@ def _holder(text: str) -> str:
         return "it has not recorded itself yet"
 
 
+ASIDE = ".replaced-run"  # DIR/.replaced-run: the run an --overwrite replaces, until the new one finishes
+
+
+class SetAside:
+    """The run in directory ``out`` that an ``--overwrite`` replaces: its files (``names`` in
+    ``out``, files or directories, and those matching ``patterns``) move into ``out/.replaced-run/``
+    once the new run's inputs are good (``set_aside``), are deleted when the new run finishes
+    (``finish``) and are put back when it fails with an exception (``fail``). A killed run leaves
+    them aside; the next run in ``out`` must then continue it or start it again (``interrupted``).
+    ``command`` (compress, train) is recorded with them, so another command's run is never taken
+    for one's own. The caller holds ``out``'s ``RunLock`` throughout."""
+
+    OWNER = ".command"  # in .replaced-run/: the command whose run it is
+
+    def __init__(self, out: Path, command: str, names: Iterable[str], patterns: Iterable[str] = ()) -> None:
+        self.out, self.command = out, command
+        self.aside = out / ASIDE
+        self.names, self.patterns = tuple(names), tuple(patterns)
+        self.replacing = False  # this run moved (or keeps) the old run aside, and puts it back if it fails
+        self.ending = False  # this run ends an interrupted replacement: finishing deletes the old run
+
+    def interrupted(self, resume: bool, overwrite: bool, resumable: bool) -> bool:
+        """Whether an interrupted ``--overwrite`` left the run it replaces aside. This run may then
+        continue the new run (``resume``, where it got as far as ``resumable`` says) or start it
+        again (``overwrite``); anything else is a ``UserError`` saying so."""
+        if not self.aside.is_dir():
+            return False
+        try:
+            owner = (self.aside / self.OWNER).read_text().strip() or self.command
+        except OSError:  # none recorded: a run set aside by this command before it recorded itself
+            owner = self.command
+        if owner != self.command:
+            raise UserError(f"{str(self.aside)!r} holds the {owner} run that an interrupted {owner} --overwrite is replacing; "
+                            f"continue it with deploy-prune {owner} --resume, start it again with --overwrite, or "
+                            f"choose another --out")
+        hint = (f"{str(self.out)!r} holds a run an interrupted --overwrite was making (the run it replaces is kept in "
+                f"{str(self.aside)!r})")
+        back = f"or move the files in {str(self.aside)!r} back into {str(self.out)!r}"
+        if resume and not resumable:
+            raise UserError(f"nothing to resume: {hint} that stopped before its first checkpoint; pass --overwrite "
+                            f"to start it again, {back}")
+        if not (resume or overwrite):
+            raise UserError(f"{hint}; pass --resume to continue it, --overwrite to start it again, {back}")
+        self.replacing, self.ending = overwrite, resume
+        return True
+
+    def set_aside(self) -> None:
+        """Move the old run's files into ``out/.replaced-run/``; a partial run left by an earlier
+        interrupted replacement (the old run is aside already) is deleted instead."""
+        self.replacing = True
+        if self.aside.is_dir():
+            self._remove_run_files()
+            return
+        self.aside.mkdir()
+        try:
+            (self.aside / self.OWNER).write_text(self.command + "\n")
+            for p in self._run_files():
+                os.replace(p, self.aside / p.name)
+        except BaseException:  # the old run stays whole: what was moved goes back
+            self._put_back()
+            raise
+
+    def finish(self) -> None:
+        """The new run is complete: the one it replaces goes."""
+        if self.replacing or self.ending:
+            shutil.rmtree(self.aside, ignore_errors=True)
+        self.replacing = self.ending = False
+
+    def fail(self) -> bool:
+        """The new run failed: its files go and the old run comes back. True if there was one to restore."""
+        if not self.replacing or not self.aside.is_dir():
+            return False
+        self._remove_run_files()
+        self._put_back()
+        self.replacing = False
+        return True
+
+    @staticmethod
+    def restored(message: str, out: Path) -> str:
+        """``message`` of a run in ``out`` that failed, saying the run it was replacing is back (``fail``)."""
+        return f"{message} (the previous run in {str(out)!r} is restored as it was)"
+
+    def _put_back(self) -> None:
+        (self.aside / self.OWNER).unlink(missing_ok=True)
+        for p in sorted(self.aside.iterdir()):
+            os.replace(p, self.out / p.name)
+        self.aside.rmdir()
+
+    def _run_files(self) -> list[Path]:
+        found = [self.out / n for n in self.names if (self.out / n).exists()]
+        return [*found, *sorted(q for pat in self.patterns for q in self.out.glob(pat))]
+
+    def _remove_run_files(self) -> None:
+        for p in self._run_files():
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
 def input_file(path: str | os.PathLike[str]) -> Path:
     """``path`` as a command reads it, resolved (links, ``..``): a run directory stands for its ``model.pt``."""
     p = Path(path)
@@ -191,7 +292,7 @@ def json_object(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         if p.stat().st_size > (64 << 20):
             return None
         obj = json.loads(p.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -276,14 +377,23 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
+def read_json(path: str | os.PathLike[str], what: str = "JSON file", fix: str = "regenerate it") -> Any:
+    """The JSON value in ``path``. A file that is missing, unreadable (a directory, bytes that are
+    not text), not JSON, nested deeper than Python's parser recurses, or holding an integer of more
+    digits than Python converts is one ``UserError`` line naming the file, as a ``what`` (a
+    "deploy-prune report"), and ``fix``."""
     p = Path(path)
     try:
         return json.loads(p.read_text())
     except FileNotFoundError:
         raise UserError(f"file not found: {str(p)!r}") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{str(p)!r} is not valid JSON ({e.msg} at line {e.lineno}); regenerate it") from None
+        raise UserError(f"{str(p)!r} is not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise UserError(f"{str(p)!r} nests too deeply to be a {what}; {fix}") from None
+    except (OSError, ValueError) as e:  # a directory, bytes that are not text, an integer of 5000 digits
+        why = (e.strerror or str(e)) if isinstance(e, OSError) else str(e).split(":")[0]
+        raise UserError(f"{str(p)!r} is not a readable {what} ({why}); {fix}") from None
 
 
 def _json_default(o: Any) -> Any:

@@ -130,7 +130,8 @@ def test_compress_to_the_int8_latency(tiny_run: Path, tmp_path: Path) -> None:
     (The tiny CNN at int8 is mostly fixed cost: its narrowest widths measure ~0.9 of it, hence 0.95.)"""
     from deploy_prune.data import DataOptions
     from deploy_prune.pipeline import CompressConfig, compress
-    from deploy_prune.report.gate import run_gate
+    from deploy_prune.report import load_report
+    from deploy_prune.report.gate import budget_verdict, run_gate, validate_report
 
     target = tmp_path / "q8.yaml"
     target.write_text("name: q8\nbackend: onnxruntime\nprecision: int8\nthreads: 1\nchannel_multiple: 8\n"
@@ -166,6 +167,11 @@ def test_compress_to_the_int8_latency(tiny_run: Path, tmp_path: Path) -> None:
     assert __import__("json").loads(prof.read_text())["measurer"]["precision"] == "int8"
     gate = run_gate(out, max_accuracy_drop=1.0)
     assert gate.passed and "deployed int8" in gate.checks[0].message
+    v = rep["final"]["verdict"]  # what the verdict was decided on: the rounds of both final measurements
+    assert len(v["candidate_round_medians"]) == len(v["baseline_round_medians"]) == 2 and v["limit"] == 0.95
+    assert v["candidate_round_medians"][1] == fin["latency_ms"]["round_medians"]
+    verdict = budget_verdict(validate_report(load_report(out)))  # recomputed from report.json as written
+    assert verdict.exact and verdict.met is rep["met_budget"]
     assert "(int8, deployed)" in (out / "report.md").read_text()
     # A device behind an agent scores nothing here: the gate says it judges the fp32 metric.
     report = out / "report.json"

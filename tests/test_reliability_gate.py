@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from helpers import snapshot
 from onnx import TensorProto, helper
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 
 from deploy_prune.cli import app
 from deploy_prune.errors import UserError
+from deploy_prune.latency.timing import quiet_estimate
 from deploy_prune.report.gate import LATENCY_TOLERANCE, RUN_DIRS, RUN_FILES, budget_verdict, run_gate, validate_report
 
 runner = CliRunner()
@@ -53,6 +55,22 @@ def make_report(kind: str = "latency_ms") -> dict[str, Any]:
         "config": {"ignore": []},
         "provenance": {"tool_version": "0.1.0"},
     }
+
+
+def with_verdict(rep: dict[str, Any], cand: list[list[float]], base: list[list[float]] | None = None) -> dict[str, Any]:
+    """``rep`` as schema 2 writes it: ``final.verdict`` pooling the round medians of both final
+    measurements (``cand``; ``base`` for a ratio budget), the last of them in ``final.latency_ms``."""
+    ratio = rep["budget"]["kind"] == "latency_ratio"
+    pooled = quiet_estimate([v for m in cand for v in m])
+    if ratio:
+        assert base is not None
+        pooled /= quiet_estimate([v for m in base for v in m])
+    rep["schema_version"] = 2
+    rep["final"]["latency_ms"] = {"median": float(np.median(cand[-1])), "quiet": quiet_estimate(cand[-1]),
+                                  "round_medians": list(cand[-1])}
+    rep["final"]["verdict"] = {"pooled": pooled, "limit": rep["budget"]["value" if ratio else "latency_ms"],
+                               "candidate_round_medians": cand, "baseline_round_medians": base if ratio else None}
+    return rep
 
 
 def write(d: Path, rep: dict[str, Any] | str) -> Path:
@@ -217,6 +235,74 @@ def test_latency_within_the_remeasurement_tolerance_fits_either_verdict(tmp_path
     assert budget_verdict(validate_report(rep)).met is None
     rep["final"]["baseline_same_session_ms"] = 2.0
     assert budget_verdict(validate_report(rep)).met is False
+
+
+# Both measurements' rounds pool to 0.86 ms (1 ms budget, 43 % of the 2 ms baseline), or to 1.02 ms
+# (2 % over the budget, 51 % of the baseline against a 50 % budget), the last within 10 % of the first.
+UNDER = [[0.85, 0.86, 0.9], [0.86, 0.86, 0.87]]
+OVER = [[1.02, 1.1, 1.02], [1.02, 1.04, 1.02]]
+BASE = [[2.0, 2.1], [2.0, 2.0]]
+
+
+@pytest.mark.parametrize("kind", ["latency_ms", "latency_ratio"])
+def test_a_schema_2_latency_verdict_is_recomputed_exactly(tmp_path: Path, kind: str) -> None:
+    ok = with_verdict(make_report(kind), UNDER, BASE)
+    res = run_gate(write(tmp_path, ok))
+    assert res.passed and [c.message for c in res.checks] == ["budget met: within budget (from the report)"]
+    assert budget_verdict(validate_report(ok)).exact
+
+    over = with_verdict(make_report(kind), OVER, BASE)  # 2 %: inside the schema 1 tolerance, yet over
+    assert over["final"]["verdict"]["pooled"] == (1.02 if kind == "latency_ms" else 0.51)
+    r = runner.invoke(app, ["gate", str(write(tmp_path, over))])
+    assert r.exit_code == 1
+    figures = ("pooled final latency 1.02 ms > budget 1 ms" if kind == "latency_ms"
+               else "pooled ratio to the baseline 0.51 > budget 0.5")
+    assert r.output.splitlines() == [f"FAIL budget: the report says met, but its own figures do not meet it: {figures} "
+                                     f"(102 % of it; quiet rounds of 2 measurements); {INCONSISTENT}"]
+    res = run_gate(write(tmp_path, over), max_accuracy_drop=0.5)  # explicit limits keep the verdict check
+    assert [(c.name, c.passed) for c in res.checks] == [("accuracy_drop", True), ("budget_verdict", False)]
+
+    over["met_budget"], over["budget_note"] = False, "over budget"  # the verdict compress gave it: not met, consistent
+    res = run_gate(write(tmp_path, over))
+    assert [(c.passed, c.message) for c in res.checks] == [(False, "budget NOT met: over budget (from the report)")]
+    assert run_gate(write(tmp_path, over), max_accuracy_drop=0.5).passed
+
+    # The same figures in a schema 1 report (the last measurement only) fit either verdict.
+    old = with_verdict(make_report(kind), OVER, BASE)
+    old["schema_version"] = 1
+    del old["final"]["verdict"]
+    assert budget_verdict(validate_report(old)).met is None and run_gate(write(tmp_path, old)).passed
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda r: r["final"]["verdict"].update(pooled=0.85),
+     "final.verdict.pooled 0.85 is not the quiet estimate of its round medians (0.86)"),
+    (lambda r: r["final"]["verdict"].update(limit=2.0), "final.verdict.limit 2 is not budget.latency_ms (1)"),
+    (lambda r: r["final"]["verdict"]["candidate_round_medians"][0].__setitem__(0, 0.5),
+     "final.verdict.pooled 0.86 is not the quiet estimate of its round medians (0.68)"),
+    (lambda r: r["final"]["latency_ms"].update(round_medians=[0.8]),
+     "final.latency_ms.round_medians are not the last measurement's in final.verdict.candidate_round_medians"),
+    (lambda r: r["final"]["verdict"].update(baseline_round_medians=BASE),
+     "final.verdict.baseline_round_medians must be null (a latency_ms budget pools the candidate alone)"),
+    (lambda r: r["final"]["verdict"].update(candidate_round_medians=[]),
+     "final.verdict.candidate_round_medians is invalid"),
+    (lambda r: r["final"]["verdict"]["candidate_round_medians"][0].append(-1.0),
+     "final.verdict.candidate_round_medians.0.3 must be > 0 (ms), got -1.0"),
+])
+def test_a_schema_2_verdict_block_that_disagrees_with_itself_is_refused(tmp_path: Path, edit: Any, problem: str) -> None:
+    rep = with_verdict(make_report(), UNDER)
+    edit(rep)
+    line = error_line(runner.invoke(app, ["gate", str(write(tmp_path, rep))]))
+    assert line.startswith(f"error: {str(tmp_path / 'report.json')!r}: {problem}"), line
+    assert line.endswith("the report is damaged or was edited: rerun deploy-prune compress")
+
+
+def test_a_schema_2_latency_report_without_its_verdict_block_fails(tmp_path: Path) -> None:
+    rep = with_verdict(make_report(), UNDER)
+    del rep["final"]["verdict"]  # nothing to fall back on: the tolerance is for schema 1 reports alone
+    assert [c.message for c in run_gate(write(tmp_path, rep)).checks] == [
+        "budget: the report says met but lacks final.verdict, the figure that decides it; the report is damaged or was "
+        "edited: rerun deploy-prune compress"]
 
 
 # ---------------------------------------------------------------- 3. bad input is one line, exit 2, nothing written

@@ -373,3 +373,30 @@ def test_planner_apply_refuses_widths_the_target_does_not_allow(planner: Any, wi
     assert one_line(e) == message
     cut = planner.apply({"body.0": 8, "body.3": 24})
     assert cut.body[0].out_channels == 8 and cut.body[3].out_channels == 24
+
+
+DEEP = "[" * 200_000 + "]" * 200_000  # deeper than Python's parsers recurse
+BIG = "9" * 5000  # more digits than Python converts to an int
+
+
+@pytest.mark.parametrize("text, problem", [
+    (DEEP, "nests too deeply to be a {what}"),
+    ('{"entries": ' + BIG + "}", "is not a readable {what} (Exceeds the limit (4300 digits) for integer string conversion)"),
+])
+def test_a_profile_or_target_file_nested_too_deeply_is_one_line(tmp_path: Path, text: str, problem: str) -> None:
+    from deploy_prune.latency.lut import LatencyTable
+    from deploy_prune.latency.profile import load_profile
+    from deploy_prune.target import load_target
+
+    prof = tmp_path / "p.json"
+    prof.write_text(text)
+    for load, what in ((load_profile, "deploy-prune profile"), (LatencyTable.load, "deploy-prune latency table")):
+        with pytest.raises(UserError) as e:
+            load(prof)
+        assert one_line(e) == f"{str(prof)!r} {problem.format(what=what)}; delete it and profile again"
+
+    target = tmp_path / "t.yaml"
+    target.write_text("name: t\nbackend: onnxruntime\nthreads: " + (DEEP if text == DEEP else BIG) + "\n")
+    with pytest.raises(UserError) as e:
+        load_target(str(target))
+    assert one_line(e) == f"target file {str(target)!r} {problem.format(what='target')}; fix the file"

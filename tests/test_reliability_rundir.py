@@ -28,6 +28,7 @@ from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
 import deploy_prune as dp
+import deploy_prune.train as train_mod
 from deploy_prune.cli import app
 from deploy_prune.data import DataOptions
 from deploy_prune.errors import UserError
@@ -123,7 +124,7 @@ def test_overwrite_sets_the_old_run_aside_until_the_new_one_finishes(tiny_run: P
 
     monkeypatch.setattr(stages, "_pipeline", _fake_pipeline({"model.pt": b"new", "report.json": b"{}"}, during=during))
     stages.compress(_cfg(tiny_run, target, out, overwrite=True))
-    assert seen["aside"] == old  # the whole old run, while the new one runs
+    assert seen["aside"] == {**old, ".command": b"compress\n"}  # the whole old run, while the new one runs
     assert seen["out"] == [LOCK_NAME, ASIDE, "mine.txt"]
     assert snapshot(out) == {"mine.txt": b"not the tool's", "model.pt": b"new", "report.json": b"{}"}
 
@@ -154,7 +155,7 @@ def test_a_killed_overwrite_leaves_the_old_run_aside(tiny_run: Path, target: Pat
     monkeypatch.setattr(stages, "_pipeline", _fake_pipeline({"checkpoints/state.pt": b"new state"}, _Killed()))
     with pytest.raises(_Killed):
         stages.compress(_cfg(tiny_run, target, out, overwrite=True))
-    assert snapshot(out / ASIDE) == old
+    assert snapshot(out / ASIDE) == {**old, ".command": b"compress\n"}
     assert (out / "checkpoints" / "state.pt").read_bytes() == b"new state" and not (out / LOCK_NAME).exists()
 
     aside = str(out / ASIDE)
@@ -186,6 +187,110 @@ def test_resume_finishes_an_interrupted_overwrite(tiny_run: Path, target: Path, 
 def test_overwrite_help_says_where_the_old_run_waits() -> None:
     res = runner.invoke(app, ["compress", "--help"], env={"COLUMNS": "400"})
     assert "once the new run finishes: until then the old run waits in OUT/.replaced-run/" in res.output
+
+
+TRAINED = {"model.pt": b"old checkpoint", "metrics.json": b'{"epochs": 3}', "model.onnx": b"old model",
+           "model.onnx.json": b"{}", "checkpoints/last.pt": b"old last"}
+TINY = DataOptions(train_limit=64)
+
+
+def _old_train_run(out: Path) -> Path:
+    """A finished train run (its files' bytes stand in for the real ones) and a file of the user's."""
+    for name, data in {**TRAINED, "mine.txt": b"not the tool's"}.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    return out
+
+
+def _fake_fit(writes: dict[str, bytes], fail: BaseException | None = None,
+              during: Callable[[Path], None] | None = None) -> Callable[..., dict[str, Any]]:
+    """``train.fit`` cut short: ``during(out)``, then ``writes`` into the run, then ``fail`` or metrics."""
+    def fit(model: Any, data: Any, cfg: Any, out_dir: Path, meta: Any, **kw: Any) -> dict[str, Any]:
+        out = Path(out_dir)
+        if during is not None:
+            during(out)
+        for name, data_ in writes.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(data_)
+        if fail is not None:
+            raise fail
+        return {"val_accuracy": 0.5, "epochs": cfg.epochs}
+    return fit
+
+
+def test_train_overwrite_sets_the_old_run_aside_until_the_new_one_finishes(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _old_train_run(tmp_path / "run")
+    seen: dict[str, Any] = {}
+
+    def during(d: Path) -> None:
+        seen["aside"] = snapshot(d / ASIDE)
+        seen["out"] = sorted(p.name for p in d.iterdir())
+
+    new = {"model.pt": b"new", "metrics.json": b"{}", "checkpoints/last.pt": b"new last"}
+    monkeypatch.setattr(train_mod, "fit", _fake_fit(new, during=during))
+    train_model(out, "tiny-cnn", "digits", TINY, epochs=1, overwrite=True, progress=False)
+    assert seen["aside"] == {**TRAINED, "checkpoints": None, ".command": b"train\n"}
+    assert seen["out"] == [LOCK_NAME, ASIDE, "mine.txt"]
+    assert snapshot(out) == {**new, "checkpoints": None, "mine.txt": b"not the tool's"}  # no stale model.onnx
+
+
+def test_a_failed_train_overwrite_puts_the_old_run_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _old_train_run(tmp_path / "run")
+    before = snapshot(out)
+    monkeypatch.setattr(train_mod, "fit", _fake_fit({"checkpoints/last.pt": b"new"},
+                                                    UserError("training diverged (loss nan) at epoch 1; lower --lr")))
+    with pytest.raises(UserError) as e:
+        train_model(out, "tiny-cnn", "digits", TINY, epochs=1, overwrite=True, progress=False)
+    assert one_line(e) == (f"training diverged (loss nan) at epoch 1; lower --lr (the previous run in {str(out)!r} is "
+                           "restored as it was)")
+    assert snapshot(out) == before
+
+    monkeypatch.setattr(train_mod, "fit", _fake_fit({"model.pt": b"new"}, RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        train_model(out, "tiny-cnn", "digits", TINY, epochs=1, overwrite=True, progress=False)
+    assert snapshot(out) == before
+
+
+def test_a_killed_train_overwrite_leaves_the_old_run_aside_for_train_alone(tiny_run: Path, target: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _old_train_run(tmp_path / "run")
+    before = snapshot(out)
+    monkeypatch.setattr(train_mod, "fit", _fake_fit({"checkpoints/last.pt": b"new last"}, _Killed()))
+    with pytest.raises(_Killed):
+        train_model(out, "tiny-cnn", "digits", TINY, epochs=1, overwrite=True, progress=False)
+    assert snapshot(out / ASIDE) == {**TRAINED, "checkpoints": None, ".command": b"train\n"}
+
+    aside = str(out / ASIDE)
+    with pytest.raises(UserError) as e:
+        train_model(out, "tiny-cnn", "digits", TINY, epochs=1, progress=False)
+    assert one_line(e) == (f"{str(out)!r} holds a run an interrupted --overwrite was making (the run it replaces is "
+                           f"kept in {aside!r}); pass --resume to continue it, --overwrite to start it again, or move "
+                           f"the files in {aside!r} back into {str(out)!r}")
+    for more in ({"overwrite": True}, {"resume": True}):  # compress never takes train's run for its own
+        with pytest.raises(UserError) as e:
+            stages.compress(_cfg(tiny_run, target, tmp_path / "run", **more))
+        assert one_line(e) == (f"{aside!r} holds the train run that an interrupted train --overwrite is replacing; "
+                               "continue it with deploy-prune train --resume, start it again with --overwrite, or "
+                               "choose another --out")
+
+    monkeypatch.setattr(train_mod, "fit", _fake_fit({"model.pt": b"newer"}, UserError("no luck")))
+    with pytest.raises(UserError, match=r"^no luck \(the previous run in .* is restored as it was\)$"):
+        train_model(out, "tiny-cnn", "digits", TINY, epochs=1, overwrite=True, progress=False)
+    assert snapshot(out) == before
+
+
+def test_train_refuses_a_compress_run_set_aside(tiny_run: Path, target: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _old_run(tmp_path / "run")
+    monkeypatch.setattr(stages, "_pipeline", _fake_pipeline({}, _Killed()))  # killed before its first checkpoint
+    with pytest.raises(_Killed):
+        stages.compress(_cfg(tiny_run, target, out, overwrite=True))
+    before = snapshot(out)
+    with pytest.raises(UserError, match=r"holds the compress run that an interrupted compress --overwrite is replacing; "
+                                        r"continue it with deploy-prune compress --resume"):
+        train_model(out, "tiny-cnn", "digits", TINY, epochs=1, overwrite=True, progress=False)
+    assert snapshot(out) == before
 
 
 # -- 2. an output is never an input, nor a file of another kind -------------------------------------

@@ -78,7 +78,7 @@ def test_missing_key_is_user_error(tmp_path: Path, key: str) -> None:
 
 
 @pytest.mark.parametrize("mutate, match", [
-    (lambda r: r.update(schema_version=2), "schema_version 2"),
+    (lambda r: r.update(schema_version=3), "schema_version 3, this deploy-prune reads versions 1, 2"),
     (lambda r: r.pop("schema_version"), "missing key.*schema_version"),
     (lambda r: r.update(final=None), "'final' must be an object"),
     (lambda r: r.update(steps={}), "'steps' must be a list"),

@@ -232,7 +232,7 @@ def export_record(onnx_path: str | Path) -> dict[str, Any] | None:
     p, side = Path(onnx_path), record_path(onnx_path)
     try:
         rec = json.loads(side.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(rec, dict) or not p.is_file() or rec.get("onnx_bytes") != p.stat().st_size:
         return None

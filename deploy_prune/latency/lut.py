@@ -78,6 +78,7 @@ from torch import nn
 
 from deploy_prune.errors import UserError
 from deploy_prune.graph import execution_order
+from deploy_prune.io import read_json
 
 SCHEMA_VERSION = 1
 OPSET = 18
@@ -625,12 +626,7 @@ class LatencyTable:
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
         """A profile file written by ``deploy-prune profile``, checked (``check_table``)."""
-        import json
-
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read the latency table {str(path)!r}: {e}") from None
+        data = read_json(path, what="deploy-prune latency table", fix="delete it and profile again")
         if not isinstance(data, dict):
             raise UserError(f"{str(path)!r} is not a deploy-prune latency table; make one with deploy-prune profile")
         check_table(data, str(path))

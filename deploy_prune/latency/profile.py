@@ -194,7 +194,7 @@ def load_profile(path: str | Path, target: Target | None = None, fingerprint: st
     p = Path(path)
     if not p.is_file():
         raise UserError(f"no profile at {str(p)!r}; create it with deploy-prune profile --target ... --model ...")
-    prof = read_json(p)
+    prof = read_json(p, what="deploy-prune profile", fix="delete it and profile again")
     if not isinstance(prof, dict) or "entries" not in prof:
         raise UserError(f"{str(p)!r} is not a deploy-prune profile")
     lut.check_table(prof, str(p))

@@ -43,6 +43,9 @@ def _read(path: str | Path, what: str) -> Any:
         raise UserError(f"trtexec {what} file {str(p)!r} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"trtexec {what} file {str(p)!r} is not JSON ({e}); regenerate it with trtexec") from None
+    except (ValueError, RecursionError) as e:  # an integer of 5000 digits; deep nesting
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+        raise UserError(f"trtexec {what} file {str(p)!r} is not readable ({why}); regenerate it with trtexec") from None
 
 
 def _number(v: Any) -> float | None:

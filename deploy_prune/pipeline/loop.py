@@ -5,6 +5,7 @@ latency table and the target disagree (``measured_search``)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
@@ -339,25 +340,51 @@ def _pooled_over(meas: list[dict[str, Any]], budget: dict[str, Any]) -> tuple[fl
     return cand / budget["latency_ms"], cand
 
 
-def _final_measure(run: Run, budget: dict[str, Any]) -> tuple[dict[str, Any], bool, str]:
-    """Measure the exported model twice; the budget is met when the pooled figure is within it."""
+@dataclass(frozen=True)
+class PooledVerdict:
+    """What a measured budget's verdict was decided on (``_pooled_over`` over the final
+    measurements), kept in ``report.json`` as ``final.verdict`` so the gate can recompute it:
+    ``pooled`` (the quiet estimate over every round of both measurements: ms, or for a ratio
+    budget the candidate's over the baseline's), the ``limit`` it was compared with
+    (``budget.latency_ms``, or ``budget.value`` for a ratio budget), and the round medians it
+    was computed from, one list per measurement (the baseline's for a ratio budget only)."""
+
+    pooled: float
+    limit: float
+    candidate_round_medians: list[list[float]]
+    baseline_round_medians: list[list[float]] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _final_measure(run: Run, budget: dict[str, Any]) -> tuple[dict[str, Any], bool, str, PooledVerdict | None]:
+    """Measure the exported model twice; the budget is met when the pooled figure is within it.
+    Returns the second measurement, the verdict, its words and (measured budgets) what it was
+    decided on."""
     meas = run.measure(run.model)
     if budget["kind"] == "sparsity":
         got = sparsity(run.model, run.cfg.ignore)
         met = got >= budget["value"] - 1e-3  # the last iteration rounds counts down, never past the target
-        return meas, met, f"sparsity {got:.4f} {'>=' if met else '<'} target {budget['value']:.4f} (conv/linear weights)"
+        return meas, met, f"sparsity {got:.4f} {'>=' if met else '<'} target {budget['value']:.4f} (conv/linear weights)", None
     if not budget["measured"]:
         got = run.cost.total(run.graph, group_widths(run.graph))
         met = got <= budget["cost_budget"] * (1 + 1e-9)
-        return meas, met, f"{run.cost.kind} {got:.4g} {'<=' if met else '>'} budget {budget['cost_budget']:.4g} {run.cost.unit}"
+        return (meas, met, f"{run.cost.kind} {got:.4g} {'<=' if met else '>'} budget {budget['cost_budget']:.4g} {run.cost.unit}",
+                None)
     again = run.measure(run.model)
     r, fig = _pooled_over([meas, again], budget)
+    ratio = budget["kind"] == "latency_ratio"
+    decided = PooledVerdict(
+        pooled=fig, limit=budget["value"] if ratio else budget["latency_ms"],
+        candidate_round_medians=[list(m["candidate"]["round_medians"]) for m in (meas, again)],
+        baseline_round_medians=[list(m["baseline"]["round_medians"]) for m in (meas, again)] if ratio else None)
     ms = (f"measured {quiet_of(meas['candidate']):.3f} ms, re-measured {quiet_of(again['candidate']):.3f} ms "
           f"(quiet rounds; overall medians {meas['candidate']['median']:.3f} and {again['candidate']['median']:.3f} ms)")
-    if budget["kind"] == "latency_ratio":
+    if ratio:
         verdict = f"{ms}; pooled ratio to the baseline {fig:.3f} {'<=' if r <= 1 else '>'} budget {budget['value']:.3f}"
     else:
         verdict = f"{ms}; pooled {fig:.3f} ms {'<=' if r <= 1 else '>'} budget {budget['latency_ms']:.3f} ms"
     if r > 1.0:
         verdict += f" ({100 * r:.0f} % of it): the model is returned anyway, NOT meeting the budget"
-    return again, r <= 1.0, verdict
+    return again, r <= 1.0, verdict, decided

@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -56,7 +54,9 @@ from deploy_prune.distributed import world as distributed_world
 from deploy_prune.errors import BudgetUnreachable, UserError
 from deploy_prune.export import export_onnx
 from deploy_prune.io import (
+    ASIDE,
     RunLock,
+    SetAside,
     atomic_write,
     is_disk_full,
     provenance,
@@ -80,6 +80,7 @@ from deploy_prune.pipeline.loop import (
     cost_model,
 )
 from deploy_prune.pipeline.run import Run, UserParts, _model_figures, record_step
+from deploy_prune.report import SCHEMA_VERSION
 from deploy_prune.transforms import (
     Masks,
     apply_masks,
@@ -89,7 +90,6 @@ from deploy_prune.transforms import (
     sparsity,
 )
 
-SCHEMA_VERSION = 1
 UNSTRUCTURED_NOTE = ("Unstructured zeros (magnitude masks) do not lower dense latency on {backend}: it runs every "
                      "weight, zero or not. They shrink the compressed file and help only on sparse-aware runtimes.")
 
@@ -217,7 +217,7 @@ def _failure(e: Exception, out: Path, restored: bool) -> Exception:
     if not isinstance(e, UserError):
         return e
     if restored:  # the new run's checkpoints are gone with it: no resume hint
-        return type(e)(f"{without_resume_hint(str(e))} (the previous run in {str(out)!r} is restored as it was)")
+        return type(e)(SetAside.restored(without_resume_hint(str(e)), out))
     if isinstance(e, BudgetUnreachable) or not state.is_file() or "--resume" in str(e):
         return e
     # e.g. the agent became unreachable mid-run: what was done is kept
@@ -269,24 +269,21 @@ def open_run(cfg: CompressConfig, progress: Callable[[str], None] | None, parts:
 RUN_FILES = ("model.onnx", "model.onnx.json", "model.pt", "model.pt2", "report.json", "report.md", "report.html",
              "sensitivity.json", *(f"model.{p}.onnx" for p in PRECISIONS if p != "fp32"))
 RUN_DIRS = ("checkpoints", "finetune")
-ASIDE = ".replaced-run"  # OUT/.replaced-run: the run an --overwrite replaces, until the new one finishes
 MARKS = ("report.json", "checkpoints/state.pt")  # files only a compress run leaves
 
 
 class _Claim:
     """This process's hold on a compress run directory ``OUT``: its lock (``io.RunLock``), the
-    checks that keep two runs from mixing in it, and, with ``--overwrite``, the old run moved to
-    ``OUT/.replaced-run/`` once the new run's inputs are good, deleted when it finishes (``finish``)
+    checks that keep two runs from mixing in it, and, with ``--overwrite``, the old run set aside
+    (``io.SetAside``) once the new run's inputs are good, deleted when it finishes (``finish``)
     and put back when it fails (``fail``)."""
 
     def __init__(self, cfg: CompressConfig) -> None:
         self.cfg = cfg
         self.out = cfg.out
-        self.aside = cfg.out / ASIDE
+        self.old = SetAside(cfg.out, "compress", (*RUN_FILES, *RUN_DIRS), ("*.png",))
         self.fresh = not cfg.out.exists()
         self.lock = RunLock(cfg.out)
-        self.replacing = False  # this run moved (or keeps) the old run aside, and puts it back if it fails
-        self.ending = False  # this run ends an interrupted replacement: finishing deletes the old run
 
     def open(self, progress: Callable[[str], None] | None, parts: UserParts | None) -> Run:
         """Lock and check ``OUT``, load the run's inputs; then (overwrite) set the old run aside."""
@@ -294,8 +291,8 @@ class _Claim:
             self.lock.acquire()
             self._check()
             run = Run(self.cfg, progress, parts)
-            if self.replacing:
-                self._set_aside()
+            if self.old.replacing:
+                self.old.set_aside()
             return run
         except BaseException:
             self.release()
@@ -304,24 +301,15 @@ class _Claim:
     def _check(self) -> None:
         """Refuse to mix two runs in one directory: one that holds a run needs ``--resume``
         (continue it) or ``--overwrite`` (replace it); files of another command's run (a train
-        run's model.pt) are refused; and ``--weights`` may not be a file the run writes."""
+        run's model.pt, also when its interrupted --overwrite set it aside) are refused; and
+        ``--weights`` may not be a file the run writes."""
         cfg, out = self.cfg, self.out
         refuse_input_as_output("--out", out, [out / n for n in (*RUN_FILES, *RUN_DIRS, ASIDE)],
                                [("--weights", cfg.weights or None)])
         held = [n for n in MARKS if (out / n).is_file()]
-        aside = self.aside.is_dir()
-        if (held or aside) and cfg.resume and cfg.overwrite:
+        if (held or self.old.aside.is_dir()) and cfg.resume and cfg.overwrite:
             raise UserError("--resume continues the run in --out and --overwrite replaces it: give one of them")
-        if aside:  # an --overwrite was killed before its run finished
-            hint = (f"{str(out)!r} holds a run an interrupted --overwrite was making (the run it replaces is kept in "
-                    f"{str(self.aside)!r})")
-            back = f"or move the files in {str(self.aside)!r} back into {str(out)!r}"
-            if cfg.resume and "checkpoints/state.pt" not in held:
-                raise UserError(f"nothing to resume: {hint} that stopped before its first stage; pass --overwrite "
-                                f"to start it again, {back}")
-            if not (cfg.resume or cfg.overwrite):
-                raise UserError(f"{hint}; pass --resume to continue it, --overwrite to start it again, {back}")
-            self.replacing, self.ending = cfg.overwrite, cfg.resume
+        if self.old.interrupted(cfg.resume, cfg.overwrite, resumable="checkpoints/state.pt" in held):
             return
         if held and not (cfg.resume or cfg.overwrite):
             raise UserError(f"{str(out)!r} already holds a compress run ({held[0]}); pass --resume to continue it, "
@@ -331,52 +319,15 @@ class _Claim:
             if theirs:
                 raise UserError(f"{str(out)!r} holds {', '.join(theirs)}, which compress writes, but no compress run "
                                 f"(no {' or '.join(MARKS)}); choose another --out")
-        self.replacing = bool(held) and cfg.overwrite
-
-    def _set_aside(self) -> None:
-        """Move the old run's files into ``OUT/.replaced-run/``; a partial run left by an earlier
-        interrupted replacement (the old run is aside already) is deleted instead."""
-        if self.aside.is_dir():
-            self._remove_run_files()
-            return
-        self.aside.mkdir()
-        try:
-            for p in self._run_files():
-                os.replace(p, self.aside / p.name)
-        except BaseException:  # the old run stays whole: what was moved goes back
-            self._put_back()
-            raise
-
-    def _put_back(self) -> None:
-        for p in sorted(self.aside.iterdir()):
-            os.replace(p, self.out / p.name)
-        self.aside.rmdir()
-
-    def _run_files(self) -> list[Path]:
-        names = [*RUN_FILES, *RUN_DIRS]
-        return [*(self.out / n for n in names if (self.out / n).exists()), *sorted(self.out.glob("*.png"))]
-
-    def _remove_run_files(self) -> None:
-        for p in self._run_files():
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+        self.old.replacing = bool(held) and cfg.overwrite
 
     def finish(self) -> None:
         """The new run is complete: the one it replaces goes."""
-        if self.replacing or self.ending:
-            shutil.rmtree(self.aside, ignore_errors=True)
-        self.replacing = self.ending = False
+        self.old.finish()
 
     def fail(self) -> bool:
         """The new run failed: its files go and the old run comes back. True if there was one to restore."""
-        if not self.replacing or not self.aside.is_dir():
-            return False
-        self._remove_run_files()
-        self._put_back()
-        self.replacing = False
-        return True
+        return self.old.fail()
 
     def release(self) -> None:
         """Unlock; a directory this run made and left empty goes too."""
@@ -460,7 +411,7 @@ def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) ->
                       parity_inputs=_parity_inputs(run), model_spec=run.spec, mean=run.data.mean, std=run.data.std,
                       class_names=run.data.classes)
     run._add_seconds("export", time.perf_counter() - t0)
-    meas, met, why = _final_measure(run, budget)
+    meas, met, why, decided = _final_measure(run, budget)
     t0 = time.perf_counter()
     acc = run.metric(run.model)
     run._add_seconds("evaluate", time.perf_counter() - t0)
@@ -488,7 +439,8 @@ def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) ->
         "metric": {"name": run.parts.metric, "higher_is_better": True,
                    "source": "evaluate callback" if run.parts.evaluate is not None else "top-1 accuracy on the validation split"},
         "baseline": run.report["baseline"],
-        "final": {**final, "baseline_same_session_ms": quiet_of(meas["baseline"])},
+        "final": {**final, "baseline_same_session_ms": quiet_of(meas["baseline"]),
+                  **({"verdict": decided.as_dict()} if decided is not None else {})},
         "met_budget": met,
         "budget_note": why,
         "steps": run.report["steps"],

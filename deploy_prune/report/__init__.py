@@ -22,7 +22,8 @@ from typing import Any
 from deploy_prune.errors import UserError
 from deploy_prune.io import atomic_write, read_json, write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: final.verdict, what a latency budget's verdict was decided on
+READS = (1, 2)  # the report schema versions this deploy-prune reads
 REQUIRED_KEYS = ("schema_version", "budget", "method", "baseline", "final", "met_budget", "steps", "provenance")
 REPORT_FILE = "report.json"
 
@@ -59,21 +60,14 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.exists():
         where = f"{str(p)!r}" if p.name == REPORT_FILE else f"{str(p)!r} (nor a run directory holding {REPORT_FILE})"
         raise UserError(f"report not found: {where}; pass a run directory written by deploy-prune compress or its {REPORT_FILE}")
-    try:
-        rep = read_json(p)
-    except RecursionError:  # json's decoder recurses once per level of nesting
-        raise UserError(f"{str(p)!r} nests too deeply to be a deploy-prune report; rerun deploy-prune compress") from None
-    except UserError:
-        raise
-    except (OSError, ValueError) as e:  # a directory, bytes that are not text, an integer of 5000 digits
-        why = e.strerror if isinstance(e, OSError) else str(e).split(":")[0]
-        raise UserError(f"{str(p)!r} is not a readable deploy-prune report ({why}); rerun deploy-prune compress") from None
+    rep = read_json(p, what="deploy-prune report", fix="rerun deploy-prune compress")
     if not isinstance(rep, dict):
         raise UserError(f"{str(p)!r} is not a deploy-prune report (expected a JSON object); rerun deploy-prune compress")
     version = rep.get("schema_version")
-    if "schema_version" in rep and version != SCHEMA_VERSION:
+    if "schema_version" in rep and (isinstance(version, bool) or version not in READS):
         raise UserError(
-            f"{str(p)!r} has report schema_version {version!r}, this deploy-prune reads version {SCHEMA_VERSION}; "
+            f"{str(p)!r} has report schema_version {version!r}, this deploy-prune reads versions "
+            f"{', '.join(map(str, READS))}; "
             "rerun compress with this version or use the deploy-prune that wrote it"
         )
     missing = [k for k in REQUIRED_KEYS if k not in rep]

@@ -7,8 +7,12 @@ fraction (0.01 = 1 percentage point). For a target that ships another precision 
 accuracies compared are the deployed model's (``final.deployed``). With no explicit limit the gate checks the report's own
 budget verdict (``met_budget``), or, when re-measuring a latency budget, the new median against it.
 The report is validated (``Report``: types and ranges) and its verdict recomputed from its figures
-(``budget_verdict``): one they contradict fails. ``--remeasure`` times ``model.onnx`` only when its
-SHA-256 is the one ``model.onnx.json`` records; ``--junit`` never replaces a file of the run.
+(``budget_verdict``): one they contradict fails. A latency verdict is recomputed exactly from
+``final.verdict`` (schema 2: the round medians of both final measurements, pooled with the
+pipeline's own ``timing.quiet_estimate``); a schema 1 report, written before that block, keeps
+only the second measurement, so its latency verdict is checked within ``LATENCY_TOLERANCE``.
+``--remeasure`` times ``model.onnx`` only when its SHA-256 is the one ``model.onnx.json``
+records; ``--junit`` never replaces a file of the run.
 """
 
 from __future__ import annotations
@@ -116,8 +120,28 @@ class Figures(_Open):
     deployed: Deployed | None = None
 
 
+Rounds = Annotated[list[Positive], Field(min_length=1)]
+
+
+class PooledVerdict(_Open):
+    """``final.verdict`` (``loop.PooledVerdict``): what a latency budget's verdict was decided on."""
+
+    pooled: Positive  # the quiet estimate over both measurements' rounds: ms, or candidate/baseline
+    limit: Positive  # budget.latency_ms, or budget.value for a ratio budget
+    candidate_round_medians: Annotated[list[Rounds], Field(min_length=1)]
+    baseline_round_medians: Annotated[list[Rounds], Field(min_length=1)] | None = None
+
+    def figure(self) -> float:
+        """``pooled`` recomputed from the round medians, as ``loop._pooled_over`` computes it."""
+        fig = quiet_estimate([v for m in self.candidate_round_medians for v in m])
+        if self.baseline_round_medians is not None:
+            fig = fig / quiet_estimate([v for m in self.baseline_round_medians for v in m])
+        return fig
+
+
 class FinalFigures(Figures):
     baseline_same_session_ms: Positive | None = None  # the baseline timed with the final measurement
+    verdict: PooledVerdict | None = None  # schema 2, latency budgets
 
 
 class Budget(_Open):
@@ -146,7 +170,7 @@ class Layer(_Open):
 class Report(_Open):
     """``report.json`` as the gate reads it (``pipeline.stages._finish`` writes it)."""
 
-    schema_version: Literal[1]
+    schema_version: Literal[1, 2]
     budget: Budget
     method: dict[str, Any]
     baseline: Figures
@@ -198,7 +222,7 @@ def _problem(err: Any) -> str:
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()), "?")
         what = f"must be {op} {bound:g}" if isinstance(bound, (int, float)) else f"must be {op} {bound}"
-        what += " (ms)" if "latency" in loc or "_ms" in loc else ""
+        what += " (ms)" if "latency" in loc or "_ms" in loc or "round_medians" in loc else ""
     if what is None and kind == "literal_error":
         what = f"must be one of {ctx.get('expected', '?')}"
     if what is None:
@@ -232,8 +256,10 @@ def validate_report(raw: dict[str, Any], path: str | os.PathLike[str] = "report.
 
 
 def _check_budget_figures(rep: Report, where: str) -> None:
-    """The budget's derived figures agree with what they are derived from (``loop._budget``)."""
+    """The budget's derived figures agree with what they are derived from (``loop._budget``,
+    ``loop._final_measure``)."""
     b = rep.budget
+    _check_pooled(rep, where)
     if b.latency_ms is not None and b.kind in ("latency_ms", "latency_ratio"):
         base = decided_ms(rep.baseline.latency_ms)
         want = b.value if b.kind == "latency_ms" else None if base is None else b.value * base
@@ -247,6 +273,38 @@ def _check_budget_figures(rep: Report, where: str) -> None:
                             f"parameters, more than the baseline's {rep.baseline.params:.6g}; {RERUN}")
 
 
+def _unequal(a: float | None, b: float | None) -> tuple[str, str]:
+    """Two unequal numbers, shown short unless that shows them alike."""
+    short = (f"{a:.6g}" if a is not None else "null", f"{b:.6g}" if b is not None else "null")
+    return short if short[0] != short[1] else (repr(a), repr(b))
+
+
+def _check_pooled(rep: Report, where: str) -> None:
+    """``final.verdict`` agrees with the budget, with itself and with ``final.latency_ms``."""
+    v, b = rep.final.verdict, rep.budget
+    if v is None:
+        return
+    if b.kind not in ("latency_ms", "latency_ratio"):
+        raise UserError(f"{where}: final.verdict is for a latency budget, not {b.kind}; {RERUN}")
+    ratio = b.kind == "latency_ratio"
+    limit, of = (b.value, "budget.value") if ratio else (b.latency_ms, "budget.latency_ms")
+    if v.limit != limit:
+        got, want = _unequal(v.limit, limit)
+        raise UserError(f"{where}: final.verdict.limit {got} is not {of} ({want}); {RERUN}")
+    base = v.baseline_round_medians
+    if ratio != (base is not None) or base is not None and len(base) != len(v.candidate_round_medians):
+        want = "one list per measurement, as for the candidate" if ratio else "null (a latency_ms budget pools the candidate alone)"
+        raise UserError(f"{where}: final.verdict.baseline_round_medians must be {want}; {RERUN}")
+    fig = v.figure()
+    if v.pooled != fig:
+        got, want = _unequal(v.pooled, fig)
+        raise UserError(f"{where}: final.verdict.pooled {got} is not the quiet estimate of its round medians ({want}); {RERUN}")
+    lat = rep.final.latency_ms
+    if isinstance(lat, LatencyStats) and lat.round_medians is not None and lat.round_medians != v.candidate_round_medians[-1]:
+        raise UserError(f"{where}: final.latency_ms.round_medians are not the last measurement's in "
+                        f"final.verdict.candidate_round_medians; {RERUN}")
+
+
 # --------------------------------------------------------------------------------------------
 # The budget verdict, recomputed from the report's figures
 # --------------------------------------------------------------------------------------------
@@ -255,21 +313,24 @@ def _check_budget_figures(rep: Report, where: str) -> None:
 # 1e-9, a sparsity within 1e-3 of its target counts as met.
 COUNT_TOL = 1e-9
 SPARSITY_SLACK = 1e-3
-# A latency verdict pools two sittings, and the report keeps the second: the stored figure
-# (scaled by how much slower the same-session baseline ran than the run's baseline) may sit
-# this far either side of the budget under either verdict.
+# A schema 1 report keeps only the second of the two sittings a latency verdict pools: the
+# stored figure (scaled by how much slower the same-session baseline ran than the run's
+# baseline) may sit this far either side of the budget under either verdict. Schema 2 keeps
+# both (``final.verdict``), and its verdict is recomputed exactly.
 LATENCY_TOLERANCE = 2.5 * QUIET_BAND
 
 
 @dataclass(frozen=True)
 class Verdict:
     """What a report's figures say of its budget: ``met`` True or False, or None when they fit
-    either verdict (a latency within ``LATENCY_TOLERANCE`` of its budget) or the report lacks
-    the figure (``lacking`` names it). ``reason`` gives the figures in words."""
+    either verdict (a schema 1 latency within ``LATENCY_TOLERANCE`` of its budget) or the report
+    lacks the figure (``lacking`` names it). ``reason`` gives the figures in words; ``exact``
+    is False for the tolerance check."""
 
     met: bool | None
     reason: str
     lacking: str | None = None
+    exact: bool = True
 
 
 def _counted(got: float, limit: float, text: str) -> Verdict:
@@ -318,6 +379,16 @@ def budget_verdict(rep: Report) -> Verdict:
 
 def _latency_verdict(rep: Report) -> Verdict:
     b, fin = rep.budget, rep.final
+    v = fin.verdict
+    if v is not None:  # the pipeline's rule on the pipeline's figures (``loop._pooled_over``)
+        r = v.figure() / v.limit
+        op = "<=" if r <= 1.0 else ">"
+        what = (f"pooled ratio to the baseline {v.pooled:.4g} {op} budget {v.limit:.4g}" if b.kind == "latency_ratio"
+                else f"pooled final latency {v.pooled:.4g} ms {op} budget {v.limit:.4g} ms")
+        n = len(v.candidate_round_medians)
+        return Verdict(r <= 1.0, f"{what} ({100 * r:.0f} % of it; quiet rounds of {n} measurement{'s' * (n != 1)})")
+    if rep.schema_version >= 2:  # written with the block: without it, nothing decides the verdict
+        return Verdict(None, "", "final.verdict")
     q = decided_ms(fin.latency_ms)
     if q is None:
         return Verdict(None, "", "final.latency_ms")
@@ -336,7 +407,7 @@ def _latency_verdict(rep: Report) -> Verdict:
     r = fig / limit
     met = True if r <= 1 / (1 + LATENCY_TOLERANCE) else False if r > 1 + LATENCY_TOLERANCE else None
     op = "<=" if r <= 1 else ">"
-    return Verdict(met, f"{what} {op} budget {limit:.4g}{unit} ({100 * r:.0f} % of it)")
+    return Verdict(met, f"{what} {op} budget {limit:.4g}{unit} ({100 * r:.0f} % of it)", exact=False)
 
 
 def _disagreement(rep: Report, v: Verdict) -> str | None:
@@ -344,7 +415,7 @@ def _disagreement(rep: Report, v: Verdict) -> str | None:
     if v.met is None or v.met == rep.met_budget:
         return None
     said, found = ("met", "do not meet it") if rep.met_budget else ("NOT met", "meet it")
-    slack = f", beyond the {100 * LATENCY_TOLERANCE:.0f} % re-measurement tolerance" if rep.budget.kind.startswith("latency") else ""
+    slack = "" if v.exact else f", beyond the {100 * LATENCY_TOLERANCE:.0f} % re-measurement tolerance"
     return f"budget: the report says {said}, but its own figures {found}: {v.reason}{slack}; {RERUN}, or gate --remeasure"
 
 

@@ -7,9 +7,11 @@ Under ``torchrun --nproc-per-node N`` it uses DistributedDataParallel with the g
 
 A run directory holds ``model.pt``, ``metrics.json``, ``checkpoints/last.pt`` and, once
 exported, ``model.onnx`` (+ ``.json``). ``train_model`` refuses a directory that already holds
-a run unless told to ``resume`` it or ``overwrite`` it (which first deletes the old run's files,
-so no stale ``model.onnx`` survives beside a new ``model.pt``), a compress run's directory, and an
-``out`` that holds its own ``weights``; it locks ``out`` while it writes (``io.RunLock``). ``fit``
+a run unless told to ``resume`` it or ``overwrite`` it, a compress run's directory, and an ``out``
+that holds its own ``weights``; it locks ``out`` while it writes (``io.RunLock``). ``overwrite``
+sets the old run's files aside once the inputs are good (``io.SetAside``: so no stale
+``model.onnx`` survives beside a new ``model.pt``), deletes them when the new run finishes and
+puts them back when it fails with an exception. ``fit``
 deletes the exports beside ``model.pt`` whenever it writes a changed one. A failed run leaves no empty ``out`` or
 ``checkpoints/`` directory, and temp files of a killed write are removed by the next run.
 
@@ -40,12 +42,23 @@ from deploy_prune.checks import check_number
 from deploy_prune.data import DataBundle, make_loader
 from deploy_prune.distributed import world as distributed_world
 from deploy_prune.errors import UserError
-from deploy_prune.io import RunLock, ensure_dir, provenance, refuse_input_as_output, remove_if_empty, write_json
+from deploy_prune.io import (
+    ASIDE,
+    RunLock,
+    SetAside,
+    ensure_dir,
+    provenance,
+    refuse_input_as_output,
+    remove_if_empty,
+    write_json,
+)
 from deploy_prune.models.checkpoint import _unwrap, load_checkpoint, remove_stale_temps, save_checkpoint
 
 OPTIMIZERS = ("sgd", "adamw")
 RUN_FILES = ("model.pt", "metrics.json", "model.onnx", "model.onnx.json", "checkpoints/last.pt")  # one run's results
 EXPORTS = ("model.onnx", "model.onnx.json")  # derived from model.pt: stale once it changes
+# What --overwrite sets aside (``io.SetAside``): RUN_FILES by their names in the run directory.
+REPLACED = tuple(dict.fromkeys(n.split("/")[0] for n in RUN_FILES))
 
 
 @dataclass
@@ -317,8 +330,10 @@ def train_model(
     """``deploy-prune train``: build or load a model, check it fits the data, and ``fit`` it.
 
     ``out`` must not hold a run (any of ``RUN_FILES``) unless ``resume`` (continue it: same
-    model, data and optimizer, ``epochs`` at least those done) or ``overwrite`` (delete that
-    run's files, then train afresh). Settings are checked before any data is read.
+    model, data and optimizer, ``epochs`` at least those done) or ``overwrite`` (train afresh:
+    the old run waits in ``out/.replaced-run/`` once the inputs are checked, goes when the new
+    run finishes and comes back if it fails with an exception; a killed run leaves it there,
+    and ``resume`` then finishes the replacement). Settings are checked before any data is read.
     """
     from deploy_prune.data import load_data
     from deploy_prune.models import check_runs_on
@@ -335,7 +350,7 @@ def train_model(
     writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 alone writes, and locks, the run
     # exits in reverse: the lock (and its file) goes before an empty directory is removed
     with _no_empty_dirs(out), (RunLock(out) if writer else contextlib.nullcontext()):
-        _check_out(out, resume, overwrite, weights)
+        old = _check_out(out, resume, overwrite, weights)
         data = load_data(data_spec, data_options)
         if resume and model_spec is None and weights is None:
             last = out / "checkpoints" / "last.pt"
@@ -356,26 +371,40 @@ def train_model(
             "input_shape": list(data.input_shape),
             "data": data.describe(),
         }
-        if overwrite and int(os.environ.get("RANK", "0")) == 0:  # the inputs are good: now the old run goes
-            _remove(out, RUN_FILES)
-        metrics = fit(model, data, cfg, out, meta, resume=resume, progress=progress)
+        if writer and old.replacing:  # the inputs are good: now the old run goes aside
+            old.set_aside()
+        try:
+            metrics = fit(model, data, cfg, out, meta, resume=resume, progress=progress)
+        except Exception as e:
+            if not (writer and old.fail()):
+                raise
+            if isinstance(e, UserError):
+                raise type(e)(SetAside.restored(str(e), out)) from None
+            raise
+        if writer:
+            old.finish()
     metrics["rank"] = dist.get_rank() if dist.is_initialized() else 0
     return metrics
 
 
-def _check_out(run: Path, resume: bool, overwrite: bool, weights: str | None = None) -> None:
+def _check_out(run: Path, resume: bool, overwrite: bool, weights: str | None = None) -> SetAside:
     """Refuse to train over a run without being told what to do with it, into a compress run, or
-    over the ``weights`` it starts from."""
+    over the ``weights`` it starts from. Returns the old run that ``overwrite`` replaces."""
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it; pass only one")
-    refuse_input_as_output("--out", run, [*(run / n for n in RUN_FILES), run / "checkpoints"], [("--weights", weights)])
+    refuse_input_as_output("--out", run, [*(run / n for n in REPLACED), run / ASIDE], [("--weights", weights)])
     compress = [n for n in ("report.json", "checkpoints/state.pt") if (run / n).is_file()]
     if compress:
         raise UserError(f"{str(run)!r} holds a compress run ({compress[0]}); train into another --out")
+    old = SetAside(run, "train", REPLACED)
+    if old.interrupted(resume, overwrite, resumable=(run / "checkpoints" / "last.pt").is_file()):
+        return old
     found = [n for n in RUN_FILES if (run / n).exists()]
     if found and not (resume or overwrite):
         raise UserError(f"{str(run)!r} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                         "--overwrite to replace it, or choose another --out")
+    old.replacing = bool(found) and overwrite
+    return old
 
 
 def _ckpt_spec(weights: str, trust: bool) -> str | None:
