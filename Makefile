@@ -42,11 +42,16 @@ demo: $(STAMP)
 	@echo "  compressed/            model.onnx, model.pt, model.pt2, report.json/.md/.html, plots, sensitivity.json"
 	@echo "  check it in CI with:   $(BIN)/deploy-prune gate $(RUN)/compressed/report.json --max-accuracy-drop 0.05"
 
+# Two workers, one per core (each computes on one thread: tests/conftest.py); a file's tests stay
+# on one worker, so its module fixtures are built once.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/pytest -m "not slow" -q --durations=15
+	$(PYTEST) -m "not slow" -q --durations=15
 
 test-all: $(STAMP)
-	$(BIN)/pytest -q
+	$(PYTEST) -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/measure_stability.py
@@ -66,6 +71,17 @@ clean:
 # deploy-prune's CUDA paths on this machine's GPU in about five minutes, with the .venv as it is
 # (no install step): benchmarks/results/device_check.json and .md (docs/backends.md).
 # Arguments through DEVICE_CHECK_ARGS, e.g. DEVICE_CHECK_ARGS="runs/gpu.json --budget-s 240".
-.PHONY: device-check
+# The lent GPU machine has its own Python 3.12 with torch, onnx and onnxruntime but not these:
+# `make device-wheels` here puts them in .whl/ (carried with the checkout, under its 64 MiB),
+# and device_check.sh installs them there before it starts.
+DEVICE_WHEELS := torch-pruning==1.6.1 onnx2torch==1.5.15 pydantic==2.14.4 pydantic-core==2.50.5 \
+	annotated-types==0.8.0 typing-inspection==0.4.5
+device-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl $(DEVICE_WHEELS)
+
+.PHONY: device-check device-wheels
 device-check:
 	benchmarks/device_check.sh $(DEVICE_CHECK_ARGS)

@@ -11,5 +11,11 @@ if [ -z "${DEVICE_CHECK_PYTHON:-}" ] && ! "$py" -c '' 2>/dev/null; then
     echo "[device-check] no working $py: using python3" >&2
     py=python3
 fi
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+site=""
+if [ -d "$root/.whl" ] && ! "$py" -c 'import torch_pruning, onnx2torch, pydantic' 2>/dev/null; then
+    # `make device-wheels`: the packages the GPU machine's Python lacks
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/device-check-site \
+        "$root"/.whl/*.whl && site=/tmp/device-check-site
+fi
+export PYTHONPATH="$root${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec "$py" "$root/benchmarks/device_check.py" "$@"

@@ -43,8 +43,9 @@ if hasattr(typer.core.TyperOption, "display_type_rich"):
     _option_type = typer.core.TyperOption.display_type_rich
     typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
-# Piped output (CI logs, files) gets a wide console so tables are not cut to 80 columns.
-console = Console() if sys.stdout.isatty() else Console(width=160)
+# Piped output (CI logs, files) gets a wide console so tables are not cut to 80 columns, and
+# lines that are never wrapped, so that a line naming a long path stays one line for grep.
+console = Console() if sys.stdout.isatty() else Console(width=160, soft_wrap=True)
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -39,7 +39,7 @@ def test_compare_quick(tiny_run: Path, quick_target_yaml: Callable[[int], Path],
     out = tmp_path / "cmp"
     r = CliRunner().invoke(app, [
         "compare", "--methods", "uniform,sap", "--weights", str(tiny_run), "--data", "digits",
-        "--target", str(quick_target_yaml(1)), "--flops-ratio", "0.6", "--epochs", "0", "--train-limit", "200",
+        "--target", str(quick_target_yaml(8)), "--flops-ratio", "0.6", "--epochs", "0", "--train-limit", "200",
         "--profiles", str(tmp_path / "profiles"), "--out", str(out)])
     assert r.exit_code == 1, r.output
     rows = {row["method"]: row for row in json.loads((out / "leaderboard.json").read_text())["rows"]}
@@ -67,7 +67,7 @@ def test_a_crash_in_one_method_is_its_row_with_the_error_kind(tiny_run: Path, qu
     from deploy_prune.compare import CompareConfig, compare
 
     cfg = CompareConfig(methods=["uniform", "sap"], out=tmp_path / "cmp", weights=str(tiny_run),
-                        budgets={"flops_ratio": 0.6, "sparsity": 0.5}, target=str(quick_target_yaml(1)),
+                        budgets={"flops_ratio": 0.6, "sparsity": 0.5}, target=str(quick_target_yaml(8)),
                         settings={"epochs": 0, "profiles": tmp_path / "p"}, options={"sap": {"p": "abc"}})
     rows = {r["method"]: r for r in compare(cfg)["rows"]}
     assert rows["uniform"]["status"] == "ok"

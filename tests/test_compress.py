@@ -26,18 +26,25 @@ def target_yaml(quick_target_yaml: Callable[[int], Path]) -> Path:
     return quick_target_yaml(8)
 
 
-def _cfg(tiny_run: Path, out: Path, target: Path, **kw: object) -> CompressConfig:
+@pytest.fixture(scope="module")
+def profiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One latency table of the tiny CNN on the test target, measured once for the module's runs
+    (the test that checks a missing table is made on the spot has its own directory)."""
+    return tmp_path_factory.mktemp("profiles")
+
+
+def _cfg(tiny_run: Path, out: Path, target: Path, profiles: Path | None = None, **kw: object) -> CompressConfig:
     base = dict(out=out, weights=str(tiny_run), data="digits", data_options=DataOptions(train_limit=300),
                 target=str(target), epochs=1, step_fraction=0.5, sensitivity_samples=200, score_batches=2,
-                batch_size=64, profiles=out.parent / "profiles")
+                batch_size=64, profiles=profiles or out.parent / "profiles")
     base.update(kw)
     return CompressConfig(**base)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
-def flops_run(tiny_run: Path, target_yaml: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def flops_run(tiny_run: Path, target_yaml: Path, tmp_path_factory: pytest.TempPathFactory, profiles: Path) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("compress") / "flops"
-    return out, compress(_cfg(tiny_run, out, target_yaml, flops_ratio=0.5, amount=0.2))
+    return out, compress(_cfg(tiny_run, out, target_yaml, profiles, flops_ratio=0.5, amount=0.2))
 
 
 def test_flops_budget_run_directory_and_report(flops_run: tuple[Path, dict]) -> None:
@@ -107,7 +114,7 @@ def test_latency_budget_closed_loop_through_the_cli(tiny_run: Path, target_yaml:
 
 
 def test_a_planner_floor_the_measurement_contradicts_is_not_unreachable(tiny_run: Path, target_yaml: Path, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                       monkeypatch: pytest.MonkeyPatch, profiles: Path) -> None:
     # The LUT (or a noisy round) can put a corrected budget under the cheapest widths' predicted
     # cost while those widths measure well within the budget: compress must plan from them, not exit 3.
     from deploy_prune.errors import BudgetUnreachable
@@ -122,16 +129,16 @@ def test_a_planner_floor_the_measurement_contradicts_is_not_unreachable(tiny_run
         return real(self, run, budget)
 
     monkeypatch.setattr(Uniform, "plan", first_call_unreachable)
-    rep = compress(_cfg(tiny_run, tmp_path / "floor", target_yaml, latency_ratio=0.9, method="uniform", steps=1))
+    rep = compress(_cfg(tiny_run, tmp_path / "floor", target_yaml, profiles, latency_ratio=0.9, method="uniform", steps=1))
     assert len(calls) >= 2 and rep["final"]["flops"] < rep["baseline"]["flops"]
     assert [s["stage"] for s in rep["steps"]][0] == "plan"
 
 
-def test_interrupted_run_resumes(tiny_run: Path, target_yaml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_resumes(tiny_run: Path, target_yaml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, profiles: Path) -> None:
     import deploy_prune.pipeline as C
 
     out = tmp_path / "res"
-    cfg = _cfg(tiny_run, out, target_yaml, params_ratio=0.5, amount=0.0, steps=2)
+    cfg = _cfg(tiny_run, out, target_yaml, profiles, params_ratio=0.5, amount=0.0, steps=2)
     real = C.Run.finetune
 
     def interrupt(self: C.Run, epochs: float, tag: str, resume: bool = False) -> float:
@@ -144,7 +151,7 @@ def test_interrupted_run_resumes(tiny_run: Path, target_yaml: Path, tmp_path: Pa
         compress(cfg)
     monkeypatch.setattr(C.Run, "finetune", real)
     with pytest.raises(UserError, match="nothing to resume"):
-        compress(_cfg(tiny_run, tmp_path / "empty", target_yaml, params_ratio=0.5, resume=True))
+        compress(_cfg(tiny_run, tmp_path / "empty", target_yaml, profiles, params_ratio=0.5, resume=True))
     cfg.resume = True
     rep = compress(cfg)
     stages = [s["stage"] for s in rep["steps"]]
@@ -175,10 +182,10 @@ def test_weights_that_do_not_fit(tiny_run: Path, target_yaml: Path, tmp_path: Pa
     assert res.exit_code == 2 and "does not fit" in res.output
 
 
-def test_diverging_finetune_stops_and_keeps_the_checkpoint(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+def test_diverging_finetune_stops_and_keeps_the_checkpoint(tiny_run: Path, target_yaml: Path, tmp_path: Path, profiles: Path) -> None:
     out = tmp_path / "nan"
     with pytest.raises(UserError, match="diverged.*checkpoint.*--resume"):
-        compress(_cfg(tiny_run, out, target_yaml, keep_ratio=0.5, lr=1e30, steps=1, amount=0.0))
+        compress(_cfg(tiny_run, out, target_yaml, profiles, keep_ratio=0.5, lr=1e30, steps=1, amount=0.0))
     assert (out / "checkpoints" / "state.pt").is_file()
 
 
@@ -201,10 +208,10 @@ def test_a_take_inside_a_contention_episode_is_taken_again() -> None:
     assert best["takes"] == 1 and q == 2.0
 
 
-def test_halp_runs_without_a_sensitivity_analysis(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
+def test_halp_runs_without_a_sensitivity_analysis(tiny_run: Path, target_yaml: Path, tmp_path: Path, profiles: Path) -> None:
     # candidates=4: the knapsack's value weights are chosen among up to four draws, by their
     # plans at the first step's budget scored whole; the later steps reuse the chosen draw
-    rep = compress(_cfg(tiny_run, tmp_path / "halp", target_yaml, flops_ratio=0.5, method="halp", epochs=0,
+    rep = compress(_cfg(tiny_run, tmp_path / "halp", target_yaml, profiles, flops_ratio=0.5, method="halp", epochs=0,
                         method_options={"candidates": 4}))
     assert rep["met_budget"] is True and rep["final"]["flops"] <= 0.5 * rep["baseline"]["flops"]
     assert rep["final"]["sparsity"] == 0.0  # purely structured: no masks by default
@@ -214,19 +221,19 @@ def test_halp_runs_without_a_sensitivity_analysis(tiny_run: Path, target_yaml: P
     # the best-scoring plan, the knapsack's own (index 0) on ties
     assert c["metrics"][c["chosen"]] == max(c["metrics"]) and c["chosen"] == c["metrics"].index(max(c["metrics"]))
     with pytest.raises(UserError, match="candidates must be an integer >= 1"):
-        compress(_cfg(tiny_run, tmp_path / "halp0", target_yaml, flops_ratio=0.5, method="halp",
+        compress(_cfg(tiny_run, tmp_path / "halp0", target_yaml, profiles, flops_ratio=0.5, method="halp",
                       method_options={"candidates": 0}))
 
 
 def test_a_subnet_is_scored_on_a_copy_and_recovery_trains_it(tiny_run: Path, target_yaml: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                                             monkeypatch: pytest.MonkeyPatch, profiles: Path) -> None:
     from dataclasses import replace
 
     from deploy_prune.methods.subnet import subnet_metric
     from deploy_prune.pipeline.planner import Planner
     from deploy_prune.pipeline.run import Run, UserParts
 
-    planner = Planner(_cfg(tiny_run, tmp_path / "p", target_yaml, flops_ratio=0.3, method="halp"), UserParts())
+    planner = Planner(_cfg(tiny_run, tmp_path / "p", target_yaml, profiles, flops_ratio=0.3, method="halp"), UserParts())
     run = planner.run
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     scores = planner.method._scores(run)

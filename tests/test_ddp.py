@@ -33,6 +33,7 @@ def _torchrun(args: list[str], port: int, cwd: Path | None = None) -> subprocess
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
 
 
+@pytest.mark.slow  # compress under torchrun end to end; DDP training itself: test_torchrun_two_processes
 def test_compress_under_torchrun(tiny_run: Path, quick_target_yaml: Callable[[int], Path], tmp_path: Path) -> None:
     """Rank 0 profiles, measures and plans; both ranks fine-tune their halves with DDP; rank 0 writes."""
     out = tmp_path / "ddp-compress"

@@ -182,6 +182,7 @@ def _args(tiny_run: Path, target: Path, out: Path, *more: str) -> list[str]:
 
 
 
+@pytest.mark.slow  # a real --overwrite run; the set-aside mechanism: test_reliability_rundir.py
 def test_a_finished_run_is_not_overwritten_without_a_word(tiny_run: Path, quick_target_yaml: Callable[[int], Path],
                                                           tmp_path: Path) -> None:
     target = quick_target_yaml(8)

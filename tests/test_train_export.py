@@ -5,6 +5,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 
 from deploy_prune.data import DataOptions
 from deploy_prune.errors import UserError
@@ -51,3 +52,18 @@ def test_export_bad_input_shape(tiny_run: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="bad --input-shape"):
         export_run(tiny_run, out=tmp_path / "x.onnx", input_shape="1,32")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_the_exporters_op_table_is_built_once_and_every_export_gets_its_own_copy() -> None:
+    from torch.onnx._internal.exporter import _registration
+
+    from deploy_prune.export import to_onnx
+    from deploy_prune.models import build_model
+
+    model = build_model("tiny-cnn", 10, 1).eval()
+    first = to_onnx(model, torch.zeros(1, 1, 8, 8)).SerializeToString()
+    a, b = _registration.ONNXRegistry.from_torchlib(), _registration.ONNXRegistry.from_torchlib()
+    assert a is not b and a.functions == b.functions and len(a.functions) > 100
+    a.functions.clear()  # an export that changes its table (custom ops) changes only its copy
+    assert _registration.ONNXRegistry.from_torchlib().functions == b.functions
+    assert to_onnx(model, torch.zeros(1, 1, 8, 8)).SerializeToString() == first

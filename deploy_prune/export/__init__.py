@@ -35,6 +35,36 @@ META_PREFIX = "deploy_prune."  # namespace of the metadata_props keys written he
 LEGACY_VERSION_KEY = "deploy_prune_version"  # also written, for readers that look the version up by this name
 
 
+def _reuse_the_torchlib_registry() -> None:
+    """torch's dynamo exporter builds its table of ATen-to-ONNX functions anew for every export:
+    about 0.8 s, most of the export of a small model, and compress exports many. Built once per
+    process and opset here, each export gets its own copy of the table (a copy of a dict of
+    lists: an export that registers custom ops changes only its copy). Written by hand because
+    torch has no switch for it; a torch without this classmethod is left as it is."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:
+        return
+    cls = _registration.ONNXRegistry
+    build = cls.__dict__.get("from_torchlib")
+    if not isinstance(build, classmethod) or getattr(build.__func__, "reused", False):
+        return
+    built: dict[Any, Any] = {}
+
+    def from_torchlib(klass: Any, *args: Any, **kwargs: Any) -> Any:
+        key = (klass, args, tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build.__func__(klass, *args, **kwargs)
+        table = built[key]
+        fresh = klass()
+        fresh.__dict__.update(table.__dict__)
+        fresh.functions = {op: list(fns) for op, fns in table.functions.items()}
+        return fresh
+
+    from_torchlib.reused = True  # type: ignore[attr-defined]
+    setattr(cls, "from_torchlib", classmethod(from_torchlib))  # noqa: B010
+
+
 def to_onnx(model: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False) -> onnx.ModelProto:
     """torch's dynamo exporter (with its graph optimiser: BN folded into convs), in memory.
 
@@ -42,6 +72,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET,
     (``BATCH_DIM``); every other dim stays as in ``example``.
     """
     dynamic = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
+    _reuse_the_torchlib_registry()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
