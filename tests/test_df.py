@@ -213,6 +213,7 @@ def test_lowrank_profile_prices_factorised_layers(tmp_path: Path) -> None:
     assert again["configs_measured"] == 0 and again["configs_total"] == prof["configs_total"]
 
 
+@pytest.mark.slow  # DF under the closed loop end to end; DF's budget and the loop are tested apart
 def test_df_under_a_measured_latency_budget(tiny_run: Path, target_yaml: Path, tmp_path: Path) -> None:
     rep = compress(_cfg(tiny_run, tmp_path / "lat", target_yaml, flops_ratio=None, latency_ratio=0.7,
                         method_options={"df_epochs": 2, "df_lr": 0.05}))
