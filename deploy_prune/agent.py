@@ -122,9 +122,6 @@ _MAX_DIM = 65536  # largest entry of input_shape
 # Elements of all the inputs one model is fed (batch and input_shape resolved as ``feed_for``
 # does): 2**26, 256 MiB of float32, over 20 images of 3x1024x1024.
 MAX_INPUT_ELEMENTS = 1 << 26
-# Input element types the agent feeds (``feed_for``), as onnx.TensorProto data types: FLOAT, and
-# the UINT8/INT8 of a quantized layer's input.
-_INPUT_TYPES = {1, 2, 3}
 # Seconds of work one POST /time may take once it holds the measurement lock (loading, warm-up,
 # timing); past it the work stops and the client gets a 400. Twice the longest read time-out a
 # bundled target sets (jetson-orin-nano: 1800 s, for TensorRT engine builds), so that work a
@@ -630,11 +627,10 @@ def _check_options(options: dict[str, Any], backend: str) -> None:
 
 def _check_inputs(key: str, graph: Any, target: Target) -> None:
     """A 400 for an input the agent cannot feed: an element type ``feed_for`` does not make
-    (``_INPUT_TYPES``), or more than ``MAX_INPUT_ELEMENTS`` elements in all (dims resolved as
+    (``backends.FEED_DTYPES``), or more than ``MAX_INPUT_ELEMENTS`` elements in all (dims resolved as
     ``feed_for`` resolves them: ``batch`` for a dynamic first dim, ``input_shape`` for the rest
     of the first input's; a dim still unknown is left to ``feed_for``'s error)."""
-    import numpy as np
-    import onnx
+    from deploy_prune.backends import FEED_DTYPES, onnx_dtype_name
 
     weights = {t.name for t in graph.initializer}
     total, shown = 0, []
@@ -643,12 +639,8 @@ def _check_inputs(key: str, graph: Any, target: Target) -> None:
         if kind != "tensor_type":
             raise _HTTPError(400, f"model {key} input {_show(vi.name)} is a {kind or 'value of no type'}, not a tensor; "
                                   "the agent feeds float32 tensors (uint8/int8 for a quantized layer's input)")
-        elem = vi.type.tensor_type.elem_type
-        if elem not in _INPUT_TYPES:
-            try:  # numpy's name (float64, int64), else ONNX's (bfloat16, string)
-                name = str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).name)
-            except Exception:
-                name = onnx.TensorProto.DataType.Name(elem).lower() if elem in onnx.TensorProto.DataType.values() else str(elem)
+        name = onnx_dtype_name(vi)
+        if name not in FEED_DTYPES:
             raise _HTTPError(400, f"model {key} input {_show(vi.name)} is {name}; the agent feeds float inputs "
                                   "(float32, or uint8/int8 for a quantized layer's input): export the model with a "
                                   "float32 input")
