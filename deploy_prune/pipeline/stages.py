@@ -48,7 +48,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from deploy_prune.config import PRECISIONS
 from deploy_prune.distributed import backend as distributed_backend
 from deploy_prune.distributed import world as distributed_world
 from deploy_prune.errors import BudgetUnreachable, UserError
@@ -80,7 +79,7 @@ from deploy_prune.pipeline.loop import (
     cost_model,
 )
 from deploy_prune.pipeline.run import Run, UserParts, _model_figures, record_step
-from deploy_prune.report import SCHEMA_VERSION
+from deploy_prune.report import RUN_DIRS, RUN_FILES, SCHEMA_VERSION
 from deploy_prune.transforms import (
     Masks,
     apply_masks,
@@ -265,10 +264,6 @@ def open_run(cfg: CompressConfig, progress: Callable[[str], None] | None, parts:
         claim.release()
 
 
-# What a compress run writes in its directory: --overwrite replaces these (and its *.png plots), and nothing else.
-RUN_FILES = ("model.onnx", "model.onnx.json", "model.pt", "model.pt2", "report.json", "report.md", "report.html",
-             "sensitivity.json", *(f"model.{p}.onnx" for p in PRECISIONS if p != "fp32"))
-RUN_DIRS = ("checkpoints", "finetune")
 MARKS = ("report.json", "checkpoints/state.pt")  # files only a compress run leaves
 
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from deploy_prune.config import PRECISIONS
 from deploy_prune.errors import UserError
 from deploy_prune.io import atomic_write, read_json, write_text
 
@@ -26,6 +27,11 @@ SCHEMA_VERSION = 2  # 2: final.verdict, what a latency budget's verdict was deci
 READS = (1, 2)  # the report schema versions this deploy-prune reads
 REQUIRED_KEYS = ("schema_version", "budget", "method", "baseline", "final", "met_budget", "steps", "provenance")
 REPORT_FILE = "report.json"
+# What a compress run writes in its directory besides its plots (PLOTS): --overwrite replaces
+# these and nothing else, and gate --junit never writes over them.
+RUN_FILES = ("model.onnx", "model.onnx.json", "model.pt", "model.pt2", "report.json", "report.md", "report.html",
+             "sensitivity.json", *(f"model.{p}.onnx" for p in PRECISIONS if p != "fp32"))
+RUN_DIRS = ("checkpoints", "finetune")
 
 # Plot file stems, in the order they appear in the reports, with their captions.
 PLOTS: dict[str, str] = {

@@ -28,11 +28,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag, ValidationError
 
-from deploy_prune.config import PRECISIONS
 from deploy_prune.errors import UserError
-from deploy_prune.io import atomic_write, ensure_dir
+from deploy_prune.io import ASIDE, atomic_write, ensure_dir
 from deploy_prune.latency.timing import QUIET_BAND, quiet_estimate
 from deploy_prune.report import PLOTS, load_report
+from deploy_prune.report import RUN_DIRS as COMPRESS_DIRS
+from deploy_prune.report import RUN_FILES as COMPRESS_FILES
 from deploy_prune.report import report_path as _resolve_report
 
 SUITE_NAME = "deploy-prune gate"
@@ -632,12 +633,10 @@ def verified_model(model: Path) -> bytes:
     return data
 
 
-# What a run directory holds that ``--junit`` must never replace: pipeline.stages.RUN_FILES (kept
-# in step by tests/test_reliability_gate.py), the rendered report and its plots, train's files.
-RUN_FILES = ("model.onnx", "model.onnx.json", "model.pt", "model.pt2", "report.json", "report.md", "report.html",
-             "sensitivity.json", *(f"model.{p}.onnx" for p in PRECISIONS if p != "fp32"),
-             *(f"{stem}.png" for stem in PLOTS), "metrics.json")
-RUN_DIRS = ("checkpoints", "finetune", ".replaced-run")  # the last: the run an --overwrite is replacing
+# What a run directory holds that ``--junit`` must never replace: a compress run's files and
+# plots, train's metrics, and the run an --overwrite is replacing (``io.ASIDE``).
+RUN_FILES = (*COMPRESS_FILES, *(f"{stem}.png" for stem in PLOTS), "metrics.json")
+RUN_DIRS = (*COMPRESS_DIRS, ASIDE)
 _RUN_SUFFIXES = (".onnx", ".onnx.json", ".pt", ".pt2", ".png")
 
 
