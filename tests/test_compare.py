@@ -66,11 +66,10 @@ def test_a_crash_in_one_method_is_its_row_with_the_error_kind(tiny_run: Path, qu
     """The worker sends back what happened (kind, message, exit code); nothing is scraped from stderr."""
     from deploy_prune.compare import CompareConfig, compare
 
-    cfg = CompareConfig(methods=["uniform", "sap"], out=tmp_path / "cmp", weights=str(tiny_run),
-                        budgets={"flops_ratio": 0.6, "sparsity": 0.5}, target=str(quick_target_yaml(8)),
+    cfg = CompareConfig(methods=["sap"], out=tmp_path / "cmp", weights=str(tiny_run),
+                        budgets={"sparsity": 0.5}, target=str(quick_target_yaml(8)),
                         settings={"epochs": 0, "profiles": tmp_path / "p"}, options={"sap": {"p": "abc"}})
-    rows = {r["method"]: r for r in compare(cfg)["rows"]}
-    assert rows["uniform"]["status"] == "ok"
+    rows = {r["method"]: r for r in compare(cfg)["rows"]}  # test_compare_quick: a failure spares the other rows
     assert rows["sap"]["status"] == "failed" and rows["sap"]["reason"].startswith("TypeError: ")
     board = json.loads((tmp_path / "cmp" / "leaderboard.json").read_text())
     assert board["config"]["settings"]["profiles"] == str(tmp_path / "p")
