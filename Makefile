@@ -14,7 +14,7 @@ RUN    := runs/demo
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet -e '.[dev,openvino,torch,timm,tracking]' $(TORCH_PINS)
+	$(BIN)/pip install --quiet -e '.[dev,openvino,torch,timm,tracking,ultralytics]' $(TORCH_PINS)
 	touch $(STAMP)
 
 install: $(STAMP)

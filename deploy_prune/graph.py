@@ -24,6 +24,7 @@ import torch_pruning as tp
 from torch import nn
 
 from deploy_prune.errors import UserError
+from deploy_prune.splits import separate_splits
 from deploy_prune.widths import WidthSpace
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
@@ -112,8 +113,41 @@ def execution_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, 
 
 
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """The conv/linear layer(s) producing the model output: the last one run in a forward pass."""
-    return [m for _, m, _ in execution_order(model, example)[-1:]]
+    """The conv/linear layers whose output channels are the model's outputs: walking back from
+    every output (a tensor, or each tensor of a tuple, list or dict) through everything but another
+    trainable conv/linear. A layer with frozen weights is a fixed operation (a detector's DFL
+    decoding) and is walked through, so the layers feeding it are outputs too. Where autograd
+    cannot follow the forward (the dependency graph then names the culprit), the last layer run."""
+    made: dict[Any, nn.Module] = {}
+
+    def hook(m: nn.Module, i: Any, o: Any) -> None:
+        if isinstance(o, torch.Tensor) and o.grad_fn is not None:
+            made[o.grad_fn] = m
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE)]
+    try:
+        with torch.enable_grad():
+            out = model.eval()(example.detach().clone().requires_grad_(True))
+    except Exception:
+        out = None
+    finally:
+        for h in handles:
+            h.remove()
+    flat, _ = torch.utils._pytree.tree_flatten(out)
+    todo = [t.grad_fn for t in flat if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    seen, found = set(todo), list[nn.Module]()
+    while todo:
+        fn = todo.pop()
+        m = made.get(fn)
+        if m is not None and any(p.requires_grad for p in m.parameters(recurse=False)):
+            if not any(m is f for f in found):
+                found.append(m)
+            continue
+        for nxt, _ in fn.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return found or [m for _, m, _ in execution_order(model, example)[-1:]]
 
 
 def _pop(stack: list[str]) -> None:
@@ -170,6 +204,8 @@ class ModelGraph:
         # the widths a group may keep (``widths``); a bare number is a multiple with no narrow widths
         self.space = WidthSpace.of(channel_multiple)
         self.channel_multiple = self.space.multiple
+        # a block that splits a layer's output along channels runs one layer per part instead
+        self.splits = separate_splits(model, self.example)
         modules = dict(model.named_modules())
         self.ignore_names = list(ignore)
         missing = [n for n in self.ignore_names if n not in modules]
@@ -177,9 +213,11 @@ class ModelGraph:
             sample = ", ".join(n for n, m in list(modules.items()) if isinstance(m, PRUNABLE))[:200]
             raise UserError(f"--ignore names no layer: {', '.join(missing)}; layer names look like: {sample}")
         outputs = output_layers(model, self.example)
-        self._ignored = [modules[n] for n in self.ignore_names] + outputs
-        # never pruned: the user-listed layers and the output layer(s)
-        self.frozen_layers = set(self.ignore_names) | {n for n, m in modules.items() if any(m is o for o in outputs)}
+        # never pruned: the user-listed modules (every conv/linear inside them), the output
+        # layer(s), and layers whose split could not be separated
+        kept = [m for n in [*self.ignore_names, *self.splits.frozen] for m in modules[n].modules() if isinstance(m, PRUNABLE)]
+        self._ignored = kept + outputs
+        self.frozen_layers = set(self.ignore_names) | {n for n, m in modules.items() if any(m is o for o in self._ignored)}
         self._build()
 
     # -- construction -------------------------------------------------------------------------
@@ -297,14 +335,24 @@ class ModelGraph:
                 raise UserError(f"no prunable group {name!r}")
             if len(set(idxs)) >= n:
                 raise UserError(f"cannot remove all {n} channels of group {name!r}")
-        # Collect torch-pruning groups first: pruning one group does not change another's
-        # indices (groups are disjoint), but the objects must come from the same graph.
+        # Every group's indices are computed on the model as it is, then each layer is cut once by
+        # the union of what the groups remove from it: cutting one group first would shift the
+        # channel offsets another group's indices have in a concatenation they share (a YOLO neck).
         plans = [self.dg.get_pruning_group(self._groups[n][0].dep.target.module, self._groups[n][0].dep.handler,
                                            sorted(set(int(i) for i in idxs)))
                  for n, idxs in remove.items() if idxs]
-        for plan in plans:
-            if self.dg.check_pruning_group(plan):
-                plan.prune()
+        plans = [p for p in plans if self.dg.check_pruning_group(p)]
+        if any(item.dep.target.type == tp.ops.OPTYPE.PARAMETER for p in plans for item in p):
+            for p in plans:  # bare nn.Parameters: torch-pruning's own path, which replaces them
+                p.prune()
+        else:
+            cuts: dict[tuple[int, Any], tuple[Any, set[int]]] = {}
+            for p in plans:
+                for item in p:
+                    dep, cut = cuts.setdefault((id(item.dep.target.module), item.dep.handler), (item.dep, set()))
+                    cut.update(int(getattr(i, "idx", i)) for i in item.idxs)  # torch-pruning's (index, root index) pairs
+            for dep, cut in cuts.values():
+                dep(sorted(cut))
         self._check_runs()
         self._build()
 

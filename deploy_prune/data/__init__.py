@@ -274,8 +274,8 @@ def _open_image(path: str) -> Any:
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
-    except OSError as e:  # PIL's UnidentifiedImageError and "Truncated File Read" are OSErrors
-        raise UserError(f"cannot decode image {path!r} ({e}); delete or replace the file") from None
+    except Exception as e:  # PIL's UnidentifiedImageError, "Truncated File Read", a failing plugin
+        raise UserError(f"cannot decode image {path!r} ({type(e).__name__}: {e}); delete or replace the file") from None
 
 
 @DATASETS.register("imagefolder", "imagefolder:PATH, one sub-folder per class (or PATH/train + PATH/val)")

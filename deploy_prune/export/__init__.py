@@ -65,6 +65,18 @@ def _reuse_the_torchlib_registry() -> None:
     setattr(cls, "from_torchlib", classmethod(from_torchlib))  # noqa: B010
 
 
+def output_names(y: Any) -> list[str]:
+    """ONNX names of a forward's outputs: ``logits`` for one tensor; a dict's keys (``boxes``,
+    ``feats.0``); ``output0``, ``output1``, ... for a tuple or list."""
+    leaves, _ = torch.utils._pytree.tree_flatten_with_path(y)
+    if len(leaves) == 1:
+        return ["logits"]
+    def name(path: Any, i: int) -> str:
+        keys = [str(getattr(k, "key", getattr(k, "idx", ""))) for k in path]
+        return ".".join(keys) if all(hasattr(k, "key") for k in path[:1]) else f"output{i}"
+    return [name(p, i) for i, (p, _) in enumerate(leaves)]
+
+
 def to_onnx(model: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False) -> onnx.ModelProto:
     """torch's dynamo exporter (with its graph optimiser: BN folded into convs), in memory.
 
@@ -73,11 +85,13 @@ def to_onnx(model: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET,
     """
     dynamic = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
     _reuse_the_torchlib_registry()
+    with torch.no_grad():
+        names = output_names(model.eval()(example))
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
             model.eval(), (example,), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
-            input_names=["input"], output_names=["logits"], verbose=False,
+            input_names=["input"], output_names=names, verbose=False,
         )
     if prog is None:
         raise RuntimeError("torch.onnx.export returned no program")
@@ -162,9 +176,10 @@ def export_onnx(
             other = parity(model, onnx_tmp, torch.randn(batch + 1, *input_shape, generator=torch.Generator().manual_seed(1)),
                            None, tolerance)
             n = checks["parity_samples"] + other["parity_samples"]
+            agree = None if checks["top1_agreement"] is None else (
+                checks["top1_agreement"] * checks["parity_samples"] + other["top1_agreement"] * other["parity_samples"]) / n
             checks = {**checks, "max_abs_diff": max(checks["max_abs_diff"], other["max_abs_diff"]), "parity_samples": n,
-                      "top1_agreement": (checks["top1_agreement"] * checks["parity_samples"]
-                                         + other["top1_agreement"] * other["parity_samples"]) / n,
+                      "max_rel_diff": max(checks["max_rel_diff"], other["max_rel_diff"]), "top1_agreement": agree,
                       "parity_ok": checks["parity_ok"] and other["parity_ok"], "parity_batches": [batch, batch + 1]}
         record = {"onnx": str(out), "opset": opset, "input_shape": list(shape), "dynamic_batch": dynamic_batch,
                   **checks, **_fingerprint(onnx_tmp)}
@@ -291,10 +306,17 @@ def _temp_beside(dest: Path, temps: list[Path]) -> Path:
     return tmp
 
 
+def _outputs(y: Any) -> list[np.ndarray]:
+    """A forward's tensors in order (one, or each of a tuple, list or dict), as ONNX lists them."""
+    return [t.detach().cpu().numpy() for t in torch.utils._pytree.tree_flatten(y)[0] if isinstance(t, torch.Tensor)]
+
+
 def parity(
     model: nn.Module, onnx_path: Path, example: torch.Tensor, extra: torch.Tensor | None, tolerance: float
 ) -> dict[str, Any]:
-    """Max |torch - ONNX Runtime| over random inputs and, when given, real samples."""
+    """Max |torch - ONNX Runtime| over random inputs and, when given, real samples, over every
+    output; within ``tolerance`` of each output's own scale (max(1, max |output|): a detector's
+    boxes are in pixels). Top-1 agreement where the model has one (N, classes) output."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -303,17 +325,24 @@ def parity(
     inputs = [example, torch.randn_like(example)]
     if extra is not None and len(extra) >= batch:
         inputs += [extra[i : i + batch] for i in range(0, min(len(extra), 8 * batch) - batch + 1, batch)]
-    max_diff, agree, total = 0.0, 0, 0
+    max_diff, worst, agree, total = 0.0, 0.0, 0, 0
     with torch.no_grad():
         for x in inputs:
-            ref = model(x).numpy()
-            got = sess.run(None, {name: x.numpy().astype(np.float32)})[0]
-            max_diff = max(max_diff, float(np.abs(ref - got).max()))
-            agree += int((ref.argmax(1) == got.argmax(1)).sum())
-            total += len(ref)
+            refs = _outputs(model(x))
+            gots = sess.run(None, {name: x.numpy().astype(np.float32)})
+            if len(refs) != len(gots):
+                raise UserError(f"the ONNX model has {len(gots)} outputs where the model has {len(refs)}")
+            for ref, got in zip(refs, gots, strict=True):
+                diff = float(np.abs(ref - got).max()) if ref.size else 0.0
+                max_diff = max(max_diff, diff)
+                worst = max(worst, diff / max(1.0, float(np.abs(ref).max()) if ref.size else 1.0))
+            if len(refs) == 1 and refs[0].ndim == 2:
+                agree += int((refs[0].argmax(1) == gots[0].argmax(1)).sum())
+                total += len(refs[0])
+    classes = total > 0
     return {
-        "max_abs_diff": max_diff, "parity_samples": total, "top1_agreement": agree / total,
-        "parity_ok": max_diff <= tolerance, "tolerance": tolerance,
+        "max_abs_diff": max_diff, "max_rel_diff": worst, "parity_samples": len(inputs) * batch,
+        "top1_agreement": agree / total if classes else None, "parity_ok": worst <= tolerance, "tolerance": tolerance,
     }
 
 

@@ -131,6 +131,10 @@ def _factory(spec: str) -> ModelFactory:
         return _timm(name)
     if colon and lib == "torchvision":
         return _torchvision_any(name)
+    if colon and lib == "ultralytics":
+        from deploy_prune.models import ultralytics
+
+        return lambda num_classes=None, in_channels=3: ultralytics.build(name, num_classes, in_channels)
     return _load_user_factory(spec) if is_user_model(spec) else MODELS.get(spec)
 
 

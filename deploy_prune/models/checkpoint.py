@@ -16,6 +16,7 @@ suggest ``weights_only=False``, i.e. running it.
 from __future__ import annotations
 
 import glob
+import os
 import pickle
 import re
 import warnings
@@ -57,6 +58,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any], **
 def load_checkpoint(path: str | Path, trust: bool = False) -> Any:
     """Read a checkpoint safely; a pickled module needs ``trust=True``."""
     p = resolve_weights(path)
+    if trust:  # a trusted pickle may import ultralytics: with its network use off (models.ultralytics)
+        from deploy_prune.models.ultralytics import OFFLINE
+
+        for k, v in OFFLINE.items():
+            os.environ.setdefault(k, v)
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files
             warnings.simplefilter("ignore")
@@ -148,6 +154,11 @@ def load_model(
     ckpt = load_checkpoint(weights, trust=trust)
     if isinstance(ckpt, nn.Module):
         return ckpt, {}
+    from deploy_prune.models.ultralytics import from_checkpoint
+
+    yolo = from_checkpoint(ckpt, weights)
+    if yolo is not None:  # an ultralytics training checkpoint (trusted: it is a pickle)
+        return yolo, {}
     if not isinstance(ckpt, dict):
         raise UserError(f"{str(weights)!r} holds a {type(ckpt).__name__}, not a checkpoint or state dict")
     read = ""
@@ -242,7 +253,9 @@ def _first_mismatch(model: nn.Module, state: dict[str, Any]) -> str | None:
 def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a compress run's ``model.pt`` into ``model``, a fresh instance of the architecture the
     run compressed: cut to the run's widths, then given its weights (in place; returned). A model
-    of another architecture is refused in one line naming the first key that does not fit."""
+    of another architecture is refused in one line naming the first key that does not fit. A
+    model of a known family is put in the form the run pruned first (``ultralytics.deploy_form``)."""
+    from deploy_prune.models.ultralytics import deploy_form
     from deploy_prune.transforms import rebuild_pruned
 
     ck = load_checkpoint(path)
@@ -253,6 +266,7 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     unpruned = _first_mismatch(model, ck["state_dict"])
     if unpruned is not None and "shape" not in unpruned:  # widths differ until the model is cut; names do not
         raise UserError(f"{str(path)!r} does not fit this {type(model).__name__}: first mismatch {unpruned}; {fix}")
+    deploy_form(model)
     try:
         rebuild_pruned(model, ck["pruned"], ck["input_shape"])
     except UserError as e:

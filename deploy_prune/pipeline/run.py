@@ -31,6 +31,7 @@ from deploy_prune.latency.measure import LocalMeasurer, Measurer, measurer_for
 from deploy_prune.latency.timing import QUIET_BAND
 from deploy_prune.models import check_runs_on
 from deploy_prune.models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from deploy_prune.models.ultralytics import deploy_form
 from deploy_prune.pipeline.config import CompressConfig
 from deploy_prune.target import load_target
 from deploy_prune.train import LossFn, TrainConfig, distillation_loss, evaluate, fit, recalibrate_bn
@@ -189,9 +190,12 @@ def quietest_take(take: Callable[[], dict[str, Any]], quietest: float) -> tuple[
 
 def unpruned_model(cfg: CompressConfig, parts: UserParts, data: DataBundle) -> tuple[nn.Module, dict[str, Any]]:
     """The model a run starts from and its checkpoint metadata: a copy of the API's model (the
-    user's object stays untouched), else the one ``cfg.weights`` / ``cfg.model`` name."""
+    user's object stays untouched), else the one ``cfg.weights`` / ``cfg.model`` name. A model of
+    a known family is put in the form it deploys in (``models.ultralytics.deploy_form``)."""
     if parts.model is not None:
-        return copy.deepcopy(parts.model).cpu(), {}
+        model = copy.deepcopy(parts.model).cpu()
+        deploy_form(model)
+        return model, {}
     return load_model(cfg.weights, cfg.model, num_classes=data.num_classes, in_channels=data.in_channels,
                       trust=cfg.trust)
 
@@ -298,7 +302,7 @@ class Run:
         self.cost: CostModel = flops_cost()
         self.profile: dict[str, Any] | None = None
         self.masks: Masks = {}
-        self.report: dict[str, Any] = {"steps": [], "stage_seconds": {}, "notes": []}
+        self.report: dict[str, Any] = {"steps": [], "stage_seconds": {}, "notes": [*deploy_form(self.model), *self.graph.splits.notes()]}
         self.done: list[str] = []
         self.state: dict[str, Any] = {}
         self.lowrank_profile = False  # the LUT must also time factorised convs (df under a latency budget)

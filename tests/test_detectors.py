@@ -1,0 +1,112 @@
+"""Ultralytics YOLOv8 through the graph, the API and the CLI's model names: C2f / C3k2 splits
+separated, the Detect head's outputs kept, export mode, a run reloaded by ``dp.load``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import deploy_prune as dp
+from deploy_prune.graph import ModelGraph, keep_ratio_plan
+from deploy_prune.models import build_model
+from deploy_prune.models.checkpoint import save_checkpoint
+from deploy_prune.models.ultralytics import import_ultralytics
+from deploy_prune.transforms import architecture_widths
+
+pytest.importorskip("ultralytics")
+SIZE = 64
+
+
+def _yolo(cfg: str = "yolov8n.yaml", nc: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(f"ultralytics:{cfg}", nc, 3)
+
+
+def test_a_yolo_is_cut_through_its_splits_and_keeps_its_head_outputs() -> None:
+    model, blocks = _yolo("yolov8n.yaml"), 8
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        want = model(x)
+    assert isinstance(want, torch.Tensor) and want.shape[1] == 4 + 3  # export mode: one decoded tensor
+    g = ModelGraph(model, (3, SIZE, SIZE), channel_multiple=8)
+    assert len(g.splits.parts) == blocks and not g.splits.frozen
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)  # the separated model computes the same
+    head = {f"model.{len(model.model) - 1}.cv{b}.{i}.2" for b in (2, 3) for i in range(3)}
+    assert head <= g.frozen_layers  # box/DFL and class outputs are never cut
+    flops = g.flops_params()[0]
+    plan = keep_ratio_plan(g, 0.5)
+    g.prune({n: list(range(k, g._info[n].channels)) for n, k in plan.items()})
+    with torch.no_grad():
+        assert model(x).shape == want.shape
+    assert g.flops_params()[0] < 0.45 * flops
+
+
+def _user_yolo() -> torch.nn.Module:
+    """As a user holds it (``YOLO("yolov8n.yaml").model``): training form, head not in export mode."""
+    import_ultralytics()
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    return DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+
+
+def test_a_cut_yolo_is_rebuilt_from_a_fresh_instance(tmp_path: Path) -> None:
+    """What ``dp.load`` does with a run's model.pt: the fresh model is put in export form, separated
+    and cut the same way."""
+    model = _yolo()
+    g = ModelGraph(model, (3, SIZE, SIZE), channel_multiple=8)
+    g.prune({n: list(range(k, g._info[n].channels)) for n, k in keep_ratio_plan(g, 0.4).items()})
+    save_checkpoint(tmp_path / "model.pt", model, {"model": {"spec": "yolo"}, "input_shape": [3, SIZE, SIZE],
+                                                   "pruned": {"widths": architecture_widths(g), "ignore": []}})
+    again = dp.load(tmp_path / "model.pt", model=_user_yolo())
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), model.eval()(x))
+
+
+@pytest.mark.slow  # a whole compress run of YOLOv8n (about 100 s here): the pieces are tested above
+def test_a_yolo_through_the_api_is_reloaded_by_dp_load(tmp_path: Path, quick_target_yaml: Callable[[int], Path]) -> None:
+    model = _user_yolo()
+    ds = TensorDataset(torch.randn(4, 3, SIZE, SIZE), torch.zeros(4))
+    seen: list[tuple[bool, int]] = []
+
+    def finetune(m: torch.nn.Module, epochs: float, ctx: dp.FinetuneContext) -> None:
+        m.train()
+        seen.append((isinstance(m(torch.randn(2, 3, SIZE, SIZE)), dict), len(seen)))  # training form: raw head outputs
+
+    def score(m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(m.eval()(torch.ones(1, 3, SIZE, SIZE))[:, 4:].mean())
+
+    res = dp.compress(model, torch.zeros(1, 3, SIZE, SIZE), target=str(quick_target_yaml(8)), budget=dp.Flops(0.5),
+                      method="uniform", train=ds, evaluate=score, finetune=finetune, out=tmp_path / "run",
+                      profiles=tmp_path / "p", epochs=1, steps=1)
+    rep = res.report
+    assert rep["met_budget"] is True and rep["final"]["flops"] <= 0.5 * rep["baseline"]["flops"]
+    assert seen and all(raw for raw, _ in seen)
+    assert any("head in export mode" in n for n in rep["notes"]) and any("one layer per part" in n for n in rep["notes"])
+    again = dp.load(tmp_path / "run", model=_user_yolo())
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), res.model.eval()(x))
+    assert type(model.model[2]).__module__.startswith("ultralytics") and not model.model[-1].export  # the user's model is untouched
+
+
+def test_ultralytics_model_names_and_a_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    import_ultralytics()
+    assert Image.open.__module__ == "PIL.Image"  # not ultralytics' patch, which pip-installs pi-heif on a bad file
+    with pytest.raises(dp.UserError, match="ultralytics has no model config 'yolov99n.yaml'"):
+        build_model("ultralytics:yolov99n.yaml", 3, 3)
+    with pytest.raises(dp.UserError, match="names no model config"):
+        build_model("ultralytics:yolov8n.pt", 3, 3)
+    monkeypatch.setitem(sys.modules, "ultralytics", None)
+    with pytest.raises(dp.UserError, match=r"YOLO models need ultralytics: pip install 'deploy-prune\[ultralytics\]'"):
+        import_ultralytics()
