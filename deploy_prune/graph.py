@@ -14,8 +14,9 @@ pruning literature (ResNet-56 = 125 M "FLOPs"); torch-pruning's counter computes
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -184,6 +185,55 @@ def _graph_breakers(model: nn.Module, example: torch.Tensor) -> list[str]:
     return found
 
 
+class _Opaque(torch.autograd.Function):
+    """A unit's output as one autograd node fed by its input alone, so torch-pruning's trace sees
+    the unit as a single layer and never walks its inside."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:  # type: ignore[override]
+        return None, None
+
+
+@contextlib.contextmanager
+def _opaque(units: list[nn.Module]) -> Iterator[None]:
+    """While tracing, each unit (a module marked ``prune_as_unit``: an attention block whose heads
+    are not yet cut) runs as one opaque node and records its channels for ``_UnitPruner``."""
+    def forward(m: nn.Module, run: Any) -> Any:
+        def opaque(x: torch.Tensor, *rest: Any, **kw: Any) -> torch.Tensor:
+            with torch.no_grad():
+                out = run(x, *rest, **kw)
+            m.__dict__["_unit_channels"] = (int(x.shape[1]), int(out.shape[1]))
+            return _Opaque.apply(x, out)  # type: ignore[no-any-return]
+        return opaque
+
+    for m in units:
+        m.forward = forward(m, m.forward)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for m in units:
+            del m.forward
+
+
+class _UnitPruner(tp.pruner.function.BasePruningFunc):  # type: ignore[misc,name-defined]
+    """torch-pruning's view of a unit: its channel counts; groups touching it are never cut."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise RuntimeError("a unit keeps its channels")
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return int(layer.__dict__["_unit_channels"][1])
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return int(layer.__dict__["_unit_channels"][0])
+
+
 class ModelGraph:
     """The prunable groups of a model, and the operations that shrink them.
 
@@ -226,8 +276,12 @@ class ModelGraph:
         order = {n: i for i, n in enumerate(self.names.values())}
         self.model.eval()
         before = {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in self.model.modules()}
+        units = [m for m in self.model.modules() if getattr(m, "prune_as_unit", False)]
         try:
-            self.dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example, verbose=False)
+            with _opaque(units):
+                self.dg = tp.DependencyGraph().build_dependency(
+                    self.model, example_inputs=self.example, verbose=False,
+                    customized_pruners={type(m): _UnitPruner() for m in units})
         except Exception as e:
             for m, (post, pre) in before.items():  # a failed trace leaves torch-pruning's hooks behind
                 for k in set(m._forward_hooks) - post:
@@ -250,6 +304,8 @@ class ModelGraph:
             name = self.names.get(root)
             if name is None:
                 continue
+            if any(item.dep.target.module is u for item in g for u in units):
+                continue  # it reaches into or out of a unit, which keeps all its channels
             info = GroupInfo(name, len(g[0].idxs))
             for item in g:
                 mod, fn = item.dep.target.module, item.dep.handler

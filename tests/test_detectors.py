@@ -1,4 +1,4 @@
-"""Ultralytics YOLOv8 through the graph, the API and the CLI's model names: C2f / C3k2 splits
+"""Ultralytics YOLO (v8, 11) through the graph, the API and the CLI's model names: C2f / C3k2 splits
 separated, the Detect head's outputs kept, export mode, a run reloaded by ``dp.load``."""
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def _yolo(cfg: str = "yolov8n.yaml", nc: int = 3) -> torch.nn.Module:
     return build_model(f"ultralytics:{cfg}", nc, 3)
 
 
-def test_a_yolo_is_cut_through_its_splits_and_keeps_its_head_outputs() -> None:
-    model, blocks = _yolo("yolov8n.yaml"), 8
+@pytest.mark.parametrize("cfg, blocks", [("yolov8n.yaml", 8), ("yolo11n.yaml", 9)])
+def test_a_yolo_is_cut_through_its_splits_and_keeps_its_head_outputs(cfg: str, blocks: int) -> None:
+    model = _yolo(cfg)
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         want = model(x)
@@ -45,6 +46,10 @@ def test_a_yolo_is_cut_through_its_splits_and_keeps_its_head_outputs() -> None:
     with torch.no_grad():
         assert model(x).shape == want.shape
     assert g.flops_params()[0] < 0.45 * flops
+    attention = [m for m in model.modules() if getattr(m, "prune_as_unit", False)]
+    assert len(attention) == (1 if "11" in cfg else 0)  # YOLO11's PSA attention: one unit, kept whole
+    for unit in attention:
+        assert unit.qkv.conv.out_channels == unit.qkv.conv.in_channels * 2 and "forward" not in vars(unit)
 
 
 def _user_yolo() -> torch.nn.Module:

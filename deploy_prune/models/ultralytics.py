@@ -21,6 +21,7 @@ from torch import nn
 from deploy_prune.errors import UserError
 
 PIP = "pip install 'deploy-prune[ultralytics]'"
+UNITS = ("Attention", "AAttn")  # ultralytics' attention blocks (YOLO11's PSA, YOLO12's area attention)
 OFFLINE = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "YOLO_VERBOSE": "0"}
 
 
@@ -63,6 +64,9 @@ def deploy_form(model: nn.Module) -> list[str]:
     for h in heads:
         for k, v in (("export", True), ("format", "onnx"), ("dynamic", False)):
             setattr(h, k, v)
+    for m in model.modules():  # attention inside C2PSA / A2C2f: kept whole until heads are cut
+        if type(m).__name__ in UNITS and type(m).__module__.startswith("ultralytics."):
+            m.prune_as_unit = True  # type: ignore[assignment]
     kinds = sorted({type(h).__name__ for h in heads})
     return [f"ultralytics {', '.join(kinds) or 'model'}: head in export mode (one decoded output, NMS outside the model, "
             "as ultralytics exports and benchmarks it)"] if heads else []
