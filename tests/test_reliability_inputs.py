@@ -272,8 +272,9 @@ def test_non_finite_run_state_is_never_checkpointed_nor_resumed(tmp_path: Path, 
                              r"deploy-prune prunes the channels of those, so there is nothing to prune"),
     (dict(model=OnlyHead()), r"the model \(test_reliability_inputs\.OnlyHead@[0-9a-f]+\) has no prunable channel group: "
                              r"its conv/linear layers \(fc\) all produce the output"),
-    (dict(model=TupleOut()), r"the model's forward returns a tuple; deploy-prune needs a single tensor output$"),
-    (dict(model=DictOut()), r"the model's forward returns a dict; deploy-prune needs a single tensor output$"),
+    (dict(model=TupleOut()), r"the model's forward returns a tuple; the built-in accuracy needs one \(N, classes\) "
+                             r"tensor: pass evaluate=\(model\) -> float$"),
+    (dict(model=DictOut()), r"the model's forward returns a dict; the built-in accuracy needs one"),
     (dict(model=None), r"model must be a torch nn\.Module, got NoneType$"),
     (dict(example_input=[[0.0]]), r"example_input must be one batch of images \(N, C, H, W\) as a float tensor, "
                                   r"e\.g\. torch\.zeros\(1, 3, 224, 224\), got a list$"),

@@ -137,3 +137,30 @@ def test_every_output_layer_is_kept_and_a_shared_concatenation_is_cut_consistent
     assert net.c.conv.in_channels == net.d.conv.in_channels == 5 + 6
     out = net(torch.randn(1, 3, 8, 8))
     assert out["boxes"].shape == (1, 4, 8, 8) and out["scores"].shape == (1, 3, 8, 8)
+
+
+def test_a_model_with_a_dict_of_outputs_runs_through_the_api(tmp_path, quick_target_yaml) -> None:  # type: ignore[no-untyped-def]
+    """Every output is named in the ONNX file and checked for parity; the run reloads."""
+    import onnx
+    from torch.utils.data import TensorDataset
+
+    import deploy_prune as dp
+
+    torch.manual_seed(0)
+    net = TwoHeads()
+    ds = TensorDataset(torch.randn(8, 3, 8, 8), torch.zeros(8))
+
+    def score(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(m.eval()(torch.ones(1, 3, 8, 8))["scores"].mean())
+
+    res = dp.compress(net, torch.zeros(1, 3, 8, 8), target=str(quick_target_yaml(4)), budget=dp.Flops(0.6), method="uniform",
+                      train=ds, evaluate=score, out=tmp_path / "run", profiles=tmp_path / "p", epochs=0, steps=1)
+    assert res.report["met_budget"] is True
+    assert [o.name for o in onnx.load(str(res.paths["onnx"])).graph.output] == ["boxes", "scores"]
+    record = __import__("json").loads((tmp_path / "run" / "model.onnx.json").read_text())
+    assert record["parity_ok"] is True and record["top1_agreement"] is None
+    again = dp.load(tmp_path / "run", model=TwoHeads())
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), res.model.eval()(x))

@@ -48,6 +48,7 @@ class DataBundle:
     mean: list[float]
     std: list[float]
     classes: list[str] = field(default_factory=list)
+    task: str = "classify"  # classify | detect (items (image, (n, 5) labels): data.yolo)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -312,6 +313,16 @@ def _imagefolder(arg: str, opts: DataOptions) -> DataBundle:
         raise UserError(f"image folder {str(root)!r} has {len(classes)} class sub-folder(s) {list(classes)}; "
                         "a classifier needs at least 2 classes: add a sub-folder of images per class")
     return DataBundle("imagefolder", train, val, None, len(classes), 3, (size, size), mean, std, list(classes))
+
+
+@DATASETS.register("yolo", "YOLO-format detection data: yolo:PATH/data.yaml (images/ + labels/); --image-size (default 320)")
+def _yolo(arg: str, opts: DataOptions) -> DataBundle:
+    from deploy_prune.data import yolo
+
+    cfg = yolo.read_config(arg or opts.data_dir or "")
+    size, k = opts.image_size or yolo.DEFAULT_SIZE, len(cfg.names)
+    return DataBundle("yolo", yolo.DetectionSet(cfg.train, k, size), yolo.DetectionSet(cfg.val, k, size), None, k, 3,
+                      (size, size), [], [], cfg.names, task="detect")
 
 
 @DATASETS.register("synthetic", "random tensors for latency-only work: synthetic[:CxHxW] (default 3x32x32, 10 classes)")

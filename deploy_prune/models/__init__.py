@@ -157,7 +157,8 @@ def build_model(spec: str, num_classes: int, in_channels: int) -> nn.Module:
 
 
 def check_runs_on(model: nn.Module, input_shape: tuple[int, ...], num_classes: int | None = None) -> None:
-    """Dry-run one batch so a model/data mismatch fails early with a clear message."""
+    """Dry-run one batch so a model/data mismatch fails early with a clear message. Several outputs
+    (a tuple, list or dict of tensors) are accepted where the metric is the user's (``num_classes`` None)."""
     was_training = model.training
     model.eval()
     try:
@@ -171,7 +172,14 @@ def check_runs_on(model: nn.Module, input_shape: tuple[int, ...], num_classes: i
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor):
-        raise UserError(f"the model's forward returns a {type(out).__name__}; deploy-prune needs a single tensor output")
+        leaves = torch.utils._pytree.tree_leaves(out)
+        if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+            raise UserError(f"the model's forward returns a {type(out).__name__} holding other things than tensors; "
+                            "deploy-prune needs a tensor, or a tuple, list or dict of tensors")
+        if num_classes is not None:
+            raise UserError(f"the model's forward returns a {type(out).__name__}; the built-in accuracy needs one "
+                            "(N, classes) tensor: pass evaluate=(model) -> float")
+        return
     if num_classes is not None and (out.ndim != 2 or out.shape[1] != num_classes):
         raise UserError(
             f"model outputs shape {list(out.shape)} but the data has {num_classes} classes; "

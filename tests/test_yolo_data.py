@@ -1,0 +1,90 @@
+"""YOLO-format folders: read locally, every label checked before training, batches in ultralytics'
+format (its loss takes them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from deploy_prune.data import DataOptions, load_data
+from deploy_prune.data.shapes import NAMES, write_shapes
+from deploy_prune.data.yolo import collate
+from deploy_prune.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes(tmp_path_factory.mktemp("shapes"), train=6, val=3, size=48, seed=1)
+
+
+def test_a_yolo_folder_loads_with_its_classes_and_boxes(shapes: Path) -> None:
+    b = load_data(f"yolo:{shapes}", DataOptions(image_size=32))
+    assert (b.task, b.num_classes, b.classes, len(b.train), len(b.val)) == ("detect", 3, NAMES, 6, 3)
+    assert b.input_shape == (3, 32, 32)
+    x, y = b.train[0]
+    want = [[float(v) for v in line.split()] for line in (shapes.parent / "labels/train/00000.txt").read_text().splitlines()]
+    assert x.shape == (3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1
+    torch.testing.assert_close(y, torch.tensor(want).reshape(-1, 5))
+    batch = collate([b.train[i] for i in range(3)])
+    n = sum(len(b.train[i][1]) for i in range(3))
+    assert batch["img"].shape == (3, 3, 32, 32) and batch["bboxes"].shape == (n, 4) and batch["cls"].shape == (n, 1)
+    assert batch["batch_idx"].tolist() == [float(i) for i in range(3) for _ in range(len(b.train[i][1]))]
+
+
+def test_ultralytics_loss_takes_the_batches(shapes: Path) -> None:
+    pytest.importorskip("ultralytics")
+    from ultralytics.cfg import get_cfg
+
+    from deploy_prune.models import build_model
+
+    b = load_data(f"yolo:{shapes}", DataOptions(image_size=32))
+    torch.manual_seed(0)
+    model = build_model("ultralytics:yolov8n.yaml", 3, 3)
+    model.args = get_cfg()
+    batch = collate([b.train[i] for i in range(4)])
+    loss, parts = model.train().loss(batch, model(batch["img"]))
+    assert loss.shape == (3,) and torch.isfinite(loss).all() and set(parts) == {"box_loss", "cls_loss", "dfl_loss"}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("0 0.5 0.5 0.2", r"line 1 has 4 fields; a box is 'class cx cy w h'"),
+    ("3 0.5 0.5 0.2 0.2", r"line 1: class 3 is not one of the 3 classes \(0\.\.2\)"),
+    ("1.5 0.5 0.5 0.2 0.2", r"line 1: class 1\.5 is not one of the 3 classes"),
+    ("0 0.5 1.2 0.2 0.2", r"line 1: coordinates must be normalised to \[0, 1\], got 0\.5 1\.2 0\.2 0\.2"),
+    ("0 0.5 0.5 0 0.2", r"line 1: a box needs a width and height above 0"),
+    ("0 a 0.5 0.2 0.2", r"line 1 holds a non-number"),
+    (None, r"has no label file .*00000\.txt'; add an empty one for a background image"),
+])
+def test_a_bad_label_names_the_file_and_line(tmp_path: Path, line: str | None, message: str) -> None:
+    cfg = write_shapes(tmp_path, train=2, val=1, size=32)
+    label = tmp_path / "labels" / "train" / "00000.txt"
+    if line is None:
+        label.unlink()
+    else:
+        label.write_text(line + "\n")
+    with pytest.raises(UserError, match=message) as e:
+        load_data(f"yolo:{cfg}")
+    assert "\n" not in str(e.value) and "00000" in str(e.value)
+
+
+def test_empty_labels_are_background_and_a_polygon_gives_its_box(tmp_path: Path) -> None:
+    cfg = write_shapes(tmp_path, train=2, val=1, size=32)
+    (tmp_path / "labels" / "train" / "00000.txt").write_text("")
+    (tmp_path / "labels" / "train" / "00001.txt").write_text("2 0.1 0.2 0.5 0.2 0.3 0.6\n")
+    b = load_data(f"yolo:{cfg}", DataOptions(image_size=16))
+    assert b.train[0][1].shape == (0, 5)
+    torch.testing.assert_close(b.train[1][1], torch.tensor([[2.0, 0.3, 0.4, 0.4, 0.4]]))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: images/train\nval: images/val\n", r"has no names"),
+    ("train: images/train\nval: images/val\nnames: [a, b]\nnc: 3\n", r"nc is 3 but names lists 2 classes"),
+    ("train: images/nope\nval: images/val\nnames: [a]\n", r"is neither an image folder nor a \.txt list of images"),
+])
+def test_a_bad_data_yaml_is_one_line(tmp_path: Path, text: str, message: str) -> None:
+    write_shapes(tmp_path, train=1, val=1, size=16)
+    (tmp_path / "data.yaml").write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_data(f"yolo:{tmp_path / 'data.yaml'}")
