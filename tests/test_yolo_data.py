@@ -88,3 +88,50 @@ def test_a_bad_data_yaml_is_one_line(tmp_path: Path, text: str, message: str) ->
     (tmp_path / "data.yaml").write_text(text)
     with pytest.raises(UserError, match=message):
         load_data(f"yolo:{tmp_path / 'data.yaml'}")
+
+
+class _Oracle(torch.nn.Module):
+    """Outputs, in YOLO's export form (N, 4 + classes, anchors), exactly the labels of the batches
+    it is shown in order, or nothing at all (``blind``)."""
+
+    def __init__(self, labels: list[torch.Tensor], size: int, blind: bool = False) -> None:
+        super().__init__()
+        self.labels, self.size, self.blind, self.seen = labels, size, blind, 0
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(img), 4 + 3, 5)
+        for i in range(len(img)):
+            y = self.labels[self.seen]
+            self.seen += 1
+            if not self.blind:
+                out[i, :4, : len(y)] = (y[:, 1:] * self.size).T
+                out[i, 4 + y[:, 0].long(), torch.arange(len(y))] = 0.9
+        return out
+
+
+def test_map_is_one_for_the_labels_and_zero_for_nothing(shapes: Path) -> None:
+    pytest.importorskip("ultralytics")
+    from deploy_prune.train.detect import MeanAP
+
+    b = load_data(f"yolo:{shapes}", DataOptions(image_size=32))
+    labels = [b.val[i][1] for i in range(len(b.val))]
+    assert sum(len(y) for y in labels) > 0
+    metric = MeanAP(b.val, batch_size=2)
+    # 0.995, not 1: ultralytics' (and COCO's) interpolated AP tops out there
+    assert metric(_Oracle(labels, 32)) == pytest.approx(0.995) and metric.last["map50"] == pytest.approx(0.995)
+    assert metric(_Oracle(labels, 32, blind=True)) == 0.0 and metric.__name__ == "mAP50-95"
+
+
+def test_the_detection_loss_trains_a_yolo(shapes: Path) -> None:
+    pytest.importorskip("ultralytics")
+    from deploy_prune.models import build_model
+    from deploy_prune.train.detect import DetectionLoss
+
+    b = load_data(f"yolo:{shapes}", DataOptions(image_size=32))
+    torch.manual_seed(0)
+    model = build_model("ultralytics:yolov8n.yaml", 3, 3).train()
+    loss = DetectionLoss()(model, collate([b.train[i] for i in range(4)]))
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss) and model.model[0].conv.weight.grad.abs().sum() > 0
+    assert model.args.box == 7.5  # ultralytics' default gains

@@ -347,11 +347,15 @@ def _synthetic(arg: str, opts: DataOptions) -> DataBundle:
 def make_loader(
     ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, sampler: Any = None, workers: int = 0
 ) -> DataLoader:
-    """A DataLoader with a seeded shuffle (same seed, same order) and no worker processes by default."""
+    """A DataLoader with a seeded shuffle (same seed, same order) and no worker processes by default;
+    batches are made by the dataset's own ``collate`` where it has one (``data.yolo``)."""
     g = torch.Generator().manual_seed(seed)
+    base = ds
+    while isinstance(base, Subset):
+        base = base.dataset
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=g,
-        num_workers=workers, drop_last=False,
+        num_workers=workers, drop_last=False, collate_fn=getattr(base, "collate", None),
     )
 
 

@@ -129,6 +129,10 @@ class DetectionSet(Dataset):
     """Images resized to ``size`` squares (RGB, [0, 1]) with their (n, 5) labels, read up front
     (labels: small text files, every problem found before training) and decoded on access."""
 
+    @staticmethod
+    def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return collate(items)
+
     def __init__(self, images: list[Path], classes: int, size: int) -> None:
         self.images, self.size = images, size
         self.labels = [read_labels(p, classes) for p in images]
