@@ -634,7 +634,8 @@ def _print_compress_table(rep: dict[str, Any]) -> None:
     table = Table(title=f"{rep['model']['spec']} on {rep['target']['name']}: {rep['method']['name']}", box=box.SIMPLE_HEAD,
                   padding=(0, 1), pad_edge=False)
     # "quiet ms" is the figure the budget was judged on (latency.timing); median and p90 as measured
-    for col in ("", "acc %", "quiet ms", "median ms", "p90 ms", "pred ms", "MFLOPs", "params k", "zeros %"):
+    metric = (rep.get("metric") or {}).get("name") or "accuracy"
+    for col in ("", f"{'acc' if metric == 'accuracy' else metric} %", "quiet ms", "median ms", "p90 ms", "pred ms", "MFLOPs", "params k", "zeros %"):
         table.add_column(col, justify="right", no_wrap=True)
 
     def row(name: str, r: dict[str, Any]) -> None:

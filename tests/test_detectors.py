@@ -115,3 +115,43 @@ def test_ultralytics_model_names_and_a_missing_extra(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "ultralytics", None)
     with pytest.raises(dp.UserError, match=r"YOLO models need ultralytics: pip install 'deploy-prune\[ultralytics\]'"):
         import_ultralytics()
+
+
+@pytest.fixture(scope="module")
+def yolo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from deploy_prune.data.shapes import write_shapes
+
+    return write_shapes(tmp_path_factory.mktemp("shapes"), train=8, val=4, size=SIZE, seed=2)
+
+
+@pytest.mark.slow  # about 70 s here, most of it profiling YOLOv8n: the pieces are tested in the default suite
+def test_the_cli_compresses_a_trained_yolo_on_a_yolo_folder(tmp_path: Path, yolo_folder: Path,
+                                                             quick_target_yaml: Callable[[int], Path]) -> None:
+    """The built-in loop trains with ultralytics' loss and scores mAP50-95, with no callback."""
+    from typer.testing import CliRunner
+
+    from deploy_prune.cli import app
+
+    torch.save({"model": _user_yolo().half(), "train_args": {"imgsz": SIZE}}, tmp_path / "best.pt")  # as ultralytics saves
+    args = ["compress", "--model", "ultralytics:yolov8n.yaml", "--weights", str(tmp_path / "best.pt"),
+            "--data", f"yolo:{yolo_folder}", "--image-size", str(SIZE), "--target", str(quick_target_yaml(8)),
+            "--flops-ratio", "0.5", "--method", "uniform", "--epochs", "1", "--steps", "1", "--batch-size", "4",
+            "--profiles", str(tmp_path / "p"), "--out", str(tmp_path / "run")]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "--trust-checkpoint" in refused.output and not (tmp_path / "run").exists()
+    res = CliRunner().invoke(app, [*args, "--trust-checkpoint"])
+    assert res.exit_code == 0, res.output
+    rep = __import__("json").loads((tmp_path / "run" / "report.json").read_text())
+    assert rep["metric"]["name"] == "mAP50-95" and "ultralytics" in rep["metric"]["source"]
+    assert 0.0 <= rep["final"]["accuracy"] <= 1.0 and rep["met_budget"] is True
+    assert "mAP50-95 %" in res.output
+
+
+def test_detection_data_needs_a_yolo(tmp_path: Path, yolo_folder: Path) -> None:
+    from deploy_prune.data import DataOptions, load_data
+
+    data = load_data(f"yolo:{yolo_folder}", DataOptions(image_size=SIZE))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 7, 1))
+    with pytest.raises(dp.UserError, match=r"detection data \(user\) trains and scores ultralytics YOLO models"):
+        dp.compress(net, torch.zeros(1, 3, SIZE, SIZE), target="cpu-ort-1t", budget=dp.Flops(0.5), method="uniform",
+                    train=data.train, val=data.val, out=tmp_path / "run")

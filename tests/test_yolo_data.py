@@ -10,7 +10,7 @@ import torch
 
 from deploy_prune.data import DataOptions, load_data
 from deploy_prune.data.shapes import NAMES, write_shapes
-from deploy_prune.data.yolo import collate
+from deploy_prune.data.yolo import as_ultralytics, collate
 from deploy_prune.errors import UserError
 
 
@@ -27,7 +27,8 @@ def test_a_yolo_folder_loads_with_its_classes_and_boxes(shapes: Path) -> None:
     want = [[float(v) for v in line.split()] for line in (shapes.parent / "labels/train/00000.txt").read_text().splitlines()]
     assert x.shape == (3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1
     torch.testing.assert_close(y, torch.tensor(want).reshape(-1, 5))
-    batch = collate([b.train[i] for i in range(3)])
+    images, targets = collate([b.train[i] for i in range(3)])
+    batch = as_ultralytics(images, targets)
     n = sum(len(b.train[i][1]) for i in range(3))
     assert batch["img"].shape == (3, 3, 32, 32) and batch["bboxes"].shape == (n, 4) and batch["cls"].shape == (n, 1)
     assert batch["batch_idx"].tolist() == [float(i) for i in range(3) for _ in range(len(b.train[i][1]))]
@@ -43,7 +44,7 @@ def test_ultralytics_loss_takes_the_batches(shapes: Path) -> None:
     torch.manual_seed(0)
     model = build_model("ultralytics:yolov8n.yaml", 3, 3)
     model.args = get_cfg()
-    batch = collate([b.train[i] for i in range(4)])
+    batch = as_ultralytics(*collate([b.train[i] for i in range(4)]))
     loss, parts = model.train().loss(batch, model(batch["img"]))
     assert loss.shape == (3,) and torch.isfinite(loss).all() and set(parts) == {"box_loss", "cls_loss", "dfl_loss"}
 

@@ -10,7 +10,7 @@ outside ``names`` or a coordinate outside [0, 1] stops the run naming the file a
 
 Images are resized to ``--image-size`` squares (default 320) without letterboxing; boxes stay
 normalised, so they follow the stretch. Items are ``(image, labels)`` with labels an (n, 5)
-tensor; ``collate`` builds ultralytics' batch dict for its loss.
+tensor; ``collate`` batches them as YOLO's ``(images, targets)`` pair.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class DetectionSet(Dataset):
     (labels: small text files, every problem found before training) and decoded on access."""
 
     @staticmethod
-    def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         return collate(items)
 
     def __init__(self, images: list[Path], classes: int, size: int) -> None:
@@ -152,9 +152,13 @@ class DetectionSet(Dataset):
         return resize(x, [self.size, self.size], antialias=True).float() / 255.0, self.labels[i]
 
 
-def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, targets)``: targets an (n, 6) tensor of ``image-in-batch class cx cy w h`` (the
+    classic YOLO batch; ``as_ultralytics`` turns it into ultralytics' loss dict)."""
+    return (torch.stack([x for x, _ in items]),
+            torch.cat([torch.cat([torch.full((len(y), 1), float(i)), y], 1) for i, (_, y) in enumerate(items)]))
+
+
+def as_ultralytics(images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Ultralytics' batch dict (``img``, ``batch_idx``, ``cls``, ``bboxes`` in normalised xywh)."""
-    labels = [y for _, y in items]
-    return {"img": torch.stack([x for x, _ in items]),
-            "batch_idx": torch.cat([torch.full((len(y),), float(i)) for i, y in enumerate(labels)]),
-            "cls": torch.cat([y[:, :1] for y in labels]), "bboxes": torch.cat([y[:, 1:] for y in labels])}
+    return {"img": images, "batch_idx": targets[:, 0], "cls": targets[:, 1:2], "bboxes": targets[:, 2:]}

@@ -81,7 +81,13 @@ def score_groups(
         raise UserError(f"criterion {criterion!r} needs data with labels (gradients or activations); pass --data")
     was_training = model.training
     device = next(model.parameters()).device
-    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    if not crit.needs_data:
+        batches = []
+    elif not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
+        raise UserError(f"criterion {criterion!r} needs (input, label) batches of a classifier; for this model's data "
+                        "use --criterion l1, l2 or bn-scale")
+    else:
+        batches = [(x.to(device), y.to(device)) for x, y in batches]
     try:
         scores = {k: v.cpu() for k, v in crit.fn(model, graph, batches, seed).items()}
     finally:

@@ -78,6 +78,23 @@ class UserParts:
     metric: str = "accuracy"  # the name of what ``evaluate`` returns
     loss: Callable[[nn.Module, Any], torch.Tensor] | None = None  # (model, (x, y)) -> loss, in the built-in loop
     parity_input: torch.Tensor | None = None  # inputs for the ONNX parity check when there is no val data
+    metric_source: str | None = None  # how the report describes the metric, where not the user's evaluate
+
+
+def task_parts(parts: UserParts, data: DataBundle, model: nn.Module) -> UserParts:
+    """The task's own loss and metric where the user gave none: for detection data, ultralytics'
+    loss and mAP50-95 (``train.detect``; the model must be an ultralytics YOLO)."""
+    if data.task != "detect":
+        return parts
+    from deploy_prune.models.ultralytics import is_ultralytics
+    from deploy_prune.train.detect import DetectionLoss, MeanAP
+
+    if not is_ultralytics(model) and (parts.loss is None or parts.evaluate is None):
+        raise UserError(f"detection data ({data.name}) trains and scores ultralytics YOLO models; "
+                        "use --model ultralytics:yolov8n.yaml (or another YOLO), or give your own loss and evaluate")
+    return replace(parts, loss=parts.loss or DetectionLoss(),
+                   evaluate=parts.evaluate or MeanAP(data.val), metric=parts.metric if parts.evaluate else "mAP50-95",
+                   metric_source=parts.metric_source or (None if parts.evaluate else "mAP50-95 on the validation split (ultralytics' metric)"))
 
 
 class ModelChanged(UserError):
@@ -280,6 +297,7 @@ class Run:
         self.target: Target = self.parts.target or load_target(cfg.target)
         self.data: DataBundle = self.parts.data or load_data(cfg.data, cfg.data_options)
         self.model, meta = unpruned_model(cfg, self.parts, self.data)
+        self.parts = task_parts(self.parts, self.data, self.model)
         check_runs_on(self.model, self.data.input_shape, self.data.num_classes if self.parts.evaluate is None else None)
         if meta.get("pruned"):
             raise UserError(f"{cfg.weights!r} is already a compress result; compress its original weights instead")

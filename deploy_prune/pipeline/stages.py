@@ -432,7 +432,8 @@ def _finish(run: Run, method: Method, budget: dict[str, Any], t_start: float) ->
                    "cost_model": run.cost.kind, "cost_budget": run.state["cost_budget"]},
         "method": {"name": method.name, "settings": {**method.settings(), **_run_settings(cfg, method)}},
         "metric": {"name": run.parts.metric, "higher_is_better": True,
-                   "source": "evaluate callback" if run.parts.evaluate is not None else "top-1 accuracy on the validation split"},
+                   "source": run.parts.metric_source or ("evaluate callback" if run.parts.evaluate is not None
+                                                         else "top-1 accuracy on the validation split")},
         "baseline": run.report["baseline"],
         "final": {**final, "baseline_same_session_ms": quiet_of(meas["baseline"]),
                   **({"verdict": decided.as_dict()} if decided is not None else {})},

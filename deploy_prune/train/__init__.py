@@ -178,6 +178,14 @@ def _resume_point(last: Path, meta: dict[str, Any], cfg: TrainConfig) -> dict[st
     return ck
 
 
+def _val_figures(model: nn.Module, data: DataBundle, ds: Dataset, cfg: TrainConfig, device: str) -> dict[str, Any]:
+    """Top-1 accuracy and cross-entropy on ``ds`` for a classifier's data; for other tasks (a
+    detector, a user loss over other items) None: the run's own metric scores those."""
+    if data.task != "classify" or data.num_classes < 1:
+        return {"accuracy": None, "loss": None, "n": len(ds)}  # type: ignore[arg-type]
+    return evaluate(model, ds, cfg.eval_batch_size, device)
+
+
 def fit(
     model: nn.Module,
     data: DataBundle,
@@ -263,8 +271,8 @@ def _fit(
                 opt.step()
                 for cb in after_step:
                     cb(_unwrap(model))
-                loss_sum += loss.item() * y.numel()
-                n += y.numel()
+                loss_sum += loss.item() * len(x)
+                n += len(x)
                 bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / n:.3f}")
                 done += 1
                 if on_step is not None and rank == 0:
@@ -273,7 +281,7 @@ def _fit(
             sched.step()
             precise_bn(_unwrap(model), data, cfg, epoch)
             train_seconds += time.perf_counter() - t0
-            ev = evaluate(_unwrap(model), data.val, cfg.eval_batch_size, device)
+            ev = _val_figures(_unwrap(model), data, data.val, cfg, device)
             history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), "val_accuracy": ev["accuracy"],
                             "val_loss": ev["loss"], "lr": lr, "seconds": time.perf_counter() - t0})
             if rank == 0:
@@ -281,14 +289,14 @@ def _fit(
                                 epoch=epoch + 1, history=history, train_seconds=train_seconds, config=asdict(cfg))
             if stop is not None and stop(_unwrap(model), epoch + 1):
                 break
-    final = evaluate(_unwrap(model), data.val, cfg.eval_batch_size, device)
+    final = _val_figures(_unwrap(model), data, data.val, cfg, device)
     metrics: dict[str, Any] = {
         "val_accuracy": final["accuracy"], "val_loss": final["loss"], "val_size": final["n"],
         "epochs": cfg.epochs, "epochs_run": len(history), "train_seconds": round(train_seconds, 3), "world_size": world, "steps_per_epoch": steps,
         "config": asdict(cfg), "history": history,
     }
     if data.test is not None:
-        metrics["test_accuracy"] = evaluate(_unwrap(model), data.test, cfg.eval_batch_size, device)["accuracy"]
+        metrics["test_accuracy"] = _val_figures(_unwrap(model), data, data.test, cfg, device)["accuracy"]
     if rank == 0:
         if not resume or len(history) > resumed_epochs:  # a changed model.pt: its old exports are stale
             _remove(out, EXPORTS)

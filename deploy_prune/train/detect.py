@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from deploy_prune.data.yolo import collate
+from deploy_prune.data.yolo import as_ultralytics, collate
 
 IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
 
@@ -31,15 +31,16 @@ class DetectionLoss:
 
     __name__ = "detection_loss"
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         from ultralytics.cfg import get_cfg
 
         core: Any = getattr(model, "module", model)  # DDP
         args = getattr(core, "args", None)
         if args is None or isinstance(args, dict):  # a checkpoint keeps its training arguments as a dict
             core.args = get_cfg(overrides=args)
-        loss, _ = core.loss(batch, model(batch["img"]))
-        return loss.sum() / len(batch["img"])
+        images, targets = batch
+        loss, _ = core.loss(as_ultralytics(images, targets), model(images))
+        return loss.sum() / len(images)
 
 
 @dataclass
@@ -65,8 +66,9 @@ class MeanAP:
         model.eval()
         device = next(model.parameters()).device
         with torch.no_grad():
-            for batch in DataLoader(self.data, batch_size=self.batch_size, collate_fn=collate):
-                img = batch["img"].to(device)
+            for images, targets in DataLoader(self.data, batch_size=self.batch_size, collate_fn=collate):
+                batch = as_ultralytics(images, targets)
+                img = images.to(device)
                 y = model(img)
                 dets = non_max_suppression(y[0] if isinstance(y, (tuple, list)) else y, self.conf, self.iou, max_det=300)
                 h, w = img.shape[-2:]
