@@ -38,3 +38,19 @@ def test_shapes_are_labelled_per_pixel() -> None:
     x, y = seg.shapes(4, seed=3).tensors
     assert x.shape == (4, 1, 32, 32) and y.shape == (4, 32, 32)
     assert set(y.unique().tolist()) == {0, 1, 2}
+
+
+@pytest.mark.slow  # about 80 s here (YOLOv8n exports at each measured step); the pieces run in the default suite
+def test_detection_example_runs_small_and_names_its_metric(tmp_path: Path, deterministic_device: None,
+                                                           quick_target_yaml, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("ultralytics")
+    det = _example("detection")
+    results = det.main(["--targets", str(quick_target_yaml(8)), "--ratios", "0.8", "--size", "64", "--train-images", "8",
+                        "--val-images", "4", "--epochs", "0.5", "--finetune-epochs", "1", "--data", str(tmp_path / "shapes"),
+                        "--out", str(tmp_path / "runs"), "--profiles", str(tmp_path / "p")])
+    rep = results[0].report
+    assert rep["metric"]["name"] == "mAP50-95" and 0 <= rep["final"]["accuracy"] <= 1
+    assert rep["met_budget"] is True, rep["budget_note"]
+    assert any("head in export mode" in n for n in rep["notes"])
+    out = capsys.readouterr().out
+    assert "unpruned: mAP50-95" in out and "at 0.8: mAP50-95" in out and "MET" in out
