@@ -25,7 +25,7 @@ import torch_pruning as tp
 from torch import nn
 
 from deploy_prune.errors import UserError
-from deploy_prune.splits import separate_splits
+from deploy_prune.splits import forward_with, separate_splits
 from deploy_prune.widths import WidthSpace
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
@@ -102,14 +102,8 @@ def execution_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, 
     """Conv2d/Linear modules in the order a forward pass runs them, with their input shapes."""
     names = {m: n for n, m in model.named_modules()}
     order: list[tuple[str, nn.Module, torch.Size]] = []
-    hooks = [m.register_forward_pre_hook(lambda m, i: order.append((names[m], m, i[0].shape)))
-             for m in model.modules() if isinstance(m, PRUNABLE)]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with(model, example, [m.register_forward_pre_hook(lambda m, i: order.append((names[m], m, i[0].shape)))
+                                  for m in model.modules() if isinstance(m, PRUNABLE)])
     return order
 
 

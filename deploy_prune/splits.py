@@ -81,6 +81,16 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+def forward_with(model: nn.Module, example: torch.Tensor, handles: list[Any]) -> Any:
+    """One eval-mode forward without gradients; the hook ``handles`` are removed after it, whatever happens."""
+    try:
+        with torch.no_grad():
+            return model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def find_splits(model: nn.Module, example: torch.Tensor) -> list[Split]:
     """Channel splits whose input is the output of a direct child of the block that splits it."""
     names = {m: n for n, m in model.named_modules()}
@@ -96,12 +106,8 @@ def find_splits(model: nn.Module, example: torch.Tensor) -> list[Split]:
 
     hooks = [h for m in model.modules() for h in (
         m.register_forward_pre_hook(lambda m, i: stack.append(names[m])), m.register_forward_hook(post))]
-    try:
-        with torch.no_grad(), _Recorder(produced, stack, found):
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    with _Recorder(produced, stack, found):
+        forward_with(model, example, hooks)
     return [s for s in found if s.child.rpartition(".")[0] == s.block and s.block != s.child]
 
 
@@ -166,13 +172,7 @@ def _capture(model: nn.Module, example: torch.Tensor, names: set[str]) -> dict[s
             seen.setdefault(n, (i, o))
         return hook
 
-    hooks = [mods[n].register_forward_hook(keep(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with(model, example, [mods[n].register_forward_hook(keep(n)) for n in names])
     return seen
 
 
