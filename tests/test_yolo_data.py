@@ -136,3 +136,26 @@ def test_the_detection_loss_trains_a_yolo(shapes: Path) -> None:
     loss.backward()
     assert loss.ndim == 0 and torch.isfinite(loss) and model.model[0].conv.weight.grad.abs().sum() > 0
     assert model.args.box == 7.5  # ultralytics' default gains
+
+
+def test_the_default_criterion_on_detection_data_needs_no_labels(shapes: Path) -> None:
+    """deeplsp's default (taylor: cross-entropy on labels) becomes bn-scale on detection data, with a
+    note; a criterion the user chose stays, and scoring refuses it on batches it cannot read."""
+    from types import SimpleNamespace
+
+    from deploy_prune.graph import ModelGraph
+    from deploy_prune.importance import score_groups
+    from deploy_prune.methods import get_method
+    from deploy_prune.pipeline.stages import _criterion_for_the_task
+
+    b = load_data(f"yolo:{shapes}", DataOptions(image_size=32))
+    for chosen, want in ((None, "bn-scale"), ("taylor", "taylor")):
+        method = get_method("deeplsp", **({"criterion": chosen} if chosen else {}))
+        run = SimpleNamespace(cfg=SimpleNamespace(criterion=chosen, method_options={}), data=b, notes=[])
+        _criterion_for_the_task(run, method)  # type: ignore[arg-type]
+        assert method.criterion == want and bool(run.notes) == (chosen is None)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 4, 1))
+    batch = collate([b.train[i] for i in range(2)])
+    assert len(batch[1]) != len(batch[0])  # objects, not images: no label per input
+    with pytest.raises(UserError, match="criterion 'taylor' needs \\(input, label\\) batches, one label per input"):
+        score_groups(net, ModelGraph(net, (3, 32, 32)), "taylor", [batch])

@@ -83,8 +83,8 @@ def score_groups(
     device = next(model.parameters()).device
     if not crit.needs_data:
         batches = []
-    elif not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
-        raise UserError(f"criterion {criterion!r} needs (input, label) batches of a classifier; for this model's data "
+    elif not all(isinstance(b, (tuple, list)) and len(b) == 2 and len(b[0]) == len(b[1]) for b in batches):
+        raise UserError(f"criterion {criterion!r} needs (input, label) batches, one label per input; for this model's data "
                         "use --criterion l1, l2 or bn-scale")
     else:
         batches = [(x.to(device), y.to(device)) for x, y in batches]

@@ -189,6 +189,7 @@ def compress(cfg: CompressConfig, progress: Callable[[str], None] | None = None,
     claim = _Claim(cfg)
     run = claim.open(progress, parts)
     try:
+        _criterion_for_the_task(run, method)
         rep = _pipeline(run, method, t_start)
         claim.finish()
         if run.world > 1:
@@ -234,6 +235,24 @@ def without_resume_hint(message: str) -> str:
     for hint in RESUME_HINTS:
         message = message.split(hint)[0]
     return message[: -len(RESUME_TAIL)] if message.endswith(RESUME_TAIL) else message
+
+
+DATA_FREE_CRITERION = "bn-scale"  # every conv of a YOLO has a BatchNorm: network slimming's score
+
+
+def _criterion_for_the_task(run: Run, method: Method) -> None:
+    """A method's default criterion that scores classifier batches (cross-entropy on labels)
+    becomes ``DATA_FREE_CRITERION`` on other data (detection); a criterion the user chose stays,
+    and ``importance.score_groups`` refuses it in one line if it cannot score these batches."""
+    from deploy_prune.importance import CRITERIA
+
+    crit = getattr(method, "criterion", None)
+    chosen = run.cfg.criterion is not None or "criterion" in run.cfg.method_options
+    if run.data.task == "classify" or chosen or not isinstance(crit, str) or crit not in CRITERIA \
+            or not CRITERIA.get(crit).needs_data:
+        return
+    method.criterion = DATA_FREE_CRITERION  # type: ignore[attr-defined]
+    run.notes.append(f"criterion {DATA_FREE_CRITERION} (the method's {crit} scores classifiers; this is {run.data.task} data)")
 
 
 def make_method(cfg: CompressConfig) -> Method:
