@@ -204,13 +204,17 @@ def _opaque(units: list[nn.Module]) -> Iterator[None]:
             return _Opaque.apply(x, out)  # type: ignore[no-any-return]
         return opaque
 
+    own = {id(m): vars(m).get("forward") for m in units}  # a forward set on the instance itself, if any
     for m in units:
         m.forward = forward(m, m.forward)  # type: ignore[method-assign]
     try:
         yield
     finally:
         for m in units:
-            del m.forward
+            if own[id(m)] is None:
+                del m.forward
+            else:
+                m.forward = own[id(m)]  # type: ignore[method-assign,assignment]
 
 
 class _UnitPruner(tp.pruner.function.BasePruningFunc):  # type: ignore[misc,name-defined]

@@ -251,6 +251,10 @@ def separate_splits(model: nn.Module, example: torch.Tensor) -> Rewrite:
         blocks.setdefault(s.block, []).append(s)
     io = _capture(model, example, set(blocks) | {s.child for s in splits})
     for name, found in blocks.items():
+        if not name:  # the model's own forward splits: it cannot be replaced in place
+            result.left["(the model)"] = "the model's own forward splits a layer's output; move the split into a submodule"
+            result.frozen += [s.child for s in found]
+            continue
         block = model.get_submodule(name)
         saved = {n: m for n, m in block.named_children()}
         try:
@@ -273,9 +277,3 @@ def separate_splits(model: nn.Module, example: torch.Tensor) -> Rewrite:
         setattr(model.get_submodule(parent) if parent else model, attr, new)
         result.parts.update(parts)
     return result
-
-
-def keeps_parity(before: Callable[[torch.Tensor], Any], after: Callable[[torch.Tensor], Any], x: torch.Tensor) -> bool:
-    """Whether two forwards agree on ``x`` within ``PARITY_RTOL`` (every output of a tuple or dict)."""
-    with torch.no_grad():
-        return _close(before(x), after(x))

@@ -164,3 +164,12 @@ def test_a_model_with_a_dict_of_outputs_runs_through_the_api(tmp_path, quick_tar
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x), res.model.eval()(x))
+
+
+def test_a_split_in_the_models_own_forward_keeps_its_layer_whole() -> None:
+    torch.manual_seed(0)
+    net = Chunked(8).eval()  # the block is the whole model
+    g = ModelGraph(net, (8, 6, 6))
+    assert g.splits.frozen == ["cv1"] and "(the model)" in g.splits.left
+    g.prune({n: [0] for n in (i.name for i in g.groups())})
+    assert net(torch.randn(1, 8, 6, 6)).shape == (1, 8, 6, 6)

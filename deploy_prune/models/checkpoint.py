@@ -156,7 +156,7 @@ def load_model(
         return ckpt, {}
     from deploy_prune.models.ultralytics import from_checkpoint
 
-    yolo = from_checkpoint(ckpt, weights)
+    yolo = from_checkpoint(ckpt)
     if yolo is not None:  # an ultralytics training checkpoint (trusted: it is a pickle)
         return yolo, {}
     if not isinstance(ckpt, dict):

@@ -13,7 +13,6 @@ losses take the model as they would the original.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -92,7 +91,7 @@ def build(cfg: str, num_classes: int | None, in_channels: int = 3) -> nn.Module:
     return model  # type: ignore[no-any-return]
 
 
-def from_checkpoint(ckpt: Any, path: str | Path) -> nn.Module | None:
+def from_checkpoint(ckpt: Any) -> nn.Module | None:
     """The model in an ultralytics training checkpoint (its EMA weights where saved), in float32
     and deployment form; None for anything else."""
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("ema") or ckpt.get("model"), nn.Module)):
