@@ -34,7 +34,9 @@ CASES = {  # name -> (model spec, C,H,W)
     "resnet20@32": ("resnet20", (3, 32, 32)),
     "mobilenet_v2@32": ("mobilenet_v2", (3, 32, 32)),
     "resnet18@224": ("resnet18", (3, 224, 224)),
+    "yolov8n@128": ("ultralytics:yolov8n.yaml", (3, 128, 128)),  # ultralytics extra; export form, NMS outside
 }
+DEFAULT_CASES = "resnet20@32,mobilenet_v2@32,resnet18@224"
 GOALS = {"median_abs_error_pct": 5.0, "within_10pct_share": 0.9, "spearman": 0.95}
 
 
@@ -97,7 +99,7 @@ def render(rows: list[dict], n_variants: int, prov: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default="cpu-ort-1t,cpu-ort")
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=DEFAULT_CASES, help=f"of {', '.join(CASES)}")
     ap.add_argument("--variants", type=int, default=30)
     ap.add_argument("--model-repeats", type=int, default=None,
                     help="override the whole-model protocol's repeats (ResNet-18 at 224 takes ~30 ms a run)")

@@ -56,6 +56,7 @@ class GroupInfo:
     channels: int
     out_layers: list[str] = field(default_factory=list)  # lose output channels
     in_layers: list[str] = field(default_factory=list)  # lose input channels
+    in_counts: dict[str, int] = field(default_factory=dict)  # in-layer -> its inputs that are this group's channels
     norm_layers: list[str] = field(default_factory=list)
     flops: int = 0  # MACs of every conv/linear the group touches
     params: int = 0
@@ -63,6 +64,10 @@ class GroupInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _depthwise(li: LayerInfo) -> bool:
+    return li.groups > 1 and li.groups == li.in_channels == li.out_channels
 
 
 def layer_table(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo]:
@@ -305,6 +310,7 @@ class ModelGraph:
             if any(item.dep.target.module is u for item in g for u in units):
                 continue  # it reaches into or out of a unit, which keeps all its channels
             info = GroupInfo(name, len(g[0].idxs))
+            seen_in: dict[str, set[int]] = {}
             for item in g:
                 mod, fn = item.dep.target.module, item.dep.handler
                 lname = self.names.get(mod)
@@ -313,6 +319,8 @@ class ModelGraph:
                 out = getattr(fn, "__name__", "") in ("prune_out_channels",)
                 if isinstance(mod, PRUNABLE):
                     (info.out_layers if out else info.in_layers).append(lname)
+                    if not out:  # a concatenation may hold the channels twice, a flatten once per position
+                        seen_in.setdefault(lname, set()).update(int(getattr(i, "idx", i)) for i in item.idxs)
                 elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
                     info.norm_layers.append(lname)
             # Name the group by its first out-layer in definition order (torch-pruning's root
@@ -320,6 +328,7 @@ class ModelGraph:
             if info.out_layers:
                 name = min(info.out_layers, key=order.__getitem__)
                 info.name = self._canonical(name)
+            info.in_counts = {n: len(v) for n, v in seen_in.items()}
             touched = set(info.out_layers) | set(info.in_layers)
             info.flops = sum(self.layers[n].flops for n in touched if n in self.layers)
             info.params = sum(self.layers[n].params for n in touched if n in self.layers)
@@ -353,29 +362,36 @@ class ModelGraph:
         """(MACs of conv + linear layers, all parameters) of the model as it is now."""
         return sum(li.flops for li in self.layers.values()), sum(p.numel() for p in self.model.parameters())
 
-    def predict_flops(self, keep: Mapping[str, int]) -> int:
-        """MACs after keeping ``keep[group]`` channels per group, computed from the layer table.
+    def layer_widths(self, plan: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+        """(cin, cout) of every conv/linear layer once each group keeps ``plan[group]`` channels.
 
-        A layer's MACs scale with its kept output share times its kept input share; a
-        depthwise conv (groups == in == out) scales with one share only.
+        A layer's inputs lose what every group feeding it loses, in proportion to how many of its
+        inputs are that group's channels (``in_counts``: a concatenation may hold a group twice, a
+        flatten once per position). A depthwise conv keeps as many inputs as outputs
+        (torch-pruning lists it among its group's out-layers only).
         """
-        out_share: dict[str, float] = {}
-        in_share: dict[str, float] = {}
+        widths = {n: (li.in_channels, li.out_channels) for n, li in self.layers.items()}
+        feeds: dict[str, dict[str, GroupInfo]] = {}
         for g in self.groups():
-            if g.name not in keep:
-                continue
-            r = self.space.snap(keep[g.name], g.channels) / g.channels
+            k = plan.get(g.name, g.channels)
             for n in g.out_layers:
-                out_share[n] = r
+                widths[n] = (k, k) if _depthwise(self.layers[n]) else (widths[n][0], k)
             for n in g.in_layers:
-                in_share[n] = r
+                if not _depthwise(self.layers[n]):
+                    feeds.setdefault(n, {})[g.name] = g
+        for n, gs in feeds.items():
+            lost = sum(g.in_counts.get(n, g.channels) * (1 - plan.get(g.name, g.channels) / g.channels) for g in gs.values())
+            widths[n] = (max(1, self.layers[n].in_channels - int(round(lost))), widths[n][1])
+        return widths
+
+    def predict_flops(self, keep: Mapping[str, int]) -> int:
+        """MACs after keeping ``keep[group]`` channels per group (snapped to the width space):
+        each layer's MACs scale with its kept outputs times its kept inputs (``layer_widths``)."""
+        snapped = {g.name: self.space.snap(keep[g.name], g.channels) for g in self.groups() if g.name in keep}
         total = 0.0
-        for n, li in self.layers.items():
-            o, i = out_share.get(n, 1.0), in_share.get(n, 1.0)
-            depthwise = li.groups > 1 and li.groups == li.in_channels == li.out_channels
-            # torch-pruning lists a depthwise conv among its group's out-layers only; its
-            # inputs shrink with its outputs.
-            total += li.flops * ((o if n in out_share else i) if depthwise else o * i)
+        for n, (ci, co) in self.layer_widths(snapped).items():
+            li = self.layers[n]
+            total += li.flops * (co / li.out_channels) * (1.0 if _depthwise(li) else ci / li.in_channels)
         return int(round(total))
 
     # -- edits --------------------------------------------------------------------------------

@@ -133,8 +133,12 @@ def test_every_output_layer_is_kept_and_a_shared_concatenation_is_cut_consistent
     assert {id(m) for m in output_layers(net, torch.randn(1, 3, 8, 8))} == {id(net.box), id(net.cls)}
     g = ModelGraph(net, (3, 8, 8))
     assert {"box", "cls"} <= g.frozen_layers
+    plan = {"a.conv": 5, "b.conv": 6}
+    assert g.layer_widths(plan)["c.conv"] == (11, 8)  # a concatenation loses what each group loses
+    predicted = g.predict_flops(plan)
     g.prune({"a.conv": [0, 1, 2], "b.conv": [5, 6]})  # both halves of the concatenation at once
     assert net.c.conv.in_channels == net.d.conv.in_channels == 5 + 6
+    assert g.flops_params()[0] == predicted
     out = net(torch.randn(1, 3, 8, 8))
     assert out["boxes"].shape == (1, 4, 8, 8) and out["scores"].shape == (1, 3, 8, 8)
 

@@ -68,21 +68,9 @@ def _depthwise(li: LayerInfo) -> bool:
 
 
 def plan_widths(graph: ModelGraph, plan: Mapping[str, int]) -> dict[str, tuple[int, int]]:
-    """(cin, cout) of every conv/linear layer once each group keeps ``plan[group]`` channels.
-
-    A depthwise conv keeps as many inputs as outputs (torch-pruning lists it among its group's
-    out-layers only).
-    """
-    widths = {n: (li.in_channels, li.out_channels) for n, li in graph.layers.items()}
-    for g in graph.groups():
-        k = plan.get(g.name, g.channels)
-        for n in g.out_layers:
-            cin, _ = widths[n]
-            widths[n] = (k, k) if _depthwise(graph.layers[n]) else (cin, k)
-        for n in g.in_layers:
-            if not _depthwise(graph.layers[n]):
-                widths[n] = (k, widths[n][1])
-    return widths
+    """(cin, cout) of every conv/linear layer once each group keeps ``plan[group]`` channels
+    (``ModelGraph.layer_widths``)."""
+    return graph.layer_widths(plan)
 
 
 @dataclass
