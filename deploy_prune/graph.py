@@ -257,10 +257,10 @@ class ModelGraph:
         # the widths a group may keep (``widths``); a bare number is a multiple with no narrow widths
         self.space = WidthSpace.of(channel_multiple)
         self.channel_multiple = self.space.multiple
-        # a block that splits a layer's output along channels runs one layer per part instead
-        self.splits = separate_splits(model, self.example)
-        modules = dict(model.named_modules())
         self.ignore_names = list(ignore)
+        # a block that splits a layer's output along channels runs one layer per part instead
+        self.splits = separate_splits(model, self.example, keep=self.ignore_names)
+        modules = dict(model.named_modules())
         missing = [n for n in self.ignore_names if n not in modules]
         if missing:
             sample = ", ".join(n for n, m in list(modules.items()) if isinstance(m, PRUNABLE))[:200]

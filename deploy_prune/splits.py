@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,6 +224,8 @@ def _rewrite_block(block: nn.Module, splits: list[Split], prefix: str, io: dict[
         graph.erase_node(node)
         graph.erase_node(src)
         parts[s.child] = [f"{s.child}.{i}" for i in range(len(s.sizes))]
+    if not parts:
+        raise ValueError("no split in its traced forward reads a layer's output directly")
     graph.lint()
     gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
     for target, made in lists.items():  # the parts as a ModuleList (fx would hold them in a bare Module)
@@ -238,12 +240,18 @@ def _rewrite_block(block: nn.Module, splits: list[Split], prefix: str, io: dict[
     return gm, parts
 
 
-def separate_splits(model: nn.Module, example: torch.Tensor) -> Rewrite:
+def separate_splits(model: nn.Module, example: torch.Tensor, keep: Iterable[str] = ()) -> Rewrite:
     """Rewrite, in place, every block that splits a child's output along channels (module doc).
-    A block that cannot be traced keeps its split, and the child is reported ``frozen``; a
-    rewrite whose outputs differ from the block's raises ``UserError`` naming the block."""
+    A block that cannot be traced, or that ``keep`` names (``--ignore``: the block or the layer
+    it splits), keeps its split, and the child is reported ``frozen``; a rewrite whose outputs
+    differ from the block's raises ``UserError`` naming the block."""
     result = Rewrite()
+    kept = set(keep)
     splits = find_splits(model, example)
+    for s in [s for s in splits if s.block in kept or s.child in kept]:
+        splits.remove(s)
+        result.left[s.block] = "listed in --ignore"
+        result.frozen.append(s.child)
     if not splits:
         return result
     blocks: dict[str, list[Split]] = {}

@@ -177,3 +177,12 @@ def test_a_split_in_the_models_own_forward_keeps_its_layer_whole() -> None:
     assert g.splits.frozen == ["cv1"] and "(the model)" in g.splits.left
     g.prune({n: [0] for n in (i.name for i in g.groups())})
     assert net(torch.randn(1, 8, 6, 6)).shape == (1, 8, 6, 6)
+
+
+def test_an_ignored_split_is_left_as_it_is() -> None:
+    net = _net(Chunked)
+    g = ModelGraph(net, (3, 12, 12), ignore=["block.cv1"])
+    assert not g.splits.parts and g.splits.left == {"block": "listed in --ignore"}
+    assert type(net.block) is Chunked and not any(i.name.startswith("block.cv1") for i in g.groups())
+    g.prune({n: [0] for n in (i.name for i in g.groups())})
+    assert net(torch.randn(1, 3, 12, 12)).shape == (1, 5)
