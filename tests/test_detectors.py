@@ -147,6 +147,9 @@ def test_the_cli_compresses_a_trained_yolo_on_a_yolo_folder(tmp_path: Path, yolo
     assert rep["metric"]["name"] == "mAP50-95" and "ultralytics" in rep["metric"]["source"]
     assert 0.0 <= rep["final"]["accuracy"] <= 1.0 and rep["met_budget"] is True
     assert "mAP50-95 %" in res.output
+    again = dp.load(tmp_path / "run")  # rebuilt by name (ultralytics:yolov8n.yaml), separated and cut
+    with torch.no_grad():
+        assert again(torch.zeros(1, 3, SIZE, SIZE)).shape[1] == 4 + 3
 
 
 def test_detection_data_needs_a_yolo(tmp_path: Path, yolo_folder: Path) -> None:
