@@ -1,4 +1,4 @@
-"""Small helpers the bad-input test modules share (imported as ``helpers``: pytest puts tests/ on the path)."""
+"""Small helpers the test modules share (imported as ``helpers``: pytest puts tests/ on the path)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from deploy_prune.data import DataOptions
 from deploy_prune.errors import UserError
+
+
+class UserNet(nn.Module):
+    """A model the tool has never heard of: two convs (16 and 32 channels) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean((2, 3)))
+
 
 OPTS = DataOptions(train_limit=600)  # what the tiny_run fixture was trained with (3 epochs, batch 32)
 

@@ -10,24 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import UserNet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import deploy_prune as dp
 from deploy_prune.data import DataOptions, load_data
-
-
-class UserNet(nn.Module):
-    """A model the tool has never heard of."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                                  nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU())
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x).mean((2, 3)))
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +62,9 @@ def test_a_users_model_loop_and_metric(digits: Any, tmp_path: Path, deterministi
     assert sum(p.numel() for p in result.model.parameters()) < sum(p.numel() for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model is untouched
     assert [t for t, _ in calls][-1] == "final" and any(t.startswith("step") for t, _ in calls)
-    assert rep["model"]["spec"].startswith("test_api.UserNet@") and "/" not in rep["model"]["spec"]
+    assert rep["model"]["spec"].startswith("helpers.UserNet@") and "/" not in rep["model"]["spec"]
     assert {"onnx", "checkpoint", "report"} <= set(result.paths)
-    with pytest.raises(dp.UserError, match=r"holds your own model \(test_api.UserNet@[0-9a-f]+\); pass a fresh instance"):
+    with pytest.raises(dp.UserError, match=r"holds your own model \(helpers.UserNet@[0-9a-f]+\); pass a fresh instance"):
         dp.load(result.out)
     again = dp.load(result.out, model=UserNet())
     x = torch.randn(2, 1, 8, 8)

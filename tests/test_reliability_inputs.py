@@ -13,26 +13,13 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import fake_device, one_line
+from helpers import UserNet, fake_device, one_line
 from torch import nn
 from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
 import deploy_prune as dp
 from deploy_prune.errors import UserError
-
-
-class Net(nn.Module):
-    """A user's model: two convs (16 and 32 channels) and a linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                                  nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU())
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x).mean((2, 3)))
 
 
 class Other(nn.Module):
@@ -66,20 +53,20 @@ class OnlyHead(nn.Module):
         return self.fc(x.flatten(1))
 
 
-class TupleOut(Net):
+class TupleOut(UserNet):
     def forward(self, x: torch.Tensor) -> Any:
         y = super().forward(x)
         return y, y
 
 
-class DictOut(Net):
+class DictOut(UserNet):
     def forward(self, x: torch.Tensor) -> Any:
         return {"logits": super().forward(x)}
 
 
-def _net() -> Net:
+def _net() -> UserNet:
     torch.manual_seed(0)  # the same weights in every test: one latency profile serves them all
-    return Net()
+    return UserNet()
 
 
 DATA = TensorDataset(torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 10)
@@ -93,7 +80,7 @@ def profiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def compress(tmp_path: Path, profiles: Path, real_profile: Path,
              quick_target_yaml: Callable[[int], Path]) -> Callable[..., dp.Result]:
-    """``dp.compress`` of ``Net`` to half its FLOPs (no timing decides anything), overridable."""
+    """``dp.compress`` of ``UserNet`` to half its FLOPs (no timing decides anything), overridable."""
     def call(**change: Any) -> dp.Result:
         args: dict[str, Any] = dict(model=_net(), example_input=torch.zeros(1, 1, 8, 8), target=str(quick_target_yaml(8)),
                                     budget=dp.Flops(0.5), method="uniform", train=DATA, val=DATA, out=tmp_path / "run",
@@ -185,7 +172,7 @@ def test_a_loss_that_changes_the_model_is_refused() -> None:
 # -- 2. latency profiles with impossible entries, non-finite run state -------------------------
 @pytest.fixture(scope="module")
 def real_profile(profiles: Path, quick_target_yaml: Callable[[int], Path]) -> Path:
-    """The target's latency profile of ``Net`` in the module's profiles directory (made once, on
+    """The target's latency profile of ``UserNet`` in the module's profiles directory (made once, on
     the ``deterministic_device`` timings), where compress finds it."""
     from deploy_prune.api import model_spec
     from deploy_prune.latency.profile import ProfileSpec, describe, profile_path, run_profile
@@ -294,7 +281,7 @@ def test_api_arguments_of_the_wrong_kind(compress: Callable[..., dp.Result], tmp
 
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
-    """A compress run's model.pt, as the pipeline writes it (``Run.meta_pruned``), of ``Net`` cut."""
+    """A compress run's model.pt, as the pipeline writes it (``Run.meta_pruned``), of ``UserNet`` cut."""
     from deploy_prune.graph import ModelGraph
     from deploy_prune.models.checkpoint import save_checkpoint
     from deploy_prune.transforms import architecture_widths, prune_to_widths
@@ -317,7 +304,7 @@ def test_load_into_another_architecture_names_the_first_mismatch(pruned_run: tup
                            "run); pass a fresh instance of the architecture the run compressed "
                            "(test_reliability_inputs.Net@0123456789ab)")
     x = torch.randn(2, 1, 8, 8)
-    torch.testing.assert_close(dp.load(path, model=Net()).eval()(x), model.eval()(x))  # the right one loads
+    torch.testing.assert_close(dp.load(path, model=UserNet()).eval()(x), model.eval()(x))  # the right one loads
 
 
 # -- 4. settings that were silently accepted ---------------------------------------------------
