@@ -155,14 +155,12 @@ def _bundle(model: nn.Module, example: torch.Tensor, train: Dataset | None, val:
             if ds is not None:
                 _check_items(ds, what)
     c, h, w = (int(d) for d in example.shape[1:])
+    from deploy_prune.data import underlying
     from deploy_prune.data.yolo import DetectionSet
 
-    base = train
-    while isinstance(base, torch.utils.data.Subset):
-        base = base.dataset
     return DataBundle(name="user", train=train if train is not None else [], val=val if val is not None else [],  # type: ignore[arg-type]
                       test=None, num_classes=classes, in_channels=c, image_size=(h, w), mean=[], std=[],
-                      task="detect" if isinstance(base, DetectionSet) else "classify")
+                      task="detect" if train is not None and isinstance(underlying(train), DetectionSet) else "classify")
 
 
 def _prepare(model: nn.Module, example_input: torch.Tensor, *, target: str | Target, budget: Budget, method: str,

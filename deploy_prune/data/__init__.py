@@ -350,13 +350,17 @@ def make_loader(
     """A DataLoader with a seeded shuffle (same seed, same order) and no worker processes by default;
     batches are made by the dataset's own ``collate`` where it has one (``data.yolo``)."""
     g = torch.Generator().manual_seed(seed)
-    base = ds
-    while isinstance(base, Subset):
-        base = base.dataset
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=g,
-        num_workers=workers, drop_last=False, collate_fn=getattr(base, "collate", None),
+        num_workers=workers, drop_last=False, collate_fn=getattr(underlying(ds), "collate", None),
     )
+
+
+def underlying(ds: Dataset) -> Dataset:
+    """The dataset a ``Subset`` (of a ``Subset`` ...) selects from; ``ds`` itself otherwise."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds
 
 
 def data_available() -> dict[str, str]:

@@ -16,7 +16,6 @@ suggest ``weights_only=False``, i.e. running it.
 from __future__ import annotations
 
 import glob
-import os
 import pickle
 import re
 import warnings
@@ -59,10 +58,9 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Any:
     """Read a checkpoint safely; a pickled module needs ``trust=True``."""
     p = resolve_weights(path)
     if trust:  # a trusted pickle may import ultralytics: with its network use off (models.ultralytics)
-        from deploy_prune.models.ultralytics import OFFLINE
+        from deploy_prune.models.ultralytics import offline
 
-        for k, v in OFFLINE.items():
-            os.environ.setdefault(k, v)
+        offline()
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files
             warnings.simplefilter("ignore")

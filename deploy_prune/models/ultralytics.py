@@ -24,10 +24,15 @@ UNITS = ("Attention", "AAttn")  # ultralytics' attention blocks (YOLO11's PSA, Y
 OFFLINE = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "YOLO_VERBOSE": "0"}
 
 
-def import_ultralytics() -> Any:
-    """The ultralytics package, with its network use off; one line naming the extra if missing."""
+def offline() -> None:
+    """Switch ultralytics' network use off before it is imported (``OFFLINE``), unless the user set those variables."""
     for k, v in OFFLINE.items():
         os.environ.setdefault(k, v)
+
+
+def import_ultralytics() -> Any:
+    """The ultralytics package, with its network use off; one line naming the extra if missing."""
+    offline()
     try:
         import ultralytics
     except ImportError:
