@@ -36,7 +36,7 @@ from torch import nn
 from deploy_prune import __version__
 from deploy_prune.config import Protocol, Target
 from deploy_prune.errors import UserError
-from deploy_prune.export import onnx_bytes, to_onnx
+from deploy_prune.export.timing import timing_onnx
 from deploy_prune.graph import ModelGraph
 from deploy_prune.io import ensure_dir, provenance, read_json, write_json
 from deploy_prune.latency import lut
@@ -124,7 +124,7 @@ class ProfileSpec:
 
 def describe(spec: ProfileSpec) -> tuple[ModelGraph, list[lut.LayerSpec], str]:
     graph = ModelGraph(spec.model, spec.input_shape, ignore=spec.ignore, channel_multiple=spec.target.channel_multiple)
-    proto = to_onnx(spec.model, torch.zeros(spec.target.batch, *spec.input_shape))
+    proto = onnx.load_from_string(timing_onnx(spec.model, spec.input_shape, spec.target.batch))
     specs = lut.layer_specs(spec.model, spec.input_shape, spec.target.batch, proto, prunable_dims(graph))
     fp = lut.model_fingerprint(spec.name, specs, spec.input_shape, spec.target.batch)
     return graph, specs, fp
@@ -691,7 +691,7 @@ def stream_counters(spec: ProfileSpec, m: Measurer, info: Mapping[str, Any]) -> 
     share = rec["full_model_streamed_share"] = lut.streamed_share(rec["full_model_bytes"], rec)
     if share < 0.5:  # too little streaming to fit a slope on; pruned variants stream less still
         return {"rec": {**rec, "why_none": f"the full model's weights mostly fit in the cache (share streamed {share:.2f})"}}
-    blob = onnx_bytes(spec.model, tuple(spec.input_shape), target.batch)
+    blob = timing_onnx(spec.model, tuple(spec.input_shape), target.batch)
     try:
         probed = m.layer_times({"full": lut.with_probe(blob)}, COUNTER_RUNS)["full"]
     except UserError as e:

@@ -24,7 +24,7 @@ import numpy as np
 from torch import nn
 
 from deploy_prune.config import Target
-from deploy_prune.export import onnx_bytes
+from deploy_prune.export.timing import timing_onnx
 from deploy_prune.graph import ModelGraph
 from deploy_prune.latency import lut
 from deploy_prune.latency.measure import Measurer
@@ -74,12 +74,12 @@ def fit_calibration(measured: Mapping[str, Mapping[str, Any]], predicted: Mappin
 
 def export_variants(variants: Mapping[str, nn.Module], input_shape: Sequence[int], target: Target,
                     progress: Progress | None = None, stage: str = "variants") -> dict[str, bytes]:
-    """Each variant as ONNX bytes, at the target's batch."""
+    """Each variant as ONNX bytes for timing (``timing_onnx``), at the target's batch."""
     blobs = {}
     for i, (k, model) in enumerate(variants.items()):
         if progress:
             progress(f"{stage}: export", i, len(variants))
-        blobs[k] = onnx_bytes(model, tuple(input_shape), target.batch)
+        blobs[k] = timing_onnx(model, tuple(input_shape), target.batch)
     if progress:
         progress(f"{stage}: export", len(variants), len(variants))
     return blobs

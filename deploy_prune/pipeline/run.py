@@ -25,6 +25,7 @@ from deploy_prune.data import DataBundle, load_data, make_loader
 from deploy_prune.distributed import world as distributed_world
 from deploy_prune.errors import UserError
 from deploy_prune.export import onnx_bytes
+from deploy_prune.export.timing import timing_onnx
 from deploy_prune.graph import ModelGraph
 from deploy_prune.io import ensure_dir
 from deploy_prune.latency.measure import LocalMeasurer, Measurer, measurer_for
@@ -326,7 +327,6 @@ class Run:
         self.lowrank_profile = False  # the LUT must also time factorised convs (df under a latency budget)
         self.last_fit: dict[str, Any] | None = None  # metrics of the last finetune call
         self._baseline_onnx: bytes | None = None
-        self._last_timed: tuple[tuple[Any, ...], bytes] | None = None  # (architecture, its export): ``measure``
         self._quietest_baseline = math.inf  # the baseline's lowest quiet figure in this run (ms)
         self._batches: list[Any] | None = None
         self._subset: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -522,19 +522,9 @@ class Run:
         """Measure ``model`` on the target, interleaved with the unpruned baseline; the baseline
         is the run's yardstick for contention (``quietest_take``)."""
         t0 = time.perf_counter()
-        # Latency depends on the graph's shapes, not its weights: the architecture measured last,
-        # measured again (a verify round, the final check after fine-tuning), reuses its export,
-        # and so does the unpruned model measured against itself.
-        def arch(m: nn.Module) -> tuple[Any, ...]:
-            return (type(m).__qualname__, *((k, tuple(v.shape), v.dtype) for k, v in m.state_dict().items()))
-
         if self._baseline_onnx is None:
-            self._baseline_onnx = self.onnx(self.teacher)
-            self._last_timed = (arch(self.teacher), self._baseline_onnx)
-        key = arch(model)
-        if self._last_timed is None or self._last_timed[0] != key:
-            self._last_timed = (key, self.onnx(model))
-        cand = self._last_timed[1]
+            self._baseline_onnx = timing_onnx(self.teacher, self.data.input_shape, self.target.batch)
+        cand = timing_onnx(model, self.data.input_shape, self.target.batch)
         self._add_seconds("export", time.perf_counter() - t0)
         t0 = time.perf_counter()
 
