@@ -140,6 +140,14 @@ def _check_items(ds: Dataset, what: str) -> None:
                         "pass loss=(model, batch) -> Tensor and evaluate=(model) -> float for other items")
 
 
+def _check_size(ds: Dataset, what: str, example: torch.Tensor) -> None:
+    """Latency is measured at ``example_input``'s size: the data must be of that size too."""
+    item = ds[0][0]
+    if item.ndim == 3 and tuple(item.shape) != tuple(example.shape[1:]):
+        raise UserError(f"example_input is {list(example.shape)} but {what} images are {list(item.shape)}: latency is "
+                        f"measured at example_input's size; pass torch.zeros(1, {', '.join(map(str, item.shape))})")
+
+
 def _bundle(model: nn.Module, example: torch.Tensor, train: Dataset | None, val: Dataset | None, items_checked: bool) -> DataBundle:
     if example.ndim != 4:
         raise UserError(f"example_input must be one batch of images (N, C, H, W), got shape {list(example.shape)}")
@@ -154,6 +162,7 @@ def _bundle(model: nn.Module, example: torch.Tensor, train: Dataset | None, val:
         for ds, what in ((train, "train"), (val, "val")):
             if ds is not None:
                 _check_items(ds, what)
+                _check_size(ds, what, example)
     c, h, w = (int(d) for d in example.shape[1:])
     from deploy_prune.data import underlying
     from deploy_prune.data.yolo import DetectionSet

@@ -20,7 +20,7 @@ from deploy_prune.data import DataOptions, load_data
 
 @pytest.fixture(scope="module")
 def digits() -> Any:
-    return load_data("digits", DataOptions(train_limit=300))
+    return load_data("digits", DataOptions(train_limit=300, image_size=8))
 
 
 def _my_loop(calls: list[tuple[str, float]], train: Any) -> Callable[[nn.Module, float, dp.FinetuneContext], None]:
@@ -89,7 +89,7 @@ def test_the_cli_and_the_api_make_the_same_decisions(tiny_run: Path, tmp_path: P
     cli = __import__("json").loads((tmp_path / "cli" / "report.json").read_text())
     model, _ = load_model(tiny_run)
     digits = load_data("digits", DataOptions(train_limit=300, seed=3))  # the CLI's --seed also seeds the split
-    api = dp.compress(model, torch.zeros(1, 1, 8, 8), target=target, budget=dp.Flops(0.5), train=digits.train, val=digits.val,
+    api = dp.compress(model, torch.zeros(1, 1, 32, 32), target=target, budget=dp.Flops(0.5), train=digits.train, val=digits.val,
                       out=tmp_path / "api", profiles=tmp_path / "p", **common).report
     assert api["layers"] == cli["layers"]
     assert [s["widths"] for s in api["steps"]] == [s["widths"] for s in cli["steps"]]
@@ -104,6 +104,7 @@ def _tiny() -> tuple[nn.Module, TensorDataset]:
 @pytest.mark.parametrize("change, message", [
     (dict(example_input=torch.zeros(1, 8, 8)), "example_input must be one batch of images (N, C, H, W)"),
     (dict(example_input=torch.zeros(1, 3, 8, 8)), "the model cannot run on example_input of shape [1, 3, 8, 8]"),
+    (dict(example_input=torch.zeros(1, 1, 16, 16)), "example_input is [1, 1, 16, 16] but train images are [1, 8, 8]"),
     (dict(evaluate=lambda m: float("nan")), "evaluate returned nan; it must return a finite number"),
     (dict(evaluate=lambda m: "good"), "evaluate returned 'good'"),
     (dict(train=TensorDataset(torch.randn(8, 1, 8, 8))), "train items must be (input tensor, target) pairs"),

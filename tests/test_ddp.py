@@ -62,7 +62,7 @@ torch.manual_seed(int(sys.argv[2]) + world()[0])  # different on each rank: rank
 model = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
                             torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
                             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
-data = load_data("digits", DataOptions(train_limit=256))
+data = load_data("digits", DataOptions(train_limit=256, image_size=8))
 res = dp.compress(model, torch.zeros(1, 1, 8, 8), target="cpu-ort-1t", budget=dp.Flops(0.5), method="uniform",
                   train=data.train, val=data.val, out=sys.argv[1], epochs=1, steps=1, batch_size=32)
 h = hashlib.sha256(b"".join(v.numpy().tobytes() for v in res.model.state_dict().values())).hexdigest()
