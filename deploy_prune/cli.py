@@ -517,7 +517,8 @@ def compress(
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory (model.onnx, model.pt, report.*, checkpoints/)", rich_help_panel="Input and output")],
     weights: Annotated[str, typer.Option(help="trained checkpoint or run directory to compress", rich_help_panel="Input and output")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="architecture, if the checkpoint does not record it", rich_help_panel="Input and output")] = None,
-    data: Annotated[str, typer.Option("--data", "-d", help="digits | fashion-mnist | imagefolder:PATH | cifar10:PATH | synthetic[:CxHxW]", rich_help_panel="Input and output")] = "digits",
+    data: Annotated[str, typer.Option("--data", "-d", help="digits | fashion-mnist | imagefolder:PATH | cifar10:PATH | yolo:PATH/data.yaml | synthetic[:CxHxW]", rich_help_panel="Input and output")] = "digits",
+    task: Annotated[str | None, typer.Option("--task", help="classify | detect: the task --data must hold (default: the data's own; yolo: is detect, with ultralytics' loss and mAP50-95)", rich_help_panel="Input and output")] = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="directory of the dataset files (fashion-mnist)", rich_help_panel="Input and output")] = None,
     image_size: Annotated[int | None, typer.Option("--image-size", help="resize inputs to SIZE x SIZE", rich_help_panel="Input and output")] = None,
     train_limit: Annotated[int | None, typer.Option(help="use only N training samples (quick runs)", rich_help_panel="Input and output")] = None,
@@ -567,7 +568,7 @@ def compress(
     if df_flags and method != "df":
         raise UserError(f"--df-* flags are settings of --method df, not {method}; give {method}'s settings as -O KEY=VALUE")
     cfg = CompressConfig(
-        out=out, weights=weights, model=model, data=data,
+        out=out, weights=weights, model=model, data=data, task=task,
         data_options=_data_options(data_dir, image_size, seed, train_limit=train_limit), target=target,
         latency_ms=latency_ms, latency_ratio=latency_ratio, flops_ratio=flops_ratio, params_ratio=params_ratio,
         keep_ratio=keep_ratio, sparsity=sparsity, nm=nm, method=method, criterion=criterion,

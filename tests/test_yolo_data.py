@@ -159,3 +159,21 @@ def test_the_default_criterion_on_detection_data_needs_no_labels(shapes: Path) -
     assert len(batch[1]) != len(batch[0])  # objects, not images: no label per input
     with pytest.raises(UserError, match="criterion 'taylor' needs \\(input, label\\) batches, one label per input"):
         score_groups(net, ModelGraph(net, (3, 32, 32)), "taylor", [batch])
+
+
+@pytest.mark.parametrize("task, data, message", [
+    ("detect", "digits", "--task detect, but --data digits holds a classify dataset; give YOLO-format data"),
+    ("classify", "yolo", "holds a detect dataset; drop --task or give classify data"),
+    ("segment", "digits", "--task 'segment' is not a task deploy-prune trains; give classify or detect"),
+])
+def test_task_must_be_what_the_data_holds(shapes: Path, tmp_path: Path, task: str, data: str, message: str) -> None:
+    from typer.testing import CliRunner
+
+    from deploy_prune.cli import app
+
+    spec = f"yolo:{shapes}" if data == "yolo" else data
+    res = CliRunner().invoke(app, ["compress", "--model", "tiny-cnn", "--weights", "none", "--data", spec, "--task", task,
+                                   "--flops-ratio", "0.5", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split())
+    assert not (tmp_path / "run").exists()

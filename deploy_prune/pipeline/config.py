@@ -23,6 +23,7 @@ class CompressConfig:
     weights: str
     model: str | None = None
     data: str = "digits"
+    task: str | None = None  # "classify" | "detect": what the data must hold; None: the data's own
     data_options: DataOptions = field(default_factory=DataOptions)
     target: str = DEFAULT_TARGET
     latency_ms: float | None = None
@@ -67,6 +68,8 @@ class CompressConfig:
         """Every number checked here, where it enters (the CLI and the API build this), before
         anything loads: NaN passes every comparison, so a budget of NaN would run the whole
         pipeline to the narrowest widths."""
+        if self.task not in (None, "classify", "detect"):
+            raise UserError(f"--task {self.task!r} is not a task deploy-prune trains; give classify or detect")
         share = dict(lo=0.0, hi=1.0, lo_open=True, hi_open=True, optional=True)
         for name, rng in (("latency_ms", dict(lo=0.0, lo_open=True, optional=True)), ("latency_ratio", share),
                           ("flops_ratio", share), ("params_ratio", share), ("sparsity", share),

@@ -297,6 +297,10 @@ class Run:
         self.parts = parts or UserParts()
         self.target: Target = self.parts.target or load_target(cfg.target)
         self.data: DataBundle = self.parts.data or load_data(cfg.data, cfg.data_options)
+        if cfg.task is not None and cfg.task != self.data.task:
+            raise UserError(f"--task {cfg.task}, but --data {cfg.data} holds a {self.data.task} dataset; "
+                            + ("give YOLO-format data (--data yolo:DIR/data.yaml)" if cfg.task == "detect"
+                               else f"drop --task or give {cfg.task} data"))
         self.model, meta = unpruned_model(cfg, self.parts, self.data)
         self.parts = task_parts(self.parts, self.data, self.model)
         check_runs_on(self.model, self.data.input_shape, self.data.num_classes if self.parts.evaluate is None else None)
