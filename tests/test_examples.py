@@ -53,4 +53,4 @@ def test_detection_example_runs_small_and_names_its_metric(tmp_path: Path, deter
     assert rep["met_budget"] is True, rep["budget_note"]
     assert any("head in export mode" in n for n in rep["notes"])
     out = capsys.readouterr().out
-    assert "unpruned: mAP50-95" in out and "at 0.8: mAP50-95" in out and "MET" in out
+    assert "unpruned: mAP50-95" in out and "at 0.8: mAP50-95" in out and "budget MET" in out and "NOT MET" not in out
