@@ -99,7 +99,7 @@ def main() -> None:
     example = torch.zeros(1, *shape)
     opts = DataOptions(image_size=args.size)
     data = load_data(f"yolo:{write_shapes(args.work / 'shapes', args.train_images, args.val_images, args.size, seed=0)}", opts)
-    test = load_data(f"yolo:{write_shapes(args.work / 'held_out', 0, args.test_images, args.size, seed=1)}", opts).val
+    test = load_data(f"yolo:{write_shapes(args.work / 'held_out', 1, args.test_images, args.size, seed=1)}", opts).val
 
     torch.manual_seed(0)
     base = DetectionModel("yolov8n.yaml", nc=data.num_classes, verbose=False)
