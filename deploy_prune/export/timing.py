@@ -55,9 +55,9 @@ def _frozen(v: Any) -> Hashable:
 
 def architecture_key(model: nn.Module, shape: Sequence[int], opset: int = DEFAULT_OPSET) -> Hashable | None:
     """What decides the graph ``model`` exports to at input ``shape``: every module's class (an
-    fx ``GraphModule``'s code), its plain attributes and its tensors' shapes and dtypes (not the
-    train/eval mode: exports run in eval mode). None
-    when it cannot be decided (forward hooks change what runs)."""
+    fx ``GraphModule``'s code), its plain attributes and its tensors' shapes and dtypes, but not
+    its train/eval mode (exports run in eval mode). None when it cannot be decided: forward hooks
+    change what runs."""
     from torch.nn.modules import module as torch_module
 
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:

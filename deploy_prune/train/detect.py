@@ -64,7 +64,7 @@ class MeanAP:
         stats: dict[str, list[Any]] = {"tp": [], "conf": [], "pred_cls": [], "target_cls": []}
         was = model.training
         model.eval()
-        device = next(model.parameters()).device
+        device = next(model.parameters(), torch.zeros(0)).device  # an ONNX-backed module (an int8 artefact) has none
         with torch.no_grad():
             for images, targets in DataLoader(self.data, batch_size=self.batch_size, collate_fn=collate):
                 batch = as_ultralytics(images, targets)
