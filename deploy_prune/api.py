@@ -129,8 +129,9 @@ def _dataset(data: Dataset | DataLoader | None) -> Dataset | None:
     return data.dataset if isinstance(data, DataLoader) else data
 
 
-def _check_items(ds: Dataset, what: str) -> None:
-    """Without a ``loss``, the built-in loop and metric read ``(input, target)`` items."""
+def _check_items(ds: Dataset, what: str, example: torch.Tensor) -> None:
+    """Without a ``loss``, the built-in loop and metric read ``(input, target)`` items, and images
+    of ``example``'s size: latency is measured at that size."""
     try:
         item = ds[0]
     except Exception as e:
@@ -138,14 +139,10 @@ def _check_items(ds: Dataset, what: str) -> None:
     if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor)):
         raise UserError(f"{what} items must be (input tensor, target) pairs, got {type(item).__name__}; "
                         "pass loss=(model, batch) -> Tensor and evaluate=(model) -> float for other items")
-
-
-def _check_size(ds: Dataset, what: str, example: torch.Tensor) -> None:
-    """Latency is measured at ``example_input``'s size: the data must be of that size too."""
-    item = ds[0][0]
-    if item.ndim == 3 and tuple(item.shape) != tuple(example.shape[1:]):
-        raise UserError(f"example_input is {list(example.shape)} but {what} images are {list(item.shape)}: latency is "
-                        f"measured at example_input's size; pass torch.zeros(1, {', '.join(map(str, item.shape))})")
+    image = item[0]
+    if image.ndim == 3 and tuple(image.shape) != tuple(example.shape[1:]):
+        raise UserError(f"example_input is {list(example.shape)} but {what} images are {list(image.shape)}: latency is "
+                        f"measured at example_input's size; pass torch.zeros(1, {', '.join(map(str, image.shape))})")
 
 
 def _bundle(model: nn.Module, example: torch.Tensor, train: Dataset | None, val: Dataset | None, items_checked: bool) -> DataBundle:
@@ -161,8 +158,7 @@ def _bundle(model: nn.Module, example: torch.Tensor, train: Dataset | None, val:
     if items_checked:
         for ds, what in ((train, "train"), (val, "val")):
             if ds is not None:
-                _check_items(ds, what)
-                _check_size(ds, what, example)
+                _check_items(ds, what, example)
     c, h, w = (int(d) for d in example.shape[1:])
     from deploy_prune.data import underlying
     from deploy_prune.data.yolo import DetectionSet
